@@ -1,0 +1,1 @@
+"""Demo models trained from scratch on a procedurally generated shapes dataset."""
