@@ -1,0 +1,1 @@
+"""Inference backends: embedded TorchScript (Ray Serve batching) or Triton over gRPC/HTTP."""
