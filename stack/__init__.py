@@ -1,0 +1,1 @@
+"""Docker-free runners for the compose services (tritonserver on CPU, Prometheus, gateway)."""

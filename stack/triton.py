@@ -1,0 +1,293 @@
+"""Run the tritonserver bundled in the nvidia-pytriton wheel (CPU, python backend) without Docker.
+
+`start_tritonserver(...)` starts it in its own process group, logs to a file and waits until it
+is ready; `python -m stack.triton --repository build/triton_cpu_repository` runs it in the
+foreground (Ctrl-C stops it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytriton
+import tritonclient.http as triton_http
+
+log = logging.getLogger(__name__)
+
+# Management APIs nobody outside the operator needs: guarded by a header the launcher makes up.
+RESTRICTED_APIS = ("model-repository", "shared-memory", "trace", "logging")
+ADMIN_HEADER = "cvserve-triton-admin"
+
+
+def _pytriton_dir() -> Path:
+    return Path(pytriton.__file__).resolve().parent / "tritonserver"
+
+
+def _libs_dir() -> Path:
+    """The wheel's vendored shared libraries (auditwheel puts them next to the package)."""
+    return Path(pytriton.__file__).resolve().parent.parent / "nvidia_pytriton.libs"
+
+
+def tritonserver_binary() -> Path:
+    """Path of the bundled tritonserver executable."""
+    return _pytriton_dir() / "bin" / "tritonserver"
+
+
+def prepare_backend_directory(target: Path) -> Path:
+    """Lay out `<target>/python/` with the python backend and the stub for this interpreter.
+
+    The python backend looks for `triton_python_backend_stub` next to its own .so, and the wheel
+    ships one stub per Python version, so the matching one is copied in.
+    """
+    source = _pytriton_dir()
+    python_dir = target / "python"
+    python_dir.mkdir(parents=True, exist_ok=True)
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    files = {
+        source / "backends" / "python" / "libtriton_python.so": python_dir / "libtriton_python.so",
+        source / "backends" / "python" / "triton_python_backend_utils.py": (
+            python_dir / "triton_python_backend_utils.py"
+        ),
+        source / "python_backend_stubs" / version / "triton_python_backend_stub": (
+            python_dir / "triton_python_backend_stub"
+        ),
+    }
+    for src, dst in files.items():
+        if not dst.exists() or dst.stat().st_size != src.stat().st_size:
+            shutil.copy2(src, dst)
+    return target
+
+
+def server_command(
+    repository: Path,
+    http_port: int,
+    grpc_port: int,
+    metrics_port: int,
+    backend_directory: Path,
+    admin_token: str,
+    log_verbose: int = 0,
+) -> list[str]:
+    """The tritonserver command line: static repository, strict configs, exit on load errors."""
+    restriction = f"{','.join(RESTRICTED_APIS)}:{ADMIN_HEADER}={admin_token}"
+    return [
+        str(tritonserver_binary()),
+        f"--model-repository={repository}",
+        "--model-control-mode=none",
+        # 2.51 deprecates --strict-model-config=true in favour of this flag (same meaning).
+        "--disable-auto-complete-config",
+        "--exit-on-error=true",
+        "--strict-readiness=true",
+        f"--backend-directory={backend_directory}",
+        "--http-address=127.0.0.1",
+        f"--http-port={http_port}",
+        "--grpc-address=127.0.0.1",
+        f"--grpc-port={grpc_port}",
+        "--allow-metrics=true",
+        "--allow-gpu-metrics=false",
+        "--metrics-address=127.0.0.1",
+        f"--metrics-port={metrics_port}",
+        "--metrics-interval-ms=500",
+        f"--http-restricted-api={restriction}",
+        f"--grpc-restricted-protocol={restriction}",
+        "--exit-timeout-secs=5",
+        f"--log-verbose={log_verbose}",
+    ]
+
+
+def server_environment() -> dict[str, str]:
+    """Environment for tritonserver: vendored libs, and this venv's python first on PATH.
+
+    The python backend's stub process imports torch/numpy from whatever `python` it finds, so
+    the model's `model.py` runs with the same packages as the gateway.
+    """
+    env = dict(os.environ)
+    libs = str(_libs_dir())
+    env["LD_LIBRARY_PATH"] = f"{libs}:{env['LD_LIBRARY_PATH']}" if env.get("LD_LIBRARY_PATH") else libs
+    env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"
+    return env
+
+
+@dataclass
+class TritonServer:
+    """A running tritonserver subprocess (own process group) and the ports it listens on."""
+
+    process: subprocess.Popen[bytes]
+    repository: Path
+    http_port: int
+    grpc_port: int
+    metrics_port: int
+    log_path: Path
+    admin_token: str = field(repr=False)
+
+    @property
+    def http_url(self) -> str:
+        return f"127.0.0.1:{self.http_port}"
+
+    @property
+    def grpc_url(self) -> str:
+        return f"127.0.0.1:{self.grpc_port}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://127.0.0.1:{self.metrics_port}/metrics"
+
+    def admin_headers(self, protocol: str = "http") -> dict[str, str]:
+        """Headers that unlock the restricted management APIs (gRPC prefixes the key)."""
+        key = ADMIN_HEADER if protocol == "http" else f"triton-grpc-protocol-{ADMIN_HEADER}"
+        return {key: self.admin_token}
+
+    def running(self) -> bool:
+        return self.process.poll() is None
+
+    def log_tail(self, lines: int = 40) -> str:
+        """The end of the server log, for error messages."""
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except FileNotFoundError:
+            return ""
+
+    def is_ready(self) -> bool:
+        """Whether the server answers ready (all models loaded, strict readiness)."""
+        try:
+            with triton_http.InferenceServerClient(self.http_url, connection_timeout=1.0) as client:
+                return client.is_server_live() and client.is_server_ready()
+        except Exception:  # connection refused / reset while starting: simply not ready yet
+            return False
+
+    def wait_ready(self, timeout_s: float = 120.0) -> None:
+        """Poll readiness; raise with the log tail if the process dies or time runs out."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if not self.running():
+                raise RuntimeError(
+                    f"tritonserver exited with code {self.process.returncode}; log {self.log_path}:\n"
+                    f"{self.log_tail()}"
+                )
+            if self.is_ready():
+                return
+            time.sleep(0.2)
+        raise TimeoutError(f"tritonserver not ready after {timeout_s}s; log {self.log_path}:\n{self.log_tail()}")
+
+    def _signal_group(self, sig: signal.Signals) -> None:
+        try:
+            os.killpg(self.process.pid, sig)
+        except ProcessLookupError:
+            pass
+
+    def stop(self, timeout_s: float = 15.0) -> None:
+        """Shut down gracefully (SIGTERM to the group), then kill whatever is left."""
+        if self.running():
+            self._signal_group(signal.SIGTERM)
+            try:
+                self.process.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                log.warning("tritonserver did not stop in %ss; killing it", timeout_s)
+        self.kill()
+
+    def kill(self) -> None:
+        """SIGKILL the whole group (server and python-backend stubs), as a crash would."""
+        self._signal_group(signal.SIGKILL)
+        self.process.wait()
+
+    def __enter__(self) -> TritonServer:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+
+def start_tritonserver(
+    repository: Path | str,
+    http_port: int,
+    grpc_port: int,
+    metrics_port: int,
+    *,
+    work_dir: Path | str | None = None,
+    admin_token: str | None = None,
+    wait: bool = True,
+    ready_timeout_s: float = 120.0,
+    log_verbose: int = 0,
+) -> TritonServer:
+    """Start tritonserver on `repository`; by default return once it reports ready.
+
+    `work_dir` holds the backend directory and `tritonserver.log` (a fresh temp dir if None).
+    """
+    repository = Path(repository).resolve()
+    if not repository.is_dir():
+        raise FileNotFoundError(f"model repository {repository} not found: run the export first")
+    work = Path(work_dir) if work_dir is not None else Path(tempfile.mkdtemp(prefix="cvserve-triton-"))
+    work.mkdir(parents=True, exist_ok=True)
+    backends = prepare_backend_directory(work / "backends")
+    token = admin_token or secrets.token_urlsafe(24)
+    command = server_command(repository, http_port, grpc_port, metrics_port, backends, token, log_verbose)
+    log_path = work / "tritonserver.log"
+    log.info("starting tritonserver (http %d, grpc %d, metrics %d), log %s", http_port, grpc_port,
+             metrics_port, log_path)
+    with log_path.open("ab") as log_file:
+        process = subprocess.Popen(
+            command,
+            stdin=subprocess.DEVNULL,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            env=server_environment(),
+            cwd=work,
+            start_new_session=True,  # own process group: stop()/kill() reach the stubs too
+        )
+    server = TritonServer(process, repository, http_port, grpc_port, metrics_port, log_path, token)
+    if wait:
+        try:
+            server.wait_ready(ready_timeout_s)
+        except BaseException:
+            server.kill()
+            raise
+    return server
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run tritonserver in the foreground until Ctrl-C / SIGTERM."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repository", type=Path, default=Path("build/triton_cpu_repository"))
+    parser.add_argument("--http-port", type=int, default=8010)
+    parser.add_argument("--grpc-port", type=int, default=8011)
+    parser.add_argument("--metrics-port", type=int, default=8012)
+    parser.add_argument("--work-dir", type=Path, default=Path("build/tritonserver"))
+    parser.add_argument("--log-verbose", type=int, default=0)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+
+    server = start_tritonserver(
+        args.repository, args.http_port, args.grpc_port, args.metrics_port,
+        work_dir=args.work_dir, log_verbose=args.log_verbose,
+    )
+    log.info("tritonserver ready: http %s grpc %s metrics %s", server.http_url, server.grpc_url,
+             server.metrics_url)
+    log.info("restricted APIs (%s) need header %s", ",".join(RESTRICTED_APIS), server.admin_headers())
+
+    def _terminate(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, _terminate)
+    try:
+        while server.running():
+            time.sleep(0.5)
+        log.error("tritonserver exited with code %s; log %s", server.process.returncode, server.log_path)
+        return server.process.returncode or 1
+    except KeyboardInterrupt:
+        log.info("stopping tritonserver")
+        server.stop()
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
