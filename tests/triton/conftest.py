@@ -36,8 +36,8 @@ def triton_metric(server: TritonServer, name: str, model: str) -> float:
     """Read one per-model counter from Triton's Prometheus endpoint."""
     text = httpx.get(server.metrics_url, timeout=5).text
     for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == name and sample.labels.get("model") == model:
+        for sample in family.samples:  # the parser renames counters' samples to <name>_total
+            if family.name == name and sample.labels.get("model") == model:
                 return sample.value
     raise KeyError(f"{name} for model {model} not in Triton's metrics")
 

@@ -1,0 +1,158 @@
+"""Triton backend: send each image to tritonserver (gRPC asyncio by default, HTTP as an option).
+
+Triton's dynamic batcher batches concurrent calls, so this backend sends one `[1,3,H,W]` image
+per call and never batches itself. Triton's error text is logged, never passed to clients.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+import aiohttp
+import grpc
+import numpy as np
+import tritonclient.grpc.aio as grpc_aio
+import tritonclient.http.aio as http_aio
+from ray.util.metrics import Histogram
+from tritonclient.grpc import MAX_GRPC_MESSAGE_SIZE
+from tritonclient.utils import InferenceServerException, np_to_triton_dtype
+
+from service.backends.base import BackendTimeout, BackendUnavailable
+from service.contract import ModelContract, load_contract
+
+log = logging.getLogger(__name__)
+
+MODELS = ("classifier", "detector", "segmenter")
+
+# gRPC retries a lost connection with exponential backoff (up to 120 s by default); cap it so the
+# gateway notices a restarted Triton within about a second.
+_GRPC_CHANNEL_ARGS = [
+    ("grpc.max_send_message_length", MAX_GRPC_MESSAGE_SIZE),
+    ("grpc.max_receive_message_length", MAX_GRPC_MESSAGE_SIZE),
+    ("grpc.initial_reconnect_backoff_ms", 200),
+    ("grpc.min_reconnect_backoff_ms", 200),
+    ("grpc.max_reconnect_backoff_ms", 1000),
+]
+_READY_TIMEOUT_S = 2.0
+_LATENCY_BOUNDARIES = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]
+
+
+class TritonSettings(Protocol):
+    """The part of `service.settings.Settings` this backend reads."""
+
+    triton_url: str
+    triton_protocol: str
+    request_timeout_s: float
+    model_repository: Any
+
+
+class TritonBackend:
+    """Backend that runs models on a tritonserver; see `service.backends.base.Backend`."""
+
+    def __init__(self, settings: TritonSettings, models: Sequence[str] = MODELS) -> None:
+        if settings.triton_protocol not in ("grpc", "http"):
+            raise ValueError(f"triton_protocol must be 'grpc' or 'http', not {settings.triton_protocol!r}")
+        self._url = settings.triton_url
+        self._protocol = settings.triton_protocol
+        self._timeout_s = float(settings.request_timeout_s)
+        self._contracts: dict[str, ModelContract] = {
+            name: load_contract(settings.model_repository, name) for name in models
+        }
+        self._client: Any = None  # created on first use, inside the serving event loop
+        self._was_ready: bool | None = None
+        self._latency = Histogram(
+            "cvserve_model_latency_seconds",
+            description="Time for one inference call through the model.",
+            boundaries=_LATENCY_BOUNDARIES,
+            tag_keys=("model", "backend"),
+        )
+
+    def _get_client(self) -> Any:
+        if self._client is None:
+            if self._protocol == "grpc":
+                self._client = grpc_aio.InferenceServerClient(self._url, channel_args=_GRPC_CHANNEL_ARGS)
+            else:
+                self._client = http_aio.InferenceServerClient(self._url, conn_timeout=self._timeout_s)
+        return self._client
+
+    def _inputs(self, contract: ModelContract, image: np.ndarray) -> tuple[list[Any], list[Any]]:
+        (spec,) = contract.inputs
+        if image.shape != spec.dims or image.dtype != np.dtype(spec.dtype):
+            raise ValueError(
+                f"{contract.name} expects {spec.dtype}{list(spec.dims)}, got {image.dtype}{list(image.shape)}"
+            )
+        batch = np.ascontiguousarray(image[np.newaxis])
+        module = grpc_aio if self._protocol == "grpc" else http_aio
+        infer_input = module.InferInput(spec.name, list(batch.shape), np_to_triton_dtype(batch.dtype))
+        if self._protocol == "grpc":
+            infer_input.set_data_from_numpy(batch)
+            outputs = [grpc_aio.InferRequestedOutput(out.name) for out in contract.outputs]
+        else:
+            infer_input.set_data_from_numpy(batch, binary_data=True)
+            outputs = [http_aio.InferRequestedOutput(out.name, binary_data=True) for out in contract.outputs]
+        return [infer_input], outputs
+
+    async def infer(self, model: str, image: np.ndarray) -> dict[str, np.ndarray]:
+        """Run one `[3,H,W]` uint8 image through `model` on Triton; outputs without batch dim."""
+        contract = self._contracts.get(model)
+        if contract is None:
+            raise KeyError(f"unknown model {model!r}; known: {sorted(self._contracts)}")
+        inputs, outputs = self._inputs(contract, image)
+        client = self._get_client()
+        started = time.perf_counter()
+        try:
+            if self._protocol == "grpc":
+                result = await client.infer(model, inputs, outputs=outputs, client_timeout=self._timeout_s)
+            else:
+                result = await asyncio.wait_for(client.infer(model, inputs, outputs=outputs), self._timeout_s)
+        except (TimeoutError, asyncio.TimeoutError) as error:
+            raise BackendTimeout(f"model {model} did not answer within {self._timeout_s:g} s") from error
+        except InferenceServerException as error:
+            raise self._translate(model, error) from error
+        except aiohttp.ClientError as error:
+            log.warning("Triton HTTP call for %s failed: %r", model, error)
+            raise BackendUnavailable(f"Triton is unreachable; model {model} cannot answer now") from error
+        self._latency.observe(time.perf_counter() - started, tags={"model": model, "backend": "triton"})
+        return {out.name: np.array(result.as_numpy(out.name)[0]) for out in contract.outputs}
+
+    def _translate(self, model: str, error: InferenceServerException) -> Exception:
+        """Map a Triton error to 503/504 (or an internal error for a malformed request); log its text."""
+        status = str(error.status() or "")
+        log.warning("Triton call for %s failed: status=%s message=%s", model, status, error.message())
+        if status in (str(grpc.StatusCode.DEADLINE_EXCEEDED), "504"):
+            return BackendTimeout(f"model {model} did not answer within {self._timeout_s:g} s")
+        if status == str(grpc.StatusCode.INVALID_ARGUMENT):
+            return RuntimeError(f"Triton rejected the request for model {model} (see gateway log)")
+        if status == str(grpc.StatusCode.UNAVAILABLE):
+            return BackendUnavailable(f"Triton is unreachable; model {model} cannot answer now")
+        return BackendUnavailable(f"model {model} is not available on Triton now")
+
+    async def ready(self) -> bool:
+        """Whether Triton is live and ready and every model is ready (short timeout, never raises)."""
+        try:
+            ready = await asyncio.wait_for(self._check_ready(), _READY_TIMEOUT_S)
+        except (TimeoutError, asyncio.TimeoutError, InferenceServerException, aiohttp.ClientError, OSError) as error:
+            if self._was_ready is not False:
+                log.warning("Triton at %s is not reachable: %r", self._url, error)
+            ready = False
+        if ready != self._was_ready:
+            log.info("Triton at %s (%s) ready: %s", self._url, self._protocol, ready)
+            self._was_ready = ready
+        return ready
+
+    async def _check_ready(self) -> bool:
+        client = self._get_client()
+        if not (await client.is_server_live() and await client.is_server_ready()):
+            return False
+        states = await asyncio.gather(*(client.is_model_ready(name) for name in self._contracts))
+        return all(states)
+
+    async def close(self) -> None:
+        """Close the connection to Triton (idempotent)."""
+        client, self._client = self._client, None
+        if client is not None:
+            await client.close()
