@@ -1,0 +1,1 @@
+"""Load tests (Locust) and the side-by-side benchmark (`python -m loadtests.bench`)."""
