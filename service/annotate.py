@@ -8,13 +8,16 @@ font; nothing here rasterises by hand. A class keeps its colour in every image a
 from __future__ import annotations
 
 import io
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Literal
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
+from pycocotools import mask as mask_utils
 from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
+
+from service.schemas import ClassificationResult, DetectionResult, SegmentationResult
 
 ImageFormat = Literal["png", "jpeg"]
 MEDIA_TYPES: dict[ImageFormat, str] = {"png": "image/png", "jpeg": "image/jpeg"}
@@ -32,6 +35,30 @@ _PANEL = (20, 20, 20, 190)  # translucent dark backing for text that is not tied
 def class_color(class_id: int) -> tuple[int, int, int]:
     """Return the colour of `class_id`; the same id always gets the same colour."""
     return _PALETTE[class_id % len(_PALETTE)]
+
+
+def annotate_result(
+    image: np.ndarray, result: ClassificationResult | DetectionResult | SegmentationResult
+) -> np.ndarray:
+    """Draw one image's answer from an API result, whichever task produced it."""
+    if isinstance(result, ClassificationResult):
+        return draw_top_k(image, [p.label for p in result.predictions], [p.score for p in result.predictions])
+    if isinstance(result, DetectionResult):
+        found = result.detections
+        return draw_detections(
+            image,
+            np.array([d.box for d in found], dtype=np.float32).reshape(-1, 4),
+            [d.class_id for d in found],
+            [d.label for d in found],
+            [d.score for d in found],
+        )
+    if isinstance(result, SegmentationResult):
+        mask = np.zeros(image.shape[:2], dtype=np.int32)
+        for segment in result.segments:
+            rle = {"size": segment.rle.size, "counts": segment.rle.counts.encode()}
+            mask[mask_utils.decode(rle).astype(bool)] = segment.class_id
+        return draw_mask(image, mask, {s.class_id: s.label for s in result.segments})
+    raise TypeError(f"cannot annotate a {type(result).__name__}")
 
 
 def draw_detections(
@@ -66,9 +93,9 @@ def draw_detections(
 
 
 def draw_mask(
-    image: np.ndarray, mask: np.ndarray, names: Sequence[str], alpha: float = 0.5
+    image: np.ndarray, mask: np.ndarray, names: Mapping[int, str], alpha: float = 0.5
 ) -> np.ndarray:
-    """Overlay a class-index `mask` (H×W, 0 = background) in class colours, with a legend."""
+    """Overlay a class-index `mask` (H×W, 0 = background) in class colours, with a legend of `names`."""
     _check_image(image)
     if mask.shape != image.shape[:2]:
         raise ValueError(f"mask shape {mask.shape} does not match image size {image.shape[:2]}")
@@ -88,7 +115,7 @@ def draw_mask(
     font = _font(*image.shape[:2])
     x, y = 2.0, 2.0
     for class_id in present:
-        name = names[class_id] if class_id < len(names) else str(class_id)
+        name = names.get(class_id, str(class_id))
         _, bottom = _label(draw, (x, y), name, font, class_color(class_id), image.shape[1], above=False)
         y = bottom + 1
     return np.asarray(canvas)

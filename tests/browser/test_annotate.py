@@ -7,11 +7,23 @@ import io
 import numpy as np
 import pytest
 from PIL import Image
+from pycocotools import mask as mask_utils
 
 from service import annotate
+from service.schemas import (
+    RLE,
+    ClassificationResult,
+    ClassScore,
+    Detection,
+    DetectionResult,
+    ImageSize,
+    Segment,
+    SegmentationResult,
+)
 from training.shapes import CLASSES, make_scene
 
 NAMES = ("background", *CLASSES)
+NAME_OF = dict(enumerate(NAMES))
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +72,7 @@ def test_detections_refuse_mismatched_lengths(scene) -> None:
 
 
 def test_mask_overlay_tints_every_shape_pixel_and_keeps_background(scene) -> None:
-    out = annotate.draw_mask(scene.image, scene.mask, NAMES)
+    out = annotate.draw_mask(scene.image, scene.mask, NAME_OF)
     assert out.shape == scene.image.shape
     changed = _changed(out, scene.image)
     assert changed[scene.mask > 0].mean() > 0.99
@@ -74,16 +86,16 @@ def test_mask_colours_are_stable_per_class() -> None:
     image = np.full((64, 64, 3), 255, np.uint8)
     mask = np.zeros((64, 64), np.uint8)
     mask[40:, 40:] = 3
-    first = annotate.draw_mask(image, mask, NAMES, alpha=1.0)
+    first = annotate.draw_mask(image, mask, NAME_OF, alpha=1.0)
     mask[40:, :20] = 1  # another class in the same image must not change class 3's colour
-    second = annotate.draw_mask(image, mask, NAMES, alpha=1.0)
+    second = annotate.draw_mask(image, mask, NAME_OF, alpha=1.0)
     assert tuple(first[60, 60]) == tuple(second[60, 60]) == annotate.class_color(3)
     assert tuple(second[60, 5]) == annotate.class_color(1)
 
 
 def test_mask_of_another_size_is_refused(scene) -> None:
     with pytest.raises(ValueError, match="does not match"):
-        annotate.draw_mask(scene.image, scene.mask[:-1], NAMES)
+        annotate.draw_mask(scene.image, scene.mask[:-1], NAME_OF)
 
 
 def test_top_k_text_is_written_on_the_top_left_only(scene) -> None:
@@ -109,3 +121,40 @@ def test_encode_refuses_unknown_formats_and_non_rgb(scene) -> None:
         annotate.encode_image(scene.image, "gif")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="H×W×3 uint8"):
         annotate.encode_image(scene.image[..., 0], "png")
+
+
+def test_annotate_result_draws_each_task_from_its_api_result(scene) -> None:
+    height, width = scene.mask.shape
+    size = ImageSize(width=width, height=height)
+    ids = [int(c) for c in scene.labels]
+    detections = DetectionResult(
+        image=size,
+        detections=[
+            Detection(box=box, class_id=c, label=NAMES[c], score=0.8) for box, c in zip(scene.boxes.tolist(), ids)
+        ],
+    )
+    segments = []
+    for class_id in sorted(set(ids)):
+        rle = mask_utils.encode(np.asfortranarray((scene.mask == class_id).astype(np.uint8)))
+        segments.append(
+            Segment(
+                class_id=class_id,
+                label=NAMES[class_id],
+                pixel_fraction=float((scene.mask == class_id).mean()),
+                rle=RLE(size=list(rle["size"]), counts=rle["counts"].decode()),
+            )
+        )
+    segmentation = SegmentationResult(image=size, class_fractions={}, segments=segments)
+    top = ClassificationResult(image=size, predictions=[ClassScore(class_id=0, label="circle", score=0.9)])
+
+    assert np.array_equal(
+        annotate.annotate_result(scene.image, detections),
+        annotate.draw_detections(scene.image, scene.boxes, ids, [NAMES[c] for c in ids], [0.8] * len(ids)),
+    )
+    assert np.array_equal(
+        annotate.annotate_result(scene.image, segmentation),
+        annotate.draw_mask(scene.image, scene.mask, NAME_OF),
+    )
+    assert np.array_equal(
+        annotate.annotate_result(scene.image, top), annotate.draw_top_k(scene.image, ["circle"], [0.9])
+    )
