@@ -1,0 +1,130 @@
+// Demo page: send one image to /classify, /detect or /segment and show the annotated answer beside its JSON.
+// Plain browser JavaScript, no build step: the gateway serves this file as it is.
+"use strict";
+
+const $ = (id) => document.getElementById(id);
+let chosen = null;  // the File to send
+let previewUrl = null;
+
+function currentTask() {
+  return document.querySelector('input[name="task"]:checked').value;
+}
+
+function setStatus(text, isError = false) {
+  $("status").textContent = text;
+  $("status").classList.toggle("error", isError);
+}
+
+function showOptionsFor(task) {
+  for (const option of document.querySelectorAll(".option[data-task]")) {
+    option.hidden = option.dataset.task !== task;
+  }
+}
+
+function choose(file) {
+  if (!file) return;
+  if (file.type && !file.type.startsWith("image/")) {
+    setStatus(`${file.name} is not an image`, true);
+    return;
+  }
+  chosen = file;
+  if (previewUrl) URL.revokeObjectURL(previewUrl);
+  previewUrl = URL.createObjectURL(file);
+  $("preview").src = previewUrl;
+  $("preview").hidden = false;
+  $("drop-hint").textContent = `${file.name} (${Math.ceil(file.size / 1024)} KiB): drop or click to change`;
+  $("run").disabled = false;
+  setStatus("");
+}
+
+function requestUrl(task) {
+  const params = new URLSearchParams({ annotate: $("annotate").value });
+  if (task === "classify") params.set("top_k", $("top_k").value);
+  if (task === "detect") {
+    params.set("score_threshold", $("score_threshold").value);
+    params.set("max_detections", $("max_detections").value);
+  }
+  return `/${task}?${params}`;
+}
+
+function labelsOf(task, result) {
+  if (task === "classify") return result.predictions.map((p) => `${p.label} ${(100 * p.score).toFixed(1)}%`);
+  if (task === "detect") return result.detections.map((d) => `${d.label} ${d.score.toFixed(2)}`);
+  return result.segments.map((s) => `${s.label} ${(100 * s.pixel_fraction).toFixed(1)}% of pixels`);
+}
+
+function shortened(body) {
+  // The annotated image is shown on the left; keep the JSON readable.
+  return JSON.stringify(body, (key, value) =>
+    key === "annotated_image" && typeof value === "string" ? `${value.slice(0, 40)}… (${value.length} chars)` : value, 2);
+}
+
+function render(task, body, elapsedMs) {
+  const result = body.results[0];
+  $("result-image").src = result.annotated_image;
+  const list = $("labels");
+  list.replaceChildren();
+  const labels = labelsOf(task, result);
+  for (const text of labels.length ? labels : ["nothing found"]) {
+    const item = document.createElement("li");
+    item.textContent = text;
+    list.append(item);
+  }
+  $("json").textContent = shortened(body);
+  $("json").classList.remove("muted");
+  setStatus(`${body.model} (${body.backend}) answered in ${Math.round(elapsedMs)} ms`);
+  document.body.dataset.state = "done";
+}
+
+async function run(event) {
+  event.preventDefault();
+  if (!chosen) return;
+  const task = currentTask();
+  document.body.dataset.state = "running";
+  $("run").disabled = true;
+  setStatus(`Running ${task}…`);
+  const started = performance.now();
+  try {
+    const response = await fetch(requestUrl(task), {
+      method: "POST",
+      headers: { "Content-Type": chosen.type || "application/octet-stream", Accept: "application/json" },
+      body: chosen,
+    });
+    const text = await response.text();
+    let body = null;
+    try { body = JSON.parse(text); } catch { /* not JSON: reported below */ }
+    if (!response.ok || body === null) {
+      const detail = body?.error?.message ?? `the server answered HTTP ${response.status}`;
+      setStatus(`${task} failed: ${detail}`, true);
+      $("json").textContent = body ? JSON.stringify(body, null, 2) : text.slice(0, 2000);
+      document.body.dataset.state = "error";
+      return;
+    }
+    render(task, body, performance.now() - started);
+  } catch (error) {
+    setStatus(`Request failed: ${error.message}`, true);
+    document.body.dataset.state = "error";
+  } finally {
+    $("run").disabled = false;
+  }
+}
+
+function init() {
+  const drop = $("drop");
+  $("file").addEventListener("change", (event) => choose(event.target.files[0]));
+  drop.addEventListener("dragover", (event) => { event.preventDefault(); drop.classList.add("over"); });
+  drop.addEventListener("dragleave", () => drop.classList.remove("over"));
+  drop.addEventListener("drop", (event) => {
+    event.preventDefault();
+    drop.classList.remove("over");
+    choose(event.dataTransfer.files[0]);
+  });
+  for (const radio of document.querySelectorAll('input[name="task"]')) {
+    radio.addEventListener("change", () => showOptionsFor(currentTask()));
+  }
+  $("form").addEventListener("submit", run);
+  showOptionsFor(currentTask());
+  document.body.dataset.state = "idle";
+}
+
+init();
