@@ -10,7 +10,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Sequence
-from typing import Any, Protocol
+from typing import Any
 
 import aiohttp
 import grpc
@@ -23,10 +23,10 @@ from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
 from service.backends.base import BackendTimeout, BackendUnavailable
 from service.contract import ModelContract, load_contract
+from service.metrics import LATENCY_BOUNDARIES
+from service.settings import Settings
 
 log = logging.getLogger(__name__)
-
-MODELS = ("classifier", "detector", "segmenter")
 
 # gRPC retries a lost connection with exponential backoff (up to 120 s by default); cap it so the
 # gateway notices a restarted Triton within about a second.
@@ -38,36 +38,27 @@ _GRPC_CHANNEL_ARGS = [
     ("grpc.max_reconnect_backoff_ms", 1000),
 ]
 _READY_TIMEOUT_S = 2.0
-_LATENCY_BOUNDARIES = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]
-
-
-class TritonSettings(Protocol):
-    """The part of `service.settings.Settings` this backend reads."""
-
-    triton_url: str
-    triton_protocol: str
-    request_timeout_s: float
-    model_repository: Any
 
 
 class TritonBackend:
-    """Backend that runs models on a tritonserver; see `service.backends.base.Backend`."""
+    """Backend that runs models on a tritonserver; see `service.backends.base.Backend`.
 
-    def __init__(self, settings: TritonSettings, models: Sequence[str] = MODELS) -> None:
-        if settings.triton_protocol not in ("grpc", "http"):
-            raise ValueError(f"triton_protocol must be 'grpc' or 'http', not {settings.triton_protocol!r}")
+    Serves `settings.models` unless `models` names others (tests use tiny models).
+    """
+
+    def __init__(self, settings: Settings, models: Sequence[str] | None = None) -> None:
         self._url = settings.triton_url
         self._protocol = settings.triton_protocol
         self._timeout_s = float(settings.request_timeout_s)
         self._contracts: dict[str, ModelContract] = {
-            name: load_contract(settings.model_repository, name) for name in models
+            name: load_contract(settings.model_repository, name) for name in (models or settings.models)
         }
         self._client: Any = None  # created on first use, inside the serving event loop
         self._was_ready: bool | None = None
         self._latency = Histogram(
             "cvserve_model_latency_seconds",
-            description="Time for one inference call through the model.",
-            boundaries=_LATENCY_BOUNDARIES,
+            description="Time for one batch through the model.",  # here: one call, Triton batches
+            boundaries=LATENCY_BOUNDARIES,
             tag_keys=("model", "backend"),
         )
 

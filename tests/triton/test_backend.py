@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import shutil
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -13,21 +12,12 @@ import pytest
 
 from service.backends.base import BackendTimeout, BackendUnavailable
 from service.backends.triton import TritonBackend
+from service.settings import Settings
 from stack.triton import TritonServer, start_tritonserver
 from tests.triton.conftest import free_port, start_on_free_ports, triton_metric, wait_for
 from tests.triton.tiny_models import IMAGE_DIMS
 
 PROTOCOLS = ["grpc", "http"]
-
-
-@dataclass
-class FakeSettings:
-    """The Settings fields TritonBackend reads (the real Settings class lives in service/settings.py)."""
-
-    triton_url: str
-    triton_protocol: str
-    request_timeout_s: float
-    model_repository: Path
 
 
 def url_for(server: TritonServer, protocol: str) -> str:
@@ -37,7 +27,11 @@ def url_for(server: TritonServer, protocol: str) -> str:
 def make_backend(
     repository: Path, url: str, protocol: str, timeout_s: float = 5.0, models: tuple[str, ...] = ("echo", "slow")
 ) -> TritonBackend:
-    return TritonBackend(FakeSettings(url, protocol, timeout_s, repository), models=models)
+    settings = Settings(
+        backend="triton", triton_url=url, triton_protocol=protocol, request_timeout_s=timeout_s,
+        model_repository=repository,
+    )
+    return TritonBackend(settings, models=models)
 
 
 def image(seed: int) -> np.ndarray:
