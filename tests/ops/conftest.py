@@ -1,0 +1,90 @@
+"""Session fixtures for the ops tests: a real Prometheus (Debian's `prometheus`) scraping a real
+tritonserver (tiny python-backend model) and the session gateway's Ray metrics port."""
+
+from __future__ import annotations
+
+import math
+import socket
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import TypeVar
+
+import numpy as np
+import pytest
+import tritonclient.http as triton_http
+
+from stack.prometheus import PrometheusServer, prometheus_binary, render_config, start_prometheus
+from stack.triton import TritonServer, start_tritonserver
+from tests.triton.tiny_models import IMAGE_DIMS, write_tiny_repository
+
+T = TypeVar("T")
+
+SCRAPE_INTERVAL_S = 1
+
+
+def free_port() -> int:
+    """A port nobody listens on right now (the OS picks it)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for(condition: Callable[[], T], timeout_s: float, message: Callable[[], str] | str, interval_s: float = 0.25) -> T:
+    """Poll `condition` until it returns something truthy and return that; fail after `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        result = condition()
+        if result:
+            return result
+        time.sleep(interval_s)
+    pytest.fail(f"timed out after {timeout_s}s: {message() if callable(message) else message}")
+
+
+def scalar(prometheus: PrometheusServer, expr: str) -> float | None:
+    """The value of a query that yields at most one series (None when it has no data)."""
+    result = prometheus.query(expr)
+    assert len(result) <= 1, f"{expr} returned {len(result)} series"
+    return float(result[0]["value"][1]) if result else None
+
+
+def has_finite_value(result: list[dict]) -> bool:
+    """Whether a query result holds at least one sample that is a real number (not NaN/Inf)."""
+    return any(math.isfinite(float(series["value"][1])) for series in result)
+
+
+def triton_infer(server: TritonServer, model: str, count: int) -> None:
+    """Send `count` one-image requests to `model` over HTTP."""
+    with triton_http.InferenceServerClient(server.http_url) as client:
+        for i in range(count):
+            image = triton_http.InferInput("IMAGE", [1, *IMAGE_DIMS], "UINT8")
+            image.set_data_from_numpy(np.full((1, *IMAGE_DIMS), i % 256, dtype=np.uint8))
+            client.infer(model, [image])
+
+
+@pytest.fixture(scope="session")
+def ops_triton(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TritonServer]:
+    """A tritonserver with the tiny `echo` model, so Triton's nv_inference_* metrics are real."""
+    repository = write_tiny_repository(tmp_path_factory.mktemp("ops_repository"))
+    server = start_tritonserver(
+        repository, free_port(), free_port(), free_port(), work_dir=tmp_path_factory.mktemp("ops_triton")
+    )
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def prometheus(ops_triton: TritonServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrometheusServer]:
+    """Prometheus with the compose scrape jobs, targets pointed at this session's servers."""
+    prometheus_binary()  # a clear "install it with make system-deps" if missing
+    port = free_port()
+    config = render_config(
+        {
+            "triton": [f"127.0.0.1:{ops_triton.metrics_port}"],
+            "prometheus": [f"127.0.0.1:{port}"],
+        },
+        scrape_interval=f"{SCRAPE_INTERVAL_S}s",
+    )
+    server = start_prometheus(config, port, tmp_path_factory.mktemp("prometheus"))
+    yield server
+    server.stop()
