@@ -1,0 +1,48 @@
+# Two commands matter: `make serve` (embedded backend) and `make test` (the whole suite).
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+INSTALLED := $(VENV)/.installed
+MODELS := model_repository/.complete
+
+.PHONY: setup models serve test stack bench system-deps clean
+
+$(INSTALLED): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+## setup: create the virtual environment with every dependency
+setup: $(INSTALLED)
+
+## models: train the demo models if needed (cached), export both Triton repositories
+$(MODELS): $(INSTALLED)
+	$(PY) -m training
+	$(PY) -m export all --weights demo
+	touch $@
+models: $(MODELS)
+
+## system-deps: Debian packages the tests and the stack run (prometheus, chromium)
+system-deps:
+	scripts/system-deps.sh
+
+## serve: start the gateway with the embedded backend on http://127.0.0.1:8000
+serve: $(MODELS)
+	$(PY) -m service
+
+## test: the whole suite against real servers
+test: $(MODELS) system-deps
+	$(PY) -m pytest
+
+## stack: the compose services without Docker (tritonserver on CPU, gateway in Triton mode, Prometheus)
+stack: $(MODELS) system-deps
+	$(PY) -m stack
+
+## bench: throughput/latency against baselines, written to loadtests/out/
+bench: $(MODELS)
+	$(PY) -m loadtests.bench
+
+clean:
+	rm -rf build model_repository/*/ $(MODELS)
