@@ -1,0 +1,127 @@
+"""The handler shape every task shares, and the geometry both backends' inputs go through.
+
+A handler turns one decoded image into the model's `[3,H,W]` uint8 input (`preprocess`, done
+once here whatever the backend) and the model's outputs back into an answer about the original
+image (`postprocess`). The gateway does decode → preprocess → backend.infer → postprocess.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar, Generic, TypeVar
+
+import numpy as np
+import torch
+from pydantic import BaseModel
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms.v2 import functional as F
+
+from service.contract import ModelContract
+
+OptionsT = TypeVar("OptionsT", bound=BaseModel)
+ResultT = TypeVar("ResultT", bound=BaseModel)
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """How the model input relates to the original image (enough to map answers back).
+
+    The image was scaled by (`scale_x`, `scale_y`) and then shifted by (-`offset_x`, -`offset_y`)
+    (a centre crop); letterboxing has zero offsets and a `content_width`×`content_height` area at
+    the top-left, the rest being padding.
+    """
+
+    width: int
+    height: int
+    scale_x: float
+    scale_y: float
+    offset_x: float
+    offset_y: float
+    content_width: int
+    content_height: int
+
+
+def to_chw_tensor(image: np.ndarray) -> torch.Tensor:
+    """View an (H, W, 3) uint8 array as a [3, H, W] tensor (no copy)."""
+    return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
+
+
+def letterbox(image: np.ndarray, size: tuple[int, int]) -> tuple[np.ndarray, Geometry]:
+    """Scale `image` to fit inside `size` (H, W) keeping aspect ratio; pad right/bottom with 0."""
+    height, width = image.shape[:2]
+    target_h, target_w = size
+    scale = min(target_h / height, target_w / width)
+    content_h = min(target_h, max(1, round(height * scale)))
+    content_w = min(target_w, max(1, round(width * scale)))
+    resized = F.resize(
+        to_chw_tensor(image), [content_h, content_w], interpolation=InterpolationMode.BILINEAR, antialias=True
+    )
+    canvas = torch.zeros((3, target_h, target_w), dtype=torch.uint8)
+    canvas[:, :content_h, :content_w] = resized
+    geometry = Geometry(width, height, content_w / width, content_h / height, 0.0, 0.0, content_w, content_h)
+    return canvas.numpy(), geometry
+
+
+def resize_center_crop(image: np.ndarray, resize_size: int, size: tuple[int, int]) -> tuple[np.ndarray, Geometry]:
+    """Resize the shorter side to `resize_size` (bilinear, antialias), then centre-crop to `size`."""
+    height, width = image.shape[:2]
+    resized = F.resize(to_chw_tensor(image), [resize_size], interpolation=InterpolationMode.BILINEAR, antialias=True)
+    new_h, new_w = resized.shape[1:]
+    cropped = F.center_crop(resized, list(size))
+    target_h, target_w = size
+    geometry = Geometry(
+        width,
+        height,
+        new_w / width,
+        new_h / height,
+        (new_w - target_w) / 2,
+        (new_h - target_h) / 2,
+        target_w,
+        target_h,
+    )
+    return np.ascontiguousarray(cropped.numpy()), geometry
+
+
+def preprocess_image(image: np.ndarray, contract: ModelContract) -> tuple[np.ndarray, Geometry]:
+    """Bring an RGB (H, W, 3) image to the contract's `[3,H,W]` input the way config.pbtxt says."""
+    if contract.preprocess == "resize_center_crop":
+        return resize_center_crop(image, contract.resize_size or min(contract.input_size), contract.input_size)
+    if contract.preprocess == "letterbox":
+        return letterbox(image, contract.input_size)
+    raise ValueError(f"model {contract.name}: unknown preprocess {contract.preprocess!r} in config.pbtxt")
+
+
+def boxes_to_original(boxes: np.ndarray, geometry: Geometry) -> np.ndarray:
+    """Map xyxy boxes from model-input pixels back to original-image pixels, clipped to the image."""
+    mapped = np.asarray(boxes, dtype=np.float64).reshape(-1, 4).copy()
+    mapped[:, [0, 2]] = (mapped[:, [0, 2]] + geometry.offset_x) / geometry.scale_x
+    mapped[:, [1, 3]] = (mapped[:, [1, 3]] + geometry.offset_y) / geometry.scale_y
+    mapped[:, [0, 2]] = mapped[:, [0, 2]].clip(0, geometry.width)
+    mapped[:, [1, 3]] = mapped[:, [1, 3]].clip(0, geometry.height)
+    return mapped
+
+
+def label_of(labels: tuple[str, ...], index: int) -> str:
+    """Name of class `index`, or the index as text when labels.txt is shorter."""
+    return labels[index] if 0 <= index < len(labels) else str(index)
+
+
+class Handler(Generic[OptionsT, ResultT]):
+    """One task: which model and options it uses, and how to get to and from that model."""
+
+    task: ClassVar[str]
+    model: ClassVar[str]
+    endpoint: ClassVar[str]
+    options: ClassVar[type[BaseModel]]
+    request: ClassVar[type[BaseModel]]
+    response: ClassVar[type[BaseModel]]
+
+    def preprocess(self, image: np.ndarray, contract: ModelContract) -> tuple[np.ndarray, Geometry]:
+        """Turn one RGB image into the model's `[3,H,W]` uint8 input and its geometry."""
+        return preprocess_image(image, contract)
+
+    def postprocess(
+        self, outputs: dict[str, np.ndarray], geometry: Geometry, options: OptionsT, contract: ModelContract
+    ) -> ResultT:
+        """Turn one image's model outputs into its answer in original-image terms."""
+        raise NotImplementedError

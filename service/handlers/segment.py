@@ -1,0 +1,93 @@
+"""/segment: the segmenter's class-index `MASK` → original-size COCO RLEs (pycocotools) and fractions."""
+
+from __future__ import annotations
+
+import base64
+import io
+
+import numpy as np
+import torch
+from PIL import Image
+from pycocotools import mask as mask_utils
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms.v2 import functional as F
+
+from service.contract import ModelContract
+from service.handlers.common import Geometry, Handler, label_of
+from service.schemas import (
+    RLE,
+    ImageSize,
+    Segment,
+    SegmentationResult,
+    SegmentOptions,
+    SegmentRequest,
+    SegmentResponse,
+)
+
+# Distinct colours for the PNG's palette (class 0, background, is black); repeats past 16 classes.
+_COLOURS = (
+    (0, 0, 0), (230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (145, 30, 180),
+    (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212), (0, 128, 128), (220, 190, 255),
+    (170, 110, 40), (255, 250, 200), (128, 0, 0),
+)  # fmt: skip
+
+
+def mask_to_original(mask: np.ndarray, geometry: Geometry) -> np.ndarray:
+    """Crop the letterbox padding off a model-resolution mask and resize it to the original (nearest)."""
+    content = np.asarray(mask, dtype=np.uint8)[: geometry.content_height, : geometry.content_width]
+    resized = F.resize(
+        torch.from_numpy(np.ascontiguousarray(content))[None],
+        [geometry.height, geometry.width],
+        interpolation=InterpolationMode.NEAREST_EXACT,
+    )
+    return resized[0].numpy()
+
+
+def encode_rle(binary: np.ndarray) -> RLE:
+    """COCO compressed RLE of a boolean H×W mask (pycocotools; counts as text)."""
+    rle = mask_utils.encode(np.asfortranarray(binary.astype(np.uint8)))
+    return RLE(size=[int(s) for s in rle["size"]], counts=rle["counts"].decode("ascii"))
+
+
+def palette_png(mask: np.ndarray) -> str:
+    """Base64 PNG whose pixel values are the class indices, with a palette so it is viewable."""
+    height, width = mask.shape
+    image = Image.frombytes("P", (width, height), np.ascontiguousarray(mask, dtype=np.uint8).tobytes())
+    palette = [channel for i in range(256) for channel in _COLOURS[i % len(_COLOURS)]]
+    image.putpalette(palette)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", optimize=True)
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+class SegmentHandler(Handler[SegmentOptions, SegmentationResult]):
+    task = "segmentation"
+    model = "segmenter"
+    endpoint = "/segment"
+    options = SegmentOptions
+    request = SegmentRequest
+    response = SegmentResponse
+
+    def postprocess(
+        self, outputs: dict[str, np.ndarray], geometry: Geometry, options: SegmentOptions, contract: ModelContract
+    ) -> SegmentationResult:
+        """Return per-class RLEs and pixel fractions at original size (and the PNG if asked)."""
+        mask = mask_to_original(outputs["MASK"], geometry)
+        num_classes = max(len(contract.labels), int(mask.max(initial=0)) + 1)
+        fractions = np.bincount(mask.ravel(), minlength=num_classes) / mask.size
+        segments = [
+            Segment(
+                class_id=class_id,
+                label=label_of(contract.labels, class_id),
+                pixel_fraction=float(fractions[class_id]),
+                rle=encode_rle(mask == class_id),
+            )
+            for class_id in np.flatnonzero(fractions)
+            if class_id != 0
+        ]
+        return SegmentationResult(
+            image=ImageSize(width=geometry.width, height=geometry.height),
+            class_fractions={label_of(contract.labels, i): float(f) for i, f in enumerate(fractions)},
+            segments=segments,
+            png=palette_png(mask) if options.return_png else None,
+        )

@@ -1,0 +1,111 @@
+"""Decode uploaded bytes into the one image form every handler takes: RGB uint8 H×W×3.
+
+Normalisation rules (documented for clients in the API description):
+* EXIF orientation is applied, so the answer is in the image's *displayed* coordinates.
+* Transparent pixels (RGBA, LA, palette with transparency) are composited on white.
+* Grayscale, CMYK, YCbCr, LAB, 1-bit and palette images are converted to RGB.
+* 16/32-bit integer images are scaled to 8 bit by their bit depth (65535 → 255), never clipped.
+* Animated images (GIF, WebP, APNG, multi-page TIFF) use their first frame.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from collections.abc import Collection
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+
+class ImageError(ValueError):
+    """An uploaded image the gateway will not process; `status_code` is the HTTP answer."""
+
+    status_code = 400
+    code = "bad_image"
+
+
+class UndecodableImage(ImageError):
+    """Bytes that are not a readable image (or a truncated one)."""
+
+    status_code = 400
+    code = "undecodable_image"
+
+
+class ImageTooLarge(ImageError):
+    """An image with more pixels than `max_pixels` (also guards against decompression bombs)."""
+
+    status_code = 413
+    code = "image_too_large"
+
+
+class UnsupportedImageFormat(ImageError):
+    """A readable image in a format outside `allowed_formats`."""
+
+    status_code = 415
+    code = "unsupported_image_format"
+
+
+def configure_pillow(max_pixels: int) -> None:
+    """Make Pillow refuse images above `max_pixels` in this process (call once per replica)."""
+    Image.MAX_IMAGE_PIXELS = max_pixels
+    warnings.simplefilter("error", Image.DecompressionBombWarning)
+
+
+def decode_image(data: bytes, max_pixels: int, allowed_formats: Collection[str]) -> np.ndarray:
+    """Decode `data` to an RGB uint8 array of shape (H, W, 3), upright and opaque."""
+    if not data:
+        raise UndecodableImage("the image is empty")
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            if image.format not in allowed_formats:
+                raise UnsupportedImageFormat(
+                    f"image format {image.format} is not accepted; use one of {', '.join(allowed_formats)}"
+                )
+            if image.width * image.height > max_pixels:
+                raise ImageTooLarge(
+                    f"image has {image.width}x{image.height} pixels; the limit is {max_pixels} pixels"
+                )
+            image.seek(0)  # first frame of animations
+            image.load()
+            upright = ImageOps.exif_transpose(image)
+            return to_rgb_array(upright)
+    except ImageError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+        raise ImageTooLarge(f"image has too many pixels; the limit is {max_pixels} pixels") from error
+    except UnidentifiedImageError as error:
+        raise UndecodableImage("the data is not an image in a format the gateway can read") from error
+    except (OSError, SyntaxError, ValueError, EOFError) as error:  # Pillow's errors for corrupt/truncated files
+        raise UndecodableImage("the image is corrupt or truncated") from error
+
+
+def to_rgb_array(image: Image.Image) -> np.ndarray:
+    """Convert any Pillow mode to an RGB uint8 (H, W, 3) array (see the module docstring)."""
+    mode = image.mode
+    if mode.startswith("I;16") or mode in ("I", "F"):
+        return _high_bit_depth_to_rgb(image)
+    if mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    elif mode in ("PA", "LA", "La", "RGBa"):
+        image = image.convert("RGBA")
+    if image.mode == "RGBA":
+        background = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(background, image)
+    if image.mode != "RGB":
+        image = image.convert("RGB")
+    return np.asarray(image, dtype=np.uint8).copy()
+
+
+def _high_bit_depth_to_rgb(image: Image.Image) -> np.ndarray:
+    """Scale a single-channel 16/32-bit image to 8 bit by its nominal range, then gray → RGB."""
+    values = np.asarray(image)
+    if image.mode == "F":
+        full_scale = 1.0 if float(np.nanmax(values, initial=0.0)) <= 1.0 else 255.0
+    elif image.mode.startswith("I;16") or int(values.max(initial=0)) > 255:
+        full_scale = 65535.0
+    else:  # mode "I" holding 8-bit values
+        full_scale = 255.0
+    scaled = np.clip(np.nan_to_num(values.astype(np.float64)) * (255.0 / full_scale), 0, 255)
+    gray = np.rint(scaled).astype(np.uint8)
+    return np.repeat(gray[:, :, np.newaxis], 3, axis=2)

@@ -1,0 +1,79 @@
+"""Prometheus metrics of the gateway (names and tags as in docs/ARCHITECTURE.md).
+
+Created with `ray.util.metrics` inside each replica, so Ray's metrics agent exports and sums
+them across replicas (Ray prefixes the names with `ray_`). Build these in a replica, never at
+import time.
+"""
+
+from __future__ import annotations
+
+from collections import Counter as Tally
+
+from ray.util.metrics import Counter, Gauge, Histogram
+
+LATENCY_BOUNDARIES = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]
+COUNT_BOUNDARIES = [1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64, 128]
+
+
+class GatewayMetrics:
+    """Per-request metrics recorded by the ingress."""
+
+    def __init__(self) -> None:
+        self.requests = Counter(
+            "cvserve_requests", description="HTTP requests answered.", tag_keys=("endpoint", "status")
+        )
+        self.latency = Histogram(
+            "cvserve_request_latency_seconds",
+            description="Time from request to response in the ingress.",
+            boundaries=LATENCY_BOUNDARIES,
+            tag_keys=("endpoint",),
+        )
+        self.images = Histogram(
+            "cvserve_images_per_request",
+            description="Images in one request.",
+            boundaries=COUNT_BOUNDARIES,
+            tag_keys=("endpoint",),
+        )
+        self.in_flight = Gauge(
+            "cvserve_in_flight_requests", description="Requests being processed now.", tag_keys=("endpoint",)
+        )
+        self.errors = Counter(
+            "cvserve_errors", description="Failed requests by kind of failure.", tag_keys=("endpoint", "kind")
+        )
+        self._in_flight: Tally[str] = Tally()
+
+    def request_started(self, endpoint: str) -> None:
+        """Count a request as in flight."""
+        self._in_flight[endpoint] += 1
+        self.in_flight.set(self._in_flight[endpoint], tags={"endpoint": endpoint})
+
+    def request_finished(self, endpoint: str, status: int, seconds: float, error_kind: str | None) -> None:
+        """Record a finished request: its status, latency and, for failures, the kind of error."""
+        self._in_flight[endpoint] -= 1
+        self.in_flight.set(self._in_flight[endpoint], tags={"endpoint": endpoint})
+        self.requests.inc(tags={"endpoint": endpoint, "status": str(status)})
+        self.latency.observe(seconds, tags={"endpoint": endpoint})
+        if error_kind is not None:
+            self.errors.inc(tags={"endpoint": endpoint, "kind": error_kind})
+
+
+class ModelMetrics:
+    """Per-batch metrics recorded by an embedded model replica."""
+
+    def __init__(self, model: str, backend: str) -> None:
+        self._tags = {"model": model}
+        self._latency_tags = {"model": model, "backend": backend}
+        self.batch_size = Histogram(
+            "cvserve_batch_size", description="Images per model batch.", boundaries=COUNT_BOUNDARIES, tag_keys=("model",)
+        )
+        self.latency = Histogram(
+            "cvserve_model_latency_seconds",
+            description="Time for one batch through the model.",
+            boundaries=LATENCY_BOUNDARIES,
+            tag_keys=("model", "backend"),
+        )
+
+    def observe_batch(self, size: int, seconds: float) -> None:
+        """Record one batch of `size` images that took `seconds`."""
+        self.batch_size.observe(size, tags=self._tags)
+        self.latency.observe(seconds, tags=self._latency_tags)

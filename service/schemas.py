@@ -1,0 +1,166 @@
+"""Request options and response bodies of the HTTP API (pydantic v2; examples feed /docs)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+# ---- request options (query parameters, or fields of a JSON body) ----
+
+
+class _Options(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    annotate: Literal["png", "jpeg"] | None = Field(
+        None, description="Also draw the answer on the image (see service/routes_demo.py for the response shape)."
+    )
+
+
+class ClassifyOptions(_Options):
+    top_k: int = Field(5, ge=1, le=1000, description="How many classes to return, best first.")
+
+
+class DetectOptions(_Options):
+    score_threshold: float = Field(0.5, ge=0.0, le=1.0, description="Drop detections scoring below this.")
+    max_detections: int = Field(100, ge=1, le=1000, description="Return at most this many detections per image.")
+
+
+class SegmentOptions(_Options):
+    return_png: bool = Field(False, description="Also return the class-index mask as a base64 palette PNG.")
+
+
+class _ImagesBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    images: list[str] = Field(
+        ...,
+        min_length=1,
+        description="Base64-encoded image files (JPEG, PNG, WebP, ...); a `data:image/...;base64,` prefix is allowed.",
+        examples=[["iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAIAAACQd1PeAAAADElEQVR4nGP4z8AAAAMBAQDJ/pLvAAAAAElFTkSuQmCC"]],
+    )
+
+
+class ClassifyRequest(_ImagesBody, ClassifyOptions):
+    """JSON body for /classify: base64 images plus the same options as the query parameters."""
+
+
+class DetectRequest(_ImagesBody, DetectOptions):
+    """JSON body for /detect: base64 images plus the same options as the query parameters."""
+
+
+class SegmentRequest(_ImagesBody, SegmentOptions):
+    """JSON body for /segment: base64 images plus the same options as the query parameters."""
+
+
+# ---- responses ----
+
+
+class ImageSize(BaseModel):
+    width: int = Field(..., description="Width of the image as decoded (after EXIF rotation).", examples=[640])
+    height: int = Field(..., examples=[480])
+
+
+class ClassScore(BaseModel):
+    class_id: int = Field(..., examples=[2])
+    label: str = Field(..., examples=["triangle"])
+    score: float = Field(..., ge=0.0, le=1.0, examples=[0.97])
+
+
+class ClassificationResult(BaseModel):
+    image: ImageSize
+    predictions: list[ClassScore] = Field(..., description="Top-k classes, highest probability first.")
+
+
+class Detection(BaseModel):
+    box: list[float] = Field(
+        ...,
+        min_length=4,
+        max_length=4,
+        description="[x1, y1, x2, y2] in original-image pixels, clipped to the image.",
+        examples=[[12.5, 40.0, 96.0, 120.25]],
+    )
+    class_id: int = Field(..., description="Index into the detector's labels (0 is background).", examples=[1])
+    label: str = Field(..., examples=["circle"])
+    score: float = Field(..., ge=0.0, le=1.0, examples=[0.91])
+
+
+class DetectionResult(BaseModel):
+    image: ImageSize
+    detections: list[Detection] = Field(..., description="Highest score first.")
+
+
+class RLE(BaseModel):
+    size: list[int] = Field(..., description="[height, width], as in COCO.", examples=[[480, 640]])
+    counts: str = Field(..., description="COCO compressed RLE string (pycocotools.mask.decode reads it).")
+
+
+class Segment(BaseModel):
+    class_id: int = Field(..., examples=[1])
+    label: str = Field(..., examples=["circle"])
+    pixel_fraction: float = Field(..., ge=0.0, le=1.0, description="Share of the image's pixels in this class.")
+    rle: RLE
+
+
+class SegmentationResult(BaseModel):
+    image: ImageSize
+    class_fractions: dict[str, float] = Field(
+        ..., description="Pixel fraction of every class, background included.", examples=[{"background": 0.8}]
+    )
+    segments: list[Segment] = Field(..., description="One binary mask per class present (background excluded).")
+    png: str | None = Field(
+        None, description="Base64 palette PNG of class indices at original size (only with return_png)."
+    )
+
+
+class _TaskResponse(BaseModel):
+    model: str = Field(..., examples=["classifier"])
+    version: str = Field(..., examples=["1"])
+    backend: Literal["embedded", "triton"]
+
+
+class ClassifyResponse(_TaskResponse):
+    results: list[ClassificationResult] = Field(..., description="One per image, in request order.")
+
+
+class DetectResponse(_TaskResponse):
+    results: list[DetectionResult] = Field(..., description="One per image, in request order.")
+
+
+class SegmentResponse(_TaskResponse):
+    results: list[SegmentationResult] = Field(..., description="One per image, in request order.")
+
+
+class ModelInfo(BaseModel):
+    name: str = Field(..., examples=["detector"])
+    version: str = Field(..., examples=["1"])
+    task: str = Field(..., examples=["detection"])
+    endpoint: str = Field(..., examples=["/detect"])
+    backend: Literal["embedded", "triton"]
+    input_size: ImageSize
+    preprocess: str = Field(..., examples=["letterbox"])
+    max_batch_size: int = Field(..., examples=[8])
+    weights: str = Field(..., examples=["demo"])
+    labels: list[str] = Field(..., examples=[["__background__", "circle", "square"]])
+
+
+class ModelsResponse(BaseModel):
+    models: list[ModelInfo]
+
+
+class HealthResponse(BaseModel):
+    status: Literal["ok"] = "ok"
+
+
+class ReadyResponse(BaseModel):
+    ready: bool
+    backend: Literal["embedded", "triton"]
+
+
+class ErrorBody(BaseModel):
+    code: str = Field(..., examples=["unsupported_image_format"])
+    message: str = Field(..., examples=["image format TIFF is not accepted; use one of JPEG, PNG, WEBP"])
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody

@@ -1,0 +1,130 @@
+"""Gateway configuration: one `Settings` object built from `CVSERVE_*` environment variables.
+
+Build it once at start-up (`Settings()`) and pass it on; nothing reads the environment later.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+log = logging.getLogger(__name__)
+
+ModelName = Literal["classifier", "detector", "segmenter"]
+ImageFormat = Literal["JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF"]
+
+_MIB = 1024 * 1024
+
+
+def _split_csv(value: object) -> object:
+    """Accept `a,b,c` from the environment as well as a list."""
+    if isinstance(value, str):
+        return [item.strip() for item in value.split(",") if item.strip()]
+    return value
+
+
+class Settings(BaseSettings):
+    """Everything the gateway can be told; each field maps to `CVSERVE_<FIELD>`."""
+
+    model_config = SettingsConfigDict(env_prefix="CVSERVE_", extra="ignore", frozen=True)
+
+    # where to listen (loopback unless told otherwise)
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    ray_metrics_port: int = Field(8090, ge=0, le=65535, description="Ray metrics agent's Prometheus port")
+
+    # which models, served how
+    backend: Literal["embedded", "triton"] = "embedded"
+    model_repository: Path = Path("model_repository")
+    models: Annotated[tuple[ModelName, ...], NoDecode] = ("classifier", "detector", "segmenter")
+    device: Literal["cpu", "cuda", "auto"] = "auto"
+    torch_threads: int = Field(2, ge=1, description="intra-op threads per CPU model replica")
+
+    # batching and replicas (embedded backend)
+    max_batch_size: int = Field(8, ge=1, le=256)
+    batch_wait_timeout_s: float = Field(0.01, ge=0.0, le=1.0)
+    model_replicas: int = Field(1, ge=1)
+    ingress_replicas: int = Field(1, ge=1)
+    model_num_cpus: float = Field(0.5, ge=0.0, description="Ray logical CPUs reserved per model replica")
+    model_num_gpus: float = Field(0.25, ge=0.0, le=1.0, description="GPU share per model replica on cuda")
+    ingress_num_cpus: float = Field(0.25, ge=0.0)
+
+    # back-pressure and deadlines
+    max_ongoing_requests: int = Field(64, ge=1, description="concurrent requests per replica")
+    max_queued_requests: int = Field(256, ge=-1, description="queued calls per handle before 503; -1 = no limit")
+    request_timeout_s: float = Field(30.0, gt=0.0)
+
+    # Triton backend
+    triton_url: str = "127.0.0.1:8011"
+    triton_protocol: Literal["grpc", "http"] = "grpc"
+
+    # limits on what clients may send
+    max_body_bytes: int = Field(32 * _MIB, ge=1024)
+    max_pixels: int = Field(40_000_000, ge=1)
+    max_images_per_request: int = Field(16, ge=1)
+    allowed_formats: Annotated[tuple[ImageFormat, ...], NoDecode] = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF")
+
+    api_key: SecretStr | None = None
+
+    @field_validator("models", mode="before")
+    @classmethod
+    def _csv(cls, value: object) -> object:
+        return _split_csv(value)
+
+    @field_validator("allowed_formats", mode="before")
+    @classmethod
+    def _formats(cls, value: object) -> object:
+        value = _split_csv(value)
+        if isinstance(value, list | tuple):
+            return [str(item).upper().replace("JPG", "JPEG") for item in value]
+        return value
+
+    @field_validator("models", "allowed_formats")
+    @classmethod
+    def _non_empty_unique(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        if not value:
+            raise ValueError("must name at least one entry")
+        return tuple(dict.fromkeys(value))
+
+    @field_validator("model_repository")
+    @classmethod
+    def _absolute(cls, value: Path) -> Path:
+        # Ray replicas may run in another working directory than the process that built Settings.
+        return value.expanduser().resolve()
+
+    @field_validator("api_key")
+    @classmethod
+    def _strong_key(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and len(value.get_secret_value()) < 16:
+            raise ValueError("api_key must be at least 16 characters (or unset)")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Settings:
+        if self.max_ongoing_requests < self.max_batch_size:
+            raise ValueError(
+                f"max_ongoing_requests ({self.max_ongoing_requests}) must be >= max_batch_size "
+                f"({self.max_batch_size}) or batches can never fill"
+            )
+        if not _is_loopback(self.host) and self.api_key is None:
+            log.warning("listening on %s without CVSERVE_API_KEY: anyone on the network can call it", self.host)
+        return self
+
+    @property
+    def model_max_ongoing_requests(self) -> int:
+        """Concurrent calls one model replica accepts: enough to fill a batch while another runs."""
+        return max(self.max_ongoing_requests, 2 * self.max_batch_size)
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
