@@ -154,7 +154,8 @@ async def open_loop(
     async with _client(max_in_flight, timeout_s) as client:
 
         async def one(index: int, scheduled: float) -> None:
-            recorder.record(scheduled, time.perf_counter(), await _send(client, url, build(index)))
+            error = await _send(client, url, build(index))
+            recorder.record(scheduled, time.perf_counter(), error)
 
         arrival, index = start, 0
         while arrival < end:

@@ -73,11 +73,14 @@ def configure(environment: Environment, **_: object) -> None:
     _images[:] = make_image_mix(options.image_count, parse_sizes(options.image_sizes))
 
 
-def _is_json_object(text: str) -> bool:
+def _result_count(text: str) -> int:
+    """How many per-image results a JSON answer holds (-1 if it is not such an answer)."""
     try:
-        return isinstance(json.loads(text), dict)
+        body = json.loads(text)
     except ValueError:
-        return False
+        return -1
+    results = body.get("results") if isinstance(body, dict) else None
+    return len(results) if isinstance(results, list) else -1
 
 
 class CvserveUser(HttpUser):
@@ -93,7 +96,7 @@ class CvserveUser(HttpUser):
         self._images = itertools.islice(itertools.cycle(_images), start, None)
 
     def post_image(self, endpoint: str) -> None:
-        """Upload the next image raw; a non-200 or a body that is not a JSON object fails."""
+        """Upload the next image as a raw body; anything but HTTP 200 with one result fails."""
         image = next(self._images)
         with self.client.post(
             f"/{endpoint}",
@@ -104,5 +107,5 @@ class CvserveUser(HttpUser):
         ) as response:
             if response.status_code != 200:
                 response.failure(f"{image.name}: HTTP {response.status_code}: {response.text[:200]}")
-            elif not _is_json_object(response.text):
-                response.failure(f"{image.name}: body is not a JSON object")
+            elif _result_count(response.text) != 1:
+                response.failure(f"{image.name}: body is not an answer with one result: {response.text[:200]}")

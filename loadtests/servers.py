@@ -32,15 +32,15 @@ class ServerProcess:
     process: subprocess.Popen[bytes]
     log_path: Path
 
-    def stop(self, grace_s: float = 20.0) -> None:
-        """SIGTERM the group, wait up to `grace_s`, then SIGKILL what is left."""
+    def stop(self, grace_s: float = 30.0) -> None:
+        """SIGTERM the leader (it shuts its children down), wait up to `grace_s`, SIGKILL the group."""
         if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
+            self.process.terminate()
             try:
                 self.process.wait(grace_s)
             except subprocess.TimeoutExpired:
                 log.warning("%s ignored SIGTERM for %.0fs; killing it", self.name, grace_s)
-        try:  # children (Ray workers, LitServe workers) may outlive the leader
+        try:  # whatever the leader left behind (Ray workers, LitServe workers) in its process group
             os.killpg(self.process.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass

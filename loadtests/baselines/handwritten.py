@@ -1,7 +1,8 @@
 """What a user writes by hand: FastAPI + torch, one uvicorn worker, one image at a time, no batching.
 
 It loads the same model.pt and runs the service's own decode/preprocess/postprocess, so only the
-serving machinery differs from ours. The endpoint body is the raw image file, as ours accepts.
+serving machinery differs from ours. The image arrives as multipart field `file` (FastAPI's
+UploadFile), which our gateway and LitServe accept too, so every server gets the same requests.
 
     python -m loadtests.baselines.handwritten --model classifier --port 8100
 """
@@ -13,7 +14,7 @@ import logging
 
 import torch
 import uvicorn
-from fastapi import FastAPI, HTTPException, Request
+from fastapi import FastAPI, HTTPException, UploadFile
 
 from loadtests.baselines.pipeline import ModelPipeline
 from service.images import ImageError
@@ -33,9 +34,9 @@ def create_app(settings: Settings, model: str) -> FastAPI:
         return {"status": "ok"}
 
     @app.post(pipeline.endpoint)
-    async def predict(request: Request) -> dict[str, object]:
+    async def predict(file: UploadFile) -> dict[str, object]:
         try:
-            image, geometry = pipeline.prepare(await request.body())
+            image, geometry = pipeline.prepare(await file.read())
         except ImageError as error:
             raise HTTPException(error.status_code, str(error)) from error
         (outputs,) = pipeline.infer([image])

@@ -1,0 +1,138 @@
+"""Turn a benchmark run (bench.json's dict) into target verdicts, a text table and a plot."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+# The issue's targets (benchmark figures, never test assertions).
+TARGET_VS_RAW = 0.8
+TARGET_VS_HANDWRITTEN = 1.5
+TARGET_P99_OVER_P50 = 2.0
+OURS = ("embedded", "triton")
+
+
+def _ratio(value: float, base: float | None) -> float | None:
+    return value / base if base else None
+
+
+def summarize(results: dict[str, Any]) -> dict[str, Any]:
+    """Saturation throughput per system, its ratios to (a) and (c), and the targets for ours."""
+    model_rows = [r for r in results["inprocess"] if r["stage"] == "model"]
+    raw_limit = max((r["images_per_s"] for r in model_rows), default=None)
+    systems: dict[str, Any] = {}
+    for load in results["loads"]:
+        entry = systems.setdefault(load["system"], {"saturation": None, "half_load": None})
+        if load["mode"] == "closed":
+            best = entry["saturation"]
+            if best is None or load["throughput_rps"] > best["throughput_rps"]:
+                entry["saturation"] = load
+        else:
+            entry["half_load"] = load
+    handwritten = systems.get("handwritten", {}).get("saturation")
+    hand_rps = handwritten["throughput_rps"] if handwritten else None
+    summary: dict[str, Any] = {"raw_limit_images_per_s": raw_limit, "handwritten_rps": hand_rps, "systems": {}}
+    for name, entry in systems.items():
+        sat, half = entry["saturation"], entry["half_load"]
+        row: dict[str, Any] = {
+            "saturation_rps": sat["throughput_rps"],
+            "saturation_concurrency": sat["concurrency"],
+            "vs_raw": _ratio(sat["throughput_rps"], raw_limit),
+            "vs_handwritten": _ratio(sat["throughput_rps"], hand_rps),
+            "half_load_p50_ms": half["p50_ms"] if half else None,
+            "half_load_p99_ms": half["p99_ms"] if half else None,
+            "half_load_p99_over_p50": half["p99_ms"] / half["p50_ms"] if half and half["p50_ms"] > 0 else None,
+            "errors": sum(l["errors"] for l in results["loads"] if l["system"] == name),
+        }
+        if name in OURS:
+            row["targets"] = {
+                f"saturation >= {TARGET_VS_RAW}x raw": _verdict(row["vs_raw"], TARGET_VS_RAW, at_least=True),
+                f"saturation >= {TARGET_VS_HANDWRITTEN}x hand-written": _verdict(
+                    row["vs_handwritten"], TARGET_VS_HANDWRITTEN, at_least=True
+                ),
+                f"p99 <= {TARGET_P99_OVER_P50}x p50 at half load": _verdict(
+                    row["half_load_p99_over_p50"], TARGET_P99_OVER_P50, at_least=False
+                ),
+            }
+        summary["systems"][name] = row
+    return summary
+
+
+def _verdict(value: float | None, threshold: float, at_least: bool) -> str:
+    if value is None or math.isnan(value):
+        return "not measured"
+    return "met" if (value >= threshold if at_least else value <= threshold) else "MISSED"
+
+
+def _fmt(value: float | None, spec: str = ".1f") -> str:
+    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, spec)
+
+
+def table(results: dict[str, Any]) -> str:
+    """A fixed-width table: every measurement with its ratio to (a) raw and (c) hand-written."""
+    summary = results["summary"]
+    raw, hand = summary["raw_limit_images_per_s"], summary["handwritten_rps"]
+    head = f"{'system':<22}{'load':>10}{'img/s':>9}{'p50 ms':>9}{'p95 ms':>9}{'p99 ms':>9}{'err':>6}{'x(a)':>7}{'x(c)':>7}"
+    lines = [f"model {results['model']} · {results['machine']['cpus']} CPUs · {results['note']}".rstrip(" ·"), head,
+             "-" * len(head)]
+    for r in results["inprocess"]:
+        name = f"(a) {'model' if r['stage'] == 'model' else 'decode+model+post'}"
+        lines.append(f"{name:<22}{'batch ' + str(r['batch_size']):>10}{r['images_per_s']:>9.1f}{r['batch_ms_p50']:>9.1f}"
+                     f"{'':>9}{'':>9}{'':>6}{_fmt(_ratio(r['images_per_s'], raw), '.2f'):>7}"
+                     f"{_fmt(_ratio(r['images_per_s'], hand), '.2f'):>7}")
+    labels = {"embedded": "(b) ours embedded", "triton": "(b) ours triton", "handwritten": "(c) hand-written",
+              "litserve": "(d) litserve"}
+    for load in results["loads"]:
+        what = f"c={load['concurrency']}" if load["mode"] == "closed" else f"{load['offered_rps']:.0f}/s open"
+        lines.append(f"{labels.get(load['system'], load['system']):<22}{what:>10}{load['throughput_rps']:>9.1f}"
+                     f"{_fmt(load['p50_ms']):>9}{_fmt(load['p95_ms']):>9}{_fmt(load['p99_ms']):>9}{load['errors']:>6}"
+                     f"{_fmt(_ratio(load['throughput_rps'], raw), '.2f'):>7}"
+                     f"{_fmt(_ratio(load['throughput_rps'], hand), '.2f'):>7}")
+    lines.append("")
+    for name, row in summary["systems"].items():
+        lines.append(f"{labels.get(name, name)}: saturation {row['saturation_rps']:.1f} img/s at c={row['saturation_concurrency']}"
+                     f" = {_fmt(row['vs_raw'], '.2f')}x (a), {_fmt(row['vs_handwritten'], '.2f')}x (c); half load p99/p50"
+                     f" {_fmt(row['half_load_p99_over_p50'], '.2f')}; errors {row['errors']}")
+        for target, verdict in row.get("targets", {}).items():
+            lines.append(f"    target {target}: {verdict}")
+    for name, reason in results["skipped"].items():
+        lines.append(f"{labels.get(name, name)}: not measured: {reason}")
+    return "\n".join(lines)
+
+
+def plot(results: dict[str, Any], path: Path) -> None:
+    """Throughput (x) against p50 and p99 latency (y, log) per system; raw limits as vertical lines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9, 5.5))
+    colours = {"embedded": "tab:blue", "triton": "tab:purple", "handwritten": "tab:orange", "litserve": "tab:green"}
+    for system in dict.fromkeys(load["system"] for load in results["loads"]):
+        closed = [l for l in results["loads"] if l["system"] == system and l["mode"] == "closed"]
+        xs = [l["throughput_rps"] for l in closed]
+        colour = colours.get(system)
+        ax.plot(xs, [l["p50_ms"] for l in closed], "o-", color=colour, label=f"{system} p50")
+        ax.plot(xs, [l["p99_ms"] for l in closed], "s--", color=colour, alpha=0.6, label=f"{system} p99")
+        for l in closed:
+            ax.annotate(f"c={l['concurrency']}", (l["throughput_rps"], l["p50_ms"]), fontsize=7,
+                        textcoords="offset points", xytext=(3, -9))
+        for l in results["loads"]:
+            if l["system"] == system and l["mode"] == "open":
+                ax.plot([l["throughput_rps"]] * 2, [l["p50_ms"], l["p99_ms"]], "*-", color=colour, markersize=11)
+    for r in results["inprocess"]:
+        style = ":" if r["stage"] == "model" else "-."
+        ax.axvline(r["images_per_s"], color="grey", linestyle=style, linewidth=0.8)
+        ax.annotate(f"(a) {r['stage']} b={r['batch_size']}", (r["images_per_s"], ax.get_ylim()[0]), rotation=90,
+                    fontsize=7, color="grey", xytext=(2, 4), textcoords="offset points")
+    ax.set_yscale("log")
+    ax.set_xlabel("throughput (images/s)")
+    ax.set_ylabel("latency (ms)")
+    ax.set_title(f"{results['model']}: throughput vs latency (closed loop; ★ = open loop at half saturation)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
