@@ -1,0 +1,1 @@
+"""Export trained models to TorchScript inside Triton model repositories (`python -m export`)."""

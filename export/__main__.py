@@ -1,0 +1,133 @@
+"""Export models to TorchScript in Triton model repositories (libtorch/GPU and python-backend/CPU).
+
+Models: classifier, detector, segmenter, or all.
+Weight sources (--weights):
+  demo        artifacts/demo/*.pt + meta.json from `python -m training` (trained first if missing)
+  pretrained  torchvision weights: classifier ResNet50_Weights.IMAGENET1K_V2, detector
+              FasterRCNN_ResNet50_FPN_V2_Weights.COCO_V1 (downloaded, or read from a filled
+              $TORCH_HOME/hub/checkpoints offline); torchvision has no pretrained U-Net
+  checkpoint  your state dict (torch file loaded with weights_only=True, or .safetensors) with
+              --checkpoint FILE --classes FILE (one name per class, as labels.txt) and --arch
+
+Examples:
+  python -m export all --weights demo
+  python -m export detector --weights pretrained --input-size 800
+  python -m export classifier --weights checkpoint --arch resnet50 --checkpoint ft.pt --classes names.txt
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import NoReturn
+
+from export.errors import ExportError
+from export.repository import Batching, staged, write_model
+from export.sources import WEIGHT_SOURCES, SourceOptions, load_specs
+from export.spec import MODELS
+
+log = logging.getLogger("export")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse whose usage errors are one line, like every other export error."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    """Command-line options."""
+    parser = _Parser(prog="python -m export", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("model", nargs="?", default="all", choices=(*MODELS, "all"), help="model to export (default: all)")
+    parser.add_argument("--weights", default="demo", choices=WEIGHT_SOURCES, help="weight source (default: demo)")
+    parser.add_argument(
+        "--arch",
+        default="demo",
+        help="checkpoint architecture: demo (training/models.py), resnet50 (classifier), "
+        "fasterrcnn_resnet50_fpn_v2 (detector) (default: demo)",
+    )
+    parser.add_argument("--checkpoint", type=Path, help="state dict file for --weights checkpoint")
+    parser.add_argument("--classes", type=Path, help="class names, one per line, for --weights checkpoint")
+    parser.add_argument("--demo-dir", type=Path, default=Path("artifacts/demo"), help="demo weights (default: %(default)s)")
+    parser.add_argument("--out", type=Path, default=Path("model_repository"), help="libtorch repository (default: %(default)s)")
+    parser.add_argument(
+        "--cpu-out",
+        type=Path,
+        default=Path("build/triton_cpu_repository"),
+        help="python-backend repository serving the same model.pt (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--input-size",
+        type=int,
+        help="square input side H=W (default: the weights' own: 224 crop for ResNet-50, 800 for Faster R-CNN, "
+        "the demo's training size)",
+    )
+    parser.add_argument(
+        "--resize-size",
+        type=int,
+        help="classifier: shorter side before the centre crop (default: the weights' own ratio to the crop)",
+    )
+    defaults = Batching()
+    parser.add_argument("--max-batch-size", type=int, default=defaults.max_batch_size, help="(default: %(default)s)")
+    parser.add_argument(
+        "--preferred-batch-sizes",
+        type=int,
+        nargs="+",
+        default=list(defaults.preferred_batch_sizes),
+        help="dynamic batcher's preferred sizes (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--max-queue-delay-us",
+        type=int,
+        default=defaults.max_queue_delay_us,
+        help="dynamic batcher's queue delay in microseconds (default: %(default)s)",
+    )
+    return parser
+
+
+def run(args: argparse.Namespace) -> None:
+    """Load the chosen weights, script each model and write both repositories (all or nothing)."""
+    models = list(MODELS) if args.model == "all" else [args.model]
+    batching = Batching(args.max_batch_size, tuple(args.preferred_batch_sizes), args.max_queue_delay_us)
+    batching.check()
+    options = SourceOptions(
+        weights=args.weights,
+        arch=args.arch,
+        checkpoint=args.checkpoint,
+        classes=args.classes,
+        demo_dir=args.demo_dir,
+        input_size=args.input_size,
+        resize_size=args.resize_size,
+    )
+    # Staging first: an unwritable output fails in a second, not after loading and scripting.
+    with staged([args.out, args.cpu_out]) as (gpu, cpu):
+        for spec in load_specs(models, options):
+            write_model(spec, gpu, cpu, batching)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the export; bad input is one line on stderr and exit status 1 (usage errors: 2)."""
+    args = get_args_parser().parse_args(argv)
+    # Progress goes to stdout so that stderr carries nothing but a failure's one line.
+    logging.basicConfig(stream=sys.stdout, level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    started = time.monotonic()
+    try:
+        run(args)
+    except ExportError as exc:
+        sys.stderr.write(f"export: error: {exc}\n")
+        return 1
+    except OSError as exc:
+        where = f": {exc.filename}" if exc.filename else ""
+        sys.stderr.write(f"export: error: {exc.strerror or exc}{where}\n")
+        return 1
+    log.info("exported %s (%s weights) to %s and %s in %.1fs", args.model, args.weights, args.out, args.cpu_out,
+             time.monotonic() - started)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

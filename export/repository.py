@@ -1,0 +1,172 @@
+"""Write Triton model repositories: the libtorch (GPU) one and its python-backend (CPU) twin.
+
+Everything is built in staging directories next to the targets and moved in per model only
+once every model is complete, so a failure never leaves a half-written model behind.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2
+
+from export.errors import ExportError
+from export.spec import LABELLED_OUTPUT, ModelSpec, TensorSpec
+from export.wrappers import save, script
+
+log = logging.getLogger(__name__)
+
+LABELS_FILE = "labels.txt"
+MODEL_FILE = "model.pt"
+VERSION = "1"
+# The python-backend model, copied verbatim beside model.pt in the CPU repository.
+PYTHON_MODEL = Path(__file__).with_name("python_model.py")
+
+_DATA_TYPES = {
+    torch.uint8: model_config_pb2.TYPE_UINT8,
+    torch.int32: model_config_pb2.TYPE_INT32,
+    torch.int64: model_config_pb2.TYPE_INT64,
+    torch.float32: model_config_pb2.TYPE_FP32,
+}
+
+
+@dataclass(frozen=True)
+class Batching:
+    """Dynamic-batching settings shared by both repositories."""
+
+    max_batch_size: int = 8
+    preferred_batch_sizes: tuple[int, ...] = (4, 8)
+    max_queue_delay_us: int = 2000
+
+    def check(self) -> None:
+        """Refuse settings Triton would reject at load time."""
+        if self.max_batch_size < 1:
+            raise ExportError(f"--max-batch-size must be at least 1, got {self.max_batch_size}")
+        bad = [size for size in self.preferred_batch_sizes if not 1 <= size <= self.max_batch_size]
+        if bad:
+            raise ExportError(f"preferred batch sizes {bad} must lie in 1..{self.max_batch_size} (--max-batch-size)")
+        if self.max_queue_delay_us < 0:
+            raise ExportError(f"--max-queue-delay-us must not be negative, got {self.max_queue_delay_us}")
+
+
+def model_config(spec: ModelSpec, batching: Batching, cpu: bool) -> model_config_pb2.ModelConfig:
+    """config.pbtxt of `spec`: libtorch on KIND_GPU, or the python backend on KIND_CPU."""
+    config = model_config_pb2.ModelConfig(name=spec.name, max_batch_size=batching.max_batch_size)
+    if cpu:
+        config.backend = "python"
+    else:
+        config.platform = "pytorch_libtorch"
+    for tensor in spec.inputs:
+        config.input.append(model_config_pb2.ModelInput(name=tensor.name, data_type=_data_type(tensor), dims=tensor.dims))
+    for tensor in spec.outputs:
+        output = model_config_pb2.ModelOutput(name=tensor.name, data_type=_data_type(tensor), dims=tensor.dims)
+        if tensor.name == LABELLED_OUTPUT[spec.name]:
+            output.label_filename = LABELS_FILE
+        config.output.append(output)
+    config.dynamic_batching.preferred_batch_size.extend(batching.preferred_batch_sizes)
+    config.dynamic_batching.max_queue_delay_microseconds = batching.max_queue_delay_us
+    kind = model_config_pb2.ModelInstanceGroup.KIND_CPU if cpu else model_config_pb2.ModelInstanceGroup.KIND_GPU
+    config.instance_group.append(model_config_pb2.ModelInstanceGroup(kind=kind, count=1))
+    for key, value in spec.parameters.items():
+        config.parameters[key].string_value = value
+    return config
+
+
+def _data_type(tensor: TensorSpec) -> int:
+    return _DATA_TYPES[tensor.dtype]
+
+
+class Staging:
+    """Model directories built beside a repository, moved into it together by `commit()`."""
+
+    def __init__(self, target: Path) -> None:
+        self.target = target
+        self.root = _make_staging_dir(target)
+        self.models: list[str] = []
+
+    def model_dir(self, name: str) -> Path:
+        """A fresh directory for model `name` inside the staging area."""
+        path = self.root / name
+        path.mkdir()
+        self.models.append(name)
+        return path
+
+    def commit(self) -> None:
+        """Replace each target model directory with the staged one (a rename each)."""
+        self.target.mkdir(exist_ok=True)
+        for name in self.models:
+            new, final = self.root / name, self.target / name
+            if final.exists():
+                old = self.root / f"{name}.old"
+                final.rename(old)
+                new.rename(final)
+            else:
+                new.rename(final)
+            log.info("wrote %s", final)
+
+    def discard(self) -> None:
+        """Delete the staging area (and the replaced model directories moved into it)."""
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+def _make_staging_dir(target: Path) -> Path:
+    """Create a hidden staging directory in `target`'s parent; fail clearly if it is not writable."""
+    if target.exists() and not target.is_dir():
+        raise ExportError(f"output {target} exists and is not a directory")
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix=f".{target.name}.staging-", dir=target.parent))
+    except OSError as exc:
+        raise ExportError(f"cannot write to {target.parent}: {exc.strerror or exc}") from None
+
+
+@contextmanager
+def staged(targets: Sequence[Path]) -> Iterator[list[Staging]]:
+    """Staging areas for `targets`; committed when the block succeeds, always cleaned up."""
+    stagings: list[Staging] = []
+    try:
+        for target in targets:
+            stagings.append(Staging(target))
+        yield stagings
+        for staging in stagings:
+            staging.commit()
+    finally:
+        for staging in stagings:
+            staging.discard()
+
+
+def write_model(spec: ModelSpec, gpu: Staging, cpu: Staging, batching: Batching) -> None:
+    """Script `spec` once and write it into both staged repositories (model.pt shared)."""
+    log.info("scripting %s (%s, %d px, %d labels)", spec.name, spec.weights, spec.input_size, len(spec.labels))
+    scripted = script(spec.module)
+    gpu_dir = gpu.model_dir(spec.name)
+    _write_common(gpu_dir, spec, model_config(spec, batching, cpu=False))
+    save(scripted, str(gpu_dir / VERSION / MODEL_FILE))
+
+    cpu_dir = cpu.model_dir(spec.name)
+    _write_common(cpu_dir, spec, model_config(spec, batching, cpu=True))
+    _link_or_copy(gpu_dir / VERSION / MODEL_FILE, cpu_dir / VERSION / MODEL_FILE)
+    shutil.copyfile(PYTHON_MODEL, cpu_dir / VERSION / "model.py")
+
+
+def _write_common(model_dir: Path, spec: ModelSpec, config: model_config_pb2.ModelConfig) -> None:
+    (model_dir / VERSION).mkdir()
+    (model_dir / "config.pbtxt").write_text(text_format.MessageToString(config))
+    (model_dir / LABELS_FILE).write_text("".join(f"{label}\n" for label in spec.labels))
+
+
+def _link_or_copy(source: Path, target: Path) -> None:
+    """Hard-link (same file system) or copy: both repositories serve the very same model.pt."""
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copy2(source, target)

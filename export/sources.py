@@ -1,0 +1,354 @@
+"""Where weights come from: torchvision's pretrained weights, a user's checkpoint, or the demo.
+
+Each source yields `ModelSpec`s: an eager model with its weights loaded, wrapped for Triton's
+I/O, plus the class names that travel with those weights.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlparse
+
+import torch
+from torch import nn
+from torchvision.models import ResNet50_Weights, WeightsEnum, resnet50
+from torchvision.models.detection import FasterRCNN, FasterRCNN_ResNet50_FPN_V2_Weights, fasterrcnn_resnet50_fpn_v2
+
+from export.errors import ExportError
+from export.spec import BACKGROUND, ModelSpec
+from export.wrappers import ClassifierWrapper, DetectorWrapper, SegmenterWrapper
+from training.models import (
+    DEMO_MEAN,
+    DEMO_STD,
+    UNet,
+    build_demo_classifier,
+    build_demo_detector,
+    build_demo_segmenter,
+)
+
+log = logging.getLogger(__name__)
+
+WEIGHT_SOURCES = ("demo", "pretrained", "checkpoint")
+# Architectures a checkpoint may be for; "demo" is training/models.py's builder for that model.
+ARCHITECTURES = {
+    "classifier": ("demo", "resnet50"),
+    "detector": ("demo", "fasterrcnn_resnet50_fpn_v2"),
+    "segmenter": ("demo",),
+}
+PRETRAINED: dict[str, WeightsEnum] = {
+    "classifier": ResNet50_Weights.IMAGENET1K_V2,
+    "detector": FasterRCNN_ResNet50_FPN_V2_Weights.COCO_V1,
+}
+PRETRAINED_ARCH = {"classifier": "resnet50", "detector": "fasterrcnn_resnet50_fpn_v2"}
+# The state-dict entry whose first dimension is the number of classes the checkpoint predicts.
+CLASS_COUNT_KEY = {
+    "classifier": "fc.weight",
+    "detector": "roi_heads.box_predictor.cls_score.weight",
+    "segmenter": "head.weight",
+}
+DEMO_FILES = ("classifier.pt", "detector.pt", "segmenter.pt", "meta.json", "report.json")
+
+
+@dataclass(frozen=True)
+class SourceOptions:
+    """The command line's choice of weights and input geometry."""
+
+    weights: str  # one of WEIGHT_SOURCES
+    arch: str = "demo"
+    checkpoint: Path | None = None
+    classes: Path | None = None
+    demo_dir: Path = Path("artifacts/demo")
+    input_size: int | None = None
+    resize_size: int | None = None
+
+
+@dataclass(frozen=True)
+class _Geometry:
+    input_size: int
+    resize_size: int | None  # classifier only
+
+
+def load_specs(models: Sequence[str], options: SourceOptions) -> list[ModelSpec]:
+    """Load every requested model from the chosen weight source, checking inputs before heavy work."""
+    if options.weights == "pretrained":
+        return [_pretrained_spec(model, options) for model in models]
+    if options.weights == "checkpoint":
+        if len(models) != 1:
+            raise ExportError("--weights checkpoint exports one model at a time: name classifier, detector or segmenter")
+        return [_checkpoint_spec(models[0], options)]
+    if options.weights == "demo":
+        return _demo_specs(models, options)
+    raise ExportError(f"unknown weight source {options.weights!r}: choose one of {', '.join(WEIGHT_SOURCES)}")
+
+
+# --- pretrained -------------------------------------------------------------------------------
+
+
+def _pretrained_spec(model: str, options: SourceOptions) -> ModelSpec:
+    if model not in PRETRAINED:
+        raise ExportError(
+            f"torchvision has no pretrained weights for the {model} (it has no U-Net): "
+            "export it with --weights demo or --weights checkpoint"
+        )
+    weights = PRETRAINED[model]
+    labels = tuple(weights.meta["categories"])
+    geometry = _geometry(model, PRETRAINED_ARCH[model], options)
+    eager = _build(model, PRETRAINED_ARCH[model], len(labels), geometry.input_size)
+    _load_into(eager, _pretrained_state(weights), f"{weights} from the torch hub cache")
+    return _spec(model, eager, labels, geometry, f"pretrained:{weights}", _imagenet_stats())
+
+
+def pretrained_cache_path(weights: WeightsEnum) -> Path:
+    """Where torchvision looks for (and downloads) `weights`: $TORCH_HOME/hub/checkpoints/<file>."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(weights.url).path).name
+
+
+def _pretrained_state(weights: WeightsEnum) -> dict[str, torch.Tensor]:
+    """The state dict through torchvision's weights API (cache first, download otherwise).
+
+    torch.hub checks the file name's hash prefix only while downloading; a file already in the
+    cache is loaded as it is, which is what lets an offline machine use a pre-filled cache.
+    """
+    cached = pretrained_cache_path(weights)
+    if not cached.is_file():
+        log.info("%s not cached at %s: downloading %s", weights, cached, weights.url)
+    try:
+        return weights.get_state_dict(progress=False, check_hash=True, map_location="cpu", weights_only=True)
+    except OSError as exc:  # URLError and friends: no network, or the cache is not writable
+        raise ExportError(
+            f"cannot get {weights} ({_first_line(exc)}); offline, put {weights.url} at {cached}"
+        ) from exc
+    except RuntimeError as exc:  # hash mismatch on download, or an unreadable cached file
+        raise ExportError(f"cannot load {weights} from {cached}: {_first_line(exc)}") from exc
+
+
+def _imagenet_stats() -> tuple[list[float], list[float]]:
+    transforms = ResNet50_Weights.IMAGENET1K_V2.transforms()
+    return list(transforms.mean), list(transforms.std)
+
+
+# --- checkpoint -------------------------------------------------------------------------------
+
+
+def _checkpoint_spec(model: str, options: SourceOptions) -> ModelSpec:
+    if options.arch not in ARCHITECTURES[model]:
+        raise ExportError(
+            f"--arch {options.arch} does not fit the {model}: choose one of {', '.join(ARCHITECTURES[model])}"
+        )
+    if options.checkpoint is None or options.classes is None:
+        raise ExportError("--weights checkpoint needs --checkpoint FILE and --classes FILE")
+    labels = read_labels(options.classes, model)
+    state = read_state_dict(options.checkpoint)
+    _check_class_count(model, state, labels, options.checkpoint, options.classes)
+    geometry = _geometry(model, options.arch, options)
+    eager = _build(model, options.arch, len(labels), geometry.input_size)
+    _load_into(eager, state, f"checkpoint {options.checkpoint}")
+    stats = (list(DEMO_MEAN), list(DEMO_STD)) if options.arch == "demo" else _imagenet_stats()
+    return _spec(model, eager, labels, geometry, f"checkpoint:{options.checkpoint.name}", stats)
+
+
+def read_labels(path: Path, model: str) -> tuple[str, ...]:
+    """Class names, one per line, exactly as labels.txt will hold them (line index == class index)."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        raise ExportError(f"class-names file {path} not found") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ExportError(f"cannot read class-names file {path}: {_first_line(exc)}") from None
+    while lines and not lines[-1].strip():
+        lines.pop()
+    labels = tuple(line.strip() for line in lines)
+    if not labels:
+        raise ExportError(f"class-names file {path} is empty")
+    if "" in labels:
+        raise ExportError(f"class-names file {path}: line {labels.index('') + 1} is empty")
+    if model in BACKGROUND and labels[0] != BACKGROUND[model]:
+        raise ExportError(
+            f"class-names file {path}: line 1 must be {BACKGROUND[model]!r} (the {model}'s class 0), "
+            f"found {labels[0]!r}"
+        )
+    return labels
+
+
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """A state dict from a torch file (weights_only) or .safetensors; unwraps {"model": ...}."""
+    if not path.is_file():
+        raise ExportError(f"checkpoint {path} not found")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch/safetensors raise many types for unreadable files
+        raise ExportError(f"cannot read checkpoint {path}: {_first_line(exc)}") from None
+    for wrapper_key in ("model", "state_dict"):
+        if isinstance(state, dict) and isinstance(state.get(wrapper_key), dict):
+            state = state[wrapper_key]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ExportError(f"checkpoint {path} is not a state dict (a mapping of names to tensors)")
+    return state
+
+
+def _check_class_count(
+    model: str, state: dict[str, torch.Tensor], labels: Sequence[str], checkpoint: Path, classes: Path
+) -> None:
+    key = CLASS_COUNT_KEY[model]
+    if key not in state:
+        raise ExportError(f"checkpoint {checkpoint} is not a {model} state dict (it has no {key!r})")
+    outputs = state[key].shape[0]
+    if outputs != len(labels):
+        background = f", {BACKGROUND[model]!r} first" if model in BACKGROUND else ""
+        raise ExportError(
+            f"class-names file {classes} lists {len(labels)} names but checkpoint {checkpoint} predicts "
+            f"{outputs} classes: give one name per class{background}"
+        )
+
+
+# --- demo -------------------------------------------------------------------------------------
+
+
+def _demo_specs(models: Sequence[str], options: SourceOptions) -> list[ModelSpec]:
+    demo_dir = options.demo_dir
+    _ensure_demo(demo_dir)
+    meta = json.loads((demo_dir / "meta.json").read_text())
+    stats = (list(meta["mean"]), list(meta["std"]))
+    specs = []
+    for model in models:
+        classes = tuple(meta["classes"])
+        labels = (BACKGROUND[model], *classes) if model in BACKGROUND else classes
+        size = options.input_size or int(meta["image_size"][model])
+        geometry = _classifier_geometry(size, size, options) if model == "classifier" else _Geometry(size, None)
+        _check_size(model, "demo", geometry.input_size)
+        checkpoint = demo_dir / f"{model}.pt"
+        state = read_state_dict(checkpoint)
+        _check_class_count(model, state, labels, checkpoint, demo_dir / "meta.json")
+        eager = _build(model, "demo", len(labels), geometry.input_size)
+        if model == "detector" and "detector_score_threshold" in meta:
+            eager.roi_heads.score_thresh = float(meta["detector_score_threshold"])
+        _load_into(eager, state, f"demo checkpoint {checkpoint}")
+        specs.append(_spec(model, eager, labels, geometry, "demo", stats))
+    return specs
+
+
+def _ensure_demo(demo_dir: Path) -> None:
+    """Train the demo models if `demo_dir` lacks them (training caches), and insist they passed."""
+    if not all((demo_dir / name).is_file() for name in DEMO_FILES):
+        from training.__main__ import main as train_main
+
+        log.info("demo weights missing in %s: running `python -m training --out %s`", demo_dir, demo_dir)
+        train_main(["--out", str(demo_dir)])
+    missing = [name for name in DEMO_FILES if not (demo_dir / name).is_file()]
+    if missing:
+        raise ExportError(f"demo training did not produce {', '.join(missing)} in {demo_dir}")
+    report = json.loads((demo_dir / "report.json").read_text())
+    if not report.get("passed", False):
+        raise ExportError(
+            f"demo models in {demo_dir} miss their quality bars (see {demo_dir / 'report.json'}): "
+            "retrain with `python -m training --force`"
+        )
+
+
+# --- shared -----------------------------------------------------------------------------------
+
+
+def _geometry(model: str, arch: str, options: SourceOptions) -> _Geometry:
+    """Input side (and the classifier's resize side) from the weights' own numbers, or overrides."""
+    if model == "classifier":
+        if arch == "resnet50":
+            transforms = ResNet50_Weights.IMAGENET1K_V2.transforms()
+            crop, resize = transforms.crop_size[0], transforms.resize_size[0]
+        else:
+            crop = resize = _demo_defaults()["classifier_size"]
+        geometry = _classifier_geometry(crop, resize, options)
+    elif arch == "fasterrcnn_resnet50_fpn_v2":
+        # The size torchvision's Faster R-CNN resizes to by default (the COCO weights' scale).
+        default = inspect.signature(FasterRCNN).parameters["min_size"].default
+        geometry = _Geometry(options.input_size or default, None)
+    else:
+        geometry = _Geometry(options.input_size or _demo_defaults()["scene_size"], None)
+    _check_size(model, arch, geometry.input_size)
+    return geometry
+
+
+def _classifier_geometry(crop: int, resize: int, options: SourceOptions) -> _Geometry:
+    """Centre-crop side and resize side; an --input-size alone keeps the weights' resize/crop ratio."""
+    size = options.input_size or crop
+    resize_size = options.resize_size or (resize if size == crop else round(size * resize / crop))
+    if resize_size < size:
+        raise ExportError(f"--resize-size {resize_size} is smaller than the crop {size}: it must be at least as large")
+    return _Geometry(size, resize_size)
+
+
+def _demo_defaults() -> dict[str, int]:
+    from training.train import DemoConfig
+
+    config = DemoConfig()
+    return {"classifier_size": config.classifier_size, "scene_size": config.scene_size}
+
+
+def _check_size(model: str, arch: str, size: int) -> None:
+    if size < 32:
+        raise ExportError(f"input size {size} is too small: use at least 32 px")
+    if model == "segmenter":
+        divisor = 2 ** (len(UNet(1).down) - 1)
+        if size % divisor:
+            raise ExportError(f"the segmenter's input size must be a multiple of {divisor}, got {size}")
+
+
+def _build(model: str, arch: str, num_labels: int, input_size: int) -> nn.Module:
+    """A randomly initialised eager model of `arch` predicting `num_labels` classes."""
+    if model == "classifier":
+        return resnet50(weights=None, num_classes=num_labels) if arch == "resnet50" else build_demo_classifier(num_labels)
+    if model == "detector":
+        if arch == "fasterrcnn_resnet50_fpn_v2":
+            return fasterrcnn_resnet50_fpn_v2(
+                weights=None, weights_backbone=None, num_classes=num_labels, min_size=input_size, max_size=input_size
+            )
+        return build_demo_detector(num_labels - 1, input_size)
+    return build_demo_segmenter(num_labels)
+
+
+def _load_into(model: nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
+    """Load `state` strictly; a mismatch becomes one line naming a few offending keys."""
+    try:
+        result = model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # shape mismatches
+        details = [line.strip() for line in str(exc).splitlines()[1:] if line.strip()]
+        raise ExportError(f"{what} does not fit the architecture: {'; '.join(details[:2])}") from None
+    if result.missing_keys or result.unexpected_keys:
+        raise ExportError(
+            f"{what} does not fit the architecture: {len(result.missing_keys)} missing keys "
+            f"(e.g. {result.missing_keys[:2]}), {len(result.unexpected_keys)} unexpected "
+            f"(e.g. {result.unexpected_keys[:2]})"
+        )
+
+
+def _spec(
+    model: str,
+    eager: nn.Module,
+    labels: tuple[str, ...],
+    geometry: _Geometry,
+    weights: str,
+    stats: tuple[list[float], list[float]],
+) -> ModelSpec:
+    if model == "classifier":
+        module: nn.Module = ClassifierWrapper(eager, *stats)
+    elif model == "detector":
+        module = DetectorWrapper(eager)
+    else:
+        if len(labels) > 256:
+            raise ExportError(f"the segmenter's MASK is uint8: at most 256 classes, got {len(labels)}")
+        module = SegmenterWrapper(eager, *stats)
+    return ModelSpec(model, module.eval(), labels, geometry.input_size, weights, geometry.resize_size)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0]
