@@ -76,6 +76,14 @@ function render(task, body, elapsedMs) {
   document.body.dataset.state = "done";
 }
 
+function showFailure(message) {
+  // Never leave an earlier answer on screen next to a new error.
+  $("result-image").removeAttribute("src");
+  $("labels").replaceChildren();
+  setStatus(message, true);
+  document.body.dataset.state = "error";
+}
+
 async function run(event) {
   event.preventDefault();
   if (!chosen) return;
@@ -85,25 +93,21 @@ async function run(event) {
   setStatus(`Running ${task}…`);
   const started = performance.now();
   try {
-    const response = await fetch(requestUrl(task), {
-      method: "POST",
-      headers: { "Content-Type": chosen.type || "application/octet-stream", Accept: "application/json" },
-      body: chosen,
-    });
+    const headers = { "Content-Type": chosen.type || "application/octet-stream", Accept: "application/json" };
+    if ($("api_key").value) headers["X-API-Key"] = $("api_key").value;
+    const response = await fetch(requestUrl(task), { method: "POST", headers, body: chosen });
     const text = await response.text();
     let body = null;
     try { body = JSON.parse(text); } catch { /* not JSON: reported below */ }
     if (!response.ok || body === null) {
       const detail = body?.error?.message ?? `the server answered HTTP ${response.status}`;
-      setStatus(`${task} failed: ${detail}`, true);
+      showFailure(`${task} failed: ${detail}`);
       $("json").textContent = body ? JSON.stringify(body, null, 2) : text.slice(0, 2000);
-      document.body.dataset.state = "error";
       return;
     }
     render(task, body, performance.now() - started);
   } catch (error) {
-    setStatus(`Request failed: ${error.message}`, true);
-    document.body.dataset.state = "error";
+    showFailure(`Request failed: ${error.message}`);
   } finally {
     $("run").disabled = false;
   }
