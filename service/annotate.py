@@ -145,7 +145,8 @@ def encode_image(image: np.ndarray, fmt: ImageFormat, jpeg_quality: int = 90) ->
     _check_image(image)
     buffer = io.BytesIO()
     if fmt == "png":
-        Image.fromarray(image).save(buffer, format="PNG")
+        # Fastest zlib level: about 3x quicker than the default for ~5% more bytes, on a response path.
+        Image.fromarray(image).save(buffer, format="PNG", compress_level=1)
     elif fmt == "jpeg":
         Image.fromarray(image).save(buffer, format="JPEG", quality=jpeg_quality)
     else:
