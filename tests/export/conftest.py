@@ -1,0 +1,87 @@
+"""Session fixtures: small random-init demo checkpoints and the repositories the real CLI exports."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from tests.export.support import run_export
+from training.models import build_demo_classifier, build_demo_detector, build_demo_segmenter
+from training.shapes import CLASSES
+from training.train import DemoConfig
+
+# A checkpoint of a demo architecture exports at the demo's training sizes unless told otherwise.
+SIZES = {
+    "classifier": DemoConfig().classifier_size,
+    "detector": DemoConfig().scene_size,
+    "segmenter": DemoConfig().scene_size,
+}
+BATCHING = ("--max-batch-size", "4", "--preferred-batch-sizes", "2", "4", "--max-queue-delay-us", "500")
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A random-init state dict on disk, its class-names file, and the eager model it came from."""
+
+    path: Path
+    classes: Path
+    labels: tuple[str, ...]
+    model: nn.Module
+
+
+@dataclass(frozen=True)
+class Exported:
+    """Both repositories written by one set of CLI runs."""
+
+    out: Path
+    cpu_out: Path
+    checkpoints: dict[str, Checkpoint]
+
+
+def _labels_for(model: str) -> tuple[str, ...]:
+    background = {"detector": ("__background__",), "segmenter": ("background",)}.get(model, ())
+    return (*background, *CLASSES)
+
+
+@pytest.fixture(scope="session")
+def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Checkpoint]:
+    """classifier.pt and detector.pt (torch.save) and segmenter.safetensors, seeded random init."""
+    root = tmp_path_factory.mktemp("checkpoints")
+    torch.manual_seed(1234)
+    models = {
+        "classifier": build_demo_classifier(len(CLASSES)),
+        "detector": build_demo_detector(len(CLASSES), SIZES["detector"]),
+        "segmenter": build_demo_segmenter(len(CLASSES) + 1),
+    }
+    result = {}
+    for name, model in models.items():
+        labels = _labels_for(name)
+        classes = root / f"{name}-classes.txt"
+        classes.write_text("\n".join(labels) + "\n")
+        if name == "segmenter":
+            path = root / f"{name}.safetensors"
+            save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+        else:
+            path = root / f"{name}.pt"
+            torch.save(model.state_dict(), path)
+        result[name] = Checkpoint(path, classes, labels, model.eval())
+    return result
+
+
+@pytest.fixture(scope="session")
+def exported(checkpoints: dict[str, Checkpoint], tmp_path_factory: pytest.TempPathFactory) -> Exported:
+    """Run `python -m export <model> --weights checkpoint` for each model into fresh repositories."""
+    root = tmp_path_factory.mktemp("exported")
+    out, cpu_out = root / "model_repository", root / "build" / "triton_cpu_repository"
+    for name, checkpoint in checkpoints.items():
+        done = run_export(
+            name, "--weights", "checkpoint", "--checkpoint", str(checkpoint.path), "--classes", str(checkpoint.classes),
+            "--out", str(out), "--cpu-out", str(cpu_out), *BATCHING,
+        )
+        assert done.returncode == 0, done.stderr
+    return Exported(out, cpu_out, checkpoints)
