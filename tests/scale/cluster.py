@@ -23,6 +23,7 @@ from typing import Any, TypeVar
 
 import httpx
 
+REPO_ROOT = Path(__file__).resolve().parents[2]
 RAY = str(Path(sys.executable).with_name("ray"))
 SERVE = str(Path(sys.executable).with_name("serve"))
 T = TypeVar("T")

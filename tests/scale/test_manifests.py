@@ -20,7 +20,7 @@ import yaml
 from ray.serve.schema import ServeDeploySchema
 from referencing import Registry, Resource
 
-from .conftest import REPO_ROOT
+from .cluster import REPO_ROOT
 
 K8S_DIR = REPO_ROOT / "deploy" / "k8s"
 RAYSERVICE_SCHEMA = Path(__file__).with_name("schemas") / "rayservice-ray.io-v1.json"

@@ -16,7 +16,7 @@ from ray.serve.schema import ServeDeploySchema
 from service import serve_config
 from service.serve_config import PROFILES, RAYSERVICE_PATH, app_builder, build_config, render
 
-from .conftest import REPO_ROOT
+from .cluster import REPO_ROOT
 
 CONFIG_FILES = sorted(PROFILES)
 
@@ -26,18 +26,18 @@ def _load(path: Path) -> dict[str, Any]:
 
 
 @pytest.mark.parametrize("path", CONFIG_FILES, ids=str)
-def test_committed_config_is_what_the_code_generates(path: Path, exported_repository: Path) -> None:
-    expected = render(build_config(PROFILES[path], exported_repository), PROFILES[path])
+def test_committed_config_is_what_the_code_generates(path: Path, model_repository: Path) -> None:
+    expected = render(build_config(PROFILES[path], model_repository), PROFILES[path])
     assert (REPO_ROOT / path).read_text() == expected, f"{path} is stale: run `python -m service.serve_config write`"
 
 
 @pytest.mark.parametrize("path", CONFIG_FILES, ids=str)
-def test_config_deploys_through_its_import_path(path: Path, exported_repository: Path) -> None:
+def test_config_deploys_through_its_import_path(path: Path, model_repository: Path) -> None:
     """Do what `serve deploy` does with the file: validate, call the builder with its args, match names."""
     config = ServeDeploySchema.model_validate(_load(path))
     (application,) = config.applications
     builder = import_attr(application.import_path)
-    args = {**application.args, "model_repository": str(exported_repository)}
+    args = {**application.args, "model_repository": str(model_repository)}
     built = build_serve_app(call_user_app_builder_with_args_if_necessary(builder, args), name=application.name)
 
     in_code = {d.name: d for d in built.deployments}
@@ -80,11 +80,11 @@ def test_builder_refuses_unknown_args() -> None:
         app_builder({"backend": "embedded", "modle_replicas": 2})
 
 
-def test_check_reports_drift(tmp_path: Path, exported_repository: Path) -> None:
+def test_check_reports_drift(tmp_path: Path, model_repository: Path) -> None:
     for path in [*CONFIG_FILES, RAYSERVICE_PATH]:
         (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(REPO_ROOT / path, tmp_path / path)
-    argv = ["check", "--root", str(tmp_path), "--model-repository", str(exported_repository)]
+    argv = ["check", "--root", str(tmp_path), "--model-repository", str(model_repository)]
     assert serve_config.main(argv) == 0
 
     original = (tmp_path / CONFIG_FILES[0]).read_text()

@@ -24,8 +24,7 @@ from PIL import Image
 from service.serve_config import Profile, Scaling, build_config, render
 from training.shapes import make_scene
 
-from .cluster import LocalCluster, RayNode, free_ports, wait_for
-from .conftest import REPO_ROOT
+from .cluster import REPO_ROOT, LocalCluster, RayNode, free_ports, wait_for
 
 pytestmark = pytest.mark.timeout(420)
 
@@ -57,7 +56,7 @@ def cluster() -> Iterator[LocalCluster]:
 
 
 @pytest.fixture(scope="module")
-def gateway_url(cluster: LocalCluster, exported_repository: Path) -> str:
+def gateway_url(cluster: LocalCluster, model_repository: Path) -> str:
     """Deploy the classifier-only gateway with `serve deploy`; return its URL once it answers /ready."""
     (port,) = free_ports(1)
     profile = Profile(
@@ -65,7 +64,7 @@ def gateway_url(cluster: LocalCluster, exported_repository: Path) -> str:
             "backend": "embedded",
             "device": "cpu",
             "models": [MODEL],
-            "model_repository": str(exported_repository),
+            "model_repository": str(model_repository),
             "model_replicas": 2,
             "model_num_cpus": 0.5,
             "ingress_num_cpus": 0.25,
@@ -79,7 +78,7 @@ def gateway_url(cluster: LocalCluster, exported_repository: Path) -> str:
         description="two-node test: one classifier replica per node",
     )
     config_path = cluster.root / "cvserve-two-node.yaml"
-    config_path.write_text(render(build_config(profile, exported_repository), profile))
+    config_path.write_text(render(build_config(profile, model_repository), profile))
     cluster.serve("deploy", str(config_path))
 
     def running() -> bool:
