@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torchvision  # noqa: F401  (registers torchvision::nms & co., which scripted detectors call)
 from ray import serve
 from ray.exceptions import ActorUnavailableError, RayActorError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError

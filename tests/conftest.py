@@ -1,0 +1,132 @@
+"""Session fixtures shared by the whole suite: one local Ray, one Serve HTTP proxy, deploy helper.
+
+Ray and Serve start lazily, once per session, only for tests that ask for them; everything
+listens on free ports so the suite can run beside other Ray/Serve instances on the machine.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+MODELS = ("classifier", "detector", "segmenter")
+
+# Logical CPUs for the test Ray: enough for every deployment the suite creates at once
+# (scheduling units, not cores; the replicas share the machine's real cores).
+RAY_NUM_CPUS = 16
+
+
+def free_port() -> int:
+    """A port nobody listens on right now (the OS picks it)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_until(condition: Callable[[], bool], timeout_s: float, message: str, interval_s: float = 0.1) -> None:
+    """Poll `condition` until it holds; fail the test with `message` after `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(interval_s)
+    pytest.fail(f"timed out after {timeout_s}s: {message}")
+
+
+@pytest.fixture(scope="session")
+def model_repository() -> Path:
+    """The exported model repository (`make models`); CVSERVE_TEST_MODEL_REPOSITORY overrides it."""
+    path = Path(os.environ.get("CVSERVE_TEST_MODEL_REPOSITORY", ROOT / "model_repository")).resolve()
+    missing = [m for m in MODELS if not (path / m / "config.pbtxt").is_file() or not any(path.glob(f"{m}/*/model.pt"))]
+    if missing:
+        pytest.fail(f"{path} lacks the exported models {missing}: run `make models` first")
+    return path
+
+
+@pytest.fixture(scope="session")
+def ray_metrics_port() -> int:
+    """Port of the session Ray's Prometheus metrics agent."""
+    return free_port()
+
+
+@pytest.fixture(scope="session")
+def ray_session(ray_metrics_port: int) -> Iterator[None]:
+    """A fresh local Ray for this test session (own temp dir), shut down at the end."""
+    import ray
+    from ray import serve
+
+    temp_dir = tempfile.mkdtemp(prefix="cvray", dir="/tmp")  # short: Ray's socket paths must stay < 108 chars
+    ray.init(
+        address="local",
+        num_cpus=RAY_NUM_CPUS,
+        num_gpus=0,
+        include_dashboard=False,
+        log_to_driver=False,  # replica logs stay in <temp_dir>/session_latest/logs
+        _metrics_export_port=ray_metrics_port,
+        _temp_dir=temp_dir,
+        runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}},
+    )
+    try:
+        yield
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def serve_url(ray_session: None) -> str:
+    """Base URL of the session's Serve HTTP proxy (no trailing slash)."""
+    from ray import serve
+
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    return f"http://127.0.0.1:{port}"
+
+
+Deploy = Callable[..., str]
+
+
+@pytest.fixture(scope="session")
+def deploy(serve_url: str) -> Deploy:
+    """`deploy(app, name, route_prefix)`: run a Serve application and return its base URL once routed."""
+    from ray import serve
+
+    def _deploy(app: object, name: str, route_prefix: str) -> str:
+        serve.run(app, name=name, route_prefix=route_prefix)  # returns once every replica is up
+
+        def routed() -> bool:
+            try:
+                return route_prefix in httpx.get(f"{serve_url}/-/routes", timeout=5).json()
+            except httpx.HTTPError:
+                return False
+
+        wait_until(routed, 60, f"Serve proxy never routed {route_prefix} to {name}")
+        return serve_url + route_prefix.rstrip("/")
+
+    return _deploy
+
+
+@pytest.fixture(scope="session")
+def embedded_gateway(deploy: Deploy, model_repository: Path) -> str:
+    """Base URL of the gateway with the embedded backend over the exported models."""
+    from service.app import build_app
+    from service.settings import Settings
+
+    settings = Settings(
+        model_repository=model_repository,
+        device="cpu",
+        max_batch_size=8,
+        batch_wait_timeout_s=0.05,
+        torch_threads=1,
+    )
+    return deploy(build_app(settings), "embedded", "/embedded")
