@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from fastapi import FastAPI, Request, Response
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import FileResponse, JSONResponse, RedirectResponse
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel
 
@@ -33,7 +33,11 @@ def install_demo(app: FastAPI) -> None:
     app.add_api_route("/", _index, methods=["GET"], include_in_schema=False)
 
 
-async def _index() -> FileResponse:
+async def _index(request: Request) -> Response:
+    """The page; its links are relative, so under a route prefix it must be fetched with a trailing `/`."""
+    path = request.url.path
+    if not path.endswith("/"):
+        return RedirectResponse(path + "/" + (f"?{request.url.query}" if request.url.query else ""))
     return FileResponse(STATIC_DIR / "index.html", media_type="text/html")
 
 

@@ -44,7 +44,7 @@ function requestUrl(task) {
     params.set("score_threshold", $("score_threshold").value);
     params.set("max_detections", $("max_detections").value);
   }
-  return `/${task}?${params}`;
+  return `${task}?${params}`;  // relative: the page may be served under a route prefix
 }
 
 function labelsOf(task, result) {
