@@ -1,14 +1,15 @@
 """Throughput and tail latency of cvserve next to the in-process limit and two baselines, in one run.
 
-On one model and one image mix it measures (a) the TorchScript model alone at the service's batch
-sizes, and decode→model→postprocess in one process; (b) our gateway with the embedded backend and,
-where tritonserver and the CPU repository exist, with the Triton backend; (c) a hand-written
-FastAPI + torch server; (d) LitServe with batching. Every server is started here on a free
-loopback port, loaded closed-loop at several concurrencies and open-loop (Poisson) at half its
-saturation throughput, then stopped. Prints a table with ratios to (a) and (c); writes
-bench.json and bench.png under --out.
+For each model, on one image mix, it measures (a) the TorchScript model alone at the service's
+batch sizes, and decode→model→postprocess in one process; (b) our gateway with the embedded
+backend and, where tritonserver and the CPU repository exist, with the Triton backend; (c) a
+hand-written FastAPI + torch server; (d) LitServe with batching. Every server is started here on
+a free loopback port, loaded closed-loop at several concurrencies and open-loop (Poisson) at half
+its saturation throughput, then stopped. Prints a table per model with ratios to (a) and (c);
+writes bench.json and bench.png under --out. Gateway settings come from CVSERVE_* as usual.
 
-    python -m loadtests.bench --model classifier --out loadtests/out
+    python -m loadtests.bench --out loadtests/out            # all three models, ~20 min
+    python -m loadtests.bench --models detector --concurrency 1,8 --duration 5   # a quick look
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -42,18 +44,19 @@ from service.settings import Settings
 log = logging.getLogger("loadtests.bench")
 
 SYSTEMS = ("embedded", "triton", "handwritten", "litserve")
+MODELS = ("classifier", "detector", "segmenter")
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="classifier", choices=["classifier", "detector", "segmenter"])
+    parser.add_argument("--models", default=",".join(MODELS), help=f"models to measure, from {','.join(MODELS)}")
     parser.add_argument("--systems", default=",".join(SYSTEMS), help=f"servers to measure, from {','.join(SYSTEMS)}")
-    parser.add_argument("--concurrency", default="1,2,4,8,16,32", help="closed-loop client counts")
-    parser.add_argument("--duration", type=float, default=10.0, help="measured seconds per load level")
+    parser.add_argument("--concurrency", default="1,4,8,16,32", help="closed-loop client counts")
+    parser.add_argument("--duration", type=float, default=8.0, help="measured seconds per load level")
     parser.add_argument("--warmup", type=float, default=2.0, help="unmeasured seconds before each level")
     parser.add_argument("--max-requests", type=int, default=20_000, help="request cap per load level")
-    parser.add_argument("--half-load-duration", type=float, default=20.0,
+    parser.add_argument("--half-load-duration", type=float, default=15.0,
                         help="measured seconds of the open-loop run at half the saturation throughput (0 skips)")
     parser.add_argument("--raw-duration", type=float, default=5.0, help="seconds per in-process batch size")
     parser.add_argument("--images", type=int, default=16, help="distinct images in the mix")
@@ -65,14 +68,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--note", default="", help="free text stored with the results (e.g. 'machine shared')")
     parser.add_argument("--out", type=Path, default=ROOT / "loadtests" / "out")
     args = parser.parse_args(argv)
-    args.systems = [s for s in args.systems.split(",") if s]
-    unknown = set(args.systems) - set(SYSTEMS)
-    if unknown:
-        parser.error(f"unknown systems {sorted(unknown)}; choose from {','.join(SYSTEMS)}")
-    args.concurrency = sorted({int(c) for c in args.concurrency.split(",")})
+    args.models = _choices(parser, "--models", args.models, MODELS)
+    args.systems = _choices(parser, "--systems", args.systems, SYSTEMS)
+    try:
+        args.concurrency = sorted({int(c) for c in args.concurrency.split(",")})
+    except ValueError:
+        parser.error("--concurrency takes comma-separated integers, e.g. 1,4,16")
     if min(args.concurrency) < 1:
         parser.error("concurrency levels must be >= 1")
     return args
+
+
+def _choices(parser: argparse.ArgumentParser, flag: str, text: str, allowed: tuple[str, ...]) -> list[str]:
+    chosen = list(dict.fromkeys(item.strip() for item in text.split(",") if item.strip()))
+    unknown = sorted(set(chosen) - set(allowed))
+    if unknown or not chosen:
+        parser.error(f"{flag}: unknown or empty {unknown}; choose from {','.join(allowed)}")
+    return chosen
 
 
 def multipart(images: list[EncodedImage]) -> RequestBuilder:
@@ -85,9 +97,9 @@ def multipart(images: list[EncodedImage]) -> RequestBuilder:
     return build
 
 
-def batch_sizes(settings: Settings, max_batch_size: int) -> list[int]:
+def batch_sizes(settings: Settings, contract_max: int) -> list[int]:
     """1, 2, 4, ... up to the batch size the service uses (settings, capped by the contract)."""
-    limit = min(settings.max_batch_size, max_batch_size or settings.max_batch_size)
+    limit = min(settings.max_batch_size, contract_max or settings.max_batch_size)
     sizes = [1]
     while sizes[-1] * 2 < limit:
         sizes.append(sizes[-1] * 2)
@@ -109,96 +121,133 @@ def server_env(settings: Settings, model: str, **overrides: str) -> dict[str, st
     return env
 
 
-@contextmanager
-def running(name: str, command: list[str], port: int, ready_path: str, env: dict[str, str],
-            args: argparse.Namespace) -> Iterator[ServerProcess]:
-    """Start a server for the duration of a `with` block."""
-    server = start_server(name, command, port, ready_path, args.out / "logs", env, args.start_timeout)
-    try:
-        yield server
-    finally:
-        server.stop()
+@dataclass
+class Run:
+    """What every server of one bench run shares."""
 
+    settings: Settings
+    args: argparse.Namespace
 
-@contextmanager
-def start_system(system: str, settings: Settings, args: argparse.Namespace, endpoint: str) -> Iterator[str]:
-    """Run one system; yield the URL to POST images to."""
-    python = sys.executable
-    port = free_port()
-    if system == "handwritten":
-        command = [python, "-m", "loadtests.baselines.handwritten", "--model", args.model, "--port", str(port)]
-        with running(system, command, port, "/health", server_env(settings, args.model), args) as server:
-            yield server.base_url + endpoint
-    elif system == "litserve":
-        command = [python, "-m", "loadtests.baselines.litserve_server", "--model", args.model, "--port", str(port)]
-        with running(system, command, port, "/health", server_env(settings, args.model), args) as server:
-            yield server.base_url + endpoint
-    elif system == "embedded":
-        with running_gateway(system, settings, args, port, backend="embedded") as server:
-            yield server.base_url + endpoint
-    else:
-        with running_triton(settings, args) as grpc_url, running_gateway(
-            system, settings, args, port, backend="triton", CVSERVE_TRITON_URL=grpc_url
-        ) as server:
-            yield server.base_url + endpoint
-
-
-@contextmanager
-def running_gateway(name: str, settings: Settings, args: argparse.Namespace, port: int, **env: str) -> Iterator[ServerProcess]:
-    """`python -m service` in a fresh local Ray instance of its own (RAY_ADDRESS=local)."""
-    overrides = {
-        "CVSERVE_BACKEND": env.pop("backend"),
-        "CVSERVE_PORT": str(port),
-        "CVSERVE_HOST": "127.0.0.1",
-        "CVSERVE_RAY_METRICS_PORT": str(free_port()),
-        "RAY_ADDRESS": "local",  # never attach to another engineer's Ray, even if the shell names one
-        **env,
-    }
-    with running(name, [sys.executable, "-m", "service"], port, "/ready", server_env(settings, args.model, **overrides), args) as server:
-        yield server
-
-
-@contextmanager
-def running_triton(settings: Settings, args: argparse.Namespace) -> Iterator[str]:
-    """tritonserver on the CPU repository (stack.triton's launcher); yield its gRPC address."""
-    from stack.triton import start_tritonserver
-
-    with tempfile.TemporaryDirectory(prefix="bench-triton-", dir=args.out) as work:
-        triton = start_tritonserver(args.triton_repository, free_port(), free_port(), free_port(),
-                                    work_dir=work, ready_timeout_s=args.start_timeout)
+    @contextmanager
+    def server(self, name: str, command: list[str], port: int, ready_path: str, env: dict[str, str]) -> Iterator[ServerProcess]:
+        """A server process for the duration of a `with` block."""
+        server = start_server(name, command, port, ready_path, self.args.out / "logs", env, self.args.start_timeout)
         try:
-            yield triton.grpc_url
+            yield server
         finally:
-            triton.stop()
+            server.stop()
 
+    @contextmanager
+    def system(self, system: str, model: str) -> Iterator[str]:
+        """Run one system serving `model`; yield the URL to POST its images to."""
+        port = free_port()
+        env = server_env(self.settings, model)
+        endpoint = HANDLERS[model].endpoint
+        if system in ("handwritten", "litserve"):
+            module = "loadtests.baselines.handwritten" if system == "handwritten" else "loadtests.baselines.litserve_server"
+            command = [sys.executable, "-m", module, "--model", model, "--port", str(port)]
+            with self.server(f"{model}-{system}", command, port, "/health", env) as server:
+                yield server.base_url + endpoint
+        elif system == "embedded":
+            with self.gateway(f"{model}-{system}", model, port, CVSERVE_BACKEND="embedded") as server:
+                yield server.base_url + endpoint
+        else:
+            with self.triton() as grpc_url, self.gateway(
+                f"{model}-{system}", model, port, CVSERVE_BACKEND="triton", CVSERVE_TRITON_URL=grpc_url
+            ) as server:
+                yield server.base_url + endpoint
 
-def triton_missing(args: argparse.Namespace) -> str | None:
-    """Why the Triton system cannot run here, or None if it can."""
-    from stack.triton import tritonserver_binary
+    @contextmanager
+    def gateway(self, name: str, model: str, port: int, **env: str) -> Iterator[ServerProcess]:
+        """`python -m service` in a fresh local Ray instance of its own."""
+        overrides = {
+            "CVSERVE_PORT": str(port),
+            "CVSERVE_HOST": "127.0.0.1",
+            "CVSERVE_RAY_METRICS_PORT": str(free_port()),
+            "RAY_ADDRESS": "local",  # never attach to another engineer's Ray, even if the shell names one
+            **env,
+        }
+        command = [sys.executable, "-m", "service"]
+        with self.server(name, command, port, "/ready", server_env(self.settings, model, **overrides)) as server:
+            yield server
 
-    if not tritonserver_binary().exists():
-        return f"no tritonserver binary at {tritonserver_binary()}"
-    if not (args.triton_repository / args.model / "config.pbtxt").is_file():
-        return f"{args.triton_repository / args.model} missing: run `python -m export all` first"
-    return None
+    @contextmanager
+    def triton(self) -> Iterator[str]:
+        """tritonserver on the CPU repository (stack.triton's launcher); yield its gRPC address."""
+        from stack.triton import start_tritonserver
 
+        with tempfile.TemporaryDirectory(prefix="bench-triton-", dir=self.args.out) as work:
+            triton = start_tritonserver(self.args.triton_repository, free_port(), free_port(), free_port(),
+                                        work_dir=work, ready_timeout_s=self.args.start_timeout)
+            try:
+                yield triton.grpc_url
+            finally:
+                triton.stop()
 
-async def load_levels(system: str, url: str, build: RequestBuilder, args: argparse.Namespace) -> list[LoadResult]:
-    """Closed loop at every concurrency, then open loop at half the best throughput seen."""
-    results = []
-    for concurrency in args.concurrency:
-        result = await closed_loop(system, url, build, concurrency, args.duration, args.warmup, args.max_requests)
-        log.info("%-12s c=%-3d %7.1f req/s  p50 %7.1f ms  p99 %7.1f ms  errors %d", system, concurrency,
-                 result.throughput_rps, result.p50_ms, result.p99_ms, result.errors)
-        results.append(result)
-    best = max(results, key=lambda r: r.throughput_rps)
-    if args.half_load_duration > 0 and best.throughput_rps > 0:
-        half = await open_loop(system, url, build, best.throughput_rps / 2, args.half_load_duration, args.warmup,
-                               max_in_flight=4 * max(args.concurrency))
-        log.info("%-12s open loop %.1f req/s offered: p50 %.1f ms  p99 %.1f ms  errors %d", system,
-                 half.offered_rps, half.p50_ms, half.p99_ms, half.errors)
-        results.append(half)
-    return results
+    def triton_missing(self, model: str) -> str | None:
+        """Why the Triton system cannot run here, or None if it can."""
+        from stack.triton import tritonserver_binary
+
+        if not tritonserver_binary().exists():
+            return f"no tritonserver binary at {tritonserver_binary()}"
+        if not (self.args.triton_repository / model / "config.pbtxt").is_file():
+            return f"{self.args.triton_repository / model} missing: run `python -m export all` first"
+        return None
+
+    async def load_levels(self, system: str, url: str, build: RequestBuilder) -> list[LoadResult]:
+        """Closed loop at every concurrency, then open loop at half the best throughput seen."""
+        args = self.args
+        results = []
+        for concurrency in args.concurrency:
+            result = await closed_loop(system, url, build, concurrency, args.duration, args.warmup, args.max_requests)
+            log.info("%-12s c=%-3d %7.1f req/s  p50 %7.1f ms  p99 %7.1f ms  errors %d", system, concurrency,
+                     result.throughput_rps, result.p50_ms, result.p99_ms, result.errors)
+            results.append(result)
+        best = max(results, key=lambda r: r.throughput_rps)
+        if args.half_load_duration > 0 and best.throughput_rps > 0:
+            half = await open_loop(system, url, build, best.throughput_rps / 2, args.half_load_duration, args.warmup,
+                                   max_in_flight=4 * max(args.concurrency))
+            log.info("%-12s open loop %.1f req/s offered: p50 %.1f ms  p99 %.1f ms  errors %d", system,
+                     half.offered_rps, half.p50_ms, half.p99_ms, half.errors)
+            results.append(half)
+        return results
+
+    def measure(self, model: str, images: list[EncodedImage]) -> dict[str, Any]:
+        """(a) in process, then every system under load, for one model."""
+        pipeline = ModelPipeline.load(self.settings, model)
+        prepared = [pipeline.prepare(image.data)[0] for image in images]
+        sizes = batch_sizes(self.settings, pipeline.contract.max_batch_size)
+        raw = measure_model(pipeline, prepared, sizes, self.args.raw_duration)
+        raw.append(measure_pipeline(pipeline, images, sizes[-1], self.args.raw_duration))
+        for r in raw:
+            log.info("%s in-process %-8s batch %2d: %7.1f images/s", model, r.stage, r.batch_size, r.images_per_s)
+        del pipeline, prepared  # free the model before the servers load theirs
+
+        loads: list[LoadResult] = []
+        skipped: dict[str, str] = {}
+        failed: dict[str, str] = {}
+        build = multipart(images)
+        for system in self.args.systems:
+            reason = self.triton_missing(model) if system == "triton" else None
+            if reason:
+                skipped[system] = reason
+                log.warning("skipping %s: %s", system, reason)
+                continue
+            try:
+                with self.system(system, model) as url:
+                    loads.extend(asyncio.run(self.load_levels(system, url, build)))
+            except RuntimeError as error:  # a server that does not start is reported; the others still run
+                failed[system] = str(error).splitlines()[0]
+                log.error("%s %s failed: %s", model, system, error)
+        result = {
+            "model": model,
+            "inprocess": [dataclasses.asdict(r) for r in raw],
+            "loads": [dataclasses.asdict(r) for r in loads],
+            "skipped": skipped,
+            "failed": failed,
+        }
+        result["summary"] = report.summarize(result)
+        return result
 
 
 def machine() -> dict[str, Any]:
@@ -215,6 +264,7 @@ def machine() -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Measure, then print the tables and write bench.json and bench.png."""
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request otherwise
@@ -223,36 +273,11 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(settings.torch_threads)
     info = machine()
     started = time.time()
-
     images = make_image_mix(args.images, parse_sizes(args.image_sizes))
-    pipeline = ModelPipeline.load(settings, args.model)
-    prepared = [pipeline.prepare(image.data)[0] for image in images]
-    sizes = batch_sizes(settings, pipeline.contract.max_batch_size)
-    raw = measure_model(pipeline, prepared, sizes, args.raw_duration)
-    raw.append(measure_pipeline(pipeline, images, sizes[-1], args.raw_duration))
-    for r in raw:
-        log.info("in-process %-8s batch %2d: %7.1f images/s", r.stage, r.batch_size, r.images_per_s)
-    del pipeline  # free the model before the servers load theirs
-
-    loads: list[LoadResult] = []
-    skipped: dict[str, str] = {}
-    build = multipart(images)
-    for system in args.systems:
-        reason = triton_missing(args) if system == "triton" else None
-        if reason:
-            skipped[system] = reason
-            log.warning("skipping %s: %s", system, reason)
-            continue
-        try:
-            with start_system(system, settings, args, HANDLERS[args.model].endpoint) as url:
-                loads.extend(asyncio.run(load_levels(system, url, build, args)))
-        except RuntimeError as error:  # a server that does not start is reported, the rest still run
-            skipped[system] = str(error).splitlines()[0]
-            log.error("%s failed: %s", system, error)
-
+    run = Run(settings, args)
+    per_model = [run.measure(model, images) for model in args.models]
     info["loadavg_end"] = os.getloadavg()
     results = {
-        "model": args.model,
         "note": args.note,
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
         "wall_s": round(time.time() - started, 1),
@@ -261,16 +286,16 @@ def main(argv: list[str] | None = None) -> int:
                                                         "model_num_cpus", "model_replicas", "ingress_replicas")},
         "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "images": [{"name": i.name, "bytes": len(i.data)} for i in images],
-        "inprocess": [dataclasses.asdict(r) for r in raw],
-        "loads": [dataclasses.asdict(r) for r in loads],
-        "skipped": skipped,
+        "models": per_model,
     }
-    results["summary"] = report.summarize(results)
     (args.out / "bench.json").write_text(json.dumps(results, indent=2))
     report.plot(results, args.out / "bench.png")
-    print(report.table(results))
+    print(report.header(results))
+    for model_result in per_model:
+        print()
+        print(report.table(model_result))
     print(f"\nwrote {args.out / 'bench.json'} and {args.out / 'bench.png'}")
-    return 0
+    return 1 if any(m["failed"] for m in per_model) else 0
 
 
 if __name__ == "__main__":

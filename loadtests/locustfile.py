@@ -22,7 +22,8 @@ from locust.env import Environment
 
 from loadtests.images import DEFAULT_SIZES, EncodedImage, make_image_mix, parse_sizes
 
-ENDPOINTS = ("classify", "detect", "segment")
+DEFAULT_WEIGHTS = {"classify": 3, "detect": 2, "segment": 1}
+UPLOAD_STYLES = ("mixed", "multipart", "raw")
 
 _images: list[EncodedImage] = []
 
@@ -31,7 +32,7 @@ _images: list[EncodedImage] = []
 def add_arguments(parser: LocustArgumentParser) -> None:
     """Declare the custom arguments: task weights, wait times and the image mix."""
     group = parser.add_argument_group("cvserve")
-    for endpoint, weight in zip(ENDPOINTS, (3, 2, 1)):
+    for endpoint, weight in DEFAULT_WEIGHTS.items():
         group.add_argument(
             f"--{endpoint}-weight",
             type=int,
@@ -43,6 +44,8 @@ def add_arguments(parser: LocustArgumentParser) -> None:
                        help="shortest think time between a user's requests, seconds")
     group.add_argument("--wait-max", type=float, default=1.0, env_var="LOCUST_WAIT_MAX",
                        help="longest think time between a user's requests, seconds")
+    group.add_argument("--upload", choices=UPLOAD_STYLES, default="mixed", env_var="LOCUST_UPLOAD",
+                       help="send images as multipart field `file`, as a raw body, or alternate (default)")
     group.add_argument("--image-count", type=int, default=16, env_var="LOCUST_IMAGE_COUNT",
                        help="distinct images generated at start, cycling sizes and JPEG/PNG")
     group.add_argument("--image-sizes", default=",".join(f"{w}x{h}" for w, h in DEFAULT_SIZES),
@@ -63,13 +66,14 @@ def configure(environment: Environment, **_: object) -> None:
     options = environment.parsed_options
     if options is None:  # started through the library API without a parser: keep the defaults
         return
-    weights = {endpoint: getattr(options, f"{endpoint}_weight") for endpoint in ENDPOINTS}
+    weights = {endpoint: getattr(options, f"{endpoint}_weight") for endpoint in DEFAULT_WEIGHTS}
     if any(w < 0 for w in weights.values()) or not any(weights.values()):
         raise ValueError(f"task weights must be >= 0 and not all 0, got {weights}")
     if not 0 <= options.wait_min <= options.wait_max:
         raise ValueError("need 0 <= --wait-min <= --wait-max")
     CvserveUser.tasks = [_endpoint_task(e) for e, w in weights.items() for _ in range(w)]
     CvserveUser.wait_time = between(options.wait_min, options.wait_max)
+    CvserveUser.upload = options.upload
     _images[:] = make_image_mix(options.image_count, parse_sizes(options.image_sizes))
 
 
@@ -87,7 +91,8 @@ class CvserveUser(HttpUser):
     """A client that uploads one image at a time to a random endpoint, weighted by task mix."""
 
     wait_time = between(0.1, 1.0)
-    tasks = [_endpoint_task(e) for e, w in zip(ENDPOINTS, (3, 2, 1)) for _ in range(w)]
+    upload = "mixed"
+    tasks = [_endpoint_task(e) for e, w in DEFAULT_WEIGHTS.items() for _ in range(w)]
 
     def on_start(self) -> None:
         if not _images:
@@ -95,16 +100,17 @@ class CvserveUser(HttpUser):
         start = random.randrange(len(_images))
         self._images = itertools.islice(itertools.cycle(_images), start, None)
 
+    def _body(self, image: EncodedImage) -> dict[str, object]:
+        """Keyword arguments for a multipart or a raw-body upload, as `upload` says."""
+        multipart = self.upload == "multipart" or (self.upload == "mixed" and random.random() < 0.5)
+        if multipart:
+            return {"files": {"file": (image.name, image.data, image.content_type)}}
+        return {"data": image.data, "headers": {"Content-Type": image.content_type}}
+
     def post_image(self, endpoint: str) -> None:
-        """Upload the next image as a raw body; anything but HTTP 200 with one result fails."""
+        """Upload the next image; anything but HTTP 200 with one result fails."""
         image = next(self._images)
-        with self.client.post(
-            f"/{endpoint}",
-            data=image.data,
-            headers={"Content-Type": image.content_type},
-            name=f"/{endpoint}",
-            catch_response=True,
-        ) as response:
+        with self.client.post(f"/{endpoint}", name=f"/{endpoint}", catch_response=True, **self._body(image)) as response:
             if response.status_code != 200:
                 response.failure(f"{image.name}: HTTP {response.status_code}: {response.text[:200]}")
             elif _result_count(response.text) != 1:

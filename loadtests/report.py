@@ -18,7 +18,7 @@ def _ratio(value: float, base: float | None) -> float | None:
 
 
 def summarize(results: dict[str, Any]) -> dict[str, Any]:
-    """Saturation throughput per system, its ratios to (a) and (c), and the targets for ours."""
+    """For one model's results: saturation per system, ratios to (a) and (c), targets for ours."""
     model_rows = [r for r in results["inprocess"] if r["stage"] == "model"]
     raw_limit = max((r["images_per_s"] for r in model_rows), default=None)
     systems: dict[str, Any] = {}
@@ -69,13 +69,21 @@ def _fmt(value: float | None, spec: str = ".1f") -> str:
     return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, spec)
 
 
+def header(results: dict[str, Any]) -> str:
+    """One line on what the run was measured on."""
+    m = results["machine"]
+    load = f"load avg {m['loadavg_start'][0]:.1f} -> {m['loadavg_end'][0]:.1f}"
+    note = f" · {results['note']}" if results["note"] else ""
+    return f"{results['started']} · {m['cpus']} CPUs · cuda {m['cuda']} · torch {m['torch']} · {load}{note}"
+
+
 def table(results: dict[str, Any]) -> str:
-    """A fixed-width table: every measurement with its ratio to (a) raw and (c) hand-written."""
+    """One model's fixed-width table: every figure with its ratio to (a) raw and (c) hand-written."""
     summary = results["summary"]
     raw, hand = summary["raw_limit_images_per_s"], summary["handwritten_rps"]
     head = f"{'system':<22}{'load':>10}{'img/s':>9}{'p50 ms':>9}{'p95 ms':>9}{'p99 ms':>9}{'err':>6}{'x(a)':>7}{'x(c)':>7}"
-    lines = [f"model {results['model']} · {results['machine']['cpus']} CPUs · {results['note']}".rstrip(" ·"), head,
-             "-" * len(head)]
+    lines = [f"model {results['model']}  (x(a): ratio to the best (a) model figure; x(c): to (c) at saturation)",
+             head, "-" * len(head)]
     for r in results["inprocess"]:
         name = f"(a) {'model' if r['stage'] == 'model' else 'decode+model+post'}"
         lines.append(f"{name:<22}{'batch ' + str(r['batch_size']):>10}{r['images_per_s']:>9.1f}{r['batch_ms_p50']:>9.1f}"
@@ -98,20 +106,32 @@ def table(results: dict[str, Any]) -> str:
             lines.append(f"    target {target}: {verdict}")
     for name, reason in results["skipped"].items():
         lines.append(f"{labels.get(name, name)}: not measured: {reason}")
+    for name, reason in results["failed"].items():
+        lines.append(f"{labels.get(name, name)}: FAILED: {reason}")
     return "\n".join(lines)
 
 
 def plot(results: dict[str, Any], path: Path) -> None:
-    """Throughput (x) against p50 and p99 latency (y, log) per system; raw limits as vertical lines."""
+    """Per model, throughput (x) against p50 and p99 latency (y, log); (a) limits as vertical lines."""
     import matplotlib
 
     matplotlib.use("Agg")
     from matplotlib import pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(9, 5.5))
+    runs = results["models"]
+    fig, axes = plt.subplots(len(runs), 1, figsize=(9, 5 * len(runs)), squeeze=False)
+    for ax, run in zip(axes[:, 0], runs):
+        _plot_model(ax, run)
+    fig.suptitle(f"throughput vs latency · {results['machine']['cpus']} CPUs · {results['started']}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _plot_model(ax: Any, run: dict[str, Any]) -> None:
     colours = {"embedded": "tab:blue", "triton": "tab:purple", "handwritten": "tab:orange", "litserve": "tab:green"}
-    for system in dict.fromkeys(load["system"] for load in results["loads"]):
-        closed = [l for l in results["loads"] if l["system"] == system and l["mode"] == "closed"]
+    for system in dict.fromkeys(load["system"] for load in run["loads"]):
+        closed = [l for l in run["loads"] if l["system"] == system and l["mode"] == "closed"]
         xs = [l["throughput_rps"] for l in closed]
         colour = colours.get(system)
         ax.plot(xs, [l["p50_ms"] for l in closed], "o-", color=colour, label=f"{system} p50")
@@ -119,20 +139,16 @@ def plot(results: dict[str, Any], path: Path) -> None:
         for l in closed:
             ax.annotate(f"c={l['concurrency']}", (l["throughput_rps"], l["p50_ms"]), fontsize=7,
                         textcoords="offset points", xytext=(3, -9))
-        for l in results["loads"]:
+        for l in run["loads"]:
             if l["system"] == system and l["mode"] == "open":
                 ax.plot([l["throughput_rps"]] * 2, [l["p50_ms"], l["p99_ms"]], "*-", color=colour, markersize=11)
-    for r in results["inprocess"]:
-        style = ":" if r["stage"] == "model" else "-."
-        ax.axvline(r["images_per_s"], color="grey", linestyle=style, linewidth=0.8)
-        ax.annotate(f"(a) {r['stage']} b={r['batch_size']}", (r["images_per_s"], ax.get_ylim()[0]), rotation=90,
-                    fontsize=7, color="grey", xytext=(2, 4), textcoords="offset points")
+    for r in run["inprocess"]:
+        ax.axvline(r["images_per_s"], color="grey", linestyle=":" if r["stage"] == "model" else "-.", linewidth=0.8)
+        ax.text(r["images_per_s"], 0.02, f" (a) {r['stage']} b={r['batch_size']}", rotation=90, fontsize=7,
+                color="grey", transform=ax.get_xaxis_transform(), va="bottom")
     ax.set_yscale("log")
     ax.set_xlabel("throughput (images/s)")
     ax.set_ylabel("latency (ms)")
-    ax.set_title(f"{results['model']}: throughput vs latency (closed loop; ★ = open loop at half saturation)")
+    ax.set_title(f"{run['model']} (closed loop at c clients; ★ = open loop at half saturation, p50 to p99)", fontsize=9)
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8, ncol=2)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    ax.legend(fontsize=7, ncol=2)
