@@ -125,6 +125,8 @@ def _make_staging_dir(target: Path) -> Path:
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         return Path(tempfile.mkdtemp(prefix=f".{target.name}.staging-", dir=target.parent))
+    except (FileExistsError, NotADirectoryError):
+        raise ExportError(f"cannot write to {target.parent}: a file is in the way of that directory") from None
     except OSError as exc:
         raise ExportError(f"cannot write to {target.parent}: {exc.strerror or exc}") from None
 
