@@ -61,7 +61,8 @@ def requested_format(request: Request, options: BaseModel) -> ImageFormat | None
     chosen: ImageFormat | None = getattr(options, "annotate", None)
     if chosen is not None:
         return chosen
-    return next((_FORMAT_OF_MEDIA_TYPE[m] for m in _accepted_media_types(request) if m in _FORMAT_OF_MEDIA_TYPE), None)
+    accepted = _accepted_media_types(request)
+    return next((_FORMAT_OF_MEDIA_TYPE[m] for m in accepted if m in _FORMAT_OF_MEDIA_TYPE), None)
 
 
 async def annotated_or_json(
@@ -81,10 +82,13 @@ async def annotated_or_json(
     return JSONResponse(body)
 
 
-def _draw_all(response: BaseModel, blobs: Sequence[bytes], fmt: ImageFormat, settings: Settings) -> list[bytes]:
+def _draw_all(
+    response: BaseModel, blobs: Sequence[bytes], fmt: ImageFormat, settings: Settings
+) -> list[bytes]:
     """Decode each upload again (they were decoded once already, so this cannot fail) and draw on it."""
     results = response.results  # type: ignore[attr-defined]
-    return [
-        encode_image(annotate_result(decode_image(blob, settings.max_pixels, settings.allowed_formats), result), fmt)
-        for blob, result in zip(blobs, results, strict=True)
-    ]
+    drawn = []
+    for blob, result in zip(blobs, results, strict=True):
+        image = decode_image(blob, settings.max_pixels, settings.allowed_formats)
+        drawn.append(encode_image(annotate_result(image, result), fmt))
+    return drawn

@@ -35,14 +35,18 @@ def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[WebDriver]:
     """One headless Chromium for the session, with its own throw-away profile."""
     chromium, chromedriver = shutil.which("chromium"), shutil.which("chromedriver")
     if chromium is None or chromedriver is None:
-        pytest.fail("chromium/chromedriver not found: run `make system-deps` (apt-get install -y chromium chromium-driver)")
+        pytest.fail(
+            "chromium/chromedriver not found: run `make system-deps`"
+            " (apt-get install -y chromium chromium-driver)"
+        )
     options = Options()
     options.binary_location = chromium
     for flag in CHROMIUM_FLAGS:
         options.add_argument(flag)
     options.add_argument(f"--user-data-dir={tmp_path_factory.mktemp('chromium-profile')}")
     log = tmp_path_factory.mktemp("chromedriver") / "chromedriver.log"
-    driver = webdriver.Chrome(service=Service(executable_path=chromedriver, log_output=str(log)), options=options)
+    service = Service(executable_path=chromedriver, log_output=str(log))
+    driver = webdriver.Chrome(service=service, options=options)
     driver.set_page_load_timeout(30)
     yield driver
     driver.quit()

@@ -130,7 +130,8 @@ def test_annotate_result_draws_each_task_from_its_api_result(scene) -> None:
     detections = DetectionResult(
         image=size,
         detections=[
-            Detection(box=box, class_id=c, label=NAMES[c], score=0.8) for box, c in zip(scene.boxes.tolist(), ids)
+            Detection(box=box, class_id=c, label=NAMES[c], score=0.8)
+            for box, c in zip(scene.boxes.tolist(), ids)
         ],
     )
     segments = []

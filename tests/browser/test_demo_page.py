@@ -28,7 +28,8 @@ const [b64, name] = arguments;
 const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
 const transfer = new DataTransfer();
 transfer.items.add(new File([bytes], name, { type: "image/png" }));
-document.getElementById("drop").dispatchEvent(new DragEvent("drop", { dataTransfer: transfer, bubbles: true, cancelable: true }));
+const drop = new DragEvent("drop", { dataTransfer: transfer, bubbles: true, cancelable: true });
+document.getElementById("drop").dispatchEvent(drop);
 """
 
 
@@ -51,11 +52,21 @@ def scenes(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Scene, P
     return files
 
 
+def _state(browser: WebDriver) -> str | None:
+    """The page's `data-state` on <body>: idle, running, done or error."""
+    return browser.find_element(By.TAG_NAME, "body").get_attribute("data-state")
+
+
+def _box_edges(picture: np.ndarray, x0: int, y0: int, x1: int, y1: int) -> np.ndarray:
+    """Pixels along a box's bottom and right edges (its own label chip sits on the top edge)."""
+    return np.concatenate([picture[y1 - 1, x0 + 2 : x1 - 1], picture[y0 + 2 : y1 - 1, x1 - 1]])
+
+
 def _open_page(browser: WebDriver, gateway: str) -> None:
     """Open the page as a person types its address (no trailing slash: the gateway redirects)."""
     browser.get(gateway)
-    assert browser.current_url.rstrip("/") + "/" == browser.current_url, "no redirect to the trailing-slash URL"
-    WebDriverWait(browser, 10).until(lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-state") == "idle")
+    assert browser.current_url.endswith("/"), "no redirect to the trailing-slash URL"
+    WebDriverWait(browser, 10).until(lambda d: _state(d) == "idle")
 
 
 def _run_task(browser: WebDriver, task: str, options: dict[str, str]) -> None:
@@ -67,7 +78,7 @@ def _run_task(browser: WebDriver, task: str, options: dict[str, str]) -> None:
         element.send_keys(value)
     browser.find_element(By.ID, "run").click()
     WebDriverWait(browser, ANSWER_TIMEOUT_S).until(
-        lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-state") in ("done", "error")
+        lambda d: _state(d) in ("done", "error")
     )
 
 
@@ -87,8 +98,7 @@ def _shown_labels(browser: WebDriver) -> list[str]:
 def _check_answer(browser: WebDriver, scene: Scene, task: str, artifacts_dir: Path) -> dict:
     """Common checks: no error, image same size as the upload but different, JSON shown; screenshot."""
     browser.save_screenshot(str(artifacts_dir / f"demo-page-{task}.png"))
-    state = browser.find_element(By.TAG_NAME, "body").get_attribute("data-state")
-    assert state == "done", browser.find_element(By.ID, "status").text
+    assert _state(browser) == "done", browser.find_element(By.ID, "status").text
     shown = _shown_image(browser)
     assert shown.shape == scene.image.shape
     changed = np.any(shown != scene.image, axis=2)
@@ -114,9 +124,8 @@ def test_detect_lists_the_drawn_shapes_and_draws_their_boxes(
     for x0, y0, x1, y1 in np.array([d["box"] for d in detections]).reshape(-1, 4).round().astype(int):
         if x1 - x0 < 6 or y1 - y0 < 6:
             continue  # too small to tell an edge from the label chip
-        border = np.concatenate([image[y1 - 1, x0 + 2 : x1 - 1], image[y0 + 2 : y1 - 1, x1 - 1]])
-        original = np.concatenate([scene.image[y1 - 1, x0 + 2 : x1 - 1], scene.image[y0 + 2 : y1 - 1, x1 - 1]])
-        assert np.any(border != original, axis=1).mean() > 0.8, "a box edge is not drawn"
+        drawn, before = _box_edges(image, x0, y0, x1, y1), _box_edges(scene.image, x0, y0, x1, y1)
+        assert np.any(drawn != before, axis=1).mean() > 0.8, "a box edge is not drawn"
 
 
 def test_segment_by_dropping_a_file_overlays_the_masks(
@@ -162,7 +171,7 @@ def test_a_bad_upload_shows_the_servers_message(
     _run_task(browser, "detect", {})
     browser.save_screenshot(str(artifacts_dir / "demo-page-error.png"))
 
-    assert browser.find_element(By.TAG_NAME, "body").get_attribute("data-state") == "error"
+    assert _state(browser) == "error"
     status = browser.find_element(By.ID, "status")
     assert "error" in status.get_attribute("class")
     assert status.text.startswith("detect failed: image 0:")
