@@ -69,22 +69,34 @@ class RayNode:
     process: subprocess.Popen[bytes]
     log_path: Path
 
-    @property
-    def alive(self) -> bool:
-        return self.process.poll() is None
+    def check_running(self) -> bool:
+        """True while `ray start` runs; raise with its output if it exited (bad flag, port taken...)."""
+        if _proc_stat(self.process.pid)[0] == "Z":  # exited, not reaped yet: its session id is still ours
+            self.kill()
+            tail = self.log_path.read_text(errors="replace")[-3000:]
+            raise RuntimeError(f"ray start for node {self.name} exited with {self.process.returncode}:\n{tail}")
+        return True
 
     def kill(self) -> None:
-        """Kill every process of this node's session at once, like a machine dying (SIGKILL)."""
-        for pid in _session_pids(self.process.pid):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        self.process.wait(timeout=30)
-        wait_for(lambda: not _session_pids(self.process.pid), 30, f"processes of node {self.name} to exit")
+        """Kill every process of this node's session at once, like a machine dying (SIGKILL).
 
-    def session_pids(self) -> list[int]:
-        return _session_pids(self.process.pid)
+        The session id is the `ray start` pid, which cannot be reused until we reap that process:
+        so scan and kill first, reap last, and never scan again afterwards.
+        """
+        if self.process.returncode is not None:
+            return
+
+        def all_gone() -> bool:
+            pids = _session_pids(self.process.pid)
+            for pid in pids:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            return not pids
+
+        wait_for(all_gone, 30, f"processes of node {self.name} to exit")
+        self.process.wait(timeout=30)
 
 
 def _session_pids(session_id: int) -> list[int]:
@@ -94,13 +106,18 @@ def _session_pids(session_id: int) -> list[int]:
         if not entry.name.isdigit():
             continue
         try:
-            stat = (entry / "stat").read_text()
+            fields = _proc_stat(int(entry.name))
         except OSError:
             continue
-        fields = stat[stat.rindex(")") + 2 :].split()
         if int(fields[3]) == session_id and fields[0] != "Z":  # fields[3] is the session id
             pids.append(int(entry.name))
     return pids
+
+
+def _proc_stat(pid: int) -> list[str]:
+    """/proc/<pid>/stat after the command name: state, ppid, pgrp, session, ..."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return stat[stat.rindex(")") + 2 :].split()
 
 
 @dataclass
@@ -139,7 +156,7 @@ class LocalCluster:
                 *self._node_flags(num_cpus, resources, agent_http, agent_grpc, metrics, runtime_env, manager, objects),
             ],
         )
-        wait_for(lambda: self.alive_nodes() and True, 90, "the head node's dashboard")
+        wait_for(lambda: node.check_running() and self.alive_nodes(), 90, "the head node's dashboard")
         return node
 
     def add_worker(self, name: str, num_cpus: float, resources: dict[str, float]) -> RayNode:
@@ -153,7 +170,7 @@ class LocalCluster:
                 *self._node_flags(num_cpus, resources, agent_http, agent_grpc, metrics, runtime_env, manager, objects),
             ],
         )
-        wait_for(lambda: len(self.alive_nodes()) > before, 90, f"worker node {name} to join")
+        wait_for(lambda: node.check_running() and len(self.alive_nodes()) > before, 90, f"worker node {name} to join")
         return node
 
     @staticmethod
@@ -232,5 +249,4 @@ class LocalCluster:
     def shutdown(self) -> None:
         """Kill every node this cluster started, workers first."""
         for node in reversed(self.nodes):
-            if node.session_pids():
-                node.kill()
+            node.kill()
