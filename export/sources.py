@@ -99,7 +99,7 @@ def _pretrained_spec(model: str, options: SourceOptions) -> ModelSpec:
     labels = tuple(weights.meta["categories"])
     geometry = _geometry(model, PRETRAINED_ARCH[model], options)
     eager = _build(model, PRETRAINED_ARCH[model], len(labels), geometry.input_size)
-    _load_into(eager, _pretrained_state(weights), f"{weights} from the torch hub cache")
+    _load_into(eager, _pretrained_state(weights), f"{weights} ({pretrained_cache_path(weights)})")
     return _spec(model, eager, labels, geometry, f"pretrained:{weights}", _imagenet_stats())
 
 
@@ -147,7 +147,7 @@ def _checkpoint_spec(model: str, options: SourceOptions) -> ModelSpec:
     _check_class_count(model, state, labels, options.checkpoint, options.classes)
     geometry = _geometry(model, options.arch, options)
     eager = _build(model, options.arch, len(labels), geometry.input_size)
-    _load_into(eager, state, f"checkpoint {options.checkpoint}")
+    _load_into(eager, state, f"checkpoint {options.checkpoint} (for --arch {options.arch} {model})")
     stats = (list(DEMO_MEAN), list(DEMO_STD)) if options.arch == "demo" else _imagenet_stats()
     return _spec(model, eager, labels, geometry, f"checkpoint:{options.checkpoint.name}", stats)
 
@@ -316,18 +316,19 @@ def _build(model: str, arch: str, num_labels: int, input_size: int) -> nn.Module
 
 
 def _load_into(model: nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
-    """Load `state` strictly; a mismatch becomes one line naming a few offending keys."""
-    try:
-        result = model.load_state_dict(state, strict=False)
-    except RuntimeError as exc:  # shape mismatches
-        details = [line.strip() for line in str(exc).splitlines()[1:] if line.strip()]
-        raise ExportError(f"{what} does not fit the architecture: {'; '.join(details[:2])}") from None
-    if result.missing_keys or result.unexpected_keys:
-        raise ExportError(
-            f"{what} does not fit the architecture: {len(result.missing_keys)} missing keys "
-            f"(e.g. {result.missing_keys[:2]}), {len(result.unexpected_keys)} unexpected "
-            f"(e.g. {result.unexpected_keys[:2]})"
-        )
+    """Load `state` strictly; a mismatch becomes one line counting the offending keys."""
+    expected = model.state_dict()
+    problems = {
+        "missing": [key for key in expected if key not in state],
+        "unexpected": [key for key in state if key not in expected],
+        "differently shaped": [
+            key for key in expected if key in state and state[key].shape != expected[key].shape
+        ],
+    }
+    if any(problems.values()):
+        summary = ", ".join(f"{len(keys)} {kind} keys (e.g. {keys[0]})" for kind, keys in problems.items() if keys)
+        raise ExportError(f"{what} does not fit the architecture: {summary}")
+    model.load_state_dict(state)
 
 
 def _spec(
