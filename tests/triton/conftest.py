@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import time
 from collections.abc import Callable, Iterator
@@ -42,9 +43,11 @@ def triton_metric(server: TritonServer, name: str, model: str) -> float:
     raise KeyError(f"{name} for model {model} not in Triton's metrics")
 
 
-def start_on_free_ports(repository: Path, work_dir: Path) -> TritonServer:
+def start_on_free_ports(repository: Path, work_dir: Path, ready_timeout_s: float = 120.0) -> TritonServer:
     """Start tritonserver on `repository` with three fresh ports and wait until it is ready."""
-    return start_tritonserver(repository, free_port(), free_port(), free_port(), work_dir=work_dir)
+    return start_tritonserver(
+        repository, free_port(), free_port(), free_port(), work_dir=work_dir, ready_timeout_s=ready_timeout_s
+    )
 
 
 @pytest.fixture(scope="session")
@@ -56,5 +59,30 @@ def tiny_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def tiny_triton(tiny_repository: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TritonServer]:
     """One tritonserver serving the tiny models for the whole session."""
     server = start_on_free_ports(tiny_repository, tmp_path_factory.mktemp("tiny_triton"))
+    yield server
+    server.stop()
+
+
+ROOT = Path(__file__).resolve().parents[2]
+MODELS = ("classifier", "detector", "segmenter")
+# Three python-backend stubs importing torch at once take a while on a busy 2-core machine.
+MODEL_LOAD_TIMEOUT_S = 300.0
+
+
+@pytest.fixture(scope="session")
+def cpu_repository(model_repository: Path) -> Path:
+    """The exported models behind Triton's python backend (CVSERVE_TEST_TRITON_CPU_REPOSITORY overrides)."""
+    default = ROOT / "build" / "triton_cpu_repository"
+    path = Path(os.environ.get("CVSERVE_TEST_TRITON_CPU_REPOSITORY", default)).resolve()
+    missing = [m for m in MODELS if not (path / m / "config.pbtxt").is_file()]
+    if missing:
+        pytest.fail(f"{path} lacks {missing}: run `make models` (python -m export all) first")
+    return path
+
+
+@pytest.fixture(scope="session")
+def cpu_triton(cpu_repository: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TritonServer]:
+    """The session's tritonserver serving the exported models on CPU (python backend)."""
+    server = start_on_free_ports(cpu_repository, tmp_path_factory.mktemp("cpu_triton"), MODEL_LOAD_TIMEOUT_S)
     yield server
     server.stop()
