@@ -1,10 +1,11 @@
-"""Session fixtures for the ops tests: a real Prometheus (Debian's `prometheus`) scraping a real
-tritonserver (tiny python-backend model) and the session gateway's Ray metrics port."""
+"""Session fixtures for the ops tests: a real Prometheus (Debian's `prometheus`) scraping the test
+session's Ray metrics port (tests/conftest.py) and a real tritonserver (tiny python-backend model),
+plus a gateway with two ingress and two model replicas so counts must add up across processes."""
 
 from __future__ import annotations
 
+import io
 import math
-import socket
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -13,21 +14,16 @@ from typing import TypeVar
 import numpy as np
 import pytest
 import tritonclient.http as triton_http
+from PIL import Image
 
 from stack.prometheus import PrometheusServer, prometheus_binary, render_config, start_prometheus
 from stack.triton import TritonServer, start_tritonserver
+from tests.conftest import Deploy, free_port
 from tests.triton.tiny_models import IMAGE_DIMS, write_tiny_repository
 
 T = TypeVar("T")
 
 SCRAPE_INTERVAL_S = 1
-
-
-def free_port() -> int:
-    """A port nobody listens on right now (the OS picks it)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def wait_for(condition: Callable[[], T], timeout_s: float, message: Callable[[], str] | str, interval_s: float = 0.25) -> T:
@@ -74,12 +70,15 @@ def ops_triton(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TritonServe
 
 
 @pytest.fixture(scope="session")
-def prometheus(ops_triton: TritonServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrometheusServer]:
+def prometheus(
+    ops_triton: TritonServer, ray_metrics_port: int, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[PrometheusServer]:
     """Prometheus with the compose scrape jobs, targets pointed at this session's servers."""
     prometheus_binary()  # a clear "install it with make system-deps" if missing
     port = free_port()
     config = render_config(
         {
+            "gateway": [f"127.0.0.1:{ray_metrics_port}"],
             "triton": [f"127.0.0.1:{ops_triton.metrics_port}"],
             "prometheus": [f"127.0.0.1:{port}"],
         },
@@ -88,3 +87,30 @@ def prometheus(ops_triton: TritonServer, tmp_path_factory: pytest.TempPathFactor
     server = start_prometheus(config, port, tmp_path_factory.mktemp("prometheus"))
     yield server
     server.stop()
+
+
+def png_image(seed: int = 0, size: tuple[int, int] = (96, 120)) -> bytes:
+    """A small random RGB PNG."""
+    pixels = np.random.default_rng(seed).integers(0, 256, (*size, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="session")
+def replicated_gateway(deploy: Deploy, model_repository: Path) -> str:
+    """Base URL of an embedded-backend gateway serving the classifier with 2 ingress and 2 model replicas."""
+    from service.app import build_app
+    from service.settings import Settings
+
+    settings = Settings(
+        model_repository=model_repository,
+        models=("classifier",),
+        device="cpu",
+        ingress_replicas=2,
+        model_replicas=2,
+        max_batch_size=8,
+        batch_wait_timeout_s=0.05,
+        torch_threads=1,
+    )
+    return deploy(build_app(settings), "ops", "/ops")

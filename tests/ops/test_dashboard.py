@@ -11,11 +11,12 @@ import json
 import re
 from pathlib import Path
 
+import httpx
 import pytest
 
 from stack.prometheus import PrometheusServer
 from stack.triton import TritonServer
-from tests.ops.conftest import has_finite_value, scalar, triton_infer, wait_for
+from tests.ops.conftest import has_finite_value, png_image, scalar, triton_infer, wait_for
 
 DASHBOARD = Path(__file__).resolve().parents[2] / "deploy" / "grafana" / "dashboards" / "cvserve.json"
 
@@ -99,3 +100,48 @@ def test_gpu_panel_is_valid_promql(prometheus: PrometheusServer, triton_traffic:
     if not prometheus.query("count(nv_gpu_utilization)"):
         pytest.skip(f"{title}: query is valid PromQL; nv_gpu_utilization exists only when Triton runs on a GPU")
     assert has_finite_value(result), f"{title}/{ref}: Triton exports GPU metrics but {expr} has no data"
+
+
+ENDPOINTS = ("/classify", "/detect", "/segment")
+BAD_REQUESTS = {"bad_request": (b"not an image", "image/png"), "unsupported_media": (b"x", "text/plain")}
+
+
+def _gateway_round(url: str, images: int, errors: int) -> None:
+    """`images` good requests per endpoint (one with two images) and `errors` of each error kind."""
+    image = png_image()
+    for endpoint in ENDPOINTS:
+        statuses = [
+            httpx.post(f"{url}{endpoint}", content=image, headers={"content-type": "image/png"}, timeout=120).status_code
+            for _ in range(images)
+        ]
+        statuses.append(httpx.post(f"{url}{endpoint}", files=[("files", image), ("files", image)], timeout=120).status_code)
+        assert statuses == [200] * (images + 1), f"{endpoint}: {statuses}"
+    for body, media in BAD_REQUESTS.values():
+        for _ in range(errors):
+            assert httpx.post(f"{url}/classify", content=body, headers={"content-type": media}).status_code in (400, 415)
+
+
+@pytest.fixture(scope="module")
+def gateway_traffic(prometheus: PrometheusServer, embedded_gateway: str) -> None:
+    """Good and bad requests on every endpoint, visible in Prometheus as rates.
+
+    Ray creates a series at its first sample and rate() cannot see that first jump: warm up, wait
+    until Prometheus has every series, then send the traffic proper and wait until it arrives.
+    """
+    totals = {
+        **{e: f'sum(ray_cvserve_requests_total{{endpoint="{e}", status="200"}})' for e in ENDPOINTS},
+        **{k: f'sum(ray_cvserve_errors_total{{endpoint="/classify", kind="{k}"}})' for k in BAD_REQUESTS},
+    }
+    _gateway_round(embedded_gateway, images=1, errors=1)
+    first = {name: wait_for(lambda q=query: scalar(prometheus, q), 60, f"{query} never reached Prometheus")
+             for name, query in totals.items()}
+    _gateway_round(embedded_gateway, images=3, errors=2)
+    for name, query in totals.items():
+        wait_for(lambda q=query, n=name: (scalar(prometheus, q) or 0) > first[n], 60, f"{query} did not grow")
+
+
+@pytest.mark.parametrize(("title", "ref", "expr"), [q for q in QUERIES if source_of(q[2]) == "gateway"],
+                         ids=[f"{t}/{r}" for t, r, e in QUERIES if source_of(e) == "gateway"])
+def test_gateway_panel_returns_data(prometheus: PrometheusServer, gateway_traffic: None, title: str, ref: str,
+                                    expr: str) -> None:
+    wait_for(lambda: has_finite_value(prometheus.query(expr)), 60, lambda: f"{title}/{ref}: no data for {expr}")
