@@ -66,7 +66,20 @@ def _unit_outline(cls: int) -> np.ndarray:
     if name == "cross":
         a, b = 0.3, 0.95  # half arm width, half arm length (corner radius ~1)
         return np.array(
-            [(a, b), (a, a), (b, a), (b, -a), (a, -a), (a, -b), (-a, -b), (-a, -a), (-b, -a), (-b, a), (-a, a), (-a, b)]
+            [
+                (a, b),
+                (a, a),
+                (b, a),
+                (b, -a),
+                (a, -a),
+                (a, -b),
+                (-a, -b),
+                (-a, -a),
+                (-b, -a),
+                (-b, a),
+                (-a, a),
+                (-a, b),
+            ]
         )
     raise ValueError(f"unknown shape class {cls}")
 
@@ -83,7 +96,7 @@ def shape_polygon(shape: Shape) -> list[tuple[float, float]]:
 
 
 def paint_instances(shapes: Sequence[Shape], size: int) -> np.ndarray:
-    """Paint shapes in order into an instance map (0 = none, i + 1 = shapes[i]); later ones hide earlier ones."""
+    """Paint shapes in order into an instance map (0 = none, i + 1 = shapes[i]); later ones hide earlier."""
     canvas = Image.new("L", (size, size), 0)
     draw = ImageDraw.Draw(canvas)
     for i, shape in enumerate(shapes):
@@ -100,8 +113,12 @@ def _all_visible_enough(shapes: Sequence[Shape], areas: Sequence[int], size: int
     return bool(np.all(counts >= MIN_VISIBLE_FRACTION * np.asarray(areas)))
 
 
-def _place_shapes(rng: np.random.Generator, size: int, count: int, single: bool) -> list[Shape]:
-    """Sample `count` shapes inside the image; reject placements that would hide any shape too much."""
+def place_shapes(rng: np.random.Generator, size: int, count: int, single: bool) -> list[Shape]:
+    """Sample up to `count` shapes inside the image, in painting order.
+
+    A placement is rejected when it would leave any shape (itself or an earlier one) with less than
+    MIN_VISIBLE_FRACTION of its area visible, so no shape in a scene is mostly hidden.
+    """
     r_lo, r_hi = (0.2 * size, 0.45 * size) if single else (max(6.0, 0.07 * size), 0.22 * size)
     shapes: list[Shape] = []
     areas: list[int] = []
@@ -163,7 +180,7 @@ def _contrast(colour: np.ndarray, pixels: np.ndarray) -> float:
 
 
 def _pick_colour(rng: np.random.Generator, pixels: np.ndarray) -> np.ndarray:
-    """A random colour that contrasts with `pixels`; the most contrasting candidate if none reaches the bar."""
+    """A random colour that contrasts with `pixels`, else the most contrasting one tried."""
     best, best_score = None, -1.0
     for _ in range(_COLOUR_TRIES):
         colour = _random_colour(rng)
@@ -189,7 +206,7 @@ def make_scene(seed: int, size: int = 128, min_shapes: int = 1, max_shapes: int 
         raise ValueError(f"need 1 <= min_shapes <= max_shapes, got {min_shapes}, {max_shapes}")
     rng = np.random.default_rng(seed)
     count = int(rng.integers(min_shapes, max_shapes + 1))
-    shapes = _place_shapes(rng, size, count, single=max_shapes == 1)
+    shapes = place_shapes(rng, size, count, single=max_shapes == 1)
     image = _background(rng, size)
     for shape in shapes:
         covered = paint_instances([shape], size).astype(bool)

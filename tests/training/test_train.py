@@ -1,0 +1,146 @@
+"""Training on tiny configs: each model takes real optimiser steps; a run saves, caches and retrains."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from training.data import SceneSet, render_classification, render_scenes, train_seeds
+from training.models import build_demo_classifier, build_demo_detector, build_demo_segmenter
+from training.shapes import CLASSES
+from training.train import (
+    DemoConfig,
+    StepConfig,
+    run,
+    train_classifier,
+    train_detector,
+    train_segmenter,
+)
+
+TINY = DemoConfig(
+    classifier_train_images=32,
+    scene_train_images=8,
+    eval_images=8,
+    classifier=StepConfig(steps=2, batch_size=4, lr=1e-3),
+    detector=StepConfig(steps=2, batch_size=2, lr=1e-3),
+    segmenter=StepConfig(steps=2, batch_size=2, lr=1e-3),
+)
+CPU = torch.device("cpu")
+
+
+STEPS = StepConfig(steps=2, batch_size=2, lr=1e-3)
+
+
+def _floats(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items() if v.is_floating_point()}
+
+
+def _changed(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor]) -> set[str]:
+    return {k for k in before if k in after and not torch.equal(before[k], after[k])}
+
+
+@pytest.fixture(scope="module")
+def scenes() -> SceneSet:
+    return render_scenes(train_seeds(0, 1000, 4), 128, 1, 4, "test")
+
+
+def test_classifier_takes_real_training_steps() -> None:
+    torch.manual_seed(0)
+    initial = _floats(build_demo_classifier(len(CLASSES)))
+    torch.manual_seed(0)  # train_classifier builds the same initial weights
+    model = train_classifier(render_classification(train_seeds(0, 0, 8), 64, "test"), STEPS, CPU, seed=0)
+    assert model.fc.out_features == len(CLASSES)
+    assert "fc.weight" in _changed(initial, _floats(model))
+
+
+def test_detector_trains_from_the_classifiers_trunk_without_touching_it(scenes: SceneSet) -> None:
+    classifier = build_demo_classifier(len(CLASSES))
+    before = _floats(classifier)
+    detector = train_detector(scenes, STEPS, 128, classifier, CPU, seed=0)
+    assert not _changed(before, _floats(classifier)), "training the detector must not touch the classifier"
+    trunk = _floats(detector.backbone.body)
+    assert set(trunk) <= set(before), "the detector's trunk is the classifier's ResNet"
+    assert _changed(before, trunk), "the trunk itself trained"
+    assert detector.roi_heads.box_predictor.cls_score.out_features == len(CLASSES) + 1
+
+
+def test_segmenter_takes_real_training_steps(scenes: SceneSet) -> None:
+    torch.manual_seed(0)
+    initial = _floats(build_demo_segmenter(len(CLASSES) + 1))
+    torch.manual_seed(0)
+    model = train_segmenter(scenes, STEPS, CPU, seed=0)
+    assert model.head.out_channels == len(CLASSES) + 1
+    assert "head.weight" in _changed(initial, _floats(model))
+
+
+def test_run_saves_loadable_models_then_reuses_them(tmp_path: Path) -> None:
+    out = tmp_path / "demo"
+    report = run(TINY, out, CPU, threads=2)
+
+    assert set(report["models"]) == {"classifier", "detector", "segmenter"}
+    for model in report["models"].values():
+        assert {"metric", "value", "bar", "passed", "wall_seconds", "cpu_seconds"} <= set(model)
+        assert model["passed"] == (model["value"] >= model["bar"])
+    assert report["passed"] is False, "two steps of training cannot meet the bars"
+    assert json.loads((out / "report.json").read_text()) == report
+
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["classes"] == list(CLASSES)
+    assert meta["image_size"] == {"classifier": 64, "detector": 128, "segmenter": 128}
+    assert meta["config_hash"] == report["config_hash"]
+    builders = {
+        "classifier": build_demo_classifier(len(CLASSES)),
+        "detector": build_demo_detector(len(CLASSES), meta["image_size"]["detector"]),
+        "segmenter": build_demo_segmenter(len(CLASSES) + 1),
+    }
+    for name, model in builders.items():
+        model.load_state_dict(torch.load(out / f"{name}.pt", weights_only=True))
+
+    stamps = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    start = time.perf_counter()
+    assert run(TINY, out, CPU, threads=2) == report
+    assert time.perf_counter() - start < 5.0
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == stamps, "a cached run writes nothing"
+
+    forced = run(TINY, out, CPU, threads=2, force=True)
+    assert (out / "classifier.pt").stat().st_mtime_ns != stamps["classifier.pt"]
+    assert forced["config_hash"] == report["config_hash"]
+
+    other = run(DemoConfig(**{**TINY.__dict__, "seed": 1}), out, CPU, threads=2)
+    assert other["config_hash"] != report["config_hash"], "another config retrains"
+
+
+def test_incomplete_output_is_not_taken_for_a_cached_run(tmp_path: Path) -> None:
+    out = tmp_path / "demo"
+    run(TINY, out, CPU, threads=2)
+    (out / "detector.pt").unlink()
+    stamp = (out / "classifier.pt").stat().st_mtime_ns
+    run(TINY, out, CPU, threads=2)
+    assert (out / "detector.pt").is_file()
+    assert (out / "classifier.pt").stat().st_mtime_ns != stamp
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "training", *args], capture_output=True, text=True, timeout=120, check=False
+    )
+
+
+def test_cli_help_names_its_options() -> None:
+    result = _cli("--help")
+    assert result.returncode == 0
+    for option in ("--out", "--seed", "--force", "--device", "--threads"):
+        assert option in result.stdout
+
+
+def test_cli_refuses_an_unusable_device(tmp_path: Path) -> None:
+    result = _cli("--device", "no-such-device", "--out", str(tmp_path))
+    assert result.returncode == 2
+    assert "no-such-device" in result.stderr and "Traceback" not in result.stderr
+    assert not any(tmp_path.iterdir()), "nothing written"

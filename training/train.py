@@ -1,0 +1,335 @@
+"""Train, evaluate and save the three demo models; reuse the saved ones when nothing changed."""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+import os
+import random
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torchvision
+from torch import nn
+from tqdm import tqdm
+
+from training import evaluate
+from training.data import (
+    ClassificationSet,
+    SceneSet,
+    batch_indices,
+    dihedral,
+    eval_seeds,
+    normalise,
+    render_classification,
+    render_scenes,
+    to_unit_float,
+    train_seeds,
+)
+from training.models import (
+    DEMO_MEAN,
+    DEMO_STD,
+    build_demo_classifier,
+    build_demo_detector,
+    build_demo_segmenter,
+)
+from training.shapes import CLASSES
+
+log = logging.getLogger(__name__)
+
+MODELS = ("classifier", "detector", "segmenter")
+CHECKPOINTS = tuple(f"{name}.pt" for name in MODELS)
+
+
+@dataclass(frozen=True)
+class StepConfig:
+    """How one model is optimised: steps x batch_size images, one-cycle schedule peaking at lr."""
+
+    steps: int
+    batch_size: int
+    lr: float
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    """Everything that decides the trained weights; its hash keys the cache."""
+
+    seed: int = 0
+    classifier_size: int = 64
+    scene_size: int = 128
+    min_shapes: int = 1
+    max_shapes: int = 4
+    classifier_train_images: int = 24_000
+    scene_train_images: int = 5_000
+    eval_images: int = 500
+    classifier: StepConfig = field(default_factory=lambda: StepConfig(steps=600, batch_size=64, lr=2e-3))
+    detector: StepConfig = field(default_factory=lambda: StepConfig(steps=600, batch_size=8, lr=0.015))
+    segmenter: StepConfig = field(default_factory=lambda: StepConfig(steps=400, batch_size=16, lr=3e-3))
+
+    def bars(self) -> dict[str, tuple[str, float]]:
+        """The metric and the minimum each model must reach on held-out scenes."""
+        return {
+            "classifier": ("top1_accuracy", 0.97),
+            "detector": ("map_50", 0.80),
+            "segmenter": ("miou", 0.85),
+        }
+
+
+def config_hash(config: DemoConfig) -> str:
+    """Hash of the config, the training code and the torch versions: equal hashes mean equal training."""
+    digest = hashlib.sha256(json.dumps(asdict(config), sort_keys=True).encode())
+    for source in sorted(Path(__file__).parent.glob("*.py")):
+        digest.update(source.name.encode() + source.read_bytes())
+    digest.update(f"{torch.__version__} {torchvision.__version__}".encode())
+    return digest.hexdigest()[:16]
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, numpy and torch (CPU and CUDA)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _fit(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    steps: StepConfig,
+    loss_of_batch: Callable[[torch.Tensor, int, bool], torch.Tensor],
+    batches: Iterator[torch.Tensor],
+    desc: str,
+    generator: torch.Generator,
+) -> None:
+    """Run `steps.steps` optimiser steps with a one-cycle schedule and a tqdm bar showing the loss.
+
+    Each batch is seen under one random symmetry of the square (`loss_of_batch(index, k, flip)`).
+    """
+    schedule = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=steps.lr, total_steps=steps.steps, pct_start=0.15
+    )
+    model.train()
+    bar = tqdm(batches, total=steps.steps, desc=desc, unit="step")
+    for i, index in enumerate(bar):
+        symmetry = int(torch.randint(0, 8, (1,), generator=generator))
+        loss = loss_of_batch(index, symmetry // 2, bool(symmetry % 2))
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"{desc}: loss became {loss.item()} at step {i}")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        nn.utils.clip_grad_norm_(model.parameters(), 10.0)
+        optimizer.step()
+        schedule.step()
+        if i % 10 == 0:
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+
+
+def train_classifier(
+    data: ClassificationSet, steps: StepConfig, device: torch.device, seed: int
+) -> nn.Module:
+    """Train the ResNet-18 classifier from scratch on single-shape images."""
+    model = build_demo_classifier(len(CLASSES)).to(device=device, memory_format=torch.channels_last)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=steps.lr, weight_decay=0.05)
+
+    def loss_of_batch(index: torch.Tensor, k: int, flip: bool) -> torch.Tensor:
+        images, _, _ = dihedral(data.images[index].to(device), k, flip)
+        logits = model(normalise(images).contiguous(memory_format=torch.channels_last))
+        return nn.functional.cross_entropy(logits, data.labels[index].to(device))
+
+    generator = torch.Generator().manual_seed(seed)
+    batches = batch_indices(len(data.images), steps.batch_size, steps.steps, generator)
+    _fit(model, optimizer, steps, loss_of_batch, batches, "classifier", generator)
+    return model
+
+
+def train_detector(
+    data: SceneSet,
+    steps: StepConfig,
+    image_size: int,
+    trunk: nn.Module | None,
+    device: torch.device,
+    seed: int,
+) -> nn.Module:
+    """Train Faster R-CNN on scenes; `trunk` (a trained classifier, copied) seeds its backbone."""
+    backbone = copy.deepcopy(trunk) if trunk is not None else None
+    model = build_demo_detector(len(CLASSES), image_size, backbone=backbone).to(device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=steps.lr, momentum=0.9, weight_decay=1e-4)
+
+    def loss_of_batch(index: torch.Tensor, k: int, flip: bool) -> torch.Tensor:
+        boxes = [data.boxes[i] for i in index.tolist()]
+        images, _, boxes = dihedral(data.images[index], k, flip, boxes=boxes)
+        labels = [data.labels[i].to(device) for i in index.tolist()]
+        targets = [{"boxes": b.to(device), "labels": lab} for b, lab in zip(boxes, labels, strict=True)]
+        return sum(model(list(to_unit_float(images.to(device))), targets).values())
+
+    generator = torch.Generator().manual_seed(seed + 1)
+    batches = batch_indices(len(data), steps.batch_size, steps.steps, generator)
+    _fit(model, optimizer, steps, loss_of_batch, batches, "detector", generator)
+    return model
+
+
+def train_segmenter(data: SceneSet, steps: StepConfig, device: torch.device, seed: int) -> nn.Module:
+    """Train the U-Net on scene masks (background + one class per shape)."""
+    model = build_demo_segmenter(len(CLASSES) + 1).to(device=device, memory_format=torch.channels_last)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=steps.lr, weight_decay=1e-4)
+
+    def loss_of_batch(index: torch.Tensor, k: int, flip: bool) -> torch.Tensor:
+        images, masks, _ = dihedral(
+            data.images[index].to(device), k, flip, masks=data.masks[index].to(device)
+        )
+        logits = model(normalise(images).contiguous(memory_format=torch.channels_last))
+        return nn.functional.cross_entropy(logits, masks.long())
+
+    generator = torch.Generator().manual_seed(seed + 2)
+    batches = batch_indices(len(data), steps.batch_size, steps.steps, generator)
+    _fit(model, optimizer, steps, loss_of_batch, batches, "segmenter", generator)
+    return model
+
+
+def _save_state(model: nn.Module, path: Path) -> None:
+    """Write a CPU state dict atomically (no half-written checkpoint survives an interruption)."""
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def _write_json(data: dict, path: Path) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def cached_report(out: Path, digest: str) -> dict | None:
+    """The saved report if `out` holds complete results of the training config `digest`, else None."""
+    try:
+        meta = json.loads((out / "meta.json").read_text())
+        report = json.loads((out / "report.json").read_text())
+    except (OSError, ValueError):
+        return None
+    complete = all((out / name).is_file() for name in CHECKPOINTS)
+    if complete and meta.get("config_hash") == digest and report.get("config_hash") == digest:
+        return report
+    return None
+
+
+class _Clock:
+    """Wall-clock and process CPU seconds (all threads) since creation."""
+
+    def __init__(self) -> None:
+        self.wall, self.cpu = time.perf_counter(), time.process_time()
+
+    def seconds(self) -> dict[str, float]:
+        return {
+            "wall_seconds": round(time.perf_counter() - self.wall, 1),
+            "cpu_seconds": round(time.process_time() - self.cpu, 1),
+        }
+
+
+def run(config: DemoConfig, out: Path, device: torch.device, threads: int, force: bool = False) -> dict:
+    """Train and evaluate all three models into `out` (or reuse a complete cached run); return the report."""
+    digest = config_hash(config)
+    if not force and (report := cached_report(out, digest)) is not None:
+        log.info("%s holds models for config %s already; not retraining (--force retrains)", out, digest)
+        return report
+
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in ("meta.json", "report.json"):  # the old run stops counting as complete from here on
+        (out / stale).unlink(missing_ok=True)
+    torch.set_num_threads(threads)
+    seed_everything(config.seed)
+    total = _Clock()
+    results: dict[str, dict] = {}
+
+    clock = _Clock()
+    cls_train = render_classification(
+        train_seeds(config.seed, 0, config.classifier_train_images),
+        config.classifier_size,
+        "render classifier set",
+    )
+    scene_train = render_scenes(
+        train_seeds(config.seed, 5_000_000, config.scene_train_images),
+        config.scene_size,
+        config.min_shapes,
+        config.max_shapes,
+        "render scene set",
+    )
+    cls_eval = render_classification(
+        eval_seeds(config.eval_images), config.classifier_size, "render held-out set"
+    )
+    scene_eval = render_scenes(
+        eval_seeds(config.eval_images),
+        config.scene_size,
+        config.min_shapes,
+        config.max_shapes,
+        "render held-out set",
+    )
+    data_time = clock.seconds()
+    log.info("rendered data in %.1fs", data_time["wall_seconds"])
+
+    clock = _Clock()
+    classifier = train_classifier(cls_train, config.classifier, device, config.seed)
+    value = evaluate.classification_top1(classifier, cls_eval, device)
+    results["classifier"] = {"value": value, **clock.seconds()}
+    log.info("classifier: held-out top-1 %.4f after %s", value, results["classifier"])
+    _save_state(classifier, out / "classifier.pt")
+
+    clock = _Clock()
+    detector = train_detector(
+        scene_train, config.detector, config.scene_size, classifier, device, config.seed
+    )
+    value = evaluate.detection_map50(detector, scene_eval, device)
+    results["detector"] = {"value": value, **clock.seconds()}
+    log.info("detector: held-out mAP@0.5 %.4f after %s", value, results["detector"])
+    _save_state(detector, out / "detector.pt")
+
+    clock = _Clock()
+    segmenter = train_segmenter(scene_train, config.segmenter, device, config.seed)
+    value = evaluate.segmentation_miou(segmenter, scene_eval, len(CLASSES) + 1, device)
+    results["segmenter"] = {"value": value, **clock.seconds()}
+    log.info("segmenter: held-out mIoU %.4f after %s", value, results["segmenter"])
+    _save_state(segmenter, out / "segmenter.pt")
+
+    models = {}
+    for name, (metric, bar) in config.bars().items():
+        value = results[name].pop("value")
+        models[name] = {
+            "metric": metric,
+            "value": round(value, 4),
+            "bar": bar,
+            "passed": value >= bar,
+            **results[name],
+        }
+    report = {
+        "passed": all(m["passed"] for m in models.values()),
+        "models": models,
+        "eval_images": config.eval_images,
+        "data": data_time,
+        "total": total.seconds(),
+        "device": str(device),
+        "threads": threads,
+        "torch": torch.__version__,
+        "config_hash": digest,
+    }
+    meta = {
+        "classes": list(CLASSES),
+        "image_size": {
+            "classifier": config.classifier_size,
+            "detector": config.scene_size,
+            "segmenter": config.scene_size,
+        },
+        "mean": list(DEMO_MEAN),
+        "std": list(DEMO_STD),
+        "detector_score_threshold": detector.roi_heads.score_thresh,
+        "config": asdict(config),
+        "config_hash": digest,
+    }
+    _write_json(report, out / "report.json")
+    _write_json(meta, out / "meta.json")
+    return report
