@@ -272,7 +272,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     log.info("tritonserver ready: http %s grpc %s metrics %s", server.http_url, server.grpc_url,
              server.metrics_url)
-    log.info("restricted APIs (%s) need header %s", ",".join(RESTRICTED_APIS), server.admin_headers())
+    token_file = args.work_dir / "admin-token"
+    token_file.touch(mode=0o600)
+    token_file.write_text(server.admin_token + "\n")
+    log.info("restricted APIs (%s) need header %s with the token in %s (gRPC: prefix triton-grpc-protocol-)",
+             ",".join(RESTRICTED_APIS), ADMIN_HEADER, token_file)
 
     def _terminate(signum: int, frame: object) -> None:
         raise KeyboardInterrupt
