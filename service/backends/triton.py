@@ -67,7 +67,9 @@ class TritonBackend:
             if self._protocol == "grpc":
                 self._client = grpc_aio.InferenceServerClient(self._url, channel_args=_GRPC_CHANNEL_ARGS)
             else:
-                self._client = http_aio.InferenceServerClient(self._url, conn_timeout=self._timeout_s)
+                # Deadlines are enforced per call below; aiohttp's session timeout only backs them up.
+                session_timeout_s = max(self._timeout_s, _READY_TIMEOUT_S) + 1.0
+                self._client = http_aio.InferenceServerClient(self._url, conn_timeout=session_timeout_s)
         return self._client
 
     def _inputs(self, contract: ModelContract, image: np.ndarray) -> tuple[list[Any], list[Any]]:
