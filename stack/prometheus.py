@@ -69,27 +69,14 @@ def render_config(
 
 
 @dataclass
-class PrometheusServer:
-    """A running prometheus subprocess (own process group) listening on 127.0.0.1:`port`."""
+class PrometheusAPI:
+    """Prometheus's HTTP API on 127.0.0.1:`port`: readiness, instant queries, scrape targets."""
 
-    process: subprocess.Popen[bytes]
     port: int
-    config_path: Path
-    log_path: Path
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
-
-    def running(self) -> bool:
-        return self.process.poll() is None
-
-    def log_tail(self, lines: int = 30) -> str:
-        """The end of the server log, for error messages."""
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except FileNotFoundError:
-            return ""
 
     def _get(self, path: str, timeout_s: float = 5.0) -> tuple[int, bytes]:
         try:
@@ -105,19 +92,6 @@ class PrometheusServer:
         except OSError:  # refused / reset while starting
             return False
 
-    def wait_ready(self, timeout_s: float = 30.0) -> None:
-        """Poll readiness; raise with the log tail if the process dies or time runs out."""
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if not self.running():
-                raise RuntimeError(
-                    f"prometheus exited with code {self.process.returncode}; log {self.log_path}:\n{self.log_tail()}"
-                )
-            if self.is_ready():
-                return
-            time.sleep(0.2)
-        raise TimeoutError(f"prometheus not ready after {timeout_s}s; log {self.log_path}:\n{self.log_tail()}")
-
     def query(self, expr: str) -> list[dict[str, Any]]:
         """Evaluate `expr` now; return the result vector (an empty list means no data)."""
         status, body = self._get(f"/api/v1/query?{urllib.parse.urlencode({'query': expr})}")
@@ -132,6 +106,38 @@ class PrometheusServer:
     def targets(self) -> list[dict[str, Any]]:
         """Active scrape targets with their health (`up`, `down`, `unknown`)."""
         return json.loads(self._get("/api/v1/targets")[1])["data"]["activeTargets"]
+
+
+@dataclass
+class PrometheusServer(PrometheusAPI):
+    """A running prometheus subprocess (own process group) and its API."""
+
+    process: subprocess.Popen[bytes]
+    config_path: Path
+    log_path: Path
+
+    def running(self) -> bool:
+        return self.process.poll() is None
+
+    def log_tail(self, lines: int = 30) -> str:
+        """The end of the server log, for error messages."""
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except FileNotFoundError:
+            return ""
+
+    def wait_ready(self, timeout_s: float = 30.0) -> None:
+        """Poll readiness; raise with the log tail if the process dies or time runs out."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if not self.running():
+                raise RuntimeError(
+                    f"prometheus exited with code {self.process.returncode}; log {self.log_path}:\n{self.log_tail()}"
+                )
+            if self.is_ready():
+                return
+            time.sleep(0.2)
+        raise TimeoutError(f"prometheus not ready after {timeout_s}s; log {self.log_path}:\n{self.log_tail()}")
 
     def stop(self, timeout_s: float = 10.0) -> None:
         """SIGTERM the group, then SIGKILL whatever is left."""
@@ -187,7 +193,7 @@ def start_prometheus(
             cwd=work,
             start_new_session=True,
         )
-    server = PrometheusServer(process, port, config_path, log_path)
+    server = PrometheusServer(port, process, config_path, log_path)
     if wait:
         try:
             server.wait_ready(ready_timeout_s)

@@ -16,7 +16,7 @@ import pytest
 import tritonclient.http as triton_http
 from PIL import Image
 
-from stack.prometheus import PrometheusServer, prometheus_binary, render_config, start_prometheus
+from stack.prometheus import PrometheusAPI, PrometheusServer, prometheus_binary, render_config, start_prometheus
 from stack.triton import TritonServer, start_tritonserver
 from tests.conftest import Deploy, free_port
 from tests.triton.tiny_models import IMAGE_DIMS, write_tiny_repository
@@ -37,7 +37,7 @@ def wait_for(condition: Callable[[], T], timeout_s: float, message: Callable[[],
     pytest.fail(f"timed out after {timeout_s}s: {message() if callable(message) else message}")
 
 
-def scalar(prometheus: PrometheusServer, expr: str) -> float | None:
+def scalar(prometheus: PrometheusAPI, expr: str) -> float | None:
     """The value of a query that yields at most one series (None when it has no data)."""
     result = prometheus.query(expr)
     assert len(result) <= 1, f"{expr} returned {len(result)} series"

@@ -9,12 +9,14 @@ from stack.triton import TritonServer
 from tests.ops.conftest import scalar, triton_infer, wait_for
 
 
-def test_every_scrape_target_is_up(prometheus: PrometheusServer) -> None:
+def test_every_scrape_target_is_up(prometheus: PrometheusServer, ray_session: None) -> None:
     def all_up() -> bool:
         targets = prometheus.targets()
-        return bool(targets) and all(t["health"] == "up" for t in targets)
+        return {t["scrapePool"] for t in targets} == {"gateway", "triton", "prometheus"} and all(
+            t["health"] == "up" for t in targets
+        )
 
-    wait_for(all_up, 30, lambda: f"targets: {[(t['scrapePool'], t['health'], t['lastError']) for t in prometheus.targets()]}")
+    wait_for(all_up, 60, lambda: f"targets: {[(t['scrapePool'], t['health'], t['lastError']) for t in prometheus.targets()]}")
 
 
 def test_triton_inference_count_adds_up(prometheus: PrometheusServer, ops_triton: TritonServer) -> None:

@@ -1,0 +1,92 @@
+"""`python -m stack` end to end: Triton on CPU, the gateway in Triton mode and Prometheus come up
+from the repository's own config, count real traffic, and all stop on Ctrl-C."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+from stack import __main__ as stack_main
+from stack.prometheus import PrometheusAPI
+from tests.conftest import ROOT, free_port
+from tests.ops.conftest import png_image, scalar, wait_for
+
+N_REQUESTS = 5
+
+
+@dataclass
+class RunningStack:
+    process: subprocess.Popen[bytes]
+    ports: stack_main.Ports
+    log_path: Path
+
+    def output(self) -> str:
+        return self.log_path.read_text(errors="replace")[-4000:]
+
+
+@pytest.fixture(scope="module")
+def stack(model_repository: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningStack]:
+    """`python -m stack` on free ports; CVSERVE_TEST_CPU_REPOSITORY overrides build/triton_cpu_repository."""
+    cpu_repository = Path(os.environ.get("CVSERVE_TEST_CPU_REPOSITORY", ROOT / "build" / "triton_cpu_repository"))
+    if not any(cpu_repository.glob("*/config.pbtxt")):
+        pytest.fail(f"{cpu_repository} has no models: run `make models` first")
+    ports = stack_main.Ports(*(free_port() for _ in range(len(vars(stack_main.Ports())))))
+    logs = tmp_path_factory.mktemp("stack")
+    args = [f"--{name.replace('_', '-')}-port={port}" for name, port in vars(ports).items()]
+    log_path = logs / "stack.out"
+    with log_path.open("wb") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "stack", *args, f"--repository={cpu_repository}",
+             f"--model-repository={model_repository}", f"--logs={logs}"],
+            cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
+        )
+    running = RunningStack(process, ports, log_path)
+    try:
+        wait_for(lambda: "stack is ready" in running.output() or process.poll() is not None, 600,
+                 lambda: f"stack never became ready:\n{running.output()}", interval_s=1.0)
+        assert process.poll() is None, f"stack exited with {process.returncode}:\n{running.output()}"
+        yield running
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGINT)
+            try:
+                process.wait(90)
+            except subprocess.TimeoutExpired:
+                process.kill()
+
+
+def test_stack_serves_requests_and_prometheus_counts_them(stack: RunningStack) -> None:
+    gateway = f"http://127.0.0.1:{stack.ports.gateway}"
+    prometheus = PrometheusAPI(stack.ports.prometheus)
+    image = png_image()
+    for _ in range(N_REQUESTS):
+        response = httpx.post(f"{gateway}/classify", content=image, headers={"content-type": "image/png"}, timeout=120)
+        assert response.status_code == 200, response.text
+    assert response.json()["backend"] == "triton"
+
+    requests = 'sum(ray_cvserve_requests_total{endpoint="/classify", status="200"})'
+    inferences = 'sum(nv_inference_count{model="classifier"})'
+    wait_for(lambda: scalar(prometheus, requests) == N_REQUESTS, 90,
+             lambda: f"{requests} = {scalar(prometheus, requests)}, expected {N_REQUESTS}")
+    wait_for(lambda: scalar(prometheus, inferences) == N_REQUESTS, 60,
+             lambda: f"{inferences} = {scalar(prometheus, inferences)}, expected {N_REQUESTS}")
+    assert {t["scrapePool"]: t["health"] for t in prometheus.targets()} == {
+        "gateway": "up", "triton": "up", "prometheus": "up"
+    }
+
+
+def test_ctrl_c_stops_every_service(stack: RunningStack) -> None:
+    stack.process.send_signal(signal.SIGINT)
+    assert stack.process.wait(90) == 0, stack.output()
+    for name, port in vars(stack.ports).items():
+        with socket.socket() as sock:
+            assert sock.connect_ex(("127.0.0.1", port)) != 0, f"{name} still listens on {port} after Ctrl-C"
