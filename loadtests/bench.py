@@ -6,7 +6,7 @@ backend and, where tritonserver and the CPU repository exist, with the Triton ba
 hand-written FastAPI + torch server; (d) LitServe with batching. Every server is started here on
 a free loopback port, loaded closed-loop at several concurrencies and open-loop (Poisson) at half
 its saturation throughput, then stopped. Prints a table per model with ratios to (a) and (c);
-writes bench.json and bench.png under --out. Gateway settings come from CVSERVE_* as usual.
+writes bench.json, bench.md (Markdown tables) and bench.png under --out. Gateway settings come from CVSERVE_* as usual.
 
     python -m loadtests.bench --out loadtests/out            # all three models, ~20 min
     python -m loadtests.bench --models detector --concurrency 1,8 --duration 5   # a quick look
@@ -49,23 +49,44 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", default=",".join(MODELS), help=f"models to measure, from {','.join(MODELS)}")
-    parser.add_argument("--systems", default=",".join(SYSTEMS), help=f"servers to measure, from {','.join(SYSTEMS)}")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--models", default=",".join(MODELS), help=f"models to measure, from {','.join(MODELS)}"
+    )
+    parser.add_argument(
+        "--systems", default=",".join(SYSTEMS), help=f"servers to measure, from {','.join(SYSTEMS)}"
+    )
     parser.add_argument("--concurrency", default="1,4,8,16,32", help="closed-loop client counts")
     parser.add_argument("--duration", type=float, default=8.0, help="measured seconds per load level")
     parser.add_argument("--warmup", type=float, default=2.0, help="unmeasured seconds before each level")
     parser.add_argument("--max-requests", type=int, default=20_000, help="request cap per load level")
-    parser.add_argument("--half-load-duration", type=float, default=15.0,
-                        help="measured seconds of the open-loop run at half the saturation throughput (0 skips)")
+    parser.add_argument(
+        "--half-load-duration",
+        type=float,
+        default=15.0,
+        help="measured seconds of the open-loop run at half the saturation throughput (0 skips)",
+    )
     parser.add_argument("--raw-duration", type=float, default=5.0, help="seconds per in-process batch size")
     parser.add_argument("--images", type=int, default=16, help="distinct images in the mix")
-    parser.add_argument("--image-sizes", default=",".join(f"{w}x{h}" for w, h in DEFAULT_SIZES),
-                        help="comma-separated WIDTHxHEIGHT list")
-    parser.add_argument("--triton-repository", type=Path, default=ROOT / "build" / "triton_cpu_repository",
-                        help="repository tritonserver serves (the CPU python-backend variant here)")
-    parser.add_argument("--start-timeout", type=float, default=240.0, help="seconds a server may take to get ready")
-    parser.add_argument("--note", default="", help="free text stored with the results (e.g. 'machine shared')")
+    parser.add_argument(
+        "--image-sizes",
+        default=",".join(f"{w}x{h}" for w, h in DEFAULT_SIZES),
+        help="comma-separated WIDTHxHEIGHT list",
+    )
+    parser.add_argument(
+        "--triton-repository",
+        type=Path,
+        default=ROOT / "build" / "triton_cpu_repository",
+        help="repository tritonserver serves (the CPU python-backend variant here)",
+    )
+    parser.add_argument(
+        "--start-timeout", type=float, default=240.0, help="seconds a server may take to get ready"
+    )
+    parser.add_argument(
+        "--note", default="", help="free text stored with the results (e.g. 'machine shared')"
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "loadtests" / "out")
     args = parser.parse_args(argv)
     args.models = _choices(parser, "--models", args.models, MODELS)
@@ -109,14 +130,16 @@ def batch_sizes(settings: Settings, contract_max: int) -> list[int]:
 def server_env(settings: Settings, model: str, **overrides: str) -> dict[str, str]:
     """Environment of a server process: ours, the gateway's settings, this model only, overrides."""
     env = dict(os.environ)
-    env.update({
-        "CVSERVE_MODEL_REPOSITORY": str(settings.model_repository),
-        "CVSERVE_MODELS": model,
-        "CVSERVE_MAX_BATCH_SIZE": str(settings.max_batch_size),
-        "CVSERVE_BATCH_WAIT_TIMEOUT_S": str(settings.batch_wait_timeout_s),
-        "CVSERVE_TORCH_THREADS": str(settings.torch_threads),
-        "PYTHONPATH": f"{ROOT}{os.pathsep}{env['PYTHONPATH']}" if env.get("PYTHONPATH") else str(ROOT),
-    })
+    env.update(
+        {
+            "CVSERVE_MODEL_REPOSITORY": str(settings.model_repository),
+            "CVSERVE_MODELS": model,
+            "CVSERVE_MAX_BATCH_SIZE": str(settings.max_batch_size),
+            "CVSERVE_BATCH_WAIT_TIMEOUT_S": str(settings.batch_wait_timeout_s),
+            "CVSERVE_TORCH_THREADS": str(settings.torch_threads),
+            "PYTHONPATH": f"{ROOT}{os.pathsep}{env['PYTHONPATH']}" if env.get("PYTHONPATH") else str(ROOT),
+        }
+    )
     env.update(overrides)
     return env
 
@@ -129,9 +152,13 @@ class Run:
     args: argparse.Namespace
 
     @contextmanager
-    def server(self, name: str, command: list[str], port: int, ready_path: str, env: dict[str, str]) -> Iterator[ServerProcess]:
+    def server(
+        self, name: str, command: list[str], port: int, ready_path: str, env: dict[str, str]
+    ) -> Iterator[ServerProcess]:
         """A server process for the duration of a `with` block."""
-        server = start_server(name, command, port, ready_path, self.args.out / "logs", env, self.args.start_timeout)
+        server = start_server(
+            name, command, port, ready_path, self.args.out / "logs", env, self.args.start_timeout
+        )
         try:
             yield server
         finally:
@@ -144,7 +171,11 @@ class Run:
         env = server_env(self.settings, model)
         endpoint = HANDLERS[model].endpoint
         if system in ("handwritten", "litserve"):
-            module = "loadtests.baselines.handwritten" if system == "handwritten" else "loadtests.baselines.litserve_server"
+            module = (
+                "loadtests.baselines.handwritten"
+                if system == "handwritten"
+                else "loadtests.baselines.litserve_server"
+            )
             command = [sys.executable, "-m", module, "--model", model, "--port", str(port)]
             with self.server(f"{model}-{system}", command, port, "/health", env) as server:
                 yield server.base_url + endpoint
@@ -152,9 +183,12 @@ class Run:
             with self.gateway(f"{model}-{system}", model, port, CVSERVE_BACKEND="embedded") as server:
                 yield server.base_url + endpoint
         else:
-            with self.triton() as grpc_url, self.gateway(
-                f"{model}-{system}", model, port, CVSERVE_BACKEND="triton", CVSERVE_TRITON_URL=grpc_url
-            ) as server:
+            with (
+                self.triton() as grpc_url,
+                self.gateway(
+                    f"{model}-{system}", model, port, CVSERVE_BACKEND="triton", CVSERVE_TRITON_URL=grpc_url
+                ) as server,
+            ):
                 yield server.base_url + endpoint
 
     @contextmanager
@@ -168,7 +202,9 @@ class Run:
             **env,
         }
         command = [sys.executable, "-m", "service"]
-        with self.server(name, command, port, "/ready", server_env(self.settings, model, **overrides)) as server:
+        with self.server(
+            name, command, port, "/ready", server_env(self.settings, model, **overrides)
+        ) as server:
             yield server
 
     @contextmanager
@@ -177,8 +213,14 @@ class Run:
         from stack.triton import start_tritonserver
 
         with tempfile.TemporaryDirectory(prefix="bench-triton-", dir=self.args.out) as work:
-            triton = start_tritonserver(self.args.triton_repository, free_port(), free_port(), free_port(),
-                                        work_dir=work, ready_timeout_s=self.args.start_timeout)
+            triton = start_tritonserver(
+                self.args.triton_repository,
+                free_port(),
+                free_port(),
+                free_port(),
+                work_dir=work,
+                ready_timeout_s=self.args.start_timeout,
+            )
             try:
                 yield triton.grpc_url
             finally:
@@ -199,16 +241,38 @@ class Run:
         args = self.args
         results = []
         for concurrency in args.concurrency:
-            result = await closed_loop(system, url, build, concurrency, args.duration, args.warmup, args.max_requests)
-            log.info("%-12s c=%-3d %7.1f req/s  p50 %7.1f ms  p99 %7.1f ms  errors %d", system, concurrency,
-                     result.throughput_rps, result.p50_ms, result.p99_ms, result.errors)
+            result = await closed_loop(
+                system, url, build, concurrency, args.duration, args.warmup, args.max_requests
+            )
+            log.info(
+                "%-12s c=%-3d %7.1f req/s  p50 %7.1f ms  p99 %7.1f ms  errors %d",
+                system,
+                concurrency,
+                result.throughput_rps,
+                result.p50_ms,
+                result.p99_ms,
+                result.errors,
+            )
             results.append(result)
         best = max(results, key=lambda r: r.throughput_rps)
         if args.half_load_duration > 0 and best.throughput_rps > 0:
-            half = await open_loop(system, url, build, best.throughput_rps / 2, args.half_load_duration, args.warmup,
-                                   max_in_flight=4 * max(args.concurrency))
-            log.info("%-12s open loop %.1f req/s offered: p50 %.1f ms  p99 %.1f ms  errors %d", system,
-                     half.offered_rps, half.p50_ms, half.p99_ms, half.errors)
+            half = await open_loop(
+                system,
+                url,
+                build,
+                best.throughput_rps / 2,
+                args.half_load_duration,
+                args.warmup,
+                max_in_flight=4 * max(args.concurrency),
+            )
+            log.info(
+                "%-12s open loop %.1f req/s offered: p50 %.1f ms  p99 %.1f ms  errors %d",
+                system,
+                half.offered_rps,
+                half.p50_ms,
+                half.p99_ms,
+                half.errors,
+            )
             results.append(half)
         return results
 
@@ -220,8 +284,9 @@ class Run:
         raw = measure_model(pipeline, prepared, sizes, self.args.raw_duration)
         raw.append(measure_pipeline(pipeline, images, sizes[-1], self.args.raw_duration))
         for r in raw:
-            log.info("%s in-process %-8s batch %2d: %7.1f images/s", model, r.stage, r.batch_size, r.images_per_s)
-        del pipeline, prepared  # free the model before the servers load theirs
+            log.info(
+                "%s in-process %-8s batch %2d: %7.1f images/s", model, r.stage, r.batch_size, r.images_per_s
+            )
 
         loads: list[LoadResult] = []
         skipped: dict[str, str] = {}
@@ -239,9 +304,15 @@ class Run:
             except RuntimeError as error:  # a server that does not start is reported; the others still run
                 failed[system] = str(error).splitlines()[0]
                 log.error("%s %s failed: %s", model, system, error)
+        # The same (a) figure again: if the machine's load changed during the run, this shows it.
+        (again,) = measure_model(pipeline, prepared, sizes[-1:], self.args.raw_duration)
+        log.info(
+            "%s in-process model batch %2d again: %7.1f images/s", model, again.batch_size, again.images_per_s
+        )
         result = {
             "model": model,
             "inprocess": [dataclasses.asdict(r) for r in raw],
+            "inprocess_again": dataclasses.asdict(again),
             "loads": [dataclasses.asdict(r) for r in loads],
             "skipped": skipped,
             "failed": failed,
@@ -282,19 +353,29 @@ def main(argv: list[str] | None = None) -> int:
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
         "wall_s": round(time.time() - started, 1),
         "machine": info,
-        "settings": {k: getattr(settings, k) for k in ("max_batch_size", "batch_wait_timeout_s", "torch_threads",
-                                                        "model_num_cpus", "model_replicas", "ingress_replicas")},
+        "settings": {
+            k: getattr(settings, k)
+            for k in (
+                "max_batch_size",
+                "batch_wait_timeout_s",
+                "torch_threads",
+                "model_num_cpus",
+                "model_replicas",
+                "ingress_replicas",
+            )
+        },
         "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "images": [{"name": i.name, "bytes": len(i.data)} for i in images],
         "models": per_model,
     }
     (args.out / "bench.json").write_text(json.dumps(results, indent=2))
     report.plot(results, args.out / "bench.png")
+    (args.out / "bench.md").write_text(report.markdown(results))
     print(report.header(results))
     for model_result in per_model:
         print()
         print(report.table(model_result))
-    print(f"\nwrote {args.out / 'bench.json'} and {args.out / 'bench.png'}")
+    print(f"\nwrote bench.json, bench.md and bench.png under {args.out}")
     return 1 if any(m["failed"] for m in per_model) else 0
 
 

@@ -4,6 +4,7 @@ decode → preprocess → model → postprocess pipeline in one process without 
 
 from __future__ import annotations
 
+import functools
 import itertools
 import time
 from collections.abc import Callable
@@ -38,20 +39,32 @@ def _time_batches(run: Callable[[], object], duration_s: float, max_batches: int
 
 
 def measure_model(
-    pipeline: ModelPipeline, images: list[np.ndarray], batch_sizes: list[int], duration_s: float, max_batches: int = 10_000
+    pipeline: ModelPipeline,
+    images: list[np.ndarray],
+    batch_sizes: list[int],
+    duration_s: float,
+    max_batches: int = 10_000,
 ) -> list[RawResult]:
     """Throughput of the model alone on already preprocessed images, one warm-up batch per size."""
     results = []
     for size in batch_sizes:
         batch = [images[i % len(images)] for i in range(size)]
         pipeline.infer(batch)
-        times = _time_batches(lambda: pipeline.infer(batch), duration_s, max_batches)
-        results.append(RawResult("model", size, len(times), size * len(times) / sum(times), 1000 * float(np.median(times))))
+        times = _time_batches(functools.partial(pipeline.infer, batch), duration_s, max_batches)
+        results.append(
+            RawResult(
+                "model", size, len(times), size * len(times) / sum(times), 1000 * float(np.median(times))
+            )
+        )
     return results
 
 
 def measure_pipeline(
-    pipeline: ModelPipeline, images: list[EncodedImage], batch_size: int, duration_s: float, max_batches: int = 10_000
+    pipeline: ModelPipeline,
+    images: list[EncodedImage],
+    batch_size: int,
+    duration_s: float,
+    max_batches: int = 10_000,
 ) -> RawResult:
     """Throughput of decode + preprocess + model + postprocess in this process, `batch_size` at a time."""
     cursor = itertools.count()
@@ -65,4 +78,10 @@ def measure_pipeline(
 
     run()
     times = _time_batches(run, duration_s, max_batches)
-    return RawResult("pipeline", batch_size, len(times), batch_size * len(times) / sum(times), 1000 * float(np.median(times)))
+    return RawResult(
+        "pipeline",
+        batch_size,
+        len(times),
+        batch_size * len(times) / sum(times),
+        1000 * float(np.median(times)),
+    )

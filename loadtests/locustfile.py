@@ -40,16 +40,40 @@ def add_arguments(parser: LocustArgumentParser) -> None:
             env_var=f"LOCUST_{endpoint.upper()}_WEIGHT",
             help=f"relative weight of POST /{endpoint} (0 leaves it out; default {weight})",
         )
-    group.add_argument("--wait-min", type=float, default=0.1, env_var="LOCUST_WAIT_MIN",
-                       help="shortest think time between a user's requests, seconds")
-    group.add_argument("--wait-max", type=float, default=1.0, env_var="LOCUST_WAIT_MAX",
-                       help="longest think time between a user's requests, seconds")
-    group.add_argument("--upload", choices=UPLOAD_STYLES, default="mixed", env_var="LOCUST_UPLOAD",
-                       help="send images as multipart field `file`, as a raw body, or alternate (default)")
-    group.add_argument("--image-count", type=int, default=16, env_var="LOCUST_IMAGE_COUNT",
-                       help="distinct images generated at start, cycling sizes and JPEG/PNG")
-    group.add_argument("--image-sizes", default=",".join(f"{w}x{h}" for w, h in DEFAULT_SIZES),
-                       env_var="LOCUST_IMAGE_SIZES", help="comma-separated WIDTHxHEIGHT list")
+    group.add_argument(
+        "--wait-min",
+        type=float,
+        default=0.1,
+        env_var="LOCUST_WAIT_MIN",
+        help="shortest think time between a user's requests, seconds",
+    )
+    group.add_argument(
+        "--wait-max",
+        type=float,
+        default=1.0,
+        env_var="LOCUST_WAIT_MAX",
+        help="longest think time between a user's requests, seconds",
+    )
+    group.add_argument(
+        "--upload",
+        choices=UPLOAD_STYLES,
+        default="mixed",
+        env_var="LOCUST_UPLOAD",
+        help="send images as multipart field `file`, as a raw body, or alternate (default)",
+    )
+    group.add_argument(
+        "--image-count",
+        type=int,
+        default=16,
+        env_var="LOCUST_IMAGE_COUNT",
+        help="distinct images generated at start, cycling sizes and JPEG/PNG",
+    )
+    group.add_argument(
+        "--image-sizes",
+        default=",".join(f"{w}x{h}" for w, h in DEFAULT_SIZES),
+        env_var="LOCUST_IMAGE_SIZES",
+        help="comma-separated WIDTHxHEIGHT list",
+    )
 
 
 def _endpoint_task(endpoint: str) -> Callable[[CvserveUser], None]:
@@ -92,7 +116,7 @@ class CvserveUser(HttpUser):
 
     wait_time = between(0.1, 1.0)
     upload = "mixed"
-    tasks = [_endpoint_task(e) for e, w in DEFAULT_WEIGHTS.items() for _ in range(w)]
+    tasks = [_endpoint_task(e) for e, w in DEFAULT_WEIGHTS.items() for _ in range(w)]  # noqa: RUF012 (Locust's API)
 
     def on_start(self) -> None:
         if not _images:
@@ -110,8 +134,12 @@ class CvserveUser(HttpUser):
     def post_image(self, endpoint: str) -> None:
         """Upload the next image; anything but HTTP 200 with one result fails."""
         image = next(self._images)
-        with self.client.post(f"/{endpoint}", name=f"/{endpoint}", catch_response=True, **self._body(image)) as response:
+        with self.client.post(
+            f"/{endpoint}", name=f"/{endpoint}", catch_response=True, **self._body(image)
+        ) as response:
             if response.status_code != 200:
                 response.failure(f"{image.name}: HTTP {response.status_code}: {response.text[:200]}")
             elif _result_count(response.text) != 1:
-                response.failure(f"{image.name}: body is not an answer with one result: {response.text[:200]}")
+                response.failure(
+                    f"{image.name}: body is not an answer with one result: {response.text[:200]}"
+                )

@@ -11,6 +11,7 @@ TARGET_VS_RAW = 0.8
 TARGET_VS_HANDWRITTEN = 1.5
 TARGET_P99_OVER_P50 = 2.0
 OURS = ("embedded", "triton")
+NOISY_DRIFT = 0.10  # (a) measured again at the end differs by more than this: the figures are noisy
 
 
 def _ratio(value: float, base: float | None) -> float | None:
@@ -32,7 +33,12 @@ def summarize(results: dict[str, Any]) -> dict[str, Any]:
             entry["half_load"] = load
     handwritten = systems.get("handwritten", {}).get("saturation")
     hand_rps = handwritten["throughput_rps"] if handwritten else None
-    summary: dict[str, Any] = {"raw_limit_images_per_s": raw_limit, "handwritten_rps": hand_rps, "systems": {}}
+    summary: dict[str, Any] = {
+        "raw_limit_images_per_s": raw_limit,
+        "handwritten_rps": hand_rps,
+        "raw_drift": _raw_drift(results),
+        "systems": {},
+    }
     for name, entry in systems.items():
         sat, half = entry["saturation"], entry["half_load"]
         row: dict[str, Any] = {
@@ -42,7 +48,9 @@ def summarize(results: dict[str, Any]) -> dict[str, Any]:
             "vs_handwritten": _ratio(sat["throughput_rps"], hand_rps),
             "half_load_p50_ms": half["p50_ms"] if half else None,
             "half_load_p99_ms": half["p99_ms"] if half else None,
-            "half_load_p99_over_p50": half["p99_ms"] / half["p50_ms"] if half and half["p50_ms"] > 0 else None,
+            "half_load_p99_over_p50": half["p99_ms"] / half["p50_ms"]
+            if half and half["p50_ms"] > 0
+            else None,
             "errors": sum(l["errors"] for l in results["loads"] if l["system"] == name),
         }
         if name in OURS:
@@ -57,6 +65,26 @@ def summarize(results: dict[str, Any]) -> dict[str, Any]:
             }
         summary["systems"][name] = row
     return summary
+
+
+def _raw_drift(results: dict[str, Any]) -> float | None:
+    """Relative change of the (a) figure measured again after the servers (a noise indicator)."""
+    again = results.get("inprocess_again")
+    if again is None:
+        return None
+    before = next(
+        r for r in results["inprocess"] if r["stage"] == "model" and r["batch_size"] == again["batch_size"]
+    )
+    return again["images_per_s"] / before["images_per_s"] - 1
+
+
+def _noise_line(results: dict[str, Any]) -> str | None:
+    drift = results["summary"]["raw_drift"]
+    if drift is None:
+        return None
+    again = results["inprocess_again"]
+    flag = "  <- NOISY: the machine's load changed during the run" if abs(drift) > NOISY_DRIFT else ""
+    return f"(a) model batch {again['batch_size']} measured again at the end: {again['images_per_s']:.1f} img/s ({drift:+.0%}){flag}"
 
 
 def _verdict(value: float | None, threshold: float, at_least: bool) -> str:
@@ -82,26 +110,42 @@ def table(results: dict[str, Any]) -> str:
     summary = results["summary"]
     raw, hand = summary["raw_limit_images_per_s"], summary["handwritten_rps"]
     head = f"{'system':<22}{'load':>10}{'img/s':>9}{'p50 ms':>9}{'p95 ms':>9}{'p99 ms':>9}{'err':>6}{'x(a)':>7}{'x(c)':>7}"
-    lines = [f"model {results['model']}  (x(a): ratio to the best (a) model figure; x(c): to (c) at saturation)",
-             head, "-" * len(head)]
+    lines = [
+        f"model {results['model']}  (x(a): ratio to the best (a) model figure; x(c): to (c) at saturation)",
+        head,
+        "-" * len(head),
+    ]
     for r in results["inprocess"]:
         name = f"(a) {'model' if r['stage'] == 'model' else 'decode+model+post'}"
-        lines.append(f"{name:<22}{'batch ' + str(r['batch_size']):>10}{r['images_per_s']:>9.1f}{r['batch_ms_p50']:>9.1f}"
-                     f"{'':>9}{'':>9}{'':>6}{_fmt(_ratio(r['images_per_s'], raw), '.2f'):>7}"
-                     f"{_fmt(_ratio(r['images_per_s'], hand), '.2f'):>7}")
-    labels = {"embedded": "(b) ours embedded", "triton": "(b) ours triton", "handwritten": "(c) hand-written",
-              "litserve": "(d) litserve"}
+        lines.append(
+            f"{name:<22}{'batch ' + str(r['batch_size']):>10}{r['images_per_s']:>9.1f}{r['batch_ms_p50']:>9.1f}"
+            f"{'':>9}{'':>9}{'':>6}{_fmt(_ratio(r['images_per_s'], raw), '.2f'):>7}"
+            f"{_fmt(_ratio(r['images_per_s'], hand), '.2f'):>7}"
+        )
+    labels = {
+        "embedded": "(b) ours embedded",
+        "triton": "(b) ours triton",
+        "handwritten": "(c) hand-written",
+        "litserve": "(d) litserve",
+    }
     for load in results["loads"]:
         what = f"c={load['concurrency']}" if load["mode"] == "closed" else f"{load['offered_rps']:.0f}/s open"
-        lines.append(f"{labels.get(load['system'], load['system']):<22}{what:>10}{load['throughput_rps']:>9.1f}"
-                     f"{_fmt(load['p50_ms']):>9}{_fmt(load['p95_ms']):>9}{_fmt(load['p99_ms']):>9}{load['errors']:>6}"
-                     f"{_fmt(_ratio(load['throughput_rps'], raw), '.2f'):>7}"
-                     f"{_fmt(_ratio(load['throughput_rps'], hand), '.2f'):>7}")
+        lines.append(
+            f"{labels.get(load['system'], load['system']):<22}{what:>10}{load['throughput_rps']:>9.1f}"
+            f"{_fmt(load['p50_ms']):>9}{_fmt(load['p95_ms']):>9}{_fmt(load['p99_ms']):>9}{load['errors']:>6}"
+            f"{_fmt(_ratio(load['throughput_rps'], raw), '.2f'):>7}"
+            f"{_fmt(_ratio(load['throughput_rps'], hand), '.2f'):>7}"
+        )
     lines.append("")
+    noise = _noise_line(results)
+    if noise:
+        lines.append(noise)
     for name, row in summary["systems"].items():
-        lines.append(f"{labels.get(name, name)}: saturation {row['saturation_rps']:.1f} img/s at c={row['saturation_concurrency']}"
-                     f" = {_fmt(row['vs_raw'], '.2f')}x (a), {_fmt(row['vs_handwritten'], '.2f')}x (c); half load p99/p50"
-                     f" {_fmt(row['half_load_p99_over_p50'], '.2f')}; errors {row['errors']}")
+        lines.append(
+            f"{labels.get(name, name)}: saturation {row['saturation_rps']:.1f} img/s at c={row['saturation_concurrency']}"
+            f" = {_fmt(row['vs_raw'], '.2f')}x (a), {_fmt(row['vs_handwritten'], '.2f')}x (c); half load p99/p50"
+            f" {_fmt(row['half_load_p99_over_p50'], '.2f')}; errors {row['errors']}"
+        )
         for target, verdict in row.get("targets", {}).items():
             lines.append(f"    target {target}: {verdict}")
     for name, reason in results["skipped"].items():
@@ -122,14 +166,21 @@ def plot(results: dict[str, Any], path: Path) -> None:
     fig, axes = plt.subplots(len(runs), 1, figsize=(9, 5 * len(runs)), squeeze=False)
     for ax, run in zip(axes[:, 0], runs):
         _plot_model(ax, run)
-    fig.suptitle(f"throughput vs latency · {results['machine']['cpus']} CPUs · {results['started']}", fontsize=10)
+    fig.suptitle(
+        f"throughput vs latency · {results['machine']['cpus']} CPUs · {results['started']}", fontsize=10
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
 def _plot_model(ax: Any, run: dict[str, Any]) -> None:
-    colours = {"embedded": "tab:blue", "triton": "tab:purple", "handwritten": "tab:orange", "litserve": "tab:green"}
+    colours = {
+        "embedded": "tab:blue",
+        "triton": "tab:purple",
+        "handwritten": "tab:orange",
+        "litserve": "tab:green",
+    }
     for system in dict.fromkeys(load["system"] for load in run["loads"]):
         closed = [l for l in run["loads"] if l["system"] == system and l["mode"] == "closed"]
         xs = [l["throughput_rps"] for l in closed]
@@ -137,18 +188,88 @@ def _plot_model(ax: Any, run: dict[str, Any]) -> None:
         ax.plot(xs, [l["p50_ms"] for l in closed], "o-", color=colour, label=f"{system} p50")
         ax.plot(xs, [l["p99_ms"] for l in closed], "s--", color=colour, alpha=0.6, label=f"{system} p99")
         for l in closed:
-            ax.annotate(f"c={l['concurrency']}", (l["throughput_rps"], l["p50_ms"]), fontsize=7,
-                        textcoords="offset points", xytext=(3, -9))
+            ax.annotate(
+                f"c={l['concurrency']}",
+                (l["throughput_rps"], l["p50_ms"]),
+                fontsize=7,
+                textcoords="offset points",
+                xytext=(3, -9),
+            )
         for l in run["loads"]:
             if l["system"] == system and l["mode"] == "open":
-                ax.plot([l["throughput_rps"]] * 2, [l["p50_ms"], l["p99_ms"]], "*-", color=colour, markersize=11)
+                ax.plot(
+                    [l["throughput_rps"]] * 2, [l["p50_ms"], l["p99_ms"]], "*-", color=colour, markersize=11
+                )
     for r in run["inprocess"]:
-        ax.axvline(r["images_per_s"], color="grey", linestyle=":" if r["stage"] == "model" else "-.", linewidth=0.8)
-        ax.text(r["images_per_s"], 0.02, f" (a) {r['stage']} b={r['batch_size']}", rotation=90, fontsize=7,
-                color="grey", transform=ax.get_xaxis_transform(), va="bottom")
+        ax.axvline(
+            r["images_per_s"], color="grey", linestyle=":" if r["stage"] == "model" else "-.", linewidth=0.8
+        )
+        ax.text(
+            r["images_per_s"],
+            0.02,
+            f" (a) {r['stage']} b={r['batch_size']}",
+            rotation=90,
+            fontsize=7,
+            color="grey",
+            transform=ax.get_xaxis_transform(),
+            va="bottom",
+        )
     ax.set_yscale("log")
     ax.set_xlabel("throughput (images/s)")
     ax.set_ylabel("latency (ms)")
-    ax.set_title(f"{run['model']} (closed loop at c clients; ★ = open loop at half saturation, p50 to p99)", fontsize=9)
+    ax.set_title(
+        f"{run['model']} (closed loop at c clients; ★ = open loop at half saturation, p50 to p99)", fontsize=9
+    )
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
+
+
+def markdown(results: dict[str, Any]) -> str:
+    """The run as Markdown tables (what RESULTS.md quotes): one per model, then the verdicts."""
+    m = results["machine"]
+    lines = [
+        (
+            f"Run {results['started']} · {m['cpus']} CPUs ({m['processor']}) · CUDA {m['cuda']} · torch {m['torch']} · "
+            f"load average {m['loadavg_start'][0]:.1f} at start, {m['loadavg_end'][0]:.1f} at end · "
+            f"{results['wall_s']:.0f} s"
+        )
+    ]
+    if results["note"]:
+        lines.append(f"Note: {results['note']}")
+    for run in results["models"]:
+        summary = run["summary"]
+        raw, hand = summary["raw_limit_images_per_s"], summary["handwritten_rps"]
+        lines += [
+            "",
+            f"### {run['model']}",
+            "",
+            "| system | load | img/s | p50 ms | p95 ms | p99 ms | errors | × (a) | × (c) |",
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for r in run["inprocess"]:
+            what = "(a) model alone" if r["stage"] == "model" else "(a) decode+model+post"
+            lines.append(
+                f"| {what} | batch {r['batch_size']} | {r['images_per_s']:.1f} | {r['batch_ms_p50']:.1f} (batch) | | | | "
+                f"{_fmt(_ratio(r['images_per_s'], raw), '.2f')} | {_fmt(_ratio(r['images_per_s'], hand), '.2f')} |"
+            )
+        for l in run["loads"]:
+            what = (
+                f"{l['concurrency']} clients"
+                if l["mode"] == "closed"
+                else f"open loop {l['offered_rps']:.1f}/s"
+            )
+            lines.append(
+                f"| {l['system']} | {what} | {l['throughput_rps']:.1f} | {_fmt(l['p50_ms'])} | {_fmt(l['p95_ms'])} | "
+                f"{_fmt(l['p99_ms'])} | {l['errors']} | {_fmt(_ratio(l['throughput_rps'], raw), '.2f')} | "
+                f"{_fmt(_ratio(l['throughput_rps'], hand), '.2f')} |"
+            )
+        lines.append("")
+        noise = _noise_line(run)
+        if noise:
+            lines.append(f"* {noise}")
+        for name, row in summary["systems"].items():
+            for target, verdict in row.get("targets", {}).items():
+                lines.append(f"* {name}: {target}: **{verdict}**")
+        for name, reason in {**run["skipped"], **run["failed"]}.items():
+            lines.append(f"* {name}: not measured: {reason}")
+    return "\n".join(lines) + "\n"

@@ -47,13 +47,17 @@ def create_app(settings: Settings, model: str) -> FastAPI:
 
 def main() -> None:
     """Parse arguments and serve until interrupted."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model", default="classifier", choices=["classifier", "detector", "segmenter"])
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8100)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO)
-    uvicorn.run(create_app(Settings(), args.model), host=args.host, port=args.port, workers=1, log_level="warning")
+    uvicorn.run(
+        create_app(Settings(), args.model), host=args.host, port=args.port, workers=1, log_level="warning"
+    )
 
 
 if __name__ == "__main__":

@@ -72,7 +72,9 @@ class ShapesAPI(ls.LitAPI):
 
 def main() -> None:
     """Parse arguments and serve until interrupted."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model", default="classifier", choices=["classifier", "detector", "segmenter"])
     parser.add_argument("--port", type=int, default=8200)
     args = parser.parse_args()

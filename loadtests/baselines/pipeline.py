@@ -20,6 +20,7 @@ from service.handlers.common import Geometry
 from service.images import decode_image
 from service.settings import Settings
 
+
 def load_torchscript(path: Path) -> torch.jit.ScriptModule:
     """Load an exported model.pt for CPU inference (TorchScript is Triton's libtorch format)."""
     with warnings.catch_warnings():

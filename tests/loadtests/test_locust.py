@@ -13,7 +13,9 @@ from tests.conftest import ROOT
 LOCUSTFILE = ROOT / "loadtests" / "locustfile.py"
 
 
-def run_locust(host: str, out: Path, run_time_s: int, users: int, *extra: str) -> tuple[int, str, dict[str, dict[str, str]]]:
+def run_locust(
+    host: str, out: Path, run_time_s: int, users: int, *extra: str
+) -> tuple[int, str, dict[str, dict[str, str]]]:
     """Run Locust headless for `run_time_s`; return its exit code, output tail and CSV stats by name."""
     command = [
         sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless", "--host", host,
@@ -22,14 +24,18 @@ def run_locust(host: str, out: Path, run_time_s: int, users: int, *extra: str) -
         "--image-count", "8", "--exit-code-on-error", "1", *extra,
     ]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=run_time_s + 45)
+    done = subprocess.run(
+        command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=run_time_s + 45, check=False
+    )
     with (out / "locust_stats.csv").open(newline="") as stats:
         rows = {row["Name"]: row for row in csv.DictReader(stats)}
     return done.returncode, (done.stdout + done.stderr)[-3000:], rows
 
 
 def test_mixed_load_on_every_endpoint_has_no_failures(embedded_gateway: str, tmp_path: Path) -> None:
-    code, output, rows = run_locust(embedded_gateway, tmp_path, 20, 4, "--wait-min", "0.05", "--wait-max", "0.5")
+    code, output, rows = run_locust(
+        embedded_gateway, tmp_path, 20, 4, "--wait-min", "0.05", "--wait-max", "0.5"
+    )
     assert code == 0, output
     for endpoint in ("/classify", "/detect", "/segment"):
         assert int(rows[endpoint]["Request Count"]) > 0, f"no {endpoint} requests were made:\n{output}"
@@ -49,6 +55,8 @@ def test_task_weights_choose_the_endpoints(embedded_gateway: str, tmp_path: Path
 
 def test_failed_requests_fail_the_run(embedded_gateway: str, tmp_path: Path) -> None:
     """The zero-failure check above can fail: errors (here 404s) make Locust exit non-zero."""
-    code, output, rows = run_locust(embedded_gateway + "/no-such-prefix", tmp_path, 3, 1, "--segment-weight", "0")
+    code, output, rows = run_locust(
+        embedded_gateway + "/no-such-prefix", tmp_path, 3, 1, "--segment-weight", "0"
+    )
     assert code == 1, output
     assert int(rows["Aggregated"]["Failure Count"]) > 0, output
