@@ -7,7 +7,11 @@ proxy on `host:port`, deploys `build_app(settings)` and blocks until Ctrl-C.
 from __future__ import annotations
 
 import logging
+import math
+import os
 import signal
+import socket
+import sys
 import threading
 
 import ray
@@ -21,12 +25,41 @@ log = logging.getLogger("service")
 APP_NAME = "cvserve"
 
 
+def port_is_free(host: str, port: int) -> bool:
+    """Whether `host:port` can be bound now (Serve's proxy would otherwise retry forever)."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def logical_cpus(settings: Settings) -> int:
+    """Ray CPUs to declare: the machine's, or enough for every replica to be scheduled."""
+    models = len(settings.models) if settings.backend == "embedded" else 0
+    wanted = settings.ingress_replicas * settings.ingress_num_cpus
+    wanted += models * settings.model_replicas * settings.model_num_cpus
+    return max(os.cpu_count() or 1, math.ceil(wanted) + 1)
+
+
 def main() -> None:
     """Build settings from the environment, deploy, print how to call it, wait for a signal."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = Settings()
-    app = build_app(settings)  # fails here, with "run the export", if model_repository is missing
-    ray.init(address="local", _metrics_export_port=settings.ray_metrics_port, include_dashboard=False)
+    try:
+        app = build_app(settings)
+    except FileNotFoundError as error:
+        sys.exit(f"{error}\nno exported models: run `make models` (or set CVSERVE_MODEL_REPOSITORY)")
+    for name, port in (("CVSERVE_PORT", settings.port), ("CVSERVE_RAY_METRICS_PORT", settings.ray_metrics_port)):
+        if not port_is_free(settings.host if name == "CVSERVE_PORT" else "127.0.0.1", port):
+            sys.exit(f"port {port} is in use (another gateway running?); free it or set {name}")
+    ray.init(
+        address="local",
+        num_cpus=logical_cpus(settings),
+        _metrics_export_port=settings.ray_metrics_port,
+        include_dashboard=False,
+    )
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
