@@ -21,7 +21,9 @@ SIZES = {
     "detector": DemoConfig().scene_size,
     "segmenter": DemoConfig().scene_size,
 }
-BATCHING = ("--max-batch-size", "4", "--preferred-batch-sizes", "2", "4", "--max-queue-delay-us", "500")
+# A long queue delay lets the CPU Triton test see concurrent requests merged into one batch.
+QUEUE_DELAY_US = 200_000
+BATCHING = ("--max-batch-size", "4", "--preferred-batch-sizes", "2", "4", "--max-queue-delay-us", str(QUEUE_DELAY_US))
 
 
 @dataclass(frozen=True)

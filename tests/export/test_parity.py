@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from service.contract import load_contract
-from tests.export.conftest import SIZES, Exported
+from tests.export.conftest import QUEUE_DELAY_US, SIZES, Exported
 from tests.export.support import (
     assert_classifier_matches,
     assert_detector_matches,
@@ -83,7 +83,7 @@ def test_gpu_repository_config(exported: Exported, model: str) -> None:
     assert [(g.kind, g.count) for g in config.instance_group] == [(config.instance_group[0].KIND_GPU, 1)]
     assert config.max_batch_size == 4
     assert list(config.dynamic_batching.preferred_batch_size) == [2, 4]
-    assert config.dynamic_batching.max_queue_delay_microseconds == 500
+    assert config.dynamic_batching.max_queue_delay_microseconds == QUEUE_DELAY_US
     assert sorted(p.name for p in (exported.out / model).iterdir()) == ["1", "config.pbtxt", "labels.txt"]
     assert [p.name for p in (exported.out / model / "1").iterdir()] == ["model.pt"]
 
