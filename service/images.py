@@ -13,9 +13,17 @@ from __future__ import annotations
 import io
 import warnings
 from collections.abc import Collection
+from typing import get_args
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+from service.settings import ImageFormat
+
+# Only these Pillow readers ever see client bytes (no EPS/PDF/PSD/... parsers on untrusted input).
+READABLE_FORMATS: tuple[str, ...] = get_args(ImageFormat)
+# Pillow's name for camera JPEGs carrying extra pictures (MPO): to clients they are JPEGs.
+_FORMAT_ALIASES = {"MPO": "JPEG"}
 
 
 class ImageError(ValueError):
@@ -57,10 +65,11 @@ def decode_image(data: bytes, max_pixels: int, allowed_formats: Collection[str])
     if not data:
         raise UndecodableImage("the image is empty")
     try:
-        with Image.open(io.BytesIO(data)) as image:
-            if image.format not in allowed_formats:
+        with Image.open(io.BytesIO(data), formats=READABLE_FORMATS) as image:
+            image_format = _FORMAT_ALIASES.get(image.format or "", image.format)
+            if image_format not in allowed_formats:
                 raise UnsupportedImageFormat(
-                    f"image format {image.format} is not accepted; use one of {', '.join(allowed_formats)}"
+                    f"image format {image_format} is not accepted; use one of {', '.join(allowed_formats)}"
                 )
             if image.width * image.height > max_pixels:
                 raise ImageTooLarge(

@@ -20,6 +20,12 @@ from starlette.types import Message
 from service.errors import ApiError, describe_validation_errors
 
 FILE_FIELDS = ("file", "files")
+# Raw-body media types of the raster formats the gateway can read; any other image/* (SVG, HEIC, ...)
+# is refused up front with 415. The body is still sniffed: the header only has to name a raster type.
+RASTER_MEDIA_TYPES = frozenset(
+    {"image/jpeg", "image/jpg", "image/pjpeg", "image/png", "image/apng", "image/webp", "image/bmp",
+     "image/x-ms-bmp", "image/gif", "image/tiff"}
+)
 
 
 @dataclass
@@ -51,21 +57,22 @@ async def read_body(request: Request, max_bytes: int) -> bytes:
 async def read_images(request: Request, body_model: type[BaseModel], max_bytes: int, max_images: int) -> ImageInputs:
     """Return the request's images whatever the style; 4xx errors say what was expected."""
     media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    body = await read_body(request, max_bytes)
-    if media_type == "multipart/form-data":
-        inputs = await _from_multipart(request, body)
-    elif media_type == "application/json":
-        inputs = _from_json(body, body_model)
-    elif media_type.startswith("image/") or media_type == "application/octet-stream":
-        inputs = ImageInputs([body])
-    else:
-        raise ApiError(
+    raw = media_type in RASTER_MEDIA_TYPES or media_type == "application/octet-stream"
+    if not raw and media_type not in ("multipart/form-data", "application/json"):
+        raise ApiError(  # before reading the body: nothing to gain from it
             415,
             "unsupported_media_type",
             f"Content-Type {media_type or '(none)'} is not accepted; send multipart/form-data with field "
             "'file' or 'files', a raw image with Content-Type image/jpeg|png|webp, or application/json "
             '{"images": [<base64>]}',
         )
+    body = await read_body(request, max_bytes)
+    if raw:
+        inputs = ImageInputs([body])
+    elif media_type == "multipart/form-data":
+        inputs = await _from_multipart(request, body)
+    else:
+        inputs = _from_json(body, body_model)
     if not inputs.blobs or not any(inputs.blobs):
         raise ApiError(400, "no_image", "the request contains no image")
     if len(inputs.blobs) > max_images:

@@ -65,10 +65,19 @@ def letterbox(image: np.ndarray, size: tuple[int, int]) -> tuple[np.ndarray, Geo
 def resize_center_crop(image: np.ndarray, resize_size: int, size: tuple[int, int]) -> tuple[np.ndarray, Geometry]:
     """Resize the shorter side to `resize_size` (bilinear, antialias), then centre-crop to `size`."""
     height, width = image.shape[:2]
-    resized = F.resize(to_chw_tensor(image), [resize_size], interpolation=InterpolationMode.BILINEAR, antialias=True)
-    new_h, new_w = resized.shape[1:]
-    cropped = F.center_crop(resized, list(size))
+    scale = resize_size / min(height, width)
+    new_h, new_w = (resize_size, int(width * scale)) if height <= width else (int(height * scale), resize_size)
     target_h, target_w = size
+    band = _central_band(image, scale, max(target_h, target_w))
+    if band is None:
+        resized = F.resize(to_chw_tensor(image), [new_h, new_w], interpolation=InterpolationMode.BILINEAR, antialias=True)
+    else:  # a very long image: resize only the part around the crop (same scale), not megapixels to throw away
+        band_h, band_w = band.shape[:2]
+        resized = F.resize(
+            to_chw_tensor(band), [round(band_h * scale), round(band_w * scale)],
+            interpolation=InterpolationMode.BILINEAR, antialias=True,
+        )
+    cropped = F.center_crop(resized, list(size))
     geometry = Geometry(
         width,
         height,
@@ -80,6 +89,18 @@ def resize_center_crop(image: np.ndarray, resize_size: int, size: tuple[int, int
         target_h,
     )
     return np.ascontiguousarray(cropped.numpy()), geometry
+
+
+def _central_band(image: np.ndarray, scale: float, target: int) -> np.ndarray | None:
+    """The centre of the long side that covers a `target`-pixel crop after scaling (plus a filter margin),
+    or None when the resized image would be small anyway (then the plain path is exact and cheap)."""
+    height, width = image.shape[:2]
+    long_side = max(height, width)
+    if long_side * scale <= 16 * target:
+        return None
+    span = min(long_side, int(np.ceil((target + 8) / scale)) + 4)
+    start = (long_side - span) // 2
+    return image[:, start : start + span] if width >= height else image[start : start + span]
 
 
 def preprocess_image(image: np.ndarray, contract: ModelContract) -> tuple[np.ndarray, Geometry]:

@@ -1,0 +1,57 @@
+"""Gateways for the hardening tests, deployed beside the session's default one (tests/conftest.py).
+
+Each extra app runs only the classifier, so it costs one model replica and one ingress replica.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import Deploy
+
+API_KEY = "hardening-key-0123456789"
+STRICT_MAX_BODY = 64 * 1024
+STRICT_MAX_PIXELS = 200 * 200
+STRICT_MAX_IMAGES = 2
+
+
+def small_settings(model_repository: Path, **overrides: object) -> object:
+    """Settings of a classifier-only CPU gateway; `overrides` set the limits a test is about."""
+    from service.settings import Settings
+
+    base: dict[str, object] = {
+        "model_repository": model_repository,
+        "device": "cpu",
+        "models": ("classifier",),
+        "torch_threads": 1,
+        "max_batch_size": 4,
+        "batch_wait_timeout_s": 0.005,
+    }
+    return Settings(**{**base, **overrides})
+
+
+@pytest.fixture(scope="session")
+def client(embedded_gateway: str) -> Iterator[httpx.Client]:
+    """A client of the session's default gateway (all three models, default limits)."""
+    with httpx.Client(base_url=embedded_gateway, timeout=60) as session:
+        yield session
+
+
+@pytest.fixture(scope="session")
+def strict_gateway(deploy: Deploy, model_repository: Path) -> str:
+    """A gateway with small limits, PNG/JPEG only and an API key."""
+    from service.app import build_app
+
+    settings = small_settings(
+        model_repository,
+        max_body_bytes=STRICT_MAX_BODY,
+        max_pixels=STRICT_MAX_PIXELS,
+        max_images_per_request=STRICT_MAX_IMAGES,
+        allowed_formats=("PNG", "JPEG"),
+        api_key=API_KEY,
+    )
+    return deploy(build_app(settings), "hardening-strict", "/hardening-strict")
