@@ -85,12 +85,16 @@ class Gateway:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if not self.running():
-                raise RuntimeError(f"gateway exited with code {self.process.returncode}; log {self.log_path}:\n"
-                                   f"{_tail(self.log_path)}")
+                raise RuntimeError(
+                    f"gateway exited with code {self.process.returncode}; log {self.log_path}:\n"
+                    f"{_tail(self.log_path)}"
+                )
             if self.is_ready():
                 return
             time.sleep(0.5)
-        raise TimeoutError(f"gateway not ready after {timeout_s}s; log {self.log_path}:\n{_tail(self.log_path)}")
+        raise TimeoutError(
+            f"gateway not ready after {timeout_s}s; log {self.log_path}:\n{_tail(self.log_path)}"
+        )
 
     def stop(self, timeout_s: float = 30.0) -> None:
         """SIGTERM the gateway (it shuts Serve and Ray down itself), then SIGKILL its group."""
@@ -153,7 +157,9 @@ def prometheus_targets(ports: Ports) -> dict[str, list[str]]:
     }
 
 
-def _announce(ports: Ports, triton: TritonServer, gateway: Gateway, prometheus: PrometheusServer, logs: Path) -> None:
+def _announce(
+    ports: Ports, triton: TritonServer, gateway: Gateway, prometheus: PrometheusServer, logs: Path
+) -> None:
     lines = [
         "cvserve stack is ready (Ctrl-C stops everything):",
         f"  gateway      {gateway.url}   (API docs {gateway.url}/docs, demo page {gateway.url}/)",
@@ -186,13 +192,23 @@ def run(ports: Ports, repository: Path, model_repository: Path, logs: Path, read
     gateway: Gateway | None = None
     prometheus: PrometheusServer | None = None
     try:
-        log.info("starting tritonserver on CPU (%s), log %s", repository, logs / "tritonserver" / "tritonserver.log")
+        log.info(
+            "starting tritonserver on CPU (%s), log %s",
+            repository,
+            logs / "tritonserver" / "tritonserver.log",
+        )
         triton = start_tritonserver(
-            repository, ports.triton_http, ports.triton_grpc, ports.triton_metrics,
-            work_dir=logs / "tritonserver", wait=False,
+            repository,
+            ports.triton_http,
+            ports.triton_grpc,
+            ports.triton_metrics,
+            work_dir=logs / "tritonserver",
+            wait=False,
         )
         prometheus = start_prometheus(
-            render_config(prometheus_targets(ports), scrape_interval="5s"), ports.prometheus, logs / "prometheus"
+            render_config(prometheus_targets(ports), scrape_interval="5s"),
+            ports.prometheus,
+            logs / "prometheus",
         )
         triton.wait_ready(ready_timeout_s)
         log.info("starting the gateway (Triton mode), log %s", logs / "gateway.log")
@@ -200,8 +216,11 @@ def run(ports: Ports, repository: Path, model_repository: Path, logs: Path, read
         gateway.wait_ready(ready_timeout_s)
         _announce(ports, triton, gateway, prometheus, logs)
         while not stop.wait(1.0):
-            for name, alive in (("tritonserver", triton.running()), ("gateway", gateway.running()),
-                                ("prometheus", prometheus.running())):
+            for name, alive in (
+                ("tritonserver", triton.running()),
+                ("gateway", gateway.running()),
+                ("prometheus", prometheus.running()),
+            ):
                 if not alive:
                     log.error("%s exited; stopping the stack (logs in %s)", name, logs)
                     return 1
@@ -218,21 +237,36 @@ def run(ports: Ports, repository: Path, model_repository: Path, logs: Path, read
 
 def main(argv: list[str] | None = None) -> int:
     """Parse the command line and run the stack until Ctrl-C."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     defaults = Ports()
     for name, port in vars(defaults).items():
         parser.add_argument(f"--{name.replace('_', '-')}-port", type=int, default=port, dest=name)
-    parser.add_argument("--repository", type=Path, default=ROOT / "build" / "triton_cpu_repository",
-                        help="Triton's CPU model repository")
-    parser.add_argument("--model-repository", type=Path, default=ROOT / "model_repository",
-                        help="the I/O contract the gateway reads")
+    parser.add_argument(
+        "--repository",
+        type=Path,
+        default=ROOT / "build" / "triton_cpu_repository",
+        help="Triton's CPU model repository",
+    )
+    parser.add_argument(
+        "--model-repository",
+        type=Path,
+        default=ROOT / "model_repository",
+        help="the I/O contract the gateway reads",
+    )
     parser.add_argument("--logs", type=Path, default=ROOT / "build" / "stack")
     parser.add_argument("--ready-timeout", type=float, default=300.0, help="seconds each service may take")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     ports = Ports(**{name: getattr(args, name) for name in vars(defaults)})
-    return run(ports, args.repository.resolve(), args.model_repository.resolve(), args.logs.resolve(),
-               args.ready_timeout)
+    return run(
+        ports,
+        args.repository.resolve(),
+        args.model_repository.resolve(),
+        args.logs.resolve(),
+        args.ready_timeout,
+    )
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ import urllib.request
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import yaml
 
@@ -37,9 +37,13 @@ class PromQLError(RuntimeError):
 
 def prometheus_binary() -> Path:
     """The `prometheus` executable, or a FileNotFoundError that says how to install it."""
-    found = shutil.which("prometheus") or ("/usr/bin/prometheus" if Path("/usr/bin/prometheus").exists() else None)
+    found = shutil.which("prometheus") or (
+        "/usr/bin/prometheus" if Path("/usr/bin/prometheus").exists() else None
+    )
     if found is None:
-        raise FileNotFoundError("prometheus not found: install it with `make system-deps` (apt-get install prometheus)")
+        raise FileNotFoundError(
+            "prometheus not found: install it with `make system-deps` (apt-get install prometheus)"
+        )
     return Path(found)
 
 
@@ -60,7 +64,8 @@ def render_config(
     if unknown:
         raise ValueError(f"jobs {sorted(unknown)} are not in {template} (it has {sorted(jobs)})")
     config["scrape_configs"] = [
-        {**jobs[name], "static_configs": [{"targets": list(addresses)}]} for name, addresses in targets.items()
+        {**jobs[name], "static_configs": [{"targets": list(addresses)}]}
+        for name, addresses in targets.items()
     ]
     if scrape_interval is not None:
         config["global"]["scrape_interval"] = scrape_interval
@@ -97,7 +102,9 @@ class PrometheusAPI:
         status, body = self._get(f"/api/v1/query?{urllib.parse.urlencode({'query': expr})}")
         answer = json.loads(body)
         if status != 200 or answer.get("status") != "success":
-            raise PromQLError(f"{answer.get('errorType', status)}: {answer.get('error', body[:200])} in {expr!r}")
+            raise PromQLError(
+                f"{answer.get('errorType', status)}: {answer.get('error', body[:200])} in {expr!r}"
+            )
         data = answer["data"]
         if data["resultType"] == "scalar":
             return [{"metric": {}, "value": data["result"]}]
@@ -137,7 +144,9 @@ class PrometheusServer(PrometheusAPI):
             if self.is_ready():
                 return
             time.sleep(0.2)
-        raise TimeoutError(f"prometheus not ready after {timeout_s}s; log {self.log_path}:\n{self.log_tail()}")
+        raise TimeoutError(
+            f"prometheus not ready after {timeout_s}s; log {self.log_path}:\n{self.log_tail()}"
+        )
 
     def stop(self, timeout_s: float = 10.0) -> None:
         """SIGTERM the group, then SIGKILL whatever is left."""
@@ -154,7 +163,7 @@ class PrometheusServer(PrometheusAPI):
                 log.warning("prometheus did not stop in %ss after %s", timeout_s, sig.name)
         self.process.wait()
 
-    def __enter__(self) -> PrometheusServer:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc_info: object) -> None:

@@ -16,7 +16,13 @@ import pytest
 import tritonclient.http as triton_http
 from PIL import Image
 
-from stack.prometheus import PrometheusAPI, PrometheusServer, prometheus_binary, render_config, start_prometheus
+from stack.prometheus import (
+    PrometheusAPI,
+    PrometheusServer,
+    prometheus_binary,
+    render_config,
+    start_prometheus,
+)
 from stack.triton import TritonServer, start_tritonserver
 from tests.conftest import Deploy, free_port
 from tests.triton.tiny_models import IMAGE_DIMS, write_tiny_repository
@@ -26,7 +32,9 @@ T = TypeVar("T")
 SCRAPE_INTERVAL_S = 1
 
 
-def wait_for(condition: Callable[[], T], timeout_s: float, message: Callable[[], str] | str, interval_s: float = 0.25) -> T:
+def wait_for(
+    condition: Callable[[], T], timeout_s: float, message: Callable[[], str] | str, interval_s: float = 0.25
+) -> T:
     """Poll `condition` until it returns something truthy and return that; fail after `timeout_s`."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:

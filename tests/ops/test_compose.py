@@ -86,7 +86,9 @@ def test_everything_mounted_or_built_exists(compose) -> None:
         build = service.get("build")
         if build is not None:
             context = ROOT / (build if isinstance(build, str) else build.get("context", "."))
-            dockerfile = context / ("Dockerfile" if isinstance(build, str) else build.get("dockerfile", "Dockerfile"))
+            dockerfile = context / (
+                "Dockerfile" if isinstance(build, str) else build.get("dockerfile", "Dockerfile")
+            )
             for path in (context, dockerfile):
                 if not path.exists():
                     missing.append(f"{name}: build path {path.relative_to(ROOT)}")
@@ -126,7 +128,9 @@ def test_dockerfile_copies_only_existing_allow_listed_sources() -> None:
     for source in sources:
         assert (ROOT / source).exists(), f"Dockerfile COPY source {source} does not exist"
         assert source.rstrip("/") in allowed, f"{source} is excluded by .dockerignore"
-        assert not source.startswith(("model_repository", "artifacts", "build")), f"{source}: no weights in images"
+        assert not source.startswith(("model_repository", "artifacts", "build")), (
+            f"{source}: no weights in images"
+        )
 
 
 def test_dockerfile_runs_the_gateway_as_non_root() -> None:
@@ -168,9 +172,11 @@ def test_triton_is_static_restricted_gpu_backed_and_not_published(compose) -> No
     for flag in ("--http-restricted-api=", "--grpc-restricted-protocol="):
         restricted = [arg for arg in command if arg.startswith(flag)]
         assert restricted, f"missing {flag}"
-        apis, _, header = restricted[0][len(flag):].partition(":")
+        apis, _, header = restricted[0][len(flag) :].partition(":")
         assert {"model-repository", "shared-memory"} <= set(apis.split(","))
-        assert re.fullmatch(r"[\w-]+=\$\{TRITON_ADMIN_TOKEN:\?[^}]+\}", header), "admin token must be required"
+        assert re.fullmatch(r"[\w-]+=\$\{TRITON_ADMIN_TOKEN:\?[^}]+\}", header), (
+            "admin token must be required"
+        )
     assert _published_host_ports(triton) == []
     mounts = [v for v in triton["volumes"] if isinstance(v, dict) and v["target"] == "/models"]
     assert mounts and mounts[0]["read_only"] is True
@@ -184,7 +190,11 @@ def test_gateway_uses_triton_backend_from_env(compose) -> None:
     assert env["CVSERVE_BACKEND"] == "triton"
     assert env["CVSERVE_TRITON_URL"].startswith("tritonserver:")
     assert gateway["depends_on"]["tritonserver"]["condition"] == "service_healthy"
-    mounts = [v for v in gateway["volumes"] if isinstance(v, dict) and v["target"] == env["CVSERVE_MODEL_REPOSITORY"]]
+    mounts = [
+        v
+        for v in gateway["volumes"]
+        if isinstance(v, dict) and v["target"] == env["CVSERVE_MODEL_REPOSITORY"]
+    ]
     assert mounts and mounts[0]["read_only"] is True
 
 
@@ -212,7 +222,9 @@ def test_prometheus_scrapes_the_compose_services(compose) -> None:
     targets = {job["job_name"]: job["static_configs"][0]["targets"] for job in config["scrape_configs"]}
     metrics_port = compose["services"]["gateway"]["environment"]["CVSERVE_RAY_METRICS_PORT"]
     triton_metrics = next(
-        arg.split("=", 1)[1] for arg in compose["services"]["tritonserver"]["command"] if arg.startswith("--metrics-port=")
+        arg.split("=", 1)[1]
+        for arg in compose["services"]["tritonserver"]["command"]
+        if arg.startswith("--metrics-port=")
     )
     assert targets == {
         "gateway": [f"gateway:{metrics_port}"],
@@ -223,9 +235,13 @@ def test_prometheus_scrapes_the_compose_services(compose) -> None:
     assert {"source": "./deploy/prometheus", "target": "/etc/prometheus"}.items() <= mounts[0].items()
 
 
-@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool (Debian package prometheus) not installed")
+@pytest.mark.skipif(
+    shutil.which("promtool") is None, reason="promtool (Debian package prometheus) not installed"
+)
 def test_promtool_accepts_the_prometheus_config() -> None:
-    result = subprocess.run(["promtool", "check", "config", str(PROMETHEUS_CONFIG)], capture_output=True, text=True)
+    result = subprocess.run(
+        ["promtool", "check", "config", str(PROMETHEUS_CONFIG)], capture_output=True, text=True, check=False
+    )
     assert result.returncode == 0, result.stdout + result.stderr
 
 
@@ -234,9 +250,13 @@ def test_grafana_provisioning_points_at_the_mounted_dashboards_and_prometheus(co
     providers = yaml.safe_load((GRAFANA / "provisioning" / "dashboards" / "cvserve.yml").read_text())
     source = datasources["datasources"][0]
     assert source["type"] == "prometheus" and source["url"] == "http://prometheus:9090"
-    mounts = {v["source"]: v["target"] for v in compose["services"]["grafana"]["volumes"] if isinstance(v, dict)}
+    mounts = {
+        v["source"]: v["target"] for v in compose["services"]["grafana"]["volumes"] if isinstance(v, dict)
+    }
     assert mounts["./deploy/grafana/provisioning"] == "/etc/grafana/provisioning"
     assert providers["providers"][0]["options"]["path"] == mounts["./deploy/grafana/dashboards"]
     dashboard = json.loads(DASHBOARD.read_text())
-    default = next(v for v in dashboard["templating"]["list"] if v["name"] == "datasource")["current"]["value"]
+    default = next(v for v in dashboard["templating"]["list"] if v["name"] == "datasource")["current"][
+        "value"
+    ]
     assert default == source["uid"]

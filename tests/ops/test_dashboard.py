@@ -82,23 +82,39 @@ def triton_traffic(prometheus: PrometheusServer, ops_triton: TritonServer) -> No
     triton_infer(ops_triton, "echo", 1)
     first = wait_for(lambda: scalar(prometheus, query), 30, "Triton's echo counts never reached Prometheus")
     triton_infer(ops_triton, "echo", 20)
-    wait_for(lambda: (scalar(prometheus, query) or 0) >= first + 20, 30, "Triton's traffic never reached Prometheus")
+    wait_for(
+        lambda: (scalar(prometheus, query) or 0) >= first + 20,
+        30,
+        "Triton's traffic never reached Prometheus",
+    )
 
 
-@pytest.mark.parametrize(("title", "ref", "expr"), [q for q in QUERIES if source_of(q[2]) == "triton"],
-                         ids=[f"{t}/{r}" for t, r, e in QUERIES if source_of(e) == "triton"])
-def test_triton_panel_returns_data(prometheus: PrometheusServer, triton_traffic: None, title: str, ref: str,
-                                   expr: str) -> None:
-    wait_for(lambda: has_finite_value(prometheus.query(expr)), 30, lambda: f"{title}/{ref}: no data for {expr}")
+@pytest.mark.parametrize(
+    ("title", "ref", "expr"),
+    [q for q in QUERIES if source_of(q[2]) == "triton"],
+    ids=[f"{t}/{r}" for t, r, e in QUERIES if source_of(e) == "triton"],
+)
+def test_triton_panel_returns_data(
+    prometheus: PrometheusServer, triton_traffic: None, title: str, ref: str, expr: str
+) -> None:
+    wait_for(
+        lambda: has_finite_value(prometheus.query(expr)), 30, lambda: f"{title}/{ref}: no data for {expr}"
+    )
 
 
-@pytest.mark.parametrize(("title", "ref", "expr"), [q for q in QUERIES if source_of(q[2]) == "gpu"],
-                         ids=[f"{t}/{r}" for t, r, e in QUERIES if source_of(e) == "gpu"])
-def test_gpu_panel_is_valid_promql(prometheus: PrometheusServer, triton_traffic: None, title: str, ref: str,
-                                   expr: str) -> None:
+@pytest.mark.parametrize(
+    ("title", "ref", "expr"),
+    [q for q in QUERIES if source_of(q[2]) == "gpu"],
+    ids=[f"{t}/{r}" for t, r, e in QUERIES if source_of(e) == "gpu"],
+)
+def test_gpu_panel_is_valid_promql(
+    prometheus: PrometheusServer, triton_traffic: None, title: str, ref: str, expr: str
+) -> None:
     result = prometheus.query(expr)  # raises PromQLError if the query does not parse
     if not prometheus.query("count(nv_gpu_utilization)"):
-        pytest.skip(f"{title}: query is valid PromQL; nv_gpu_utilization exists only when Triton runs on a GPU")
+        pytest.skip(
+            f"{title}: query is valid PromQL; nv_gpu_utilization exists only when Triton runs on a GPU"
+        )
     assert has_finite_value(result), f"{title}/{ref}: Triton exports GPU metrics but {expr} has no data"
 
 
@@ -111,14 +127,22 @@ def _gateway_round(url: str, images: int, errors: int) -> None:
     image = png_image()
     for endpoint in ENDPOINTS:
         statuses = [
-            httpx.post(f"{url}{endpoint}", content=image, headers={"content-type": "image/png"}, timeout=120).status_code
+            httpx.post(
+                f"{url}{endpoint}", content=image, headers={"content-type": "image/png"}, timeout=120
+            ).status_code
             for _ in range(images)
         ]
-        statuses.append(httpx.post(f"{url}{endpoint}", files=[("files", image), ("files", image)], timeout=120).status_code)
+        statuses.append(
+            httpx.post(
+                f"{url}{endpoint}", files=[("files", image), ("files", image)], timeout=120
+            ).status_code
+        )
         assert statuses == [200] * (images + 1), f"{endpoint}: {statuses}"
     for body, media in BAD_REQUESTS.values():
         for _ in range(errors):
-            assert httpx.post(f"{url}/classify", content=body, headers={"content-type": media}).status_code in (400, 415)
+            assert httpx.post(
+                f"{url}/classify", content=body, headers={"content-type": media}
+            ).status_code in (400, 415)
 
 
 @pytest.fixture(scope="module")
@@ -133,15 +157,23 @@ def gateway_traffic(prometheus: PrometheusServer, embedded_gateway: str) -> None
         **{k: f'sum(ray_cvserve_errors_total{{endpoint="/classify", kind="{k}"}})' for k in BAD_REQUESTS},
     }
     _gateway_round(embedded_gateway, images=1, errors=1)
-    first = {name: wait_for(lambda q=query: scalar(prometheus, q), 60, f"{query} never reached Prometheus")
-             for name, query in totals.items()}
+    first = {
+        name: wait_for(lambda q=query: scalar(prometheus, q), 60, f"{query} never reached Prometheus")
+        for name, query in totals.items()
+    }
     _gateway_round(embedded_gateway, images=3, errors=2)
     for name, query in totals.items():
         wait_for(lambda q=query, n=name: (scalar(prometheus, q) or 0) > first[n], 60, f"{query} did not grow")
 
 
-@pytest.mark.parametrize(("title", "ref", "expr"), [q for q in QUERIES if source_of(q[2]) == "gateway"],
-                         ids=[f"{t}/{r}" for t, r, e in QUERIES if source_of(e) == "gateway"])
-def test_gateway_panel_returns_data(prometheus: PrometheusServer, gateway_traffic: None, title: str, ref: str,
-                                    expr: str) -> None:
-    wait_for(lambda: has_finite_value(prometheus.query(expr)), 60, lambda: f"{title}/{ref}: no data for {expr}")
+@pytest.mark.parametrize(
+    ("title", "ref", "expr"),
+    [q for q in QUERIES if source_of(q[2]) == "gateway"],
+    ids=[f"{t}/{r}" for t, r, e in QUERIES if source_of(e) == "gateway"],
+)
+def test_gateway_panel_returns_data(
+    prometheus: PrometheusServer, gateway_traffic: None, title: str, ref: str, expr: str
+) -> None:
+    wait_for(
+        lambda: has_finite_value(prometheus.query(expr)), 60, lambda: f"{title}/{ref}: no data for {expr}"
+    )

@@ -47,20 +47,27 @@ def send(url: str, count: int, concurrency: int = 8) -> list[int]:
         return list(pool.map(one, range(count)))
 
 
-def test_request_counter_adds_up_across_replicas(prometheus: PrometheusServer, replicated_gateway: str) -> None:
+def test_request_counter_adds_up_across_replicas(
+    prometheus: PrometheusServer, replicated_gateway: str
+) -> None:
     [baseline] = settled(prometheus, CLASSIFY_OK)
     statuses = send(f"{replicated_gateway}/classify", N_REQUESTS)
     assert statuses == [200] * N_REQUESTS
 
-    wait_for(lambda: scalar(prometheus, CLASSIFY_OK) == baseline + N_REQUESTS, 60,
-             lambda: f"{CLASSIFY_OK} = {scalar(prometheus, CLASSIFY_OK)}, expected {baseline + N_REQUESTS}")
+    wait_for(
+        lambda: scalar(prometheus, CLASSIFY_OK) == baseline + N_REQUESTS,
+        60,
+        lambda: f"{CLASSIFY_OK} = {scalar(prometheus, CLASSIFY_OK)}, expected {baseline + N_REQUESTS}",
+    )
     assert settled(prometheus, CLASSIFY_OK) == [baseline + N_REQUESTS]  # and no late extra counts
 
     replicas = prometheus.query('count(sum by (WorkerId) (ray_cvserve_requests_total{endpoint="/classify"}))')
     assert float(replicas[0]["value"][1]) >= 2, "only one ingress replica reported: the sum proved nothing"
 
 
-def test_model_batches_are_counted_across_model_replicas(prometheus: PrometheusServer, replicated_gateway: str) -> None:
+def test_model_batches_are_counted_across_model_replicas(
+    prometheus: PrometheusServer, replicated_gateway: str
+) -> None:
     batches = 'sum(ray_cvserve_batch_size_count{model="classifier"})'
     latencies = 'sum(ray_cvserve_model_latency_seconds_count{model="classifier", backend="embedded"})'
     before = settled(prometheus, batches, latencies)
@@ -73,11 +80,17 @@ def test_model_batches_are_counted_across_model_replicas(prometheus: PrometheusS
     assert float(replicas[0]["value"][1]) >= 2, "only one model replica reported: the sum proved nothing"
 
 
-def test_errors_are_counted_by_kind(prometheus: PrometheusServer, replicated_gateway: str) -> None:
-    kinds = {"bad_request": (b"not an image", "image/png"), "unsupported_media": (b"x", "text/plain")}
-    for kind, (body, media) in kinds.items():
-        query = f'sum(ray_cvserve_errors_total{{endpoint="/classify", kind="{kind}"}})'
-        [before] = settled(prometheus, query)
-        response = httpx.post(f"{replicated_gateway}/classify", content=body, headers={"content-type": media})
-        assert 400 <= response.status_code < 500
-        wait_for(lambda: scalar(prometheus, query) == before + 1, 60, f"{query} never counted the {kind} error")
+@pytest.mark.parametrize(
+    ("kind", "body", "media_type"),
+    [("bad_request", b"not an image", "image/png"), ("unsupported_media", b"x", "text/plain")],
+)
+def test_errors_are_counted_by_kind(
+    prometheus: PrometheusServer, replicated_gateway: str, kind: str, body: bytes, media_type: str
+) -> None:
+    query = f'sum(ray_cvserve_errors_total{{endpoint="/classify", kind="{kind}"}})'
+    [before] = settled(prometheus, query)
+    response = httpx.post(
+        f"{replicated_gateway}/classify", content=body, headers={"content-type": media_type}
+    )
+    assert 400 <= response.status_code < 500
+    wait_for(lambda: scalar(prometheus, query) == before + 1, 60, f"{query} never counted the {kind} error")

@@ -16,7 +16,11 @@ def test_every_scrape_target_is_up(prometheus: PrometheusServer, ray_session: No
             t["health"] == "up" for t in targets
         )
 
-    wait_for(all_up, 60, lambda: f"targets: {[(t['scrapePool'], t['health'], t['lastError']) for t in prometheus.targets()]}")
+    wait_for(
+        all_up,
+        60,
+        lambda: f"targets: {[(t['scrapePool'], t['health'], t['lastError']) for t in prometheus.targets()]}",
+    )
 
 
 def test_triton_inference_count_adds_up(prometheus: PrometheusServer, ops_triton: TritonServer) -> None:
@@ -24,8 +28,11 @@ def test_triton_inference_count_adds_up(prometheus: PrometheusServer, ops_triton
     before = wait_for(lambda: prometheus.query(query), 30, "Triton's echo counters never reached Prometheus")
     baseline = float(before[0]["value"][1])
     triton_infer(ops_triton, "echo", 7)
-    wait_for(lambda: scalar(prometheus, query) == baseline + 7, 30,
-             lambda: f"{query} = {scalar(prometheus, query)}, expected {baseline + 7}")
+    wait_for(
+        lambda: scalar(prometheus, query) == baseline + 7,
+        30,
+        lambda: f"{query} = {scalar(prometheus, query)}, expected {baseline + 7}",
+    )
 
 
 def test_invalid_promql_is_an_error_not_empty_data(prometheus: PrometheusServer) -> None:
@@ -39,7 +46,9 @@ def test_render_config_rejects_unknown_jobs() -> None:
 
 
 def test_render_config_keeps_jobs_and_rewrites_only_targets() -> None:
-    config = render_config({"gateway": ["127.0.0.1:18090"], "triton": ["127.0.0.1:18012"]}, scrape_interval="1s")
+    config = render_config(
+        {"gateway": ["127.0.0.1:18090"], "triton": ["127.0.0.1:18012"]}, scrape_interval="1s"
+    )
     assert [job["job_name"] for job in config["scrape_configs"]] == ["gateway", "triton"]
     assert config["scrape_configs"][0]["static_configs"] == [{"targets": ["127.0.0.1:18090"]}]
     assert config["global"]["scrape_interval"] == "1s"

@@ -36,7 +36,9 @@ class RunningStack:
 @pytest.fixture(scope="module")
 def stack(model_repository: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningStack]:
     """`python -m stack` on free ports; CVSERVE_TEST_CPU_REPOSITORY overrides build/triton_cpu_repository."""
-    cpu_repository = Path(os.environ.get("CVSERVE_TEST_CPU_REPOSITORY", ROOT / "build" / "triton_cpu_repository"))
+    cpu_repository = Path(
+        os.environ.get("CVSERVE_TEST_CPU_REPOSITORY", ROOT / "build" / "triton_cpu_repository")
+    )
     if not any(cpu_repository.glob("*/config.pbtxt")):
         pytest.fail(f"{cpu_repository} has no models: run `make models` first")
     ports = stack_main.Ports(*(free_port() for _ in range(len(vars(stack_main.Ports())))))
@@ -45,14 +47,27 @@ def stack(model_repository: Path, tmp_path_factory: pytest.TempPathFactory) -> I
     log_path = logs / "stack.out"
     with log_path.open("wb") as out:
         process = subprocess.Popen(
-            [sys.executable, "-m", "stack", *args, f"--repository={cpu_repository}",
-             f"--model-repository={model_repository}", f"--logs={logs}"],
-            cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
+            [
+                sys.executable,
+                "-m",
+                "stack",
+                *args,
+                f"--repository={cpu_repository}",
+                f"--model-repository={model_repository}",
+                f"--logs={logs}",
+            ],
+            cwd=ROOT,
+            stdout=out,
+            stderr=subprocess.STDOUT,
         )
     running = RunningStack(process, ports, log_path)
     try:
-        wait_for(lambda: "stack is ready" in running.output() or process.poll() is not None, 600,
-                 lambda: f"stack never became ready:\n{running.output()}", interval_s=1.0)
+        wait_for(
+            lambda: "stack is ready" in running.output() or process.poll() is not None,
+            600,
+            lambda: f"stack never became ready:\n{running.output()}",
+            interval_s=1.0,
+        )
         assert process.poll() is None, f"stack exited with {process.returncode}:\n{running.output()}"
         yield running
     finally:
@@ -69,18 +84,28 @@ def test_stack_serves_requests_and_prometheus_counts_them(stack: RunningStack) -
     prometheus = PrometheusAPI(stack.ports.prometheus)
     image = png_image()
     for _ in range(N_REQUESTS):
-        response = httpx.post(f"{gateway}/classify", content=image, headers={"content-type": "image/png"}, timeout=120)
+        response = httpx.post(
+            f"{gateway}/classify", content=image, headers={"content-type": "image/png"}, timeout=120
+        )
         assert response.status_code == 200, response.text
     assert response.json()["backend"] == "triton"
 
     requests = 'sum(ray_cvserve_requests_total{endpoint="/classify", status="200"})'
     inferences = 'sum(nv_inference_count{model="classifier"})'
-    wait_for(lambda: scalar(prometheus, requests) == N_REQUESTS, 90,
-             lambda: f"{requests} = {scalar(prometheus, requests)}, expected {N_REQUESTS}")
-    wait_for(lambda: scalar(prometheus, inferences) == N_REQUESTS, 60,
-             lambda: f"{inferences} = {scalar(prometheus, inferences)}, expected {N_REQUESTS}")
+    wait_for(
+        lambda: scalar(prometheus, requests) == N_REQUESTS,
+        90,
+        lambda: f"{requests} = {scalar(prometheus, requests)}, expected {N_REQUESTS}",
+    )
+    wait_for(
+        lambda: scalar(prometheus, inferences) == N_REQUESTS,
+        60,
+        lambda: f"{inferences} = {scalar(prometheus, inferences)}, expected {N_REQUESTS}",
+    )
     assert {t["scrapePool"]: t["health"] for t in prometheus.targets()} == {
-        "gateway": "up", "triton": "up", "prometheus": "up"
+        "gateway": "up",
+        "triton": "up",
+        "prometheus": "up",
     }
 
 
