@@ -11,6 +11,11 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 
+# wget: KubeRay's injected readiness/liveness probes call it (deploy/k8s/rayservice.yaml).
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends wget \
+ && rm -rf /var/lib/apt/lists/*
+
 RUN groupadd --system --gid 10001 cvserve \
  && useradd --system --uid 10001 --gid cvserve --create-home --home-dir /home/cvserve cvserve
 

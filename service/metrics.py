@@ -12,7 +12,9 @@ from collections import Counter as Tally
 from ray.util.metrics import Counter, Gauge, Histogram
 
 LATENCY_BOUNDARIES = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]
-COUNT_BOUNDARIES = [1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64, 128]
+# Ray exports a histogram's _sum from bucket midpoints: boundaries halfway between integers make
+# every count up to 32 its own bucket, so sums (mean batch size, images per request) are exact.
+COUNT_BOUNDARIES = [n + 0.5 for n in range(33)] + [48.5, 64.5, 128.5, 256.5]
 
 
 class GatewayMetrics:

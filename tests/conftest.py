@@ -72,6 +72,8 @@ def ray_session(ray_metrics_port: int) -> Iterator[None]:
         include_dashboard=False,
         log_to_driver=False,  # replica logs stay in <temp_dir>/session_latest/logs
         _metrics_export_port=ray_metrics_port,
+        # export metrics every 2 s instead of 10 s, so metric tests settle sooner
+        _system_config={"metrics_report_interval_ms": 2000},
         _temp_dir=temp_dir,
         runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}},
     )
