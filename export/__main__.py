@@ -26,7 +26,7 @@ from typing import NoReturn
 
 from export.errors import ExportError
 from export.repository import Batching, staged, write_model
-from export.sources import WEIGHT_SOURCES, SourceOptions, load_specs
+from export.sources import ARCHITECTURES, WEIGHT_SOURCES, SourceOptions, load_specs
 from export.spec import MODELS
 
 log = logging.getLogger("export")
@@ -41,41 +41,74 @@ class _Parser(argparse.ArgumentParser):
 
 def get_args_parser() -> argparse.ArgumentParser:
     """Command-line options."""
-    parser = _Parser(prog="python -m export", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("model", nargs="?", default="all", choices=(*MODELS, "all"), help="model to export (default: all)")
-    parser.add_argument("--weights", default="demo", choices=WEIGHT_SOURCES, help="weight source (default: demo)")
+    parser = _Parser(
+        prog="python -m export", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "model", nargs="?", default="all", choices=(*MODELS, "all"), help="model to export (default: all)"
+    )
+    parser.add_argument(
+        "--weights", default="demo", choices=WEIGHT_SOURCES, help="weight source (default: demo)"
+    )
     parser.add_argument(
         "--arch",
         default="demo",
+        choices=sorted({arch for archs in ARCHITECTURES.values() for arch in archs}),
         help="checkpoint architecture: demo (training/models.py), resnet50 (classifier), "
         "fasterrcnn_resnet50_fpn_v2 (detector) (default: demo)",
     )
-    parser.add_argument("--checkpoint", type=Path, help="state dict file for --weights checkpoint")
-    parser.add_argument("--classes", type=Path, help="class names, one per line, for --weights checkpoint")
-    parser.add_argument("--demo-dir", type=Path, default=Path("artifacts/demo"), help="demo weights (default: %(default)s)")
-    parser.add_argument("--out", type=Path, default=Path("model_repository"), help="libtorch repository (default: %(default)s)")
+    parser.add_argument(
+        "--checkpoint", type=Path, metavar="FILE", help="state dict file for --weights checkpoint"
+    )
+    parser.add_argument(
+        "--classes", type=Path, metavar="FILE", help="class names, one per line, for --weights checkpoint"
+    )
+    parser.add_argument(
+        "--demo-dir",
+        type=Path,
+        metavar="DIR",
+        default=Path("artifacts/demo"),
+        help="demo weights (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        metavar="DIR",
+        default=Path("model_repository"),
+        help="libtorch repository (default: %(default)s)",
+    )
     parser.add_argument(
         "--cpu-out",
         type=Path,
+        metavar="DIR",
         default=Path("build/triton_cpu_repository"),
         help="python-backend repository serving the same model.pt (default: %(default)s)",
     )
     parser.add_argument(
         "--input-size",
         type=int,
-        help="square input side H=W (default: the weights' own: 224 crop for ResNet-50, 800 for Faster R-CNN, "
-        "the demo's training size)",
+        metavar="PX",
+        help="square input side H=W (default: the weights' own: ResNet-50's crop 224, Faster R-CNN's "
+        "min_size 800, the demo's training size)",
     )
     parser.add_argument(
         "--resize-size",
         type=int,
+        metavar="PX",
         help="classifier: shorter side before the centre crop (default: the weights' own ratio to the crop)",
     )
     defaults = Batching()
-    parser.add_argument("--max-batch-size", type=int, default=defaults.max_batch_size, help="(default: %(default)s)")
+    parser.add_argument(
+        "--max-batch-size",
+        type=int,
+        metavar="N",
+        default=defaults.max_batch_size,
+        help="(default: %(default)s)",
+    )
     parser.add_argument(
         "--preferred-batch-sizes",
         type=int,
+        metavar="N",
         nargs="+",
         default=list(defaults.preferred_batch_sizes),
         help="dynamic batcher's preferred sizes (default: %(default)s)",
@@ -83,6 +116,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--max-queue-delay-us",
         type=int,
+        metavar="US",
         default=defaults.max_queue_delay_us,
         help="dynamic batcher's queue delay in microseconds (default: %(default)s)",
     )
@@ -113,7 +147,9 @@ def main(argv: list[str] | None = None) -> int:
     """Run the export; bad input is one line on stderr and exit status 1 (usage errors: 2)."""
     args = get_args_parser().parse_args(argv)
     # Progress goes to stdout so that stderr carries nothing but a failure's one line.
-    logging.basicConfig(stream=sys.stdout, level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        stream=sys.stdout, level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     started = time.monotonic()
     try:
         run(args)
@@ -124,8 +160,14 @@ def main(argv: list[str] | None = None) -> int:
         where = f": {exc.filename}" if exc.filename else ""
         sys.stderr.write(f"export: error: {exc.strerror or exc}{where}\n")
         return 1
-    log.info("exported %s (%s weights) to %s and %s in %.1fs", args.model, args.weights, args.out, args.cpu_out,
-             time.monotonic() - started)
+    log.info(
+        "exported %s (%s weights) to %s and %s in %.1fs",
+        args.model,
+        args.weights,
+        args.out,
+        args.cpu_out,
+        time.monotonic() - started,
+    )
     return 0
 
 

@@ -50,10 +50,13 @@ class TritonPythonModel:
             return [pb_utils.InferenceResponse(error=error) for _ in requests]
         if isinstance(outputs, torch.Tensor):
             outputs = (outputs,)
-        per_request = zip(*(output.split(sizes) for output in outputs))
+        per_request = zip(*(output.split(sizes) for output in outputs), strict=True)
         return [
             pb_utils.InferenceResponse(
-                [pb_utils.Tensor(name, part.numpy()) for name, part in zip(self.output_names, parts)]
+                [
+                    pb_utils.Tensor(name, part.numpy())
+                    for name, part in zip(self.output_names, parts, strict=True)
+                ]
             )
             for parts in per_request
         ]

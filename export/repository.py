@@ -53,7 +53,9 @@ class Batching:
             raise ExportError(f"--max-batch-size must be at least 1, got {self.max_batch_size}")
         bad = [size for size in self.preferred_batch_sizes if not 1 <= size <= self.max_batch_size]
         if bad:
-            raise ExportError(f"preferred batch sizes {bad} must lie in 1..{self.max_batch_size} (--max-batch-size)")
+            raise ExportError(
+                f"preferred batch sizes {bad} must lie in 1..{self.max_batch_size} (--max-batch-size)"
+            )
         if self.max_queue_delay_us < 0:
             raise ExportError(f"--max-queue-delay-us must not be negative, got {self.max_queue_delay_us}")
 
@@ -66,15 +68,21 @@ def model_config(spec: ModelSpec, batching: Batching, cpu: bool) -> model_config
     else:
         config.platform = "pytorch_libtorch"
     for tensor in spec.inputs:
-        config.input.append(model_config_pb2.ModelInput(name=tensor.name, data_type=_data_type(tensor), dims=tensor.dims))
+        config.input.append(
+            model_config_pb2.ModelInput(name=tensor.name, data_type=_data_type(tensor), dims=tensor.dims)
+        )
     for tensor in spec.outputs:
-        output = model_config_pb2.ModelOutput(name=tensor.name, data_type=_data_type(tensor), dims=tensor.dims)
+        output = model_config_pb2.ModelOutput(
+            name=tensor.name, data_type=_data_type(tensor), dims=tensor.dims
+        )
         if tensor.name == LABELLED_OUTPUT[spec.name]:
             output.label_filename = LABELS_FILE
         config.output.append(output)
     config.dynamic_batching.preferred_batch_size.extend(batching.preferred_batch_sizes)
     config.dynamic_batching.max_queue_delay_microseconds = batching.max_queue_delay_us
-    kind = model_config_pb2.ModelInstanceGroup.KIND_CPU if cpu else model_config_pb2.ModelInstanceGroup.KIND_GPU
+    kind = (
+        model_config_pb2.ModelInstanceGroup.KIND_CPU if cpu else model_config_pb2.ModelInstanceGroup.KIND_GPU
+    )
     config.instance_group.append(model_config_pb2.ModelInstanceGroup(kind=kind, count=1))
     for key, value in spec.parameters.items():
         config.parameters[key].string_value = value
@@ -126,7 +134,9 @@ def _make_staging_dir(target: Path) -> Path:
         target.parent.mkdir(parents=True, exist_ok=True)
         return Path(tempfile.mkdtemp(prefix=f".{target.name}.staging-", dir=target.parent))
     except (FileExistsError, NotADirectoryError):
-        raise ExportError(f"cannot write to {target.parent}: a file is in the way of that directory") from None
+        raise ExportError(
+            f"cannot write to {target.parent}: a file is in the way of that directory"
+        ) from None
     except OSError as exc:
         raise ExportError(f"cannot write to {target.parent}: {exc.strerror or exc}") from None
 
@@ -148,7 +158,9 @@ def staged(targets: Sequence[Path]) -> Iterator[list[Staging]]:
 
 def write_model(spec: ModelSpec, gpu: Staging, cpu: Staging, batching: Batching) -> None:
     """Script `spec` once and write it into both staged repositories (model.pt shared)."""
-    log.info("scripting %s (%s, %d px, %d labels)", spec.name, spec.weights, spec.input_size, len(spec.labels))
+    log.info(
+        "scripting %s (%s, %d px, %d labels)", spec.name, spec.weights, spec.input_size, len(spec.labels)
+    )
     scripted = script(spec.module)
     gpu_dir = gpu.model_dir(spec.name)
     _write_common(gpu_dir, spec, model_config(spec, batching, cpu=False))

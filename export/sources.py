@@ -17,7 +17,11 @@ from urllib.parse import urlparse
 import torch
 from torch import nn
 from torchvision.models import ResNet50_Weights, WeightsEnum, resnet50
-from torchvision.models.detection import FasterRCNN, FasterRCNN_ResNet50_FPN_V2_Weights, fasterrcnn_resnet50_fpn_v2
+from torchvision.models.detection import (
+    FasterRCNN,
+    FasterRCNN_ResNet50_FPN_V2_Weights,
+    fasterrcnn_resnet50_fpn_v2,
+)
 
 from export.errors import ExportError
 from export.spec import BACKGROUND, ModelSpec
@@ -75,11 +79,21 @@ class _Geometry:
 
 def load_specs(models: Sequence[str], options: SourceOptions) -> list[ModelSpec]:
     """Load every requested model from the chosen weight source, checking inputs before heavy work."""
+    if options.weights != "checkpoint" and (options.checkpoint or options.classes or options.arch != "demo"):
+        raise ExportError("--checkpoint, --classes and --arch belong to --weights checkpoint")
     if options.weights == "pretrained":
+        for model in models:
+            if model not in PRETRAINED:
+                raise ExportError(
+                    f"torchvision has no pretrained weights for the {model} (it has no U-Net): "
+                    "export it with --weights demo or --weights checkpoint"
+                )
         return [_pretrained_spec(model, options) for model in models]
     if options.weights == "checkpoint":
         if len(models) != 1:
-            raise ExportError("--weights checkpoint exports one model at a time: name classifier, detector or segmenter")
+            raise ExportError(
+                "--weights checkpoint exports one model at a time: name classifier, detector or segmenter"
+            )
         return [_checkpoint_spec(models[0], options)]
     if options.weights == "demo":
         return _demo_specs(models, options)
@@ -90,11 +104,6 @@ def load_specs(models: Sequence[str], options: SourceOptions) -> list[ModelSpec]
 
 
 def _pretrained_spec(model: str, options: SourceOptions) -> ModelSpec:
-    if model not in PRETRAINED:
-        raise ExportError(
-            f"torchvision has no pretrained weights for the {model} (it has no U-Net): "
-            "export it with --weights demo or --weights checkpoint"
-        )
     weights = PRETRAINED[model]
     labels = tuple(weights.meta["categories"])
     geometry = _geometry(model, PRETRAINED_ARCH[model], options)
@@ -224,7 +233,9 @@ def _demo_specs(models: Sequence[str], options: SourceOptions) -> list[ModelSpec
         classes = tuple(meta["classes"])
         labels = (BACKGROUND[model], *classes) if model in BACKGROUND else classes
         size = options.input_size or int(meta["image_size"][model])
-        geometry = _classifier_geometry(size, size, options) if model == "classifier" else _Geometry(size, None)
+        geometry = (
+            _classifier_geometry(size, size, options) if model == "classifier" else _Geometry(size, None)
+        )
         _check_size(model, "demo", geometry.input_size)
         checkpoint = demo_dir / f"{model}.pt"
         state = read_state_dict(checkpoint)
@@ -282,7 +293,9 @@ def _classifier_geometry(crop: int, resize: int, options: SourceOptions) -> _Geo
     size = options.input_size or crop
     resize_size = options.resize_size or (resize if size == crop else round(size * resize / crop))
     if resize_size < size:
-        raise ExportError(f"--resize-size {resize_size} is smaller than the crop {size}: it must be at least as large")
+        raise ExportError(
+            f"--resize-size {resize_size} is smaller than the crop {size}: it must be at least as large"
+        )
     return _Geometry(size, resize_size)
 
 
@@ -305,11 +318,19 @@ def _check_size(model: str, arch: str, size: int) -> None:
 def _build(model: str, arch: str, num_labels: int, input_size: int) -> nn.Module:
     """A randomly initialised eager model of `arch` predicting `num_labels` classes."""
     if model == "classifier":
-        return resnet50(weights=None, num_classes=num_labels) if arch == "resnet50" else build_demo_classifier(num_labels)
+        return (
+            resnet50(weights=None, num_classes=num_labels)
+            if arch == "resnet50"
+            else build_demo_classifier(num_labels)
+        )
     if model == "detector":
         if arch == "fasterrcnn_resnet50_fpn_v2":
             return fasterrcnn_resnet50_fpn_v2(
-                weights=None, weights_backbone=None, num_classes=num_labels, min_size=input_size, max_size=input_size
+                weights=None,
+                weights_backbone=None,
+                num_classes=num_labels,
+                min_size=input_size,
+                max_size=input_size,
             )
         return build_demo_detector(num_labels - 1, input_size)
     return build_demo_segmenter(num_labels)
@@ -326,7 +347,9 @@ def _load_into(model: nn.Module, state: dict[str, torch.Tensor], what: str) -> N
         ],
     }
     if any(problems.values()):
-        summary = ", ".join(f"{len(keys)} {kind} keys (e.g. {keys[0]})" for kind, keys in problems.items() if keys)
+        summary = ", ".join(
+            f"{len(keys)} {kind} keys (e.g. {keys[0]})" for kind, keys in problems.items() if keys
+        )
         raise ExportError(f"{what} does not fit the architecture: {summary}")
     model.load_state_dict(state)
 

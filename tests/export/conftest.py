@@ -23,7 +23,15 @@ SIZES = {
 }
 # A long queue delay lets the CPU Triton test see concurrent requests merged into one batch.
 QUEUE_DELAY_US = 200_000
-BATCHING = ("--max-batch-size", "4", "--preferred-batch-sizes", "2", "4", "--max-queue-delay-us", str(QUEUE_DELAY_US))
+BATCHING = (
+    "--max-batch-size",
+    "4",
+    "--preferred-batch-sizes",
+    "2",
+    "4",
+    "--max-queue-delay-us",
+    str(QUEUE_DELAY_US),
+)
 
 
 @dataclass(frozen=True)
@@ -82,8 +90,18 @@ def exported(checkpoints: dict[str, Checkpoint], tmp_path_factory: pytest.TempPa
     out, cpu_out = root / "model_repository", root / "build" / "triton_cpu_repository"
     for name, checkpoint in checkpoints.items():
         done = run_export(
-            name, "--weights", "checkpoint", "--checkpoint", str(checkpoint.path), "--classes", str(checkpoint.classes),
-            "--out", str(out), "--cpu-out", str(cpu_out), *BATCHING,
+            name,
+            "--weights",
+            "checkpoint",
+            "--checkpoint",
+            str(checkpoint.path),
+            "--classes",
+            str(checkpoint.classes),
+            "--out",
+            str(out),
+            "--cpu-out",
+            str(cpu_out),
+            *BATCHING,
         )
         assert done.returncode == 0, done.stderr
     return Exported(out, cpu_out, checkpoints)

@@ -36,7 +36,9 @@ torch.save({"outputs": outputs, "foreign_modules": loaded}, sys.argv[3])
 """
 
 
-def run_export(*args: str, env: dict[str, str] | None = None, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+def run_export(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 600
+) -> subprocess.CompletedProcess[str]:
     """`python -m export ARGS` from the repository root, as a user runs it."""
     return subprocess.run(
         [sys.executable, "-m", "export", *args],
@@ -53,7 +55,15 @@ def run_in_fresh_process(model_pt: Path, image: torch.Tensor, work: Path) -> lis
     work.mkdir(parents=True, exist_ok=True)
     torch.save(image, work / "input.pt")
     done = subprocess.run(
-        [sys.executable, "-I", "-c", FRESH_PROCESS_SCRIPT, str(model_pt), str(work / "input.pt"), str(work / "out.pt")],
+        [
+            sys.executable,
+            "-I",
+            "-c",
+            FRESH_PROCESS_SCRIPT,
+            str(model_pt),
+            str(work / "input.pt"),
+            str(work / "out.pt"),
+        ],
         cwd=work,
         capture_output=True,
         text=True,
@@ -65,7 +75,9 @@ def run_in_fresh_process(model_pt: Path, image: torch.Tensor, work: Path) -> lis
     return result["outputs"]
 
 
-def normalise(image: torch.Tensor, mean: Sequence[float] = DEMO_MEAN, std: Sequence[float] = DEMO_STD) -> torch.Tensor:
+def normalise(
+    image: torch.Tensor, mean: Sequence[float] = DEMO_MEAN, std: Sequence[float] = DEMO_STD
+) -> torch.Tensor:
     """uint8 batch -> float normalised the way the model was trained."""
     return (image.float() / 255 - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
 
@@ -75,8 +87,13 @@ def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return float((actual - expected).abs().max() / expected.abs().max().clamp_min(1e-12))
 
 
-def assert_classifier_matches(model: nn.Module, image: torch.Tensor, outputs: Sequence[torch.Tensor],
-                              mean: Sequence[float] = DEMO_MEAN, std: Sequence[float] = DEMO_STD) -> None:
+def assert_classifier_matches(
+    model: nn.Module,
+    image: torch.Tensor,
+    outputs: Sequence[torch.Tensor],
+    mean: Sequence[float] = DEMO_MEAN,
+    std: Sequence[float] = DEMO_STD,
+) -> None:
     """PROBS == softmax(model(normalised image)) within fp32 relative error 1e-4."""
     with torch.no_grad():
         expected = torch.softmax(model.eval()(normalise(image, mean, std)), dim=1)
@@ -100,14 +117,26 @@ def assert_segmenter_matches(model: nn.Module, image: torch.Tensor, outputs: Seq
     assert len(expected.unique()) > 1, "a one-class mask cannot show the argmax is right"
 
 
-def assert_detector_matches(model: nn.Module, image: torch.Tensor, outputs: Sequence[torch.Tensor], k: int = 100) -> None:
+def assert_detector_matches(
+    model: nn.Module, image: torch.Tensor, outputs: Sequence[torch.Tensor], k: int = 100
+) -> None:
     """Same count per image; every reference box has a same-label match with IoU >= 0.99; zero padding."""
     with torch.no_grad():
         detections = model.eval()(list(image.float() / 255))
     boxes, scores, labels, count = outputs
     batch = len(image)
-    assert (boxes.shape, scores.shape, labels.shape, count.shape) == ((batch, k, 4), (batch, k), (batch, k), (batch, 1))
-    assert (boxes.dtype, scores.dtype, labels.dtype, count.dtype) == (torch.float32, torch.float32, torch.int64, torch.int32)
+    assert (boxes.shape, scores.shape, labels.shape, count.shape) == (
+        (batch, k, 4),
+        (batch, k),
+        (batch, k),
+        (batch, 1),
+    )
+    assert (boxes.dtype, scores.dtype, labels.dtype, count.dtype) == (
+        torch.float32,
+        torch.float32,
+        torch.int64,
+        torch.int32,
+    )
     assert int(count.sum()) > 0, "no detections at all: the comparison would prove nothing"
     for i, expected in enumerate(detections):
         n = int(count[i, 0])

@@ -30,7 +30,9 @@ def tree_digest(root: Path) -> dict[str, str]:
     if not root.exists():
         return {}
     return {
-        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*")) if p.is_file()
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
     }
 
 
@@ -38,7 +40,9 @@ def assert_nothing_written(out: Path, cpu_out: Path) -> None:
     for repo in (out, cpu_out):
         assert not repo.exists() or not any(repo.iterdir()), f"{repo} was written: {list(repo.iterdir())}"
         if repo.parent.exists():
-            assert not [p for p in repo.parent.iterdir() if ".staging-" in p.name], "staging directory left behind"
+            assert not [p for p in repo.parent.iterdir() if ".staging-" in p.name], (
+                "staging directory left behind"
+            )
 
 
 def targets(tmp_path: Path) -> list[str]:
@@ -53,38 +57,77 @@ def test_unknown_model(tmp_path: Path) -> None:
 
 def test_missing_checkpoint(checkpoints: dict[str, Checkpoint], tmp_path: Path) -> None:
     missing = tmp_path / "nowhere.pt"
-    done = run_export("classifier", "--weights", "checkpoint", "--checkpoint", str(missing),
-                      "--classes", str(checkpoints["classifier"].classes), *targets(tmp_path))
+    done = run_export(
+        "classifier",
+        "--weights",
+        "checkpoint",
+        "--checkpoint",
+        str(missing),
+        "--classes",
+        str(checkpoints["classifier"].classes),
+        *targets(tmp_path),
+    )
     assert_clean_failure(done, str(missing), "not found")
     assert_nothing_written(tmp_path / "repo", tmp_path / "cpu" / "repo")
 
 
 @pytest.mark.parametrize("model", ["classifier", "detector", "segmenter"])
-def test_class_count_not_matching_the_checkpoint(checkpoints: dict[str, Checkpoint], model: str, tmp_path: Path) -> None:
+def test_class_count_not_matching_the_checkpoint(
+    checkpoints: dict[str, Checkpoint], model: str, tmp_path: Path
+) -> None:
     checkpoint = checkpoints[model]
     classes = tmp_path / "classes.txt"
     classes.write_text("\n".join(checkpoint.labels[:-1]) + "\n")  # one name short
-    done = run_export(model, "--weights", "checkpoint", "--checkpoint", str(checkpoint.path),
-                      "--classes", str(classes), *targets(tmp_path))
-    line = assert_clean_failure(done, f"lists {len(checkpoint.labels) - 1} names", f"predicts {len(checkpoint.labels)}")
+    done = run_export(
+        model,
+        "--weights",
+        "checkpoint",
+        "--checkpoint",
+        str(checkpoint.path),
+        "--classes",
+        str(classes),
+        *targets(tmp_path),
+    )
+    line = assert_clean_failure(
+        done, f"lists {len(checkpoint.labels) - 1} names", f"predicts {len(checkpoint.labels)}"
+    )
     assert str(classes) in line
     assert_nothing_written(tmp_path / "repo", tmp_path / "cpu" / "repo")
 
 
-def test_detector_classes_must_start_with_background(checkpoints: dict[str, Checkpoint], tmp_path: Path) -> None:
+def test_detector_classes_must_start_with_background(
+    checkpoints: dict[str, Checkpoint], tmp_path: Path
+) -> None:
     checkpoint = checkpoints["detector"]
     classes = tmp_path / "classes.txt"
     classes.write_text("\n".join([*checkpoint.labels[1:], "extra"]) + "\n")
-    done = run_export("detector", "--weights", "checkpoint", "--checkpoint", str(checkpoint.path),
-                      "--classes", str(classes), *targets(tmp_path))
+    done = run_export(
+        "detector",
+        "--weights",
+        "checkpoint",
+        "--checkpoint",
+        str(checkpoint.path),
+        "--classes",
+        str(classes),
+        *targets(tmp_path),
+    )
     assert_clean_failure(done, "__background__")
     assert_nothing_written(tmp_path / "repo", tmp_path / "cpu" / "repo")
 
 
 def test_checkpoint_of_another_architecture(checkpoints: dict[str, Checkpoint], tmp_path: Path) -> None:
-    done = run_export("classifier", "--weights", "checkpoint", "--arch", "resnet50",
-                      "--checkpoint", str(checkpoints["classifier"].path),
-                      "--classes", str(checkpoints["classifier"].classes), *targets(tmp_path))
+    done = run_export(
+        "classifier",
+        "--weights",
+        "checkpoint",
+        "--arch",
+        "resnet50",
+        "--checkpoint",
+        str(checkpoints["classifier"].path),
+        "--classes",
+        str(checkpoints["classifier"].classes),
+        *targets(tmp_path),
+    )
     assert_clean_failure(done, "does not fit the architecture")
     assert_nothing_written(tmp_path / "repo", tmp_path / "cpu" / "repo")
 
@@ -92,8 +135,16 @@ def test_checkpoint_of_another_architecture(checkpoints: dict[str, Checkpoint], 
 def test_unreadable_checkpoint(checkpoints: dict[str, Checkpoint], tmp_path: Path) -> None:
     garbage = tmp_path / "garbage.pt"
     garbage.write_bytes(b"not a checkpoint")
-    done = run_export("classifier", "--weights", "checkpoint", "--checkpoint", str(garbage),
-                      "--classes", str(checkpoints["classifier"].classes), *targets(tmp_path))
+    done = run_export(
+        "classifier",
+        "--weights",
+        "checkpoint",
+        "--checkpoint",
+        str(garbage),
+        "--classes",
+        str(checkpoints["classifier"].classes),
+        *targets(tmp_path),
+    )
     assert_clean_failure(done, "cannot read checkpoint", str(garbage))
     assert_nothing_written(tmp_path / "repo", tmp_path / "cpu" / "repo")
 
@@ -102,9 +153,19 @@ def test_output_below_a_regular_file(checkpoints: dict[str, Checkpoint], tmp_pat
     blocker = tmp_path / "blocker"
     blocker.write_text("a file where a directory should be")
     checkpoint = checkpoints["classifier"]
-    done = run_export("classifier", "--weights", "checkpoint", "--checkpoint", str(checkpoint.path),
-                      "--classes", str(checkpoint.classes), "--out", str(blocker / "repo"),
-                      "--cpu-out", str(tmp_path / "cpu" / "repo"))
+    done = run_export(
+        "classifier",
+        "--weights",
+        "checkpoint",
+        "--checkpoint",
+        str(checkpoint.path),
+        "--classes",
+        str(checkpoint.classes),
+        "--out",
+        str(blocker / "repo"),
+        "--cpu-out",
+        str(tmp_path / "cpu" / "repo"),
+    )
     assert_clean_failure(done, "cannot write to", str(blocker))
     assert blocker.read_text() == "a file where a directory should be"
     assert_nothing_written(tmp_path / "cpu" / "repo", tmp_path / "cpu" / "repo")
@@ -117,9 +178,19 @@ def test_output_in_a_read_only_directory(checkpoints: dict[str, Checkpoint], tmp
     locked.chmod(0o555)
     checkpoint = checkpoints["classifier"]
     try:
-        done = run_export("classifier", "--weights", "checkpoint", "--checkpoint", str(checkpoint.path),
-                          "--classes", str(checkpoint.classes), "--out", str(locked / "repo"),
-                          "--cpu-out", str(tmp_path / "cpu" / "repo"))
+        done = run_export(
+            "classifier",
+            "--weights",
+            "checkpoint",
+            "--checkpoint",
+            str(checkpoint.path),
+            "--classes",
+            str(checkpoint.classes),
+            "--out",
+            str(locked / "repo"),
+            "--cpu-out",
+            str(tmp_path / "cpu" / "repo"),
+        )
         assert_clean_failure(done, "cannot write to", str(locked))
         assert list(locked.iterdir()) == []
     finally:
@@ -138,8 +209,19 @@ def test_failed_export_leaves_an_existing_repository_untouched(
     state["fc.weight"], state["fc.bias"] = state["fc.weight"][:-1], state["fc.bias"][:-1]
     smaller = tmp_path / "smaller.pt"
     torch.save(state, smaller)
-    done = run_export("classifier", "--weights", "checkpoint", "--checkpoint", str(smaller),
-                      "--classes", str(checkpoints["classifier"].classes), "--out", str(out), "--cpu-out", str(cpu_out))
+    done = run_export(
+        "classifier",
+        "--weights",
+        "checkpoint",
+        "--checkpoint",
+        str(smaller),
+        "--classes",
+        str(checkpoints["classifier"].classes),
+        "--out",
+        str(out),
+        "--cpu-out",
+        str(cpu_out),
+    )
     assert_clean_failure(done, "predicts")
     assert (tree_digest(out), tree_digest(cpu_out)) == before
     assert not [p for p in out.parent.iterdir() if ".staging-" in p.name]

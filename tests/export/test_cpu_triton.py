@@ -43,8 +43,12 @@ def free_port() -> int:
 @pytest.fixture(scope="module")
 def cpu_server(exported: Exported, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TritonServer]:
     server = start_tritonserver(
-        exported.cpu_out, free_port(), free_port(), free_port(),
-        work_dir=tmp_path_factory.mktemp("export_triton"), ready_timeout_s=300,
+        exported.cpu_out,
+        free_port(),
+        free_port(),
+        free_port(),
+        work_dir=tmp_path_factory.mktemp("export_triton"),
+        ready_timeout_s=300,
     )
     yield server
     server.stop()
@@ -86,7 +90,9 @@ def test_concurrent_requests_answer_like_the_eager_model(
     while triton_counter(cpu_server, "nv_inference_count", model) - before["nv_inference_count"] < images_in:
         assert time.monotonic() < deadline, "Triton's metrics never counted the requests"
         time.sleep(0.1)
-    executions = triton_counter(cpu_server, "nv_inference_exec_count", model) - before["nv_inference_exec_count"]
+    executions = (
+        triton_counter(cpu_server, "nv_inference_exec_count", model) - before["nv_inference_exec_count"]
+    )
     assert executions < len(requests), "Triton ran every request alone: nothing was batched"
-    for images, outputs in zip(requests, answers):
+    for images, outputs in zip(requests, answers, strict=True):
         ASSERT_MATCHES[model](exported.checkpoints[model].model, torch.from_numpy(images), outputs)

@@ -18,7 +18,11 @@ from tests.export.support import run_export
 from training.models import DEMO_MEAN, DEMO_STD
 from training.shapes import CLASSES
 
-IMAGE_SIZE = {"classifier": 32, "detector": 96, "segmenter": 64}  # unlike the defaults, to see meta.json is read
+IMAGE_SIZE = {
+    "classifier": 32,
+    "detector": 96,
+    "segmenter": 64,
+}  # unlike the defaults, to see meta.json is read
 
 
 def fake_demo_dir(root: Path, checkpoints: dict[str, Checkpoint], passed: bool) -> Path:
@@ -28,7 +32,12 @@ def fake_demo_dir(root: Path, checkpoints: dict[str, Checkpoint], passed: bool) 
         shutil.copyfile(checkpoints[name].path, demo / f"{name}.pt")
     # The session's segmenter checkpoint is a .safetensors file; training writes torch files.
     torch.save(load_file(str(checkpoints["segmenter"].path)), demo / "segmenter.pt")
-    meta = {"classes": list(CLASSES), "image_size": IMAGE_SIZE, "mean": list(DEMO_MEAN), "std": list(DEMO_STD)}
+    meta = {
+        "classes": list(CLASSES),
+        "image_size": IMAGE_SIZE,
+        "mean": list(DEMO_MEAN),
+        "std": list(DEMO_STD),
+    }
     (demo / "meta.json").write_text(json.dumps(meta))
     (demo / "report.json").write_text(json.dumps({"passed": passed}))
     return demo
@@ -37,7 +46,9 @@ def fake_demo_dir(root: Path, checkpoints: dict[str, Checkpoint], passed: bool) 
 def test_demo_export_of_all_models(checkpoints: dict[str, Checkpoint], tmp_path: Path) -> None:
     demo = fake_demo_dir(tmp_path, checkpoints, passed=True)
     out, cpu_out = tmp_path / "repo", tmp_path / "cpu"
-    done = run_export("all", "--weights", "demo", "--demo-dir", str(demo), "--out", str(out), "--cpu-out", str(cpu_out))
+    done = run_export(
+        "all", "--weights", "demo", "--demo-dir", str(demo), "--out", str(out), "--cpu-out", str(cpu_out)
+    )
     assert done.returncode == 0, done.stderr
     for model, size in IMAGE_SIZE.items():
         contract = load_contract(out, model)
@@ -51,7 +62,9 @@ def test_demo_export_of_all_models(checkpoints: dict[str, Checkpoint], tmp_path:
 def test_demo_that_missed_its_bars_is_refused(checkpoints: dict[str, Checkpoint], tmp_path: Path) -> None:
     demo = fake_demo_dir(tmp_path, checkpoints, passed=False)
     out, cpu_out = tmp_path / "repo", tmp_path / "cpu"
-    done = run_export("all", "--weights", "demo", "--demo-dir", str(demo), "--out", str(out), "--cpu-out", str(cpu_out))
+    done = run_export(
+        "all", "--weights", "demo", "--demo-dir", str(demo), "--out", str(out), "--cpu-out", str(cpu_out)
+    )
     assert done.returncode == 1
     assert len(done.stderr.strip().splitlines()) == 1 and "quality bars" in done.stderr, done.stderr
     assert not out.exists() and not cpu_out.exists()

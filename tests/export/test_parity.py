@@ -33,7 +33,9 @@ ASSERT_MATCHES = {
 def fresh_images(model: str, seed: int, batch: int = 3) -> torch.Tensor:
     """Random noise plus shapes scenes, never seen during export."""
     size = SIZES[model]
-    noise = torch.randint(0, 256, (batch - 1, 3, size, size), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
+    noise = torch.randint(
+        0, 256, (batch - 1, 3, size, size), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed)
+    )
     scene = torch.from_numpy(make_scene(seed, size).image).permute(2, 0, 1)[None]
     return torch.cat([noise, scene])
 
@@ -52,27 +54,43 @@ def test_config_describes_the_real_outputs(exported: Exported, model: str, tmp_p
     image = fresh_images(model, seed=7, batch=batch)
     outputs = run_in_fresh_process(exported.out / model / "1" / "model.pt", image, tmp_path)
 
-    assert [(t.name, t.dtype, t.dims) for t in contract.inputs] == [("IMAGE", "uint8", (3, SIZES[model], SIZES[model]))]
+    assert [(t.name, t.dtype, t.dims) for t in contract.inputs] == [
+        ("IMAGE", "uint8", (3, SIZES[model], SIZES[model]))
+    ]
     # The libtorch backend binds outputs by position: the returned order must be the config's.
     assert len(outputs) == len(contract.outputs)
-    for spec, tensor in zip(contract.outputs, outputs):
-        assert (str(tensor.numpy().dtype), tuple(tensor.shape)) == (spec.dtype, (batch, *spec.dims)), spec.name
+    for spec, tensor in zip(contract.outputs, outputs, strict=True):
+        assert (str(tensor.numpy().dtype), tuple(tensor.shape)) == (spec.dtype, (batch, *spec.dims)), (
+            spec.name
+        )
     assert contract.labels == exported.checkpoints[model].labels
-    assert contract.task == {"classifier": "classification", "detector": "detection", "segmenter": "segmentation"}[model]
+    assert (
+        contract.task
+        == {"classifier": "classification", "detector": "detection", "segmenter": "segmentation"}[model]
+    )
     assert contract.parameters["weights"] == f"checkpoint:{exported.checkpoints[model].path.name}"
 
 
 def test_contract_tensor_order_and_labels(exported: Exported) -> None:
     """The tensor names, order and label files are exactly docs/ARCHITECTURE.md's."""
     names = {model: [t.name for t in load_contract(exported.out, model).outputs] for model in MODELS}
-    assert names == {"classifier": ["PROBS"], "detector": ["BOXES", "SCORES", "LABELS", "COUNT"], "segmenter": ["MASK"]}
+    assert names == {
+        "classifier": ["PROBS"],
+        "detector": ["BOXES", "SCORES", "LABELS", "COUNT"],
+        "segmenter": ["MASK"],
+    }
     detector = load_contract(exported.out, "detector")
     assert [t.dims for t in detector.outputs] == [(100, 4), (100,), (100,), (1,)]
-    assert detector.labels[0] == "__background__" and load_contract(exported.out, "segmenter").labels[0] == "background"
+    assert (
+        detector.labels[0] == "__background__"
+        and load_contract(exported.out, "segmenter").labels[0] == "background"
+    )
     classifier = load_contract(exported.out, "classifier")
     assert (classifier.preprocess, classifier.resize_size) == ("resize_center_crop", SIZES["classifier"])
     assert {load_contract(exported.out, m).preprocess for m in ("detector", "segmenter")} == {"letterbox"}
-    labelled = {m: [o.name for o in load_contract(exported.out, m).config.output if o.label_filename] for m in MODELS}
+    labelled = {
+        m: [o.name for o in load_contract(exported.out, m).config.output if o.label_filename] for m in MODELS
+    }
     assert labelled == {"classifier": ["PROBS"], "detector": ["LABELS"], "segmenter": ["MASK"]}
 
 
@@ -92,7 +110,11 @@ def test_gpu_repository_config(exported: Exported, model: str) -> None:
 def test_cpu_repository_serves_the_same_model_with_the_python_backend(exported: Exported, model: str) -> None:
     gpu, cpu = load_contract(exported.out, model), load_contract(exported.cpu_out, model)
     assert (cpu.inputs, cpu.outputs, cpu.labels, cpu.max_batch_size, cpu.parameters) == (
-        gpu.inputs, gpu.outputs, gpu.labels, gpu.max_batch_size, gpu.parameters,
+        gpu.inputs,
+        gpu.outputs,
+        gpu.labels,
+        gpu.max_batch_size,
+        gpu.parameters,
     )
     assert cpu.config.backend == "python" and not cpu.config.platform
     assert [g.kind for g in cpu.config.instance_group] == [cpu.config.instance_group[0].KIND_CPU]

@@ -19,14 +19,23 @@ from torchvision.models import ResNet50_Weights, resnet50
 from torchvision.models.detection import FasterRCNN_ResNet50_FPN_V2_Weights, fasterrcnn_resnet50_fpn_v2
 
 from service.contract import load_contract
-from tests.export.support import assert_classifier_matches, assert_detector_matches, run_export, run_in_fresh_process
+from tests.export.support import (
+    assert_classifier_matches,
+    assert_detector_matches,
+    run_export,
+    run_in_fresh_process,
+)
 from training.shapes import make_scene
 
 CLASSIFIER_WEIGHTS = ResNet50_Weights.IMAGENET1K_V2
 DETECTOR_WEIGHTS = FasterRCNN_ResNet50_FPN_V2_Weights.COCO_V1
 DETECTOR_TEST_SIZE = 320  # 800 (the COCO scale) is minutes per image on two shared cores
 # Any download attempt fails at once instead of hanging: proves the export never went online.
-OFFLINE = {"HTTPS_PROXY": "http://127.0.0.1:9", "HTTP_PROXY": "http://127.0.0.1:9", "https_proxy": "http://127.0.0.1:9"}
+OFFLINE = {
+    "HTTPS_PROXY": "http://127.0.0.1:9",
+    "HTTP_PROXY": "http://127.0.0.1:9",
+    "https_proxy": "http://127.0.0.1:9",
+}
 
 
 @dataclass(frozen=True)
@@ -50,8 +59,11 @@ def pretrained(tmp_path_factory: pytest.TempPathFactory) -> PretrainedExport:
     torch.manual_seed(99)
     classifier = resnet50(weights=None, num_classes=len(CLASSIFIER_WEIGHTS.meta["categories"])).eval()
     detector = fasterrcnn_resnet50_fpn_v2(
-        weights=None, weights_backbone=None, num_classes=len(DETECTOR_WEIGHTS.meta["categories"]),
-        min_size=DETECTOR_TEST_SIZE, max_size=DETECTOR_TEST_SIZE,
+        weights=None,
+        weights_backbone=None,
+        num_classes=len(DETECTOR_WEIGHTS.meta["categories"]),
+        min_size=DETECTOR_TEST_SIZE,
+        max_size=DETECTOR_TEST_SIZE,
     ).eval()
     for weights, model in ((CLASSIFIER_WEIGHTS, classifier), (DETECTOR_WEIGHTS, detector)):
         path = cache_file(torch_home, weights.url)
@@ -103,8 +115,16 @@ def test_detector_uses_the_cached_file(pretrained: PretrainedExport, tmp_path: P
 
 def test_missing_cache_offline_is_a_clear_error(tmp_path: Path) -> None:
     empty_home = tmp_path / "empty_torch_home"
-    done = run_export("classifier", "--weights", "pretrained", "--out", str(tmp_path / "repo"),
-                      "--cpu-out", str(tmp_path / "cpu"), env={"TORCH_HOME": str(empty_home), **OFFLINE})
+    done = run_export(
+        "classifier",
+        "--weights",
+        "pretrained",
+        "--out",
+        str(tmp_path / "repo"),
+        "--cpu-out",
+        str(tmp_path / "cpu"),
+        env={"TORCH_HOME": str(empty_home), **OFFLINE},
+    )
     assert done.returncode == 1
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in done.stderr, done.stderr
