@@ -21,9 +21,10 @@ from fastapi import FastAPI, Query, Request, Response
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from ray import serve
+from ray.serve.config import BackpressureConfig
 from ray.serve.handle import DeploymentHandle
 
-from service.backends.base import Backend
+from service.backends.base import Backend, BackendTimeout
 from service.backends.embedded import EmbeddedBackend, latest_version, model_deployments
 from service.contract import ModelContract, load_contract
 from service.errors import ERROR_KINDS, ERROR_RESPONSES, ApiError, install_error_handlers
@@ -168,6 +169,7 @@ class Gateway:
         self._contracts: dict[str, ModelContract] = {m: load_contract(settings.model_repository, m) for m in settings.models}
         self._versions = {m: latest_version(settings.model_repository, m) for m in settings.models}
         self._backend: Backend = make_backend(settings, models)
+        self._in_flight = 0  # inference requests admitted and not yet answered (admission control)
 
     async def __del__(self) -> None:
         close = getattr(getattr(self, "_backend", None), "close", None)
@@ -231,8 +233,27 @@ class Gateway:
             raise ApiError(401, "unauthorized", "missing or wrong API key; send it as header X-API-Key")
 
     async def _run(self, handler: Handler, request: Request, query_options: BaseModel) -> Any:
-        """Read, decode and preprocess every image, infer them concurrently, postprocess in order."""
+        """Admit the request (503 + Retry-After past the limit) and answer it within its deadline (504)."""
         self._check_api_key(request)
+        limit = self._settings.admission_limit
+        if self._in_flight >= limit:
+            raise ApiError(
+                503,
+                "overloaded",
+                f"the gateway is working on {limit} requests already; retry after {self._settings.retry_after_s} s",
+                headers={"Retry-After": str(self._settings.retry_after_s)},
+            )
+        self._in_flight += 1
+        try:
+            async with asyncio.timeout(self._settings.request_timeout_s):
+                return await self._answer(handler, request, query_options)
+        except TimeoutError as error:
+            raise BackendTimeout(f"the request did not finish within {self._settings.request_timeout_s:g} s") from error
+        finally:
+            self._in_flight -= 1
+
+    async def _answer(self, handler: Handler, request: Request, query_options: BaseModel) -> Any:
+        """Read, decode and preprocess every image, infer them concurrently, postprocess in order."""
         contract = self._contracts.get(handler.model)
         if contract is None:
             raise ApiError(404, "model_disabled", f"model {handler.model} is not enabled on this gateway")
@@ -281,5 +302,7 @@ def build_app(settings: Settings) -> serve.Application:
         num_replicas=settings.ingress_replicas,
         max_ongoing_requests=settings.max_ongoing_requests,
         max_queued_requests=settings.max_queued_requests,
+        # Serve's own 503 when its queue in front of the gateway is full: say when to retry too
+        backpressure_config=BackpressureConfig(retry_after_s=settings.retry_after_s),
         ray_actor_options={"num_cpus": settings.ingress_num_cpus},
     ).bind(settings, models)

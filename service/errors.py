@@ -45,11 +45,12 @@ ERROR_RESPONSES: dict[int | str, dict[str, object]] = {
 class ApiError(Exception):
     """A request the gateway refuses: carries the status, a stable code and a helpful message."""
 
-    def __init__(self, status_code: int, code: str, message: str) -> None:
+    def __init__(self, status_code: int, code: str, message: str, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.status_code = status_code
         self.code = code
         self.message = message
+        self.headers = headers
 
 
 def error_response(status_code: int, code: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
@@ -71,7 +72,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, error: ApiError) -> JSONResponse:
-        return error_response(error.status_code, error.code, error.message)
+        return error_response(error.status_code, error.code, error.message, headers=error.headers)
 
     @app.exception_handler(ImageError)
     async def _image_error(request: Request, error: ImageError) -> JSONResponse:

@@ -57,7 +57,14 @@ class Settings(BaseSettings):
     # back-pressure and deadlines
     max_ongoing_requests: int = Field(64, ge=1, description="concurrent requests per replica")
     max_queued_requests: int = Field(256, ge=-1, description="queued calls per handle before 503; -1 = no limit")
-    request_timeout_s: float = Field(30.0, gt=0.0)
+    max_in_flight_requests: int | None = Field(
+        None,
+        ge=1,
+        description="inference requests one ingress replica admits at once; more get 503 + Retry-After at once "
+        "(default 3/4 of max_ongoing_requests; must stay below it so the excess reaches the gateway)",
+    )
+    request_timeout_s: float = Field(30.0, gt=0.0, description="deadline of a whole request; past it: 504")
+    retry_after_s: int = Field(1, ge=0, description="Retry-After (seconds) of 503s for a full gateway or Serve queue")
 
     # Triton backend
     triton_url: str = "127.0.0.1:8011"
@@ -111,9 +118,21 @@ class Settings(BaseSettings):
                 f"max_ongoing_requests ({self.max_ongoing_requests}) must be >= max_batch_size "
                 f"({self.max_batch_size}) or batches can never fill"
             )
+        if self.max_in_flight_requests is not None and self.max_in_flight_requests >= self.max_ongoing_requests:
+            raise ValueError(
+                f"max_in_flight_requests ({self.max_in_flight_requests}) must be < max_ongoing_requests "
+                f"({self.max_ongoing_requests}): Serve queues the rest before the gateway can refuse them"
+            )
         if not _is_loopback(self.host) and self.api_key is None:
             log.warning("listening on %s without CVSERVE_API_KEY: anyone on the network can call it", self.host)
         return self
+
+    @property
+    def admission_limit(self) -> int:
+        """Inference requests one ingress replica works on at once before answering 503."""
+        if self.max_in_flight_requests is not None:
+            return self.max_in_flight_requests
+        return max(1, self.max_ongoing_requests * 3 // 4)
 
     @property
     def model_max_ongoing_requests(self) -> int:
