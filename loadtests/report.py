@@ -254,9 +254,7 @@ def markdown(results: dict[str, Any]) -> str:
             )
         for l in run["loads"]:
             what = (
-                f"{l['concurrency']} clients"
-                if l["mode"] == "closed"
-                else f"open loop {l['offered_rps']:.1f}/s"
+                f"closed c={l['concurrency']}" if l["mode"] == "closed" else f"open {l['offered_rps']:.1f}/s"
             )
             lines.append(
                 f"| {l['system']} | {what} | {l['throughput_rps']:.1f} | {_fmt(l['p50_ms'])} | {_fmt(l['p95_ms'])} | "
