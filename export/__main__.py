@@ -128,6 +128,10 @@ def run(args: argparse.Namespace) -> None:
     models = list(MODELS) if args.model == "all" else [args.model]
     batching = Batching(args.max_batch_size, tuple(args.preferred_batch_sizes), args.max_queue_delay_us)
     batching.check()
+    if args.out.resolve() == args.cpu_out.resolve():
+        raise ExportError(
+            f"--out and --cpu-out are both {args.out}: the two repositories need two directories"
+        )
     options = SourceOptions(
         weights=args.weights,
         arch=args.arch,

@@ -237,3 +237,11 @@ def test_checkpoint_source_needs_one_model(tmp_path: Path) -> None:
     done = run_export("all", "--weights", "checkpoint", *targets(tmp_path))
     assert_clean_failure(done, "one model at a time")
     assert_nothing_written(tmp_path / "repo", tmp_path / "cpu" / "repo")
+
+
+def test_both_repositories_in_one_directory(tmp_path: Path) -> None:
+    done = run_export(
+        "all", "--weights", "demo", "--out", str(tmp_path / "repo"), "--cpu-out", str(tmp_path / "repo")
+    )
+    assert_clean_failure(done, "two directories")
+    assert_nothing_written(tmp_path / "repo", tmp_path / "repo")
