@@ -64,7 +64,8 @@ Send images to `/classify`, `/detect` or `/segment` in any of three ways:
 Options go in the query string (or in the JSON body). Images are normalised before inference:
 EXIF orientation applied, transparency composited on white, grayscale/CMYK/16-bit/palette
 converted to RGB, first frame of animations. Boxes and masks refer to the upright original image.
-Errors are `{"error": {"code": ..., "message": ...}}`.
+Errors are `{"error": {"code": ..., "message": ...}}`; every status and code is listed in docs/ERRORS.md
+(busy: 503 with `Retry-After`; past the deadline: 504).
 """
 
 
