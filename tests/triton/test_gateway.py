@@ -168,7 +168,8 @@ def test_request_past_its_deadline_is_504(
         response = httpx.post(f"{url}/segment", files=as_files(scenes[:1]), timeout=TIMEOUT_S)
         assert response.status_code == 504, response.text
         error = response.json()["error"]
-        assert error["code"] == "timeout" and "did not answer within" in error["message"]
+        # The gateway's request deadline or the backend's call deadline, whichever trips first.
+        assert error["code"] == "timeout" and "within 0.001 s" in error["message"]
         assert is_ready(url), "a deadline is not an outage: /ready must stay 200"
     finally:
         serve.delete("triton-deadline")
