@@ -2,8 +2,8 @@
 
 Headless run with a bounded run time and CSV + HTML reports (see loadtests/README section):
 
-    .venv/bin/locust -f loadtests/locustfile.py --host http://127.0.0.1:8000 --headless \
-        -u 8 -r 4 --run-time 60s --csv loadtests/out/locust --html loadtests/out/locust.html
+    .venv/bin/python -m locust -f loadtests/locustfile.py --host http://127.0.0.1:8000 \
+        --headless -u 8 -r 4 --run-time 60s --csv loadtests/out/locust --html loadtests/out/locust.html
 
 Task weights and the image mix are custom arguments (or LOCUST_* environment variables).
 Any failed request makes Locust exit non-zero.
