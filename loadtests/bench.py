@@ -6,7 +6,8 @@ backend and, where tritonserver and the CPU repository exist, with the Triton ba
 hand-written FastAPI + torch server; (d) LitServe with batching. Every server is started here on
 a free loopback port, loaded closed-loop at several concurrencies and open-loop (Poisson) at half
 its saturation throughput, then stopped. Prints a table per model with ratios to (a) and (c);
-writes bench.json, bench.md (Markdown tables) and bench.png under --out. Gateway settings come from CVSERVE_* as usual.
+writes bench.json, bench.md (Markdown tables) and bench.png under --out. The gateway's settings
+(batch size, wait, threads) come from CVSERVE_* as usual and apply to every server.
 
     python -m loadtests.bench --out loadtests/out            # all three models, ~20 min
     python -m loadtests.bench --models detector --concurrency 1,8 --duration 5   # a quick look
@@ -49,6 +50,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line (see --help); lists arrive as comma-separated text."""
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )

@@ -1,4 +1,4 @@
-"""Turn a benchmark run (bench.json's dict) into target verdicts, a text table and a plot."""
+"""Turn a benchmark run (bench.json's dict) into target verdicts, text and Markdown tables, and a plot."""
 
 from __future__ import annotations
 
@@ -84,7 +84,10 @@ def _noise_line(results: dict[str, Any]) -> str | None:
         return None
     again = results["inprocess_again"]
     flag = "  <- NOISY: the machine's load changed during the run" if abs(drift) > NOISY_DRIFT else ""
-    return f"(a) model batch {again['batch_size']} measured again at the end: {again['images_per_s']:.1f} img/s ({drift:+.0%}){flag}"
+    return (
+        f"(a) model batch {again['batch_size']} measured again at the end: "
+        f"{again['images_per_s']:.1f} img/s ({drift:+.0%}){flag}"
+    )
 
 
 def _verdict(value: float | None, threshold: float, at_least: bool) -> str:
@@ -97,62 +100,87 @@ def _fmt(value: float | None, spec: str = ".1f") -> str:
     return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, spec)
 
 
+LABELS = {
+    "embedded": "(b) ours embedded",
+    "triton": "(b) ours triton",
+    "handwritten": "(c) hand-written",
+    "litserve": "(d) litserve",
+}
+COLUMNS = ("system", "load", "img/s", "p50 ms", "p95 ms", "p99 ms", "errors", "x(a)", "x(c)")
+
+
+def rows(results: dict[str, Any]) -> list[tuple[str, ...]]:
+    """One model's figures as table cells (COLUMNS); (a) rows give the batch's median time as p50."""
+    summary = results["summary"]
+    raw, hand = summary["raw_limit_images_per_s"], summary["handwritten_rps"]
+    cells = []
+    for r in results["inprocess"]:
+        name = "(a) model alone" if r["stage"] == "model" else "(a) decode+model+post"
+        rate = r["images_per_s"]
+        cells.append((name, f"batch {r['batch_size']}", f"{rate:.1f}", f"{r['batch_ms_p50']:.1f}", "", "", "",
+                      _fmt(_ratio(rate, raw), ".2f"), _fmt(_ratio(rate, hand), ".2f")))  # fmt: skip
+    for l in results["loads"]:
+        load = f"closed c={l['concurrency']}" if l["mode"] == "closed" else f"open {l['offered_rps']:.1f}/s"
+        rate = l["throughput_rps"]
+        cells.append((LABELS.get(l["system"], l["system"]), load, f"{rate:.1f}", _fmt(l["p50_ms"]),
+                      _fmt(l["p95_ms"]), _fmt(l["p99_ms"]), str(l["errors"]),
+                      _fmt(_ratio(rate, raw), ".2f"), _fmt(_ratio(rate, hand), ".2f")))  # fmt: skip
+    return cells
+
+
+def verdicts(results: dict[str, Any]) -> list[str]:
+    """Saturation per system, the targets for ours, what was not measured, and the noise check."""
+    lines = []
+    noise = _noise_line(results)
+    if noise:
+        lines.append(noise)
+    for name, row in results["summary"]["systems"].items():
+        lines.append(
+            f"{LABELS.get(name, name)}: saturation {row['saturation_rps']:.1f} img/s at c={row['saturation_concurrency']}"
+            f" = {_fmt(row['vs_raw'], '.2f')}x (a), {_fmt(row['vs_handwritten'], '.2f')}x (c);"
+            f" p99/p50 at half load {_fmt(row['half_load_p99_over_p50'], '.2f')}; errors {row['errors']}"
+        )
+        lines += [f"    target {target}: {verdict}" for target, verdict in row.get("targets", {}).items()]
+    lines += [f"{LABELS.get(n, n)}: not measured: {why}" for n, why in results["skipped"].items()]
+    lines += [f"{LABELS.get(n, n)}: FAILED: {why}" for n, why in results["failed"].items()]
+    return lines
+
+
 def header(results: dict[str, Any]) -> str:
     """One line on what the run was measured on."""
     m = results["machine"]
-    load = f"load avg {m['loadavg_start'][0]:.1f} -> {m['loadavg_end'][0]:.1f}"
-    note = f" · {results['note']}" if results["note"] else ""
-    return f"{results['started']} · {m['cpus']} CPUs · cuda {m['cuda']} · torch {m['torch']} · {load}{note}"
+    return (
+        f"{results['started']} · {m['cpus']} CPUs ({m['processor']}) · CUDA {m['cuda']} · torch {m['torch']}"
+        f" · load average {m['loadavg_start'][0]:.1f} at start, {m['loadavg_end'][0]:.1f} at end"
+        f" · {results['wall_s']:.0f} s" + (f" · {results['note']}" if results["note"] else "")
+    )
 
 
 def table(results: dict[str, Any]) -> str:
     """One model's fixed-width table: every figure with its ratio to (a) raw and (c) hand-written."""
-    summary = results["summary"]
-    raw, hand = summary["raw_limit_images_per_s"], summary["handwritten_rps"]
-    head = f"{'system':<22}{'load':>10}{'img/s':>9}{'p50 ms':>9}{'p95 ms':>9}{'p99 ms':>9}{'err':>6}{'x(a)':>7}{'x(c)':>7}"
+    widths = (22, 14, 8, 9, 9, 9, 7, 6, 6)
+    body = [COLUMNS, *rows(results)]
     lines = [
         f"model {results['model']}  (x(a): ratio to the best (a) model figure; x(c): to (c) at saturation)",
-        head,
-        "-" * len(head),
+        *(
+            "".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+            for r in body
+        ),
+        "",
+        *verdicts(results),
     ]
-    for r in results["inprocess"]:
-        name = f"(a) {'model' if r['stage'] == 'model' else 'decode+model+post'}"
-        lines.append(
-            f"{name:<22}{'batch ' + str(r['batch_size']):>10}{r['images_per_s']:>9.1f}{r['batch_ms_p50']:>9.1f}"
-            f"{'':>9}{'':>9}{'':>6}{_fmt(_ratio(r['images_per_s'], raw), '.2f'):>7}"
-            f"{_fmt(_ratio(r['images_per_s'], hand), '.2f'):>7}"
-        )
-    labels = {
-        "embedded": "(b) ours embedded",
-        "triton": "(b) ours triton",
-        "handwritten": "(c) hand-written",
-        "litserve": "(d) litserve",
-    }
-    for load in results["loads"]:
-        what = f"c={load['concurrency']}" if load["mode"] == "closed" else f"{load['offered_rps']:.0f}/s open"
-        lines.append(
-            f"{labels.get(load['system'], load['system']):<22}{what:>10}{load['throughput_rps']:>9.1f}"
-            f"{_fmt(load['p50_ms']):>9}{_fmt(load['p95_ms']):>9}{_fmt(load['p99_ms']):>9}{load['errors']:>6}"
-            f"{_fmt(_ratio(load['throughput_rps'], raw), '.2f'):>7}"
-            f"{_fmt(_ratio(load['throughput_rps'], hand), '.2f'):>7}"
-        )
-    lines.append("")
-    noise = _noise_line(results)
-    if noise:
-        lines.append(noise)
-    for name, row in summary["systems"].items():
-        lines.append(
-            f"{labels.get(name, name)}: saturation {row['saturation_rps']:.1f} img/s at c={row['saturation_concurrency']}"
-            f" = {_fmt(row['vs_raw'], '.2f')}x (a), {_fmt(row['vs_handwritten'], '.2f')}x (c); half load p99/p50"
-            f" {_fmt(row['half_load_p99_over_p50'], '.2f')}; errors {row['errors']}"
-        )
-        for target, verdict in row.get("targets", {}).items():
-            lines.append(f"    target {target}: {verdict}")
-    for name, reason in results["skipped"].items():
-        lines.append(f"{labels.get(name, name)}: not measured: {reason}")
-    for name, reason in results["failed"].items():
-        lines.append(f"{labels.get(name, name)}: FAILED: {reason}")
+    lines.insert(2, "-" * sum(widths))
     return "\n".join(lines)
+
+
+def markdown(results: dict[str, Any]) -> str:
+    """The run as Markdown (what RESULTS.md quotes): a table per model, then its verdicts."""
+    lines = [f"Run {header(results)}"]
+    for run in results["models"]:
+        lines += ["", f"### {run['model']}", "", "| " + " | ".join(COLUMNS) + " |", "|---|---|" + "---:|" * 7]
+        lines += ["| " + " | ".join(cells) + " |" for cells in rows(run)]
+        lines += ["", *(f"* {line.strip()}" for line in verdicts(run))]
+    return "\n".join(lines) + "\n"
 
 
 def plot(results: dict[str, Any], path: Path) -> None:
@@ -222,52 +250,3 @@ def _plot_model(ax: Any, run: dict[str, Any]) -> None:
     )
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
-
-
-def markdown(results: dict[str, Any]) -> str:
-    """The run as Markdown tables (what RESULTS.md quotes): one per model, then the verdicts."""
-    m = results["machine"]
-    lines = [
-        (
-            f"Run {results['started']} · {m['cpus']} CPUs ({m['processor']}) · CUDA {m['cuda']} · torch {m['torch']} · "
-            f"load average {m['loadavg_start'][0]:.1f} at start, {m['loadavg_end'][0]:.1f} at end · "
-            f"{results['wall_s']:.0f} s"
-        )
-    ]
-    if results["note"]:
-        lines.append(f"Note: {results['note']}")
-    for run in results["models"]:
-        summary = run["summary"]
-        raw, hand = summary["raw_limit_images_per_s"], summary["handwritten_rps"]
-        lines += [
-            "",
-            f"### {run['model']}",
-            "",
-            "| system | load | img/s | p50 ms | p95 ms | p99 ms | errors | × (a) | × (c) |",
-            "|---|---|---:|---:|---:|---:|---:|---:|---:|",
-        ]
-        for r in run["inprocess"]:
-            what = "(a) model alone" if r["stage"] == "model" else "(a) decode+model+post"
-            lines.append(
-                f"| {what} | batch {r['batch_size']} | {r['images_per_s']:.1f} | {r['batch_ms_p50']:.1f} (batch) | | | | "
-                f"{_fmt(_ratio(r['images_per_s'], raw), '.2f')} | {_fmt(_ratio(r['images_per_s'], hand), '.2f')} |"
-            )
-        for l in run["loads"]:
-            what = (
-                f"closed c={l['concurrency']}" if l["mode"] == "closed" else f"open {l['offered_rps']:.1f}/s"
-            )
-            lines.append(
-                f"| {l['system']} | {what} | {l['throughput_rps']:.1f} | {_fmt(l['p50_ms'])} | {_fmt(l['p95_ms'])} | "
-                f"{_fmt(l['p99_ms'])} | {l['errors']} | {_fmt(_ratio(l['throughput_rps'], raw), '.2f')} | "
-                f"{_fmt(_ratio(l['throughput_rps'], hand), '.2f')} |"
-            )
-        lines.append("")
-        noise = _noise_line(run)
-        if noise:
-            lines.append(f"* {noise}")
-        for name, row in summary["systems"].items():
-            for target, verdict in row.get("targets", {}).items():
-                lines.append(f"* {name}: {target}: **{verdict}**")
-        for name, reason in {**run["skipped"], **run["failed"]}.items():
-            lines.append(f"* {name}: not measured: {reason}")
-    return "\n".join(lines) + "\n"
