@@ -154,7 +154,11 @@ async def open_loop(
     async with _client(max_in_flight, timeout_s) as client:
 
         async def one(index: int, scheduled: float) -> None:
-            error = await _send(client, url, build(index))
+            try:
+                error = await _send(client, url, build(index))
+            except asyncio.CancelledError:  # still unanswered when the run's grace period ended
+                recorder.record(scheduled, time.perf_counter(), f"no answer within {timeout_s:g}s")
+                raise
             recorder.record(scheduled, time.perf_counter(), error)
 
         arrival, index = start, 0
@@ -174,4 +178,5 @@ async def open_loop(
             _, late = await asyncio.wait(pending, timeout=timeout_s)
             for task in late:
                 task.cancel()
+            await asyncio.gather(*late, return_exceptions=True)  # let them record their errors
     return recorder.result(system, "open", max_in_flight, rate_rps)
