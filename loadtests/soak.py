@@ -157,7 +157,7 @@ def run_locust(url: str, args: argparse.Namespace, prefix: Path) -> subprocess.P
 def markdown(verdict: Verdict, args: argparse.Namespace, per_title: dict[str, tuple[float, float]]) -> str:
     """The RESULTS.md section body."""
     lines = [
-        f"{args.duration / 60:g} min after a {args.warmup:g} s warm-up, {args.users} Locust users "
+        f"{args.duration / 60:.1f} min after a {args.warmup:g} s warm-up, {args.users} Locust users "
         f"(think time {args.wait_min:g}–{args.wait_max:g} s, classify:detect:segment 3:2:1), "
         f"embedded backend on {platform.node()} ({os.cpu_count()} cores).",
         "",
