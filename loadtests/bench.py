@@ -333,6 +333,9 @@ def machine() -> dict[str, Any]:
         "torch": torch.__version__,
         "cuda": torch.cuda.is_available(),
         "loadavg_start": os.getloadavg(),
+        # Inherited by every server: with the default (spinning) wait policy, two OpenMP threads on
+        # two busy cores can run 5-20x slower; record what this run had.
+        "env": {k: os.environ.get(k) for k in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS", "MKL_NUM_THREADS")},
     }
 
 
