@@ -20,8 +20,6 @@ from loadtests.baselines.pipeline import ModelPipeline
 from service.images import ImageError
 from service.settings import Settings
 
-log = logging.getLogger(__name__)
-
 
 def create_app(settings: Settings, model: str) -> FastAPI:
     """One POST endpoint for `model`'s task, plus /health."""
