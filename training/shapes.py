@@ -18,9 +18,11 @@ CLASSES: tuple[str, ...] = ("circle", "square", "triangle", "star", "cross")
 
 # A shape must keep at least this share of its own area visible after later shapes are painted.
 MIN_VISIBLE_FRACTION = 0.6
-# Every painted colour differs from (almost) all pixels it covers by at least this RGB distance.
+# A shape's colour differs from every pixel it covers or borders (CONTRAST_MARGIN px around it) by
+# at least this RGB distance where any tried colour can: no line or stripe of the shape's own colour
+# can touch it and change its outline.
 MIN_CONTRAST = 80.0
-_CONTRAST_PERCENTILE = 5
+CONTRAST_MARGIN = 2
 _PLACEMENT_TRIES = 40
 _COLOUR_TRIES = 24
 
@@ -93,6 +95,13 @@ def shape_polygon(shape: Shape) -> list[tuple[float, float]]:
     pts = _OUTLINES[shape.cls] @ np.array([[c, s], [-s, c]]) * shape.radius
     pts += (shape.cx, shape.cy)
     return [tuple(p) for p in pts.tolist()]
+
+
+def _footprint(shape: Shape, size: int, margin: int) -> np.ndarray:
+    """Boolean H x W map of the shape grown by `margin` pixels."""
+    canvas = Image.new("1", (size, size), 0)
+    ImageDraw.Draw(canvas).polygon(shape_polygon(shape), fill=1, outline=1, width=2 * margin + 1)
+    return np.asarray(canvas)
 
 
 def paint_instances(shapes: Sequence[Shape], size: int) -> np.ndarray:
@@ -175,8 +184,8 @@ def _background(rng: np.random.Generator, size: int) -> np.ndarray:
 
 
 def _contrast(colour: np.ndarray, pixels: np.ndarray) -> float:
-    """How far `colour` stands out from the pixels it would cover (a low percentile of RGB distances)."""
-    return float(np.percentile(np.linalg.norm(pixels - colour, axis=1), _CONTRAST_PERCENTILE))
+    """How far `colour` stands out from `pixels`: the smallest RGB distance to any of them."""
+    return float(np.linalg.norm(pixels - colour, axis=1).min())
 
 
 def _pick_colour(rng: np.random.Generator, pixels: np.ndarray) -> np.ndarray:
@@ -210,7 +219,7 @@ def make_scene(seed: int, size: int = 128, min_shapes: int = 1, max_shapes: int 
     image = _background(rng, size)
     for shape in shapes:
         covered = paint_instances([shape], size).astype(bool)
-        image[covered] = _pick_colour(rng, image[covered])
+        image[covered] = _pick_colour(rng, image[_footprint(shape, size, CONTRAST_MARGIN)])
     image += rng.normal(0.0, rng.uniform(0.0, 10.0), size=image.shape).astype(np.float32)
     image = np.clip(image, 0, 255).astype(np.uint8)
 
