@@ -265,7 +265,7 @@ def _iou(a: list[float], b: np.ndarray) -> float:
 @pytest.mark.parametrize("orientation", list(payloads.ORIENTATIONS))
 def test_exif_orientation_is_applied(client: httpx.Client, trained: bool, orientation: int) -> None:
     """Boxes refer to the image as displayed: same answer as the upright pixels, box where the shape is."""
-    displayed, box, label = payloads.one_shape_scene(seed=100 + orientation)
+    displayed, box, label = payloads.one_shape_scene(seed=100 + orientation, pad_right=32)
     data = payloads.exif_jpeg(displayed, orientation)
     stored = payloads.decode_plain(data)
     upright = payloads.ORIENTATIONS[orientation](stored)  # numpy's rotation of exactly the decoded pixels

@@ -1,4 +1,4 @@
-"""Floods, deadlines and a killed model replica, against a small real gateway (classifier only).
+"""Floods, deadlines and a killed model replica, against a small real gateway (detector only).
 
 No absolute timings: latency under overload is compared with the single-request latency measured
 in the same test, and the fault test counts answers, not seconds.
@@ -23,28 +23,32 @@ from tests.hardening.conftest import small_settings
 from tests.hardening.test_bad_inputs import assert_error
 
 APP = "hardening-overload"
+MODEL, ENDPOINT = "detector", "/detect"  # the costliest model: its queue, not Serve's per-request cost, dominates
 MAX_ONGOING = 4  # Serve's per-replica concurrency for the ingress
 ADMITTED = 3  # the gateway's own admission limit (< MAX_ONGOING so the excess reaches it)
-FLOOD_CLIENTS = 48
+FLOOD = 48  # concurrent clients, FLOOD_ROUNDS requests each (waiting Retry-After after a 503)
 FLOOD_ROUNDS = 3
-P95_FACTOR = 8  # 144 requests queued without bound would wait ~50 service times; admitted ones wait ~3 (+ noise)
+# Measured on 2 shared cores: admitted p95 6-9x the single latency (a few batches, plus the CPU that
+# answering the refused requests takes); the same flood without the bound: ~23x, growing with FLOOD.
+P95_FACTOR = 12
 PNG = {"Content-Type": "image/png"}
 IMAGE = payloads.encode(payloads.noise(96, 64))
 
 
 @pytest.fixture(scope="module")
 def overload_gateway(deploy: Deploy, model_repository: Path) -> str:
-    """One ingress admitting 3 requests at once in front of one classifier replica batching 2."""
+    """One ingress admitting 3 requests at once in front of one detector replica batching 2."""
     from service.app import build_app
 
     settings = small_settings(
         model_repository,
+        models=(MODEL,),
         max_batch_size=2,
         max_ongoing_requests=MAX_ONGOING,
         max_in_flight_requests=ADMITTED,
         max_queued_requests=4,
         request_timeout_s=90,
-        retry_after_s=2,
+        retry_after_s=1,
     )
     return deploy(build_app(settings), APP, f"/{APP}")
 
@@ -56,7 +60,7 @@ def client(overload_gateway: str) -> Iterator[httpx.Client]:
 
 
 def classify(client: httpx.Client) -> httpx.Response:
-    return client.post("/classify", content=IMAGE, headers=PNG)
+    return client.post(ENDPOINT, content=IMAGE, headers=PNG)
 
 
 def single_latency(client: httpx.Client, samples: int = 5) -> float:
@@ -70,58 +74,67 @@ def single_latency(client: httpx.Client, samples: int = 5) -> float:
     return statistics.median(latencies)
 
 
-async def flood(url: str) -> list[tuple[int, float, httpx.Headers, bytes]]:
-    """FLOOD_CLIENTS clients sending FLOOD_ROUNDS requests each, all at once: (status, seconds, headers, body)."""
-    limits = httpx.Limits(max_connections=FLOOD_CLIENTS)
+async def flood(url: str, clients: int) -> list[tuple[int, float, httpx.Headers, bytes]]:
+    """`clients` clients sending FLOOD_ROUNDS requests each, all at once: (status, seconds, headers, body)."""
+    limits = httpx.Limits(max_connections=clients)
     async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as session:
 
         async def one() -> tuple[int, float, httpx.Headers, bytes]:
             started = time.perf_counter()
-            response = await session.post("/classify", content=IMAGE, headers=PNG)
+            response = await session.post(ENDPOINT, content=IMAGE, headers=PNG)
             return response.status_code, time.perf_counter() - started, response.headers, response.content
 
         async def user() -> list[tuple[int, float, httpx.Headers, bytes]]:
-            return [await one() for _ in range(FLOOD_ROUNDS)]
+            answers = []
+            for _ in range(FLOOD_ROUNDS):
+                answers.append(await one())
+                if answers[-1][0] == 503:  # a well-behaved client waits as told before trying again
+                    await asyncio.sleep(float(answers[-1][2].get("retry-after", "1")))
+            return answers
 
-        per_user = await asyncio.gather(*(user() for _ in range(FLOOD_CLIENTS)))
+        per_user = await asyncio.gather(*(user() for _ in range(clients)))
     return [answer for answers in per_user for answer in answers]
+
+
+def p95(seconds: list[float]) -> float:
+    ordered = sorted(seconds)
+    return ordered[int(0.95 * (len(ordered) - 1))]
 
 
 def test_overload_is_refused_with_retry_after_and_admitted_latency_stays_bounded(
     client: httpx.Client, overload_gateway: str
 ) -> None:
-    single = single_latency(client)
-    answers = asyncio.run(flood(overload_gateway))
-    statuses = [status for status, _, _, _ in answers]
-    assert set(statuses) <= {200, 503}, sorted(set(statuses))
+    before = single_latency(client)
+    answers = asyncio.run(flood(overload_gateway, FLOOD))
+    single = max(before, single_latency(client))  # the machine is shared: take the slower baseline
+    assert {status for status, _, _, _ in answers} <= {200, 503}, sorted({s for s, _, _, _ in answers})
     refused = [(headers, body) for status, _, headers, body in answers if status == 503]
-    accepted = sorted(seconds for status, seconds, _, _ in answers if status == 200)
-    assert refused, "a flood of 48 clients against 3 admitted requests was never refused"
-    assert len(accepted) >= FLOOD_CLIENTS // 4, f"only {len(accepted)} of {len(answers)} accepted"
-    for headers, body in refused:  # from the gateway's admission limit (JSON) or Serve's queue (text)
-        assert headers["retry-after"] == "2", headers
+    accepted = [seconds for status, seconds, _, _ in answers if status == 200]
+    assert refused, f"a flood of {FLOOD} clients against {ADMITTED} admitted requests was never refused"
+    assert len(accepted) >= ADMITTED * FLOOD_ROUNDS, f"only {len(accepted)} of {len(answers)} accepted"
+    for headers, _ in refused:  # from the gateway's admission limit (JSON) or Serve's queue (text)
+        assert headers["retry-after"] == "1", headers
     ours = [httpx.Response(503, headers=h, content=b) for h, b in refused
             if h.get("content-type", "").startswith("application/json")]
     assert ours, "every 503 came from Serve's queue, none from the gateway's admission limit"
     for response in ours:
         assert_error(response, 503, "overloaded")
-    p95 = accepted[int(0.95 * (len(accepted) - 1))]
-    assert p95 <= P95_FACTOR * single + 0.5, f"p95 {p95:.3f}s vs single {single:.3f}s ({len(accepted)} accepted)"
+    assert p95(accepted) <= P95_FACTOR * single + 0.1, f"p95 {p95(accepted):.3f}s, single {single:.3f}s"
     classify_after = classify(client)
     assert classify_after.status_code == 200 and len(classify_after.json()["results"]) == 1
 
 
 def test_request_past_its_deadline_is_504(deploy: Deploy, model_repository: Path, overload_gateway: str) -> None:
-    """A gateway with a 1 ms deadline (sharing the overload app's classifier replica) answers 504, then /health."""
+    """A gateway with a 1 ms deadline (sharing the overload app's model replica) answers 504, then /health."""
     from ray import serve
 
     from service.app import Gateway
 
-    settings = small_settings(model_repository, request_timeout_s=0.001)
-    models = {"classifier": serve.get_deployment_handle("classifier", app_name=APP)}
+    settings = small_settings(model_repository, models=(MODEL,), request_timeout_s=0.001)
+    models = {MODEL: serve.get_deployment_handle(MODEL, app_name=APP)}
     url = deploy(Gateway.options(num_replicas=1).bind(settings, models), "hardening-deadline", "/hardening-deadline")
     with httpx.Client(base_url=url, timeout=60) as session:
-        assert_error(session.post("/classify", content=IMAGE, headers=PNG), 504, "timeout")
+        assert_error(session.post(ENDPOINT, content=IMAGE, headers=PNG), 504, "timeout")
         assert session.get("/health").status_code == 200
     serve.delete("hardening-deadline")
 
@@ -142,7 +155,7 @@ async def _steady_load(url: str, clients: int, stop: asyncio.Event, log: list[tu
 
         async def user() -> None:
             while not stop.is_set():
-                response = await session.post("/classify", content=IMAGE, headers=PNG)
+                response = await session.post(ENDPOINT, content=IMAGE, headers=PNG)
                 log.append((time.monotonic(), response.status_code))
 
         await asyncio.gather(*(user() for _ in range(clients)))
@@ -150,7 +163,7 @@ async def _steady_load(url: str, clients: int, stop: asyncio.Event, log: list[tu
 
 def test_killed_model_replica_costs_at_most_the_requests_in_flight(client: httpx.Client, overload_gateway: str) -> None:
     clients = 2  # at most this many requests are in flight at the replica when it dies
-    (victim,) = replica_pids(APP, "classifier")
+    (victim,) = replica_pids(APP, MODEL)
     assert classify(client).status_code == 200
     log: list[tuple[float, int]] = []
     stop = asyncio.Event()
@@ -180,5 +193,5 @@ def test_killed_model_replica_costs_at_most_the_requests_in_flight(client: httpx
 def _recovered(log: list[tuple[float, int]], since: float, clients: int, victim: int, streak: int = 20) -> bool:
     """A new replica process serves and the last `streak` answers (after the kill) all succeeded."""
     tail = [status for at, status in log if at >= since][-streak:]
-    pids = replica_pids(APP, "classifier")
+    pids = replica_pids(APP, MODEL)
     return len(tail) == streak and all(s == 200 for s in tail) and bool(pids) and victim not in pids
