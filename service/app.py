@@ -29,8 +29,8 @@ from service.backends.embedded import EmbeddedBackend, latest_version, model_dep
 from service.contract import ModelContract, load_contract
 from service.errors import ERROR_KINDS, ERROR_RESPONSES, ApiError, install_error_handlers
 from service.handlers import HANDLERS, Handler
-from service.handlers.common import Geometry
-from service.images import ImageError, configure_pillow, decode_image
+from service.handlers.common import Geometry, at_full_size
+from service.images import ImageError, configure_pillow, decode_image_reduced
 from service.inputs import read_images
 from service.metrics import GatewayMetrics
 from service.routes_demo import annotated_or_json, install_demo
@@ -169,6 +169,8 @@ class Gateway:
         torch.set_num_threads(1)  # per-image preprocessing is small; leave the cores to the models
         self._contracts: dict[str, ModelContract] = {m: load_contract(settings.model_repository, m) for m in settings.models}
         self._versions = {m: latest_version(settings.model_repository, m) for m in settings.models}
+        # Shorter side a decode must keep: twice what any model input needs (JPEGs are decoded reduced to it).
+        self._min_sides = {m: 2 * max(*c.input_size, c.resize_size or 0) for m, c in self._contracts.items()}
         self._backend: Backend = make_backend(settings, models)
         self._in_flight = 0  # inference requests admitted and not yet answered (admission control)
 
@@ -280,10 +282,13 @@ class Gateway:
         self, handler: Handler, contract: ModelContract, blob: bytes, index: int
     ) -> tuple[np.ndarray, Geometry]:
         try:
-            image = decode_image(blob, self._settings.max_pixels, self._settings.allowed_formats)
+            image, (width, height) = decode_image_reduced(
+                blob, self._settings.max_pixels, self._settings.allowed_formats, self._min_sides[handler.model]
+            )
         except ImageError as error:
             raise ApiError(error.status_code, error.code, f"image {index}: {error}") from error
-        return handler.preprocess(image, contract)
+        tensor, geometry = handler.preprocess(image, contract)
+        return tensor, at_full_size(geometry, width, height)
 
 
 def resolve_device(settings: Settings) -> Settings:

@@ -7,7 +7,7 @@ image (`postprocess`). The gateway does decode → preprocess → backend.infer 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import ClassVar, Generic, TypeVar
 
 import numpy as np
@@ -39,6 +39,20 @@ class Geometry:
     offset_y: float
     content_width: int
     content_height: int
+
+
+def at_full_size(geometry: Geometry, width: int, height: int) -> Geometry:
+    """The same mapping, for answers about the full `width`×`height` image when the model input was
+    made from a reduced decode of it (see `service.images.decode_image_reduced`)."""
+    if (width, height) == (geometry.width, geometry.height):
+        return geometry
+    return replace(
+        geometry,
+        width=width,
+        height=height,
+        scale_x=geometry.scale_x * geometry.width / width,
+        scale_y=geometry.scale_y * geometry.height / height,
+    )
 
 
 def to_chw_tensor(image: np.ndarray) -> torch.Tensor:

@@ -312,3 +312,20 @@ def test_api_key_guards_inference_not_health(strict_gateway: str) -> None:
         assert anonymous.get("/health").json() == {"status": "ok"}
         assert anonymous.get("/ready").status_code == 200
         assert_serves(anonymous, "/classify", headers={"X-API-Key": API_KEY})
+
+
+# ---- a large JPEG: decoded reduced, answered in full-size pixels ----
+
+
+@pytest.mark.parametrize("endpoint", ENDPOINTS)
+def test_large_jpeg_is_answered_in_full_size_pixels(client: httpx.Client, endpoint: str) -> None:
+    picture = np.zeros((3000, 4000, 3), np.uint8)
+    picture[1000:2000, 1500:2500] = (220, 40, 40)
+    query = "?score_threshold=0" if endpoint == "/detect" else ""
+    result = answer(client, endpoint, payloads.encode(picture, "JPEG", quality=90), JPEG, query)
+    assert result["image"] == {"width": 4000, "height": 3000}
+    for detection in result.get("detections", []):
+        x1, y1, x2, y2 = detection["box"]
+        assert 0 <= x1 <= x2 <= 4000 and 0 <= y1 <= y2 <= 3000
+    for segment in result.get("segments", []):
+        assert segment["rle"]["size"] == [3000, 4000]
