@@ -179,7 +179,7 @@ def markdown(results: dict[str, Any]) -> str:
     for run in results["models"]:
         lines += ["", f"### {run['model']}", "", "| " + " | ".join(COLUMNS) + " |", "|---|---|" + "---:|" * 7]
         lines += ["| " + " | ".join(cells) + " |" for cells in rows(run)]
-        lines += ["", *(f"* {line.strip()}" for line in verdicts(run))]
+        lines += ["", *(("  * " if line.startswith(" ") else "* ") + line.strip() for line in verdicts(run))]
     return "\n".join(lines) + "\n"
 
 
