@@ -145,10 +145,27 @@ def judge(samples: list[Sample], totals: dict[str, float], warmup_s: float, max_
 def run_locust(url: str, args: argparse.Namespace, prefix: Path) -> subprocess.Popen[bytes]:
     """Start headless Locust on loadtests/locustfile.py for warm-up + duration."""
     command = [
-        sys.executable, "-m", "locust", "-f", str(Path(__file__).with_name("locustfile.py")),
-        "--host", url, "--headless", "-u", str(args.users), "-r", str(args.users),
-        "--run-time", f"{int(args.warmup + args.duration)}s", "--csv", str(prefix), "--only-summary",
-        "--wait-min", str(args.wait_min), "--wait-max", str(args.wait_max),
+        sys.executable,
+        "-m",
+        "locust",
+        "-f",
+        str(Path(__file__).with_name("locustfile.py")),
+        "--host",
+        url,
+        "--headless",
+        "-u",
+        str(args.users),
+        "-r",
+        str(args.users),
+        "--run-time",
+        f"{int(args.warmup + args.duration)}s",
+        "--csv",
+        str(prefix),
+        "--only-summary",
+        "--wait-min",
+        str(args.wait_min),
+        "--wait-max",
+        str(args.wait_max),
     ]
     with prefix.with_suffix(".log").open("wb") as log_file:
         return subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT)
@@ -156,16 +173,21 @@ def run_locust(url: str, args: argparse.Namespace, prefix: Path) -> subprocess.P
 
 def markdown(verdict: Verdict, args: argparse.Namespace, per_title: dict[str, tuple[float, float]]) -> str:
     """The RESULTS.md section body."""
-    lines = [
+    setup = (
         f"{args.duration / 60:.1f} min after a {args.warmup:g} s warm-up, {args.users} Locust users "
         f"(think time {args.wait_min:g}–{args.wait_max:g} s, classify:detect:segment 3:2:1), "
-        f"embedded backend on {platform.node()} ({os.cpu_count()} cores).",
+        f"embedded backend on {platform.node()} ({os.cpu_count()} cores)."
+    )
+    rss = f"{verdict.rss_start_mib:.0f} → {verdict.rss_end_mib:.0f} (max {verdict.rss_max_mib:.0f})"
+    latency = f"{verdict.p50_ms:.0f} | {verdict.p95_ms:.0f} | {verdict.p99_ms:.0f}"
+    verdict_word = "pass" if verdict.passed else "FAIL"
+    lines = [
+        setup,
         "",
         "| requests | failures | req/s | p50 ms | p95 ms | p99 ms | replica RSS start → end (MiB) | growth | verdict |",
         "|---|---|---|---|---|---|---|---|---|",
-        f"| {verdict.requests} | {verdict.failures} | {verdict.rps:.1f} | {verdict.p50_ms:.0f} | {verdict.p95_ms:.0f} "
-        f"| {verdict.p99_ms:.0f} | {verdict.rss_start_mib:.0f} → {verdict.rss_end_mib:.0f} (max {verdict.rss_max_mib:.0f}) "
-        f"| {verdict.growth:+.1%} | {'pass' if verdict.passed else 'FAIL'} |",
+        f"| {verdict.requests} | {verdict.failures} | {verdict.rps:.1f} | {latency} | {rss} "
+        + f"| {verdict.growth:+.1%} | {verdict_word} |",
         "",
         "| replica | RSS start → end (MiB) |",
         "|---|---|",
@@ -208,8 +230,12 @@ def soak(args: argparse.Namespace) -> Verdict:
         started = time.monotonic()
         while locust.poll() is None:
             samples.append(sample(server.process.pid, started))
-            log.info("t=%4.0fs replica RSS %.0f MiB (%d processes)", samples[-1].at_s,
-                     samples[-1].total / 2**20, len(samples[-1].rss_by_pid))
+            log.info(
+                "t=%4.0fs replica RSS %.0f MiB (%d processes)",
+                samples[-1].at_s,
+                samples[-1].total / 2**20,
+                len(samples[-1].rss_by_pid),
+            )
             time.sleep(args.sample_every)
         samples.append(sample(server.process.pid, started))
     finally:
@@ -223,21 +249,33 @@ def soak(args: argparse.Namespace) -> Verdict:
         "samples": [asdict(s) for s in samples],
     }
     (args.out / "soak.json").write_text(json.dumps(report, indent=1))
-    print(markdown(verdict, args, per_replica(samples, args.warmup)))  # noqa: T201 (the CLI's output)
+    print(markdown(verdict, args, per_replica(samples, args.warmup)))  # the CLI's output: the RESULTS.md section
     return verdict
 
 
 def main(argv: list[str] | None = None) -> int:
     """Parse arguments, run the soak, exit 0 only if it passed."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--duration", type=float, default=600.0, help="measured seconds of load (default 600)")
-    parser.add_argument("--warmup", type=float, default=60.0, help="seconds of load before measuring (default 60)")
-    parser.add_argument("--users", type=int, default=4, help="Locust users (default 4: moderate on a small CPU box)")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--duration", type=float, default=600.0, help="measured seconds of load (default 600)"
+    )
+    parser.add_argument(
+        "--warmup", type=float, default=60.0, help="seconds of load before measuring (default 60)"
+    )
+    parser.add_argument(
+        "--users", type=int, default=4, help="Locust users (default 4: moderate on a small CPU box)"
+    )
     parser.add_argument("--wait-min", type=float, default=0.2, help="shortest think time, s")
     parser.add_argument("--wait-max", type=float, default=1.0, help="longest think time, s")
     parser.add_argument("--sample-every", type=float, default=10.0, help="seconds between RSS samples")
-    parser.add_argument("--max-growth", type=float, default=0.10, help="allowed relative RSS growth (default 0.10)")
-    parser.add_argument("--model-repository", type=Path, default=None, help="default: CVSERVE_MODEL_REPOSITORY")
+    parser.add_argument(
+        "--max-growth", type=float, default=0.10, help="allowed relative RSS growth (default 0.10)"
+    )
+    parser.add_argument(
+        "--model-repository", type=Path, default=None, help="default: CVSERVE_MODEL_REPOSITORY"
+    )
     parser.add_argument("--out", type=Path, default=Path("loadtests/out/soak"))
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")

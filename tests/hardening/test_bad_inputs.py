@@ -44,13 +44,17 @@ def assert_error(response: httpx.Response, status: int, code: str | None = None)
 
 def assert_serves(client: httpx.Client, endpoint: str, headers: dict[str, str] | None = None) -> None:
     """A valid request right after a bad one gets a full answer."""
-    response = client.post(endpoint, content=payloads.encode(payloads.noise(48, 32)), headers={**PNG, **(headers or {})})
+    response = client.post(
+        endpoint, content=payloads.encode(payloads.noise(48, 32)), headers={**PNG, **(headers or {})}
+    )
     assert response.status_code == 200, response.text[:300]
     (result,) = response.json()["results"]
     assert result["image"] == {"width": 48, "height": 32}
 
 
-def answer(client: httpx.Client, endpoint: str, data: bytes, headers: dict[str, str], query: str = "") -> dict:
+def answer(
+    client: httpx.Client, endpoint: str, data: bytes, headers: dict[str, str], query: str = ""
+) -> dict:
     """The single result for one image; fails on anything but 200."""
     response = client.post(endpoint + query, content=data, headers=headers)
     assert response.status_code == 200, f"{response.status_code}: {response.text[:300]}"
@@ -63,7 +67,9 @@ def assert_same_answer(endpoint: str, got: dict, expected: dict) -> None:
     assert got["image"] == expected["image"]
     if endpoint == "/classify":
         assert [p["class_id"] for p in got["predictions"]] == [p["class_id"] for p in expected["predictions"]]
-        assert [p["score"] for p in got["predictions"]] == pytest.approx([p["score"] for p in expected["predictions"]], abs=1e-4)
+        assert [p["score"] for p in got["predictions"]] == pytest.approx(
+            [p["score"] for p in expected["predictions"]], abs=1e-4
+        )
     elif endpoint == "/detect":
         assert [d["class_id"] for d in got["detections"]] == [d["class_id"] for d in expected["detections"]]
         for mine, theirs in zip(got["detections"], expected["detections"]):
@@ -80,7 +86,9 @@ def assert_same_answer(endpoint: str, got: dict, expected: dict) -> None:
 class Refused:
     """A request the gateway must refuse with `status` and error `code`."""
 
-    make: Callable[[str], dict[str, Any]]  # endpoint -> httpx request kwargs (method/url default to POST endpoint)
+    make: Callable[
+        [str], dict[str, Any]
+    ]  # endpoint -> httpx request kwargs (method/url default to POST endpoint)
     status: int
     code: str
     endpoints: tuple[str, ...] = ENDPOINTS
@@ -102,9 +110,15 @@ _PICKLE = pickle.dumps({"image": np.zeros((8, 8, 3), np.uint8)})
 
 REFUSED: dict[str, Refused] = {
     "zero-byte-raw": Refused(_raw(b"", "image/png"), 400, "no_image"),
-    "zero-byte-multipart": Refused(lambda e: {"files": {"file": ("a.png", b"", "image/png")}}, 400, "no_image"),
-    "non-image-bytes": Refused(_raw(b"just some text, not an image\n" * 10, "image/png"), 400, "undecodable_image"),
-    "header-claims-huge-size": Refused(_raw(b"GIF89a? a header, then text" * 10, "image/gif"), 413, "image_too_large"),
+    "zero-byte-multipart": Refused(
+        lambda e: {"files": {"file": ("a.png", b"", "image/png")}}, 400, "no_image"
+    ),
+    "non-image-bytes": Refused(
+        _raw(b"just some text, not an image\n" * 10, "image/png"), 400, "undecodable_image"
+    ),
+    "header-claims-huge-size": Refused(
+        _raw(b"GIF89a? a header, then text" * 10, "image/gif"), 413, "image_too_large"
+    ),
     "truncated-jpeg": Refused(_raw(payloads.truncated(_GOOD_JPEG), "image/jpeg"), 400, "undecodable_image"),
     "truncated-png": Refused(_raw(payloads.truncated(_GOOD_PNG), "image/png"), 400, "undecodable_image"),
     "wrong-content-type": Refused(_raw(_GOOD_PNG, "text/plain"), 415, "unsupported_media_type"),
@@ -112,17 +126,24 @@ REFUSED: dict[str, Refused] = {
     "svg-content-type": Refused(_raw(payloads.SVG, "image/svg+xml"), 415, "unsupported_media_type"),
     "svg-as-octet-stream": Refused(_raw(payloads.SVG, "application/octet-stream"), 400, "undecodable_image"),
     "format-pillow-could-read-ppm": Refused(
-        _raw(payloads.encode(payloads.noise(8, 8), "PPM"), "application/octet-stream"), 400, "undecodable_image"
+        _raw(payloads.encode(payloads.noise(8, 8), "PPM"), "application/octet-stream"),
+        400,
+        "undecodable_image",
     ),
-    "eps-never-parsed": Refused(_raw(b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\n", "application/octet-stream"),
-                                400, "undecodable_image"),
+    "eps-never-parsed": Refused(
+        _raw(b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\n", "application/octet-stream"),
+        400,
+        "undecodable_image",
+    ),
     "decompression-bomb-png": Refused(_raw(payloads.png_bomb(), "image/png"), 413, "image_too_large"),
     "pickled-payload-raw": Refused(_raw(_PICKLE, "application/octet-stream"), 400, "undecodable_image"),
     "pickled-payload-base64": Refused(
         lambda e: {"json": {"images": [base64.b64encode(_PICKLE).decode()]}}, 400, "undecodable_image"
     ),
     "multipart-garbage": Refused(
-        _multipart_raw(b"--xyz\r\nthis is not a part\r\n", "multipart/form-data; boundary=xyz"), 400, "bad_request"
+        _multipart_raw(b"--xyz\r\nthis is not a part\r\n", "multipart/form-data; boundary=xyz"),
+        400,
+        "bad_request",
     ),
     "multipart-no-boundary": Refused(_multipart_raw(b"whatever", "multipart/form-data"), 400, "bad_request"),
     "multipart-unterminated": Refused(
@@ -134,35 +155,65 @@ REFUSED: dict[str, Refused] = {
         400,
         "no_image",
     ),
-    "multipart-text-field": Refused(lambda e: {"data": {"file": "not a file"}, "files": {"x": ("x", b"1")}}, 400, "bad_request"),
-    "multipart-wrong-field": Refused(lambda e: {"files": {"photo": ("a.png", _GOOD_PNG, "image/png")}}, 400, "no_image"),
+    "multipart-text-field": Refused(
+        lambda e: {"data": {"file": "not a file"}, "files": {"x": ("x", b"1")}}, 400, "bad_request"
+    ),
+    "multipart-wrong-field": Refused(
+        lambda e: {"files": {"photo": ("a.png", _GOOD_PNG, "image/png")}}, 400, "no_image"
+    ),
     "too-many-files": Refused(
-        lambda e: {"files": [("files", (f"{i}.png", _GOOD_PNG, "image/png")) for i in range(17)]}, 413, "too_many_images"
+        lambda e: {"files": [("files", (f"{i}.png", _GOOD_PNG, "image/png")) for i in range(17)]},
+        413,
+        "too_many_images",
     ),
     "invalid-base64": Refused(lambda e: {"json": {"images": ["@@not base64@@"]}}, 400, "bad_request"),
     "invalid-json": Refused(_raw(b'{"images": [', "application/json"), 400, "bad_request"),
     "json-not-an-object": Refused(_raw(b'["a", "b"]', "application/json"), 422, "invalid_request"),
     "json-no-images": Refused(lambda e: {"json": {"images": []}}, 422, "invalid_request"),
-    "json-unknown-field": Refused(lambda e: {"json": {"images": [_GOOD_B64], "colour": "red"}}, 422, "invalid_request"),
-    "json-image-url": Refused(lambda e: {"json": {"url": "http://169.254.169.254/latest/meta-data"}}, 422, "invalid_request"),
-    "query-unknown-option": Refused(lambda e: {"url": e + "?verbose=1", **_raw(_GOOD_PNG, "image/png")(e)}, 422, "invalid_request"),
-    "top_k-0": Refused(lambda e: {"url": e + "?top_k=0", **_raw(_GOOD_PNG, "image/png")(e)}, 422, "invalid_request", ("/classify",)),
-    "top_k-json-0": Refused(lambda e: {"json": {"images": [_GOOD_B64], "top_k": 0}}, 422, "invalid_request", ("/classify",)),
+    "json-unknown-field": Refused(
+        lambda e: {"json": {"images": [_GOOD_B64], "colour": "red"}}, 422, "invalid_request"
+    ),
+    "json-image-url": Refused(
+        lambda e: {"json": {"url": "http://169.254.169.254/latest/meta-data"}}, 422, "invalid_request"
+    ),
+    "query-unknown-option": Refused(
+        lambda e: {"url": e + "?verbose=1", **_raw(_GOOD_PNG, "image/png")(e)}, 422, "invalid_request"
+    ),
+    "top_k-0": Refused(
+        lambda e: {"url": e + "?top_k=0", **_raw(_GOOD_PNG, "image/png")(e)},
+        422,
+        "invalid_request",
+        ("/classify",),
+    ),
+    "top_k-json-0": Refused(
+        lambda e: {"json": {"images": [_GOOD_B64], "top_k": 0}}, 422, "invalid_request", ("/classify",)
+    ),
     "score_threshold-1.5": Refused(
-        lambda e: {"url": e + "?score_threshold=1.5", **_raw(_GOOD_PNG, "image/png")(e)}, 422, "invalid_request", ("/detect",)
+        lambda e: {"url": e + "?score_threshold=1.5", **_raw(_GOOD_PNG, "image/png")(e)},
+        422,
+        "invalid_request",
+        ("/detect",),
     ),
     "max_detections-0": Refused(
         lambda e: {"json": {"images": [_GOOD_B64], "max_detections": 0}}, 422, "invalid_request", ("/detect",)
     ),
     "return_png-not-bool": Refused(
-        lambda e: {"url": e + "?return_png=perhaps", **_raw(_GOOD_PNG, "image/png")(e)}, 422, "invalid_request", ("/segment",)
+        lambda e: {"url": e + "?return_png=perhaps", **_raw(_GOOD_PNG, "image/png")(e)},
+        422,
+        "invalid_request",
+        ("/segment",),
     ),
     "option-of-another-task": Refused(
-        lambda e: {"url": e + "?top_k=3", **_raw(_GOOD_PNG, "image/png")(e)}, 422, "invalid_request", ("/detect", "/segment")
+        lambda e: {"url": e + "?top_k=3", **_raw(_GOOD_PNG, "image/png")(e)},
+        422,
+        "invalid_request",
+        ("/detect", "/segment"),
     ),
     "unknown-path": Refused(lambda e: {"url": e + "/extra"}, 404, "not_found"),
     "wrong-method-get": Refused(lambda e: {"method": "GET"}, 405, "method_not_allowed"),
-    "wrong-method-put": Refused(lambda e: {"method": "PUT", **_raw(_GOOD_PNG, "image/png")(e)}, 405, "method_not_allowed"),
+    "wrong-method-put": Refused(
+        lambda e: {"method": "PUT", **_raw(_GOOD_PNG, "image/png")(e)}, 405, "method_not_allowed"
+    ),
 }
 
 REFUSED_CASES = [
@@ -277,7 +328,9 @@ def test_exif_orientation_is_applied(client: httpx.Client, trained: bool, orient
         assert got["image"] == {"width": width, "height": height}
         assert_same_answer(endpoint, got, answer(client, endpoint, payloads.encode(upright), PNG, query))
         if endpoint == "/detect" and trained:
-            best = max((_iou(d["box"], box) for d in got["detections"] if d["class_id"] == label), default=0.0)
+            best = max(
+                (_iou(d["box"], box) for d in got["detections"] if d["class_id"] == label), default=0.0
+            )
             assert best >= 0.5, f"no {label} box near {box.tolist()} in {got['detections'][:3]}"
 
 
@@ -297,18 +350,25 @@ def test_strict_limits(strict: httpx.Client) -> None:
     assert_error(strict.post("/classify", content=payloads.encode(flat), headers=PNG), 413, "image_too_large")
     bmp = payloads.encode(payloads.noise(16, 16), "BMP")
     for content_type in ("image/bmp", "application/octet-stream"):
-        assert_error(strict.post("/classify", content=bmp, headers={"Content-Type": content_type}),
-                     415, "unsupported_image_format")
+        assert_error(
+            strict.post("/classify", content=bmp, headers={"Content-Type": content_type}),
+            415,
+            "unsupported_image_format",
+        )
     files = [("files", (f"{i}.png", _GOOD_PNG, "image/png")) for i in range(STRICT_MAX_IMAGES + 1)]
     assert_error(strict.post("/classify", files=files), 413, "too_many_images")
-    assert_error(strict.post("/classify", content=b"\x00" * (STRICT_MAX_BODY + 1), headers=PNG), 413, "body_too_large")
+    assert_error(
+        strict.post("/classify", content=b"\x00" * (STRICT_MAX_BODY + 1), headers=PNG), 413, "body_too_large"
+    )
     assert_serves(strict, "/classify")
 
 
 def test_api_key_guards_inference_not_health(strict_gateway: str) -> None:
     with httpx.Client(base_url=strict_gateway, timeout=60) as anonymous:
         assert_error(anonymous.post("/classify", content=_GOOD_PNG, headers=PNG), 401, "unauthorized")
-        assert_error(anonymous.post("/classify", content=_GOOD_PNG, headers={**PNG, "X-API-Key": "x" * 24}), 401)
+        assert_error(
+            anonymous.post("/classify", content=_GOOD_PNG, headers={**PNG, "X-API-Key": "x" * 24}), 401
+        )
         assert anonymous.get("/health").json() == {"status": "ok"}
         assert anonymous.get("/ready").status_code == 200
         assert_serves(anonymous, "/classify", headers={"X-API-Key": API_KEY})

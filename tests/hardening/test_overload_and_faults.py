@@ -17,13 +17,16 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import Deploy, wait_until
+from tests.conftest import Deploy
 from tests.hardening import payloads
 from tests.hardening.conftest import small_settings
 from tests.hardening.test_bad_inputs import assert_error
 
 APP = "hardening-overload"
-MODEL, ENDPOINT = "detector", "/detect"  # the costliest model: its queue, not Serve's per-request cost, dominates
+MODEL, ENDPOINT = (
+    "detector",
+    "/detect",
+)  # the costliest model: its queue, not Serve's per-request cost, dominates
 MAX_ONGOING = 4  # Serve's per-replica concurrency for the ingress
 ADMITTED = 3  # the gateway's own admission limit (< MAX_ONGOING so the excess reaches it)
 FLOOD = 48  # concurrent clients, FLOOD_ROUNDS requests each (waiting Retry-After after a 503)
@@ -114,8 +117,11 @@ def test_overload_is_refused_with_retry_after_and_admitted_latency_stays_bounded
     assert len(accepted) >= ADMITTED * FLOOD_ROUNDS, f"only {len(accepted)} of {len(answers)} accepted"
     for headers, _ in refused:  # from the gateway's admission limit (JSON) or Serve's queue (text)
         assert headers["retry-after"] == "1", headers
-    ours = [httpx.Response(503, headers=h, content=b) for h, b in refused
-            if h.get("content-type", "").startswith("application/json")]
+    ours = [
+        httpx.Response(503, headers=h, content=b)
+        for h, b in refused
+        if h.get("content-type", "").startswith("application/json")
+    ]
     assert ours, "every 503 came from Serve's queue, none from the gateway's admission limit"
     for response in ours:
         assert_error(response, 503, "overloaded")
@@ -124,7 +130,9 @@ def test_overload_is_refused_with_retry_after_and_admitted_latency_stays_bounded
     assert classify_after.status_code == 200 and len(classify_after.json()["results"]) == 1
 
 
-def test_request_past_its_deadline_is_504(deploy: Deploy, model_repository: Path, overload_gateway: str) -> None:
+def test_request_past_its_deadline_is_504(
+    deploy: Deploy, model_repository: Path, overload_gateway: str
+) -> None:
     """A gateway with a 1 ms deadline (sharing the overload app's model replica) answers 504, then /health."""
     from ray import serve
 
@@ -132,7 +140,9 @@ def test_request_past_its_deadline_is_504(deploy: Deploy, model_repository: Path
 
     settings = small_settings(model_repository, models=(MODEL,), request_timeout_s=0.001)
     models = {MODEL: serve.get_deployment_handle(MODEL, app_name=APP)}
-    url = deploy(Gateway.options(num_replicas=1).bind(settings, models), "hardening-deadline", "/hardening-deadline")
+    url = deploy(
+        Gateway.options(num_replicas=1).bind(settings, models), "hardening-deadline", "/hardening-deadline"
+    )
     with httpx.Client(base_url=url, timeout=60) as session:
         assert_error(session.post(ENDPOINT, content=IMAGE, headers=PNG), 504, "timeout")
         assert session.get("/health").status_code == 200
@@ -144,10 +154,14 @@ def test_request_past_its_deadline_is_504(deploy: Deploy, model_repository: Path
 
 def replica_pids(app: str, deployment: str) -> list[int]:
     """PIDs of the live replica actors of `deployment` (from Ray's actor table)."""
-    from ray._private import state  # the public state API needs the dashboard, which the test Ray does not run
+    from ray._private import (
+        state,
+    )  # the public state API needs the dashboard, which the test Ray does not run
 
     wanted = f"ServeReplica:{app}:{deployment}"
-    return [a["Pid"] for a in state.actors().values() if a["ActorClassName"] == wanted and a["State"] == "ALIVE"]
+    return [
+        a["Pid"] for a in state.actors().values() if a["ActorClassName"] == wanted and a["State"] == "ALIVE"
+    ]
 
 
 async def _steady_load(url: str, clients: int, stop: asyncio.Event, log: list[tuple[float, int]]) -> None:
@@ -161,7 +175,9 @@ async def _steady_load(url: str, clients: int, stop: asyncio.Event, log: list[tu
         await asyncio.gather(*(user() for _ in range(clients)))
 
 
-def test_killed_model_replica_costs_at_most_the_requests_in_flight(client: httpx.Client, overload_gateway: str) -> None:
+def test_killed_model_replica_costs_at_most_the_requests_in_flight(
+    client: httpx.Client, overload_gateway: str
+) -> None:
     clients = 2  # at most this many requests are in flight at the replica when it dies
     (victim,) = replica_pids(APP, MODEL)
     assert classify(client).status_code == 200
@@ -184,13 +200,19 @@ def test_killed_model_replica_costs_at_most_the_requests_in_flight(client: httpx
     killed_at = asyncio.run(scenario())
     after = [status for at, status in log if at >= killed_at]
     failures = [status for status in after if status != 200]
-    assert _recovered(log, killed_at, clients, victim), f"no recovery: {len(after)} answers after the kill, {failures[-5:]}"
-    assert len(failures) <= clients, f"{len(failures)} failed requests ({sorted(set(failures))}) for {clients} in flight"
+    assert _recovered(log, killed_at, clients, victim), (
+        f"no recovery: {len(after)} answers after the kill, {failures[-5:]}"
+    )
+    assert len(failures) <= clients, (
+        f"{len(failures)} failed requests ({sorted(set(failures))}) for {clients} in flight"
+    )
     assert set(failures) <= {503}, failures
     assert classify(client).status_code == 200
 
 
-def _recovered(log: list[tuple[float, int]], since: float, clients: int, victim: int, streak: int = 20) -> bool:
+def _recovered(
+    log: list[tuple[float, int]], since: float, clients: int, victim: int, streak: int = 20
+) -> bool:
     """A new replica process serves and the last `streak` answers (after the kill) all succeeded."""
     tail = [status for at, status in log if at >= since][-streak:]
     pids = replica_pids(APP, MODEL)

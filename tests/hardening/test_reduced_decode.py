@@ -23,7 +23,9 @@ def test_large_jpeg_is_decoded_reduced_but_reports_its_full_upright_size(orienta
     assert full.shape == (3000, 4000, 3)
     # the same picture: the red square sits in the same place, in relative terms
     red = np.argwhere(reduced[:, :, 0] > 120)
-    assert red.min(0) == pytest.approx([125, 187.5], abs=3) and red.max(0) == pytest.approx([250, 312.5], abs=3)
+    assert red.min(0) == pytest.approx([125, 187.5], abs=3) and red.max(0) == pytest.approx(
+        [250, 312.5], abs=3
+    )
 
 
 @pytest.mark.parametrize("fmt,size", [("PNG", (1200, 1000)), ("JPEG", (500, 400))])

@@ -12,7 +12,9 @@ MIB = 1024 * 1024
 TOTALS = {"requests": 100, "failures": 0, "rps": 3.0, "p50_ms": 50.0, "p95_ms": 90.0, "p99_ms": 120.0}
 
 
-def samples(totals_mib: list[int], pids: list[tuple[int, ...]] | None = None, every_s: float = 10) -> list[Sample]:
+def samples(
+    totals_mib: list[int], pids: list[tuple[int, ...]] | None = None, every_s: float = 10
+) -> list[Sample]:
     pids = pids or [(1, 2)] * len(totals_mib)
     return [
         Sample(i * every_s, {pid: total * MIB // len(ps) for pid in ps}, {pid: f"app/d{pid}" for pid in ps})
@@ -52,11 +54,19 @@ def test_locust_totals_come_from_the_aggregated_row(tmp_path: Path) -> None:
     header = "Type,Name,Request Count,Failure Count,Requests/s,50%,95%,99%"
     csv_file.write_text(f"{header}\nPOST,/classify,10,0,1.0,40,80,90\n,Aggregated,25,2,2.5,45,85,95\n")
     assert read_locust_totals(csv_file) == {
-        "requests": 25, "failures": 2, "rps": 2.5, "p50_ms": 45.0, "p95_ms": 85.0, "p99_ms": 95.0,
+        "requests": 25,
+        "failures": 2,
+        "rps": 2.5,
+        "p50_ms": 45.0,
+        "p95_ms": 85.0,
+        "p99_ms": 95.0,
     }
 
 
 def test_replica_titles_ignore_the_running_method() -> None:
-    assert REPLICA_TITLE.match("ray::ServeReplica:cvserve:classifier.handle_request_with_rejection")[2] == "classifier"
+    assert (
+        REPLICA_TITLE.match("ray::ServeReplica:cvserve:classifier.handle_request_with_rejection")[2]
+        == "classifier"
+    )
     assert REPLICA_TITLE.match("ray::ServeReplica:cvserve:Gateway").groups() == ("cvserve", "Gateway")
     assert REPLICA_TITLE.match("ray::ServeController") is None
