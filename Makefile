@@ -6,7 +6,8 @@ PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
 MODELS := model_repository/.complete
 
-.PHONY: setup models serve test stack bench system-deps clean
+.PHONY: setup models serve test stack bench loadtest system-deps clean
+HOST ?= http://127.0.0.1:8000
 
 $(INSTALLED): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -42,7 +43,13 @@ stack: $(MODELS) system-deps
 
 ## bench: throughput/latency against baselines, written to loadtests/out/
 bench: $(MODELS)
-	$(PY) -m loadtests.bench
+	OMP_WAIT_POLICY=PASSIVE $(PY) -m loadtests.bench
+
+## loadtest: 60 s of headless Locust against a running gateway (HOST=...), reports in loadtests/out/
+loadtest: $(INSTALLED)
+	mkdir -p loadtests/out
+	$(PY) -m locust -f loadtests/locustfile.py --host $(HOST) --headless -u 8 -r 4 --run-time 60s \
+		--csv loadtests/out/locust --html loadtests/out/locust.html
 
 clean:
 	rm -rf build model_repository/*/ $(MODELS)
