@@ -78,31 +78,52 @@ class _DoubleConv(nn.Sequential):
 
 
 class UNet(nn.Module):
-    """U-Net (Ronneberger et al. 2015) with BatchNorm; input sides must divide by 2**depth."""
+    """U-Net (Ronneberger et al. 2015) on a ResNet-18 encoder; input sides must divide by 2**(len(down) - 1).
 
-    def __init__(self, num_classes: int, in_channels: int = 3, width: int = 16, depth: int = 4) -> None:
+    `down` holds one stage per resolution: a full-resolution conv on the image (sharp mask edges),
+    then the ResNet's stem and stages 1-4 (strides 2..32). `encoder` may be a trained ResNet-18
+    classifier whose trunk seeds the encoder; the decoder upsamples bilinearly and merges each skip.
+    """
+
+    def __init__(self, num_classes: int, encoder: nn.Module | None = None, width: int = 16) -> None:
         super().__init__()
-        chans = [width * 2**i for i in range(depth + 1)]
-        self.down = nn.ModuleList([_DoubleConv(in_channels, chans[0])])
-        self.down.extend(_DoubleConv(chans[i], chans[i + 1]) for i in range(depth))
-        self.pool = nn.MaxPool2d(2)
-        self.up = nn.ModuleList(
-            nn.ConvTranspose2d(chans[i + 1], chans[i], 2, stride=2) for i in reversed(range(depth))
+        trunk = encoder if encoder is not None else resnet18(weights=None)
+        self.down = nn.ModuleList(
+            [
+                _DoubleConv(3, width),
+                nn.Sequential(trunk.conv1, trunk.bn1, trunk.relu),
+                nn.Sequential(trunk.maxpool, trunk.layer1),
+                trunk.layer2,
+                trunk.layer3,
+                trunk.layer4,
+            ]
         )
-        self.merge = nn.ModuleList(_DoubleConv(chans[i] * 2, chans[i]) for i in reversed(range(depth)))
-        self.head = nn.Conv2d(chans[0], num_classes, 1)
+        skips = [width, 64, 64, 128, 256]  # channels of down[0..4]; down[5] gives 512
+        outs = [width, 32, 48, 64, 128]  # decoder channels at each skip's resolution
+        ins = [*outs[1:], 512]
+        self.merge = nn.ModuleList(_DoubleConv(ins[i] + skips[i], outs[i]) for i in reversed(range(5)))
+        self.head = nn.Conv2d(width, num_classes, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         skips: list[torch.Tensor] = []
-        for i, block in enumerate(self.down):
-            x = block(x if i == 0 else self.pool(x))
-            skips.append(x)
-        skips.pop()
-        for up, merge in zip(self.up, self.merge, strict=True):
-            x = merge(torch.cat([skips.pop(), up(x)], dim=1))
-        return self.head(x)
+        y = x
+        for i, stage in enumerate(self.down):
+            if i == 0:
+                skips.append(stage(x))
+            else:
+                y = stage(y)
+                skips.append(y)
+        y = skips.pop()
+        for merge in self.merge:
+            skip = skips.pop()
+            up = nn.functional.interpolate(y, size=skip.shape[-2:], mode="bilinear", align_corners=False)
+            y = merge(torch.cat([skip, up], dim=1))
+        return self.head(y)
 
 
-def build_demo_segmenter(num_classes: int) -> UNet:
-    """Return a U-Net with `num_classes` outputs (background included)."""
-    return UNet(num_classes)
+def build_demo_segmenter(num_classes: int, encoder: nn.Module | None = None) -> UNet:
+    """Return a U-Net with `num_classes` outputs (background included).
+
+    `encoder` may be a trained ResNet-18 classifier whose trunk seeds the U-Net's encoder.
+    """
+    return UNet(num_classes, encoder=encoder)

@@ -70,7 +70,7 @@ class DemoConfig:
     eval_images: int = 500
     classifier: StepConfig = field(default_factory=lambda: StepConfig(steps=700, batch_size=64, lr=2e-3))
     detector: StepConfig = field(default_factory=lambda: StepConfig(steps=500, batch_size=8, lr=0.015))
-    segmenter: StepConfig = field(default_factory=lambda: StepConfig(steps=500, batch_size=16, lr=3e-3))
+    segmenter: StepConfig = field(default_factory=lambda: StepConfig(steps=300, batch_size=16, lr=2e-3))
 
     def bars(self) -> dict[str, tuple[str, float]]:
         """The metric and the minimum each model must reach on held-out scenes."""
@@ -183,9 +183,13 @@ def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return 1 - ((2 * overlap + 1) / (total + 1)).mean()
 
 
-def train_segmenter(data: SceneSet, steps: StepConfig, device: torch.device, seed: int) -> nn.Module:
-    """Train the U-Net on scene masks (background + one class per shape)."""
-    model = build_demo_segmenter(len(CLASSES) + 1).to(device=device, memory_format=torch.channels_last)
+def train_segmenter(
+    data: SceneSet, steps: StepConfig, trunk: nn.Module | None, device: torch.device, seed: int
+) -> nn.Module:
+    """Train the U-Net on scene masks; `trunk` (a trained classifier, copied) seeds its encoder."""
+    encoder = copy.deepcopy(trunk) if trunk is not None else None
+    model = build_demo_segmenter(len(CLASSES) + 1, encoder=encoder)
+    model = model.to(device=device, memory_format=torch.channels_last)
     optimizer = torch.optim.AdamW(model.parameters(), lr=steps.lr, weight_decay=1e-4)
 
     def loss_of_batch(index: torch.Tensor, k: int, flip: bool) -> torch.Tensor:
@@ -299,7 +303,7 @@ def run(config: DemoConfig, out: Path, device: torch.device, threads: int, force
     _save_state(detector, out / "detector.pt")
 
     clock = _Clock()
-    segmenter = train_segmenter(scene_train, config.segmenter, device, config.seed)
+    segmenter = train_segmenter(scene_train, config.segmenter, classifier, device, config.seed)
     value = evaluate.segmentation_miou(segmenter, scene_eval, len(CLASSES) + 1, device)
     results["segmenter"] = {"value": value, **clock.seconds()}
     log.info("segmenter: held-out mIoU %.4f after %s", value, results["segmenter"])

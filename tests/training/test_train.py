@@ -70,13 +70,25 @@ def test_detector_trains_from_the_classifiers_trunk_without_touching_it(scenes: 
     assert detector.roi_heads.box_predictor.cls_score.out_features == len(CLASSES) + 1
 
 
-def test_segmenter_takes_real_training_steps(scenes: SceneSet) -> None:
+def test_segmenter_encoder_is_the_classifiers_trunk() -> None:
+    classifier = build_demo_classifier(len(CLASSES))
+    segmenter = build_demo_segmenter(len(CLASSES) + 1, encoder=classifier)
+    assert segmenter.down[5] is classifier.layer4
+    assert segmenter.down[1][0] is classifier.conv1
+
+
+def test_segmenter_trains_from_the_classifiers_trunk_without_touching_it(scenes: SceneSet) -> None:
+    classifier = build_demo_classifier(len(CLASSES))
+    before = _floats(classifier)
     torch.manual_seed(0)
-    initial = _floats(build_demo_segmenter(len(CLASSES) + 1))
-    torch.manual_seed(0)
-    model = train_segmenter(scenes, STEPS, CPU, seed=0)
+    initial = _floats(build_demo_segmenter(len(CLASSES) + 1, encoder=build_demo_classifier(len(CLASSES))))
+    torch.manual_seed(0)  # the same decoder initialisation as `initial`
+    model = train_segmenter(scenes, STEPS, classifier, CPU, seed=0)
+    assert not _changed(before, _floats(classifier)), "training the segmenter must not touch the classifier"
+    after = _floats(model)
+    assert _changed({"down.5.0.conv1.weight": before["layer4.0.conv1.weight"]}, after), "the encoder trained"
     assert model.head.out_channels == len(CLASSES) + 1
-    assert "head.weight" in _changed(initial, _floats(model))
+    assert "head.weight" in _changed(initial, after)
 
 
 def test_run_saves_loadable_models_then_reuses_them(tmp_path: Path) -> None:
