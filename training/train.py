@@ -69,8 +69,8 @@ class DemoConfig:
     scene_train_images: int = 5_000
     eval_images: int = 500
     classifier: StepConfig = field(default_factory=lambda: StepConfig(steps=700, batch_size=64, lr=2e-3))
-    detector: StepConfig = field(default_factory=lambda: StepConfig(steps=500, batch_size=8, lr=0.015))
-    segmenter: StepConfig = field(default_factory=lambda: StepConfig(steps=300, batch_size=16, lr=2e-3))
+    detector: StepConfig = field(default_factory=lambda: StepConfig(steps=400, batch_size=8, lr=0.015))
+    segmenter: StepConfig = field(default_factory=lambda: StepConfig(steps=500, batch_size=16, lr=2e-3))
 
     def bars(self) -> dict[str, tuple[str, float]]:
         """The metric and the minimum each model must reach on held-out scenes."""
