@@ -47,15 +47,15 @@ def decode_plain(data: bytes) -> np.ndarray:
         return np.asarray(image.convert("RGB"))
 
 
-def one_shape_scene(seed: int, pad_right: int = 64) -> tuple[np.ndarray, np.ndarray, int]:
-    """A one-shape 128x128 scene padded to a wider gray canvas: (pixels, xyxy box, 1-based label).
+def padded_scene(seed: int, pad_right: int = 16) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A 128x128 shapes scene padded to a wider gray canvas: (pixels, xyxy boxes, 1-based labels).
 
     Non-square on purpose, so a missed or wrong rotation changes the answer's image size.
     """
-    scene = make_scene(seed, 128, 1, 1)
+    scene = make_scene(seed, 128)
     canvas = np.full((128, 128 + pad_right, 3), 128, dtype=np.uint8)
     canvas[:, :128] = scene.image
-    return canvas, scene.boxes[0].astype(np.float64), int(scene.labels[0])
+    return canvas, scene.boxes.astype(np.float64), scene.labels.astype(int)
 
 
 def exif_jpeg(displayed: np.ndarray, orientation: int) -> bytes:
