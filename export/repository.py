@@ -114,11 +114,8 @@ class Staging:
         for name in self.models:
             new, final = self.root / name, self.target / name
             if final.exists():
-                old = self.root / f"{name}.old"
-                final.rename(old)
-                new.rename(final)
-            else:
-                new.rename(final)
+                final.rename(self.root / f"{name}.old")  # deleted with the staging area
+            new.rename(final)
             log.info("wrote %s", final)
 
     def discard(self) -> None:
