@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import os
-import socket
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -13,24 +11,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from stack.triton import TritonServer, start_tritonserver
+from tests.conftest import free_port
 from tests.triton.tiny_models import write_tiny_repository
-
-
-def free_port() -> int:
-    """A port nobody listens on right now (the OS picks it)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def wait_for(condition: Callable[[], bool], timeout_s: float, message: str, interval_s: float = 0.1) -> None:
-    """Poll `condition` until it holds; fail the test with `message` after `timeout_s`."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(interval_s)
-    pytest.fail(f"timed out after {timeout_s}s: {message}")
 
 
 def triton_metric(server: TritonServer, name: str, model: str) -> float:

@@ -14,7 +14,8 @@ from service.backends.base import BackendTimeout, BackendUnavailable
 from service.backends.triton import TritonBackend
 from service.settings import Settings
 from stack.triton import TritonServer, start_tritonserver
-from tests.triton.conftest import free_port, start_on_free_ports, triton_metric, wait_for
+from tests.conftest import free_port, wait_until
+from tests.triton.conftest import start_on_free_ports, triton_metric
 from tests.triton.tiny_models import IMAGE_DIMS
 
 PROTOCOLS = ["grpc", "http"]
@@ -73,7 +74,7 @@ def test_concurrent_calls_are_batched_by_triton(tiny_triton: TritonServer, tiny_
     def counted() -> bool:
         return triton_metric(tiny_triton, "nv_inference_count", "echo") - before["nv_inference_count"] >= 16
 
-    wait_for(counted, 10, "Triton's metrics never counted the 16 inferences")
+    wait_until(counted, 10, "Triton's metrics never counted the 16 inferences")
     inferences = triton_metric(tiny_triton, "nv_inference_count", "echo") - before["nv_inference_count"]
     executions = triton_metric(tiny_triton, "nv_inference_exec_count", "echo") - before["nv_inference_exec_count"]
     assert executions < inferences

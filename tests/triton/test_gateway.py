@@ -19,8 +19,8 @@ from PIL import Image
 from service.app import build_app
 from service.settings import Settings
 from stack.triton import TritonServer, start_tritonserver
-from tests.conftest import Deploy, wait_until
-from tests.triton.conftest import MODEL_LOAD_TIMEOUT_S, free_port, triton_metric
+from tests.conftest import Deploy, free_port, wait_until
+from tests.triton.conftest import MODEL_LOAD_TIMEOUT_S, triton_metric
 from training.shapes import make_scene
 
 TIMEOUT_S = 120.0

@@ -12,7 +12,8 @@ import tritonclient.http as triton_http
 from tritonclient.utils import InferenceServerException
 
 from stack.triton import TritonServer, start_tritonserver
-from tests.triton.conftest import free_port, start_on_free_ports
+from tests.conftest import free_port
+from tests.triton.conftest import start_on_free_ports
 
 
 def test_server_is_ready_and_serves_the_repository(tiny_triton: TritonServer) -> None:
