@@ -310,7 +310,7 @@ def _check_size(model: str, arch: str, size: int) -> None:
     if size < 32:
         raise ExportError(f"input size {size} is too small: use at least 32 px")
     if model == "segmenter":
-        divisor = 2 ** (len(UNet(1).down) - 1)
+        divisor = UNet.STRIDE
         if size % divisor:
             raise ExportError(f"the segmenter's input size must be a multiple of {divisor}, got {size}")
 

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
 from training.models import DEMO_MEAN, DEMO_STD
-from training.shapes import make_scene
+from training.shapes import Scene, make_scene
 
 # Held-out scenes use seeds at or above this; training seeds stay below it (see `train_seeds`).
 EVAL_SEED_BASE = 2**40
@@ -53,12 +56,20 @@ class SceneSet:
         return len(self.images)
 
 
+def _scenes(seeds: Sequence[int], size: int, min_shapes: int, max_shapes: int, desc: str) -> Iterator[Scene]:
+    """`make_scene` for each seed, in order, rendered by one worker process per CPU core."""
+    workers = min(os.cpu_count() or 1, 8)
+    render = partial(make_scene, size=size, min_shapes=min_shapes, max_shapes=max_shapes)
+    chunk = max(1, min(256, len(seeds) // (4 * workers)))
+    with ProcessPoolExecutor(workers) as pool:
+        yield from tqdm(pool.map(render, seeds, chunksize=chunk), total=len(seeds), desc=desc, unit="img", leave=False)
+
+
 def render_classification(seeds: Sequence[int], size: int, desc: str) -> ClassificationSet:
     """Render one-shape scenes for `seeds` at `size` px."""
     images = np.empty((len(seeds), size, size, 3), dtype=np.uint8)
     labels = np.empty(len(seeds), dtype=np.int64)
-    for i, seed in enumerate(tqdm(seeds, desc=desc, unit="img", leave=False)):
-        scene = make_scene(seed, size, 1, 1)
+    for i, scene in enumerate(_scenes(seeds, size, 1, 1, desc)):
         images[i], labels[i] = scene.image, scene.labels[0] - 1
     return ClassificationSet(
         torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), torch.from_numpy(labels)
@@ -70,8 +81,7 @@ def render_scenes(seeds: Sequence[int], size: int, min_shapes: int, max_shapes: 
     images = np.empty((len(seeds), size, size, 3), dtype=np.uint8)
     masks = np.empty((len(seeds), size, size), dtype=np.uint8)
     boxes, labels = [], []
-    for i, seed in enumerate(tqdm(seeds, desc=desc, unit="img", leave=False)):
-        scene = make_scene(seed, size, min_shapes, max_shapes)
+    for i, scene in enumerate(_scenes(seeds, size, min_shapes, max_shapes, desc)):
         images[i], masks[i] = scene.image, scene.mask
         boxes.append(torch.from_numpy(scene.boxes))
         labels.append(torch.from_numpy(scene.labels))

@@ -5,6 +5,8 @@ Demo models are small enough to train on two CPU cores; pretrained ones are torc
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
 from torchvision.models import resnet18
@@ -78,19 +80,22 @@ class _DoubleConv(nn.Sequential):
 
 
 class UNet(nn.Module):
-    """U-Net (Ronneberger et al. 2015) on a ResNet-18 encoder; input sides must divide by 2**(len(down) - 1).
+    """U-Net (Ronneberger et al. 2015) on a ResNet-18 encoder; input sides must divide by 32.
 
-    `down` holds one stage per resolution: a full-resolution conv on the image (sharp mask edges),
-    then the ResNet's stem and stages 1-4 (strides 2..32). `encoder` may be a trained ResNet-18
-    classifier whose trunk seeds the encoder; the decoder upsamples bilinearly and merges each skip.
+    `down` holds one stage per resolution: the ResNet's stem and stages 1-4 (strides 2..32).
+    `encoder` may be a trained ResNet-18 classifier whose trunk seeds the encoder; the decoder
+    upsamples bilinearly and merges each skip, down to stride 2, and the class logits are then
+    upsampled to the input's size. (A full-resolution stage sharpened edges by a fraction of a
+    pixel but cost 30% of each training step; spent on more steps instead, it buys more.)
     """
 
-    def __init__(self, num_classes: int, encoder: nn.Module | None = None, width: int = 16) -> None:
+    STRIDE = 32  # the deepest stage's stride: input sides must be multiples of it
+
+    def __init__(self, num_classes: int, encoder: nn.Module | None = None) -> None:
         super().__init__()
         trunk = encoder if encoder is not None else resnet18(weights=None)
         self.down = nn.ModuleList(
             [
-                _DoubleConv(3, width),
                 nn.Sequential(trunk.conv1, trunk.bn1, trunk.relu),
                 nn.Sequential(trunk.maxpool, trunk.layer1),
                 trunk.layer2,
@@ -98,27 +103,34 @@ class UNet(nn.Module):
                 trunk.layer4,
             ]
         )
-        skips = [width, 64, 64, 128, 256]  # channels of down[0..4]; down[5] gives 512
-        outs = [width, 32, 48, 64, 128]  # decoder channels at each skip's resolution
+        skips = [64, 64, 128, 256]  # channels of down[0..3]; down[4] gives 512
+        outs = [32, 48, 64, 128]  # decoder channels at each skip's resolution
         ins = [*outs[1:], 512]
-        self.merge = nn.ModuleList(_DoubleConv(ins[i] + skips[i], outs[i]) for i in reversed(range(5)))
-        self.head = nn.Conv2d(width, num_classes, 1)
+        self.merge = nn.ModuleList(_DoubleConv(ins[i] + skips[i], outs[i]) for i in reversed(range(4)))
+        self.head = nn.Conv2d(outs[0], num_classes, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         skips: list[torch.Tensor] = []
         y = x
-        for i, stage in enumerate(self.down):
-            if i == 0:
-                skips.append(stage(x))
-            else:
-                y = stage(y)
-                skips.append(y)
+        for stage in self.down:
+            y = stage(y)
+            skips.append(y)
         y = skips.pop()
         for merge in self.merge:
             skip = skips.pop()
             up = nn.functional.interpolate(y, size=skip.shape[-2:], mode="bilinear", align_corners=False)
             y = merge(torch.cat([skip, up], dim=1))
-        return self.head(y)
+        logits = self.head(y)
+        return nn.functional.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
+
+
+def encoder_trunk(unet: UNet) -> nn.Module:
+    """A ResNet-18 whose trunk is (a copy of) `unet`'s trained encoder: it seeds the detector's backbone."""
+    trunk = resnet18(weights=None)
+    stem, pool_and_layer1, layer2, layer3, layer4 = copy.deepcopy(unet.down)
+    trunk.conv1, trunk.bn1 = stem[0], stem[1]
+    trunk.layer1, trunk.layer2, trunk.layer3, trunk.layer4 = pool_and_layer1[1], layer2, layer3, layer4
+    return trunk
 
 
 def build_demo_segmenter(num_classes: int, encoder: nn.Module | None = None) -> UNet:

@@ -38,6 +38,7 @@ from training.models import (
     build_demo_classifier,
     build_demo_detector,
     build_demo_segmenter,
+    encoder_trunk,
 )
 from training.shapes import CLASSES
 
@@ -68,9 +69,12 @@ class DemoConfig:
     classifier_train_images: int = 24_000
     scene_train_images: int = 5_000
     eval_images: int = 500
-    classifier: StepConfig = field(default_factory=lambda: StepConfig(steps=700, batch_size=64, lr=2e-3))
-    detector: StepConfig = field(default_factory=lambda: StepConfig(steps=400, batch_size=8, lr=0.015))
-    segmenter: StepConfig = field(default_factory=lambda: StepConfig(steps=500, batch_size=16, lr=2e-3))
+    classifier: StepConfig = field(default_factory=lambda: StepConfig(steps=900, batch_size=64, lr=2e-3))
+    detector: StepConfig = field(default_factory=lambda: StepConfig(steps=1000, batch_size=8, lr=0.015))
+    segmenter: StepConfig = field(default_factory=lambda: StepConfig(steps=1000, batch_size=16, lr=2e-3))
+    # Forward passes in bfloat16 autocast (weights, optimiser and evaluation stay float32) where the
+    # hardware runs it natively: ~1.6x faster training steps on an AVX512-BF16 CPU.
+    bf16: bool = True
 
     def bars(self) -> dict[str, tuple[str, float]]:
         """The metric and the minimum each model must reach on held-out scenes."""
@@ -90,6 +94,13 @@ def config_hash(config: DemoConfig) -> str:
     return digest.hexdigest()[:16]
 
 
+def native_bf16(device: torch.device) -> bool:
+    """Whether `device` runs bfloat16 matrix maths natively (CUDA with bf16, or a CPU with AVX512-BF16/AMX)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return device.type == "cpu" and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
 def seed_everything(seed: int) -> None:
     """Seed Python, numpy and torch (CPU and CUDA)."""
     random.seed(seed)
@@ -105,6 +116,7 @@ def _fit(
     batches: Iterator[torch.Tensor],
     desc: str,
     generator: torch.Generator,
+    bf16: bool,
 ) -> None:
     """Run `steps.steps` optimiser steps with a one-cycle schedule and a tqdm bar showing the loss.
 
@@ -113,11 +125,13 @@ def _fit(
     schedule = torch.optim.lr_scheduler.OneCycleLR(
         optimizer, max_lr=steps.lr, total_steps=steps.steps, pct_start=0.15
     )
+    device_type = next(model.parameters()).device.type
     model.train()
     bar = tqdm(batches, total=steps.steps, desc=desc, unit="step")
     for i, index in enumerate(bar):
         symmetry = int(torch.randint(0, 8, (1,), generator=generator))
-        loss = loss_of_batch(index, symmetry // 2, bool(symmetry % 2))
+        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=bf16):
+            loss = loss_of_batch(index, symmetry // 2, bool(symmetry % 2))
         if not torch.isfinite(loss):
             raise FloatingPointError(f"{desc}: loss became {loss.item()} at step {i}")
         optimizer.zero_grad(set_to_none=True)
@@ -130,7 +144,7 @@ def _fit(
 
 
 def train_classifier(
-    data: ClassificationSet, steps: StepConfig, device: torch.device, seed: int
+    data: ClassificationSet, steps: StepConfig, device: torch.device, seed: int, bf16: bool = False
 ) -> nn.Module:
     """Train the ResNet-18 classifier from scratch on single-shape images."""
     model = build_demo_classifier(len(CLASSES)).to(device=device, memory_format=torch.channels_last)
@@ -143,7 +157,7 @@ def train_classifier(
 
     generator = torch.Generator().manual_seed(seed)
     batches = batch_indices(len(data.images), steps.batch_size, steps.steps, generator)
-    _fit(model, optimizer, steps, loss_of_batch, batches, "classifier", generator)
+    _fit(model, optimizer, steps, loss_of_batch, batches, "classifier", generator, bf16)
     return model
 
 
@@ -154,8 +168,9 @@ def train_detector(
     trunk: nn.Module | None,
     device: torch.device,
     seed: int,
+    bf16: bool = False,
 ) -> nn.Module:
-    """Train Faster R-CNN on scenes; `trunk` (a trained classifier, copied) seeds its backbone."""
+    """Train Faster R-CNN on scenes; `trunk` (a trained ResNet-18, copied) seeds its backbone."""
     backbone = copy.deepcopy(trunk) if trunk is not None else None
     model = build_demo_detector(len(CLASSES), image_size, backbone=backbone).to(device)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -170,7 +185,7 @@ def train_detector(
 
     generator = torch.Generator().manual_seed(seed + 1)
     batches = batch_indices(len(data), steps.batch_size, steps.steps, generator)
-    _fit(model, optimizer, steps, loss_of_batch, batches, "detector", generator)
+    _fit(model, optimizer, steps, loss_of_batch, batches, "detector", generator, bf16)
     return model
 
 
@@ -184,7 +199,12 @@ def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 def train_segmenter(
-    data: SceneSet, steps: StepConfig, trunk: nn.Module | None, device: torch.device, seed: int
+    data: SceneSet,
+    steps: StepConfig,
+    trunk: nn.Module | None,
+    device: torch.device,
+    seed: int,
+    bf16: bool = False,
 ) -> nn.Module:
     """Train the U-Net on scene masks; `trunk` (a trained classifier, copied) seeds its encoder."""
     encoder = copy.deepcopy(trunk) if trunk is not None else None
@@ -201,7 +221,7 @@ def train_segmenter(
 
     generator = torch.Generator().manual_seed(seed + 2)
     batches = batch_indices(len(data), steps.batch_size, steps.steps, generator)
-    _fit(model, optimizer, steps, loss_of_batch, batches, "segmenter", generator)
+    _fit(model, optimizer, steps, loss_of_batch, batches, "segmenter", generator, bf16)
     return model
 
 
@@ -287,27 +307,31 @@ def run(config: DemoConfig, out: Path, device: torch.device, threads: int, force
     log.info("rendered data in %.1fs", data_time["wall_seconds"])
 
     clock = _Clock()
-    classifier = train_classifier(cls_train, config.classifier, device, config.seed)
+    bf16 = config.bf16 and native_bf16(device)
+    log.info("training in %s", "bfloat16 autocast" if bf16 else "float32")
+    classifier = train_classifier(cls_train, config.classifier, device, config.seed, bf16)
     value = evaluate.classification_top1(classifier, cls_eval, device)
     results["classifier"] = {"value": value, **clock.seconds()}
     log.info("classifier: held-out top-1 %.4f after %s", value, results["classifier"])
     _save_state(classifier, out / "classifier.pt")
 
+    # The segmenter learns scenes at the detector's scale with dense labels: its encoder, not the
+    # single-shape classifier, seeds the detector's backbone.
+    clock = _Clock()
+    segmenter = train_segmenter(scene_train, config.segmenter, classifier, device, config.seed, bf16)
+    value = evaluate.segmentation_miou(segmenter, scene_eval, len(CLASSES) + 1, device)
+    results["segmenter"] = {"value": value, **clock.seconds()}
+    log.info("segmenter: held-out mIoU %.4f after %s", value, results["segmenter"])
+    _save_state(segmenter, out / "segmenter.pt")
+
     clock = _Clock()
     detector = train_detector(
-        scene_train, config.detector, config.scene_size, classifier, device, config.seed
+        scene_train, config.detector, config.scene_size, encoder_trunk(segmenter), device, config.seed, bf16
     )
     value = evaluate.detection_map50(detector, scene_eval, device)
     results["detector"] = {"value": value, **clock.seconds()}
     log.info("detector: held-out mAP@0.5 %.4f after %s", value, results["detector"])
     _save_state(detector, out / "detector.pt")
-
-    clock = _Clock()
-    segmenter = train_segmenter(scene_train, config.segmenter, classifier, device, config.seed)
-    value = evaluate.segmentation_miou(segmenter, scene_eval, len(CLASSES) + 1, device)
-    results["segmenter"] = {"value": value, **clock.seconds()}
-    log.info("segmenter: held-out mIoU %.4f after %s", value, results["segmenter"])
-    _save_state(segmenter, out / "segmenter.pt")
 
     models = {}
     for name, (metric, bar) in config.bars().items():
@@ -327,6 +351,7 @@ def run(config: DemoConfig, out: Path, device: torch.device, threads: int, force
         "total": total.seconds(),
         "device": str(device),
         "threads": threads,
+        "bf16_autocast": bf16,
         "torch": torch.__version__,
         "config_hash": digest,
     }

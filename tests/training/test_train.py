@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from training.data import SceneSet, render_classification, render_scenes, train_seeds
-from training.models import build_demo_classifier, build_demo_detector, build_demo_segmenter
+from training.models import build_demo_classifier, build_demo_detector, build_demo_segmenter, encoder_trunk
 from training.shapes import CLASSES
 from training.train import (
     DemoConfig,
@@ -59,13 +59,18 @@ def test_classifier_takes_real_training_steps() -> None:
     assert "fc.weight" in _changed(initial, _floats(model))
 
 
-def test_detector_trains_from_the_classifiers_trunk_without_touching_it(scenes: SceneSet) -> None:
-    classifier = build_demo_classifier(len(CLASSES))
-    before = _floats(classifier)
-    detector = train_detector(scenes, STEPS, 128, classifier, CPU, seed=0)
-    assert not _changed(before, _floats(classifier)), "training the detector must not touch the classifier"
+def test_detector_trains_from_the_segmenters_encoder_without_touching_it(scenes: SceneSet) -> None:
+    segmenter = build_demo_segmenter(len(CLASSES) + 1)
+    before_segmenter = _floats(segmenter)
+    seed = encoder_trunk(segmenter)
+    before = _floats(seed)
+    assert torch.equal(before["layer3.1.conv2.weight"], before_segmenter["down.3.1.conv2.weight"])
+    assert torch.equal(before["conv1.weight"], before_segmenter["down.0.0.weight"])
+    detector = train_detector(scenes, STEPS, 128, seed, CPU, seed=0)
+    assert not _changed(before, _floats(seed)), "training the detector must not touch the trunk it was given"
+    assert not _changed(before_segmenter, _floats(segmenter)), "nor the segmenter"
     trunk = _floats(detector.backbone.body)
-    assert set(trunk) <= set(before), "the detector's trunk is the classifier's ResNet"
+    assert set(trunk) <= set(before), "the detector's trunk is a ResNet-18"
     assert _changed(before, trunk), "the trunk itself trained"
     assert detector.roi_heads.box_predictor.cls_score.out_features == len(CLASSES) + 1
 
@@ -73,8 +78,8 @@ def test_detector_trains_from_the_classifiers_trunk_without_touching_it(scenes: 
 def test_segmenter_encoder_is_the_classifiers_trunk() -> None:
     classifier = build_demo_classifier(len(CLASSES))
     segmenter = build_demo_segmenter(len(CLASSES) + 1, encoder=classifier)
-    assert segmenter.down[5] is classifier.layer4
-    assert segmenter.down[1][0] is classifier.conv1
+    assert segmenter.down[4] is classifier.layer4
+    assert segmenter.down[0][0] is classifier.conv1
 
 
 def test_segmenter_trains_from_the_classifiers_trunk_without_touching_it(scenes: SceneSet) -> None:
@@ -86,7 +91,7 @@ def test_segmenter_trains_from_the_classifiers_trunk_without_touching_it(scenes:
     model = train_segmenter(scenes, STEPS, classifier, CPU, seed=0)
     assert not _changed(before, _floats(classifier)), "training the segmenter must not touch the classifier"
     after = _floats(model)
-    assert _changed({"down.5.0.conv1.weight": before["layer4.0.conv1.weight"]}, after), "the encoder trained"
+    assert _changed({"down.4.0.conv1.weight": before["layer4.0.conv1.weight"]}, after), "the encoder trained"
     assert model.head.out_channels == len(CLASSES) + 1
     assert "head.weight" in _changed(initial, after)
 
