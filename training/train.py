@@ -67,10 +67,10 @@ class DemoConfig:
     min_shapes: int = 1
     max_shapes: int = 4
     classifier_train_images: int = 24_000
-    scene_train_images: int = 5_000
+    scene_train_images: int = 10_000
     eval_images: int = 500
-    classifier: StepConfig = field(default_factory=lambda: StepConfig(steps=900, batch_size=64, lr=2e-3))
-    detector: StepConfig = field(default_factory=lambda: StepConfig(steps=1000, batch_size=8, lr=0.015))
+    classifier: StepConfig = field(default_factory=lambda: StepConfig(steps=800, batch_size=64, lr=2e-3))
+    detector: StepConfig = field(default_factory=lambda: StepConfig(steps=1100, batch_size=8, lr=0.02))
     segmenter: StepConfig = field(default_factory=lambda: StepConfig(steps=1000, batch_size=16, lr=2e-3))
     # Forward passes in bfloat16 autocast (weights, optimiser and evaluation stay float32) where the
     # hardware runs it natively: ~1.6x faster training steps on an AVX512-BF16 CPU.
