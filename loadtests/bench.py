@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import dataclasses
 import json
 import logging
@@ -44,7 +45,7 @@ from service.settings import Settings
 
 log = logging.getLogger("loadtests.bench")
 
-SYSTEMS = ("embedded", "triton", "handwritten", "litserve")
+SYSTEMS = ("embedded", "embedded-haproxy", "triton", "triton-haproxy", "handwritten", "litserve")
 MODELS = ("classifier", "detector", "segmenter")
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -181,16 +182,20 @@ class Run:
             command = [sys.executable, "-m", module, "--model", model, "--port", str(port)]
             with self.server(f"{model}-{system}", command, port, "/health", env) as server:
                 yield server.base_url + endpoint
-        elif system == "embedded":
-            with self.gateway(f"{model}-{system}", model, port, CVSERVE_BACKEND="embedded") as server:
-                yield server.base_url + endpoint
         else:
-            with (
-                self.triton() as grpc_url,
-                self.gateway(
-                    f"{model}-{system}", model, port, CVSERVE_BACKEND="triton", CVSERVE_TRITON_URL=grpc_url
-                ) as server,
-            ):
+            backend, _, ingress = system.partition("-")
+            ingress_env = {"CVSERVE_INGRESS": ingress or "proxy"}
+            if ingress == "haproxy":
+                ingress_env |= {
+                    "CVSERVE_HAPROXY_STATS_PORT": str(free_port()),
+                    "CVSERVE_HAPROXY_METRICS_PORT": str(free_port()),
+                }
+            with contextlib.ExitStack() as stack:
+                if backend == "triton":
+                    ingress_env["CVSERVE_TRITON_URL"] = stack.enter_context(self.triton())
+                server = stack.enter_context(
+                    self.gateway(f"{model}-{system}", model, port, CVSERVE_BACKEND=backend, **ingress_env)
+                )
                 yield server.base_url + endpoint
 
     @contextmanager
@@ -295,7 +300,7 @@ class Run:
         failed: dict[str, str] = {}
         build = multipart(images)
         for system in self.args.systems:
-            reason = self.triton_missing(model) if system == "triton" else None
+            reason = self.triton_missing(model) if system.startswith("triton") else None
             if reason:
                 skipped[system] = reason
                 log.warning("skipping %s: %s", system, reason)

@@ -10,7 +10,7 @@ from typing import Any
 TARGET_VS_RAW = 0.8
 TARGET_VS_HANDWRITTEN = 1.5
 TARGET_P99_OVER_P50 = 2.0
-OURS = ("embedded", "triton")
+OURS = ("embedded", "embedded-haproxy", "triton", "triton-haproxy")
 NOISY_DRIFT = 0.10  # (a) measured again at the end differs by more than this: the figures are noisy
 
 
@@ -102,7 +102,9 @@ def _fmt(value: float | None, spec: str = ".1f") -> str:
 
 LABELS = {
     "embedded": "(b) ours embedded",
+    "embedded-haproxy": "(b) ours embedded, haproxy",
     "triton": "(b) ours triton",
+    "triton-haproxy": "(b) ours triton, haproxy",
     "handwritten": "(c) hand-written",
     "litserve": "(d) litserve",
 }
@@ -205,7 +207,9 @@ def plot(results: dict[str, Any], path: Path) -> None:
 def _plot_model(ax: Any, run: dict[str, Any]) -> None:
     colours = {
         "embedded": "tab:blue",
+        "embedded-haproxy": "tab:cyan",
         "triton": "tab:purple",
+        "triton-haproxy": "tab:pink",
         "handwritten": "tab:orange",
         "litserve": "tab:green",
     }

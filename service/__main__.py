@@ -14,10 +14,6 @@ import socket
 import sys
 import threading
 
-import ray
-from ray import serve
-
-from service.app import build_app
 from service.settings import Settings
 
 log = logging.getLogger("service")
@@ -43,15 +39,40 @@ def logical_cpus(settings: Settings) -> int:
     return max(os.cpu_count() or 1, math.ceil(wanted) + 1)
 
 
+def ray_serve_environment(settings: Settings) -> dict[str, str]:
+    """Environment that Ray reads for Serve's HTTP path: at import here, and in every process `ray.init` starts."""
+    if settings.ingress == "proxy":
+        return {}
+    return {
+        "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
+        "RAY_SERVE_ENABLE_HA_PROXY": "1",
+        "RAY_SERVE_HAPROXY_STATS_PORT": str(settings.haproxy_stats_port),
+        "RAY_SERVE_HAPROXY_METRICS_PORT": str(settings.haproxy_metrics_port),
+    }
+
+
 def main() -> None:
     """Build settings from the environment, deploy, print how to call it, wait for a signal."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = Settings()
+    # Ray reads these when it is first imported, here as in every process it starts: set them before.
+    os.environ.update(ray_serve_environment(settings))
+    import ray
+    from ray import serve
+
+    from service.app import build_app
+
     try:
         app = build_app(settings)
     except FileNotFoundError as error:
         sys.exit(f"{error}\nno exported models: run `make models` (or set CVSERVE_MODEL_REPOSITORY)")
-    for name, port in (("CVSERVE_PORT", settings.port), ("CVSERVE_RAY_METRICS_PORT", settings.ray_metrics_port)):
+    ports = [("CVSERVE_PORT", settings.port), ("CVSERVE_RAY_METRICS_PORT", settings.ray_metrics_port)]
+    if settings.ingress == "haproxy":
+        ports += [
+            ("CVSERVE_HAPROXY_STATS_PORT", settings.haproxy_stats_port),
+            ("CVSERVE_HAPROXY_METRICS_PORT", settings.haproxy_metrics_port),
+        ]
+    for name, port in ports:
         if not port_is_free(settings.host if name == "CVSERVE_PORT" else "127.0.0.1", port):
             sys.exit(f"port {port} is in use (another gateway running?); free it or set {name}")
     ray.init(

@@ -37,6 +37,12 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
     ray_metrics_port: int = Field(8090, ge=0, le=65535, description="Ray metrics agent's Prometheus port")
+    # How HTTP reaches the gateway replicas. "haproxy": Ray Serve's throughput mode (HAProxy on
+    # host:port sends each request straight to a gateway replica's own HTTP server; replicas talk
+    # gRPC): about 2x the throughput on 2 cores (loadtests/RESULTS.md). "proxy": Serve's Python proxy.
+    ingress: Literal["haproxy", "proxy"] = "proxy"
+    haproxy_stats_port: int = Field(8404, ge=1, le=65535, description="HAProxy's stats page (ingress=haproxy)")
+    haproxy_metrics_port: int = Field(9101, ge=1, le=65535, description="HAProxy's metrics (ingress=haproxy)")
 
     # which models, served how
     backend: Literal["embedded", "triton"] = "embedded"
