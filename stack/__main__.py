@@ -17,14 +17,14 @@ import logging
 import os
 import signal
 import socket
-import subprocess
 import sys
 import threading
-import time
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
+from stack.process import ManagedProcess, spawn
 from stack.prometheus import PrometheusServer, render_config, start_prometheus
 from stack.triton import TritonServer, start_tritonserver
 
@@ -58,19 +58,18 @@ class Ports:
 
 
 @dataclass
-class Gateway:
+class Gateway(ManagedProcess):
     """The `python -m service` subprocess (own process group, so Ray's children stop with it)."""
 
-    process: subprocess.Popen[bytes]
     port: int
-    log_path: Path
+
+    label: ClassVar[str] = "gateway"
+    poll_interval_s: ClassVar[float] = 0.5
+    term_group: ClassVar[bool] = False  # SIGTERM to the gateway only: it shuts Serve and Ray down itself
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
-
-    def running(self) -> bool:
-        return self.process.poll() is None
 
     def is_ready(self) -> bool:
         """Whether /ready answers 200 (the gateway reached Triton and every model)."""
@@ -79,43 +78,6 @@ class Gateway:
                 return response.status == 200
         except OSError:  # refused while starting, or 503 (HTTPError) until ready
             return False
-
-    def wait_ready(self, timeout_s: float) -> None:
-        """Poll /ready; raise with the log tail if the process dies or time runs out."""
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if not self.running():
-                raise RuntimeError(
-                    f"gateway exited with code {self.process.returncode}; log {self.log_path}:\n"
-                    f"{_tail(self.log_path)}"
-                )
-            if self.is_ready():
-                return
-            time.sleep(0.5)
-        raise TimeoutError(
-            f"gateway not ready after {timeout_s}s; log {self.log_path}:\n{_tail(self.log_path)}"
-        )
-
-    def stop(self, timeout_s: float = 30.0) -> None:
-        """SIGTERM the gateway (it shuts Serve and Ray down itself), then SIGKILL its group."""
-        if self.running():
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                log.warning("gateway did not stop in %ss; killing its process group", timeout_s)
-        try:
-            os.killpg(self.process.pid, signal.SIGKILL)  # leftovers of Ray, if any
-        except ProcessLookupError:
-            pass
-        self.process.wait()
-
-
-def _tail(path: Path, lines: int = 40) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except FileNotFoundError:
-        return ""
 
 
 def gateway_environment(ports: Ports, model_repository: Path) -> dict[str, str]:
@@ -134,18 +96,10 @@ def gateway_environment(ports: Ports, model_repository: Path) -> dict[str, str]:
 
 def start_gateway(ports: Ports, model_repository: Path, log_path: Path) -> Gateway:
     """Start `python -m service` in Triton mode; return without waiting for readiness."""
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    with log_path.open("ab") as log_file:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "service"],
-            stdin=subprocess.DEVNULL,
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-            env=gateway_environment(ports, model_repository),
-            cwd=ROOT,
-            start_new_session=True,
-        )
-    return Gateway(process, ports.gateway, log_path)
+    process = spawn(
+        [sys.executable, "-m", "service"], log_path, cwd=ROOT, env=gateway_environment(ports, model_repository)
+    )
+    return Gateway(process=process, log_path=log_path, port=ports.gateway)
 
 
 def prometheus_targets(ports: Ports) -> dict[str, list[str]]:

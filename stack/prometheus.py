@@ -11,20 +11,18 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import os
 import shutil
-import signal
-import subprocess
-import time
 import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Self
+from typing import Any, ClassVar
 
 import yaml
+
+from stack.process import ManagedProcess, ready_or_killed, spawn
 
 log = logging.getLogger(__name__)
 
@@ -116,58 +114,12 @@ class PrometheusAPI:
 
 
 @dataclass
-class PrometheusServer(PrometheusAPI):
+class PrometheusServer(PrometheusAPI, ManagedProcess):
     """A running prometheus subprocess (own process group) and its API."""
 
-    process: subprocess.Popen[bytes]
     config_path: Path
-    log_path: Path
 
-    def running(self) -> bool:
-        return self.process.poll() is None
-
-    def log_tail(self, lines: int = 30) -> str:
-        """The end of the server log, for error messages."""
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except FileNotFoundError:
-            return ""
-
-    def wait_ready(self, timeout_s: float = 30.0) -> None:
-        """Poll readiness; raise with the log tail if the process dies or time runs out."""
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if not self.running():
-                raise RuntimeError(
-                    f"prometheus exited with code {self.process.returncode}; log {self.log_path}:\n{self.log_tail()}"
-                )
-            if self.is_ready():
-                return
-            time.sleep(0.2)
-        raise TimeoutError(
-            f"prometheus not ready after {timeout_s}s; log {self.log_path}:\n{self.log_tail()}"
-        )
-
-    def stop(self, timeout_s: float = 10.0) -> None:
-        """SIGTERM the group, then SIGKILL whatever is left."""
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            if not self.running():
-                break
-            try:
-                os.killpg(self.process.pid, sig)
-            except ProcessLookupError:
-                break
-            try:
-                self.process.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                log.warning("prometheus did not stop in %ss after %s", timeout_s, sig.name)
-        self.process.wait()
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.stop()
+    label: ClassVar[str] = "prometheus"
 
 
 def start_prometheus(
@@ -193,20 +145,6 @@ def start_prometheus(
         "--log.level=warn",
     ]
     log.info("starting prometheus on 127.0.0.1:%d, log %s", port, log_path)
-    with log_path.open("ab") as log_file:
-        process = subprocess.Popen(
-            command,
-            stdin=subprocess.DEVNULL,
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-            cwd=work,
-            start_new_session=True,
-        )
-    server = PrometheusServer(port, process, config_path, log_path)
-    if wait:
-        try:
-            server.wait_ready(ready_timeout_s)
-        except BaseException:
-            server.stop()
-            raise
-    return server
+    process = spawn(command, log_path, cwd=work)
+    server = PrometheusServer(port=port, process=process, log_path=log_path, config_path=config_path)
+    return ready_or_killed(server, ready_timeout_s) if wait else server

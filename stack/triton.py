@@ -13,15 +13,17 @@ import os
 import secrets
 import shutil
 import signal
-import subprocess
 import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import pytriton
 import tritonclient.http as triton_http
+
+from stack.process import ManagedProcess, ready_or_killed, spawn
 
 log = logging.getLogger(__name__)
 
@@ -119,16 +121,16 @@ def server_environment() -> dict[str, str]:
 
 
 @dataclass
-class TritonServer:
+class TritonServer(ManagedProcess):
     """A running tritonserver subprocess (own process group) and the ports it listens on."""
 
-    process: subprocess.Popen[bytes]
     repository: Path
     http_port: int
     grpc_port: int
     metrics_port: int
-    log_path: Path
     admin_token: str = field(repr=False)
+
+    label: ClassVar[str] = "tritonserver"
 
     @property
     def http_url(self) -> str:
@@ -147,16 +149,6 @@ class TritonServer:
         key = ADMIN_HEADER if protocol == "http" else f"triton-grpc-protocol-{ADMIN_HEADER}"
         return {key: self.admin_token}
 
-    def running(self) -> bool:
-        return self.process.poll() is None
-
-    def log_tail(self, lines: int = 40) -> str:
-        """The end of the server log, for error messages."""
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except FileNotFoundError:
-            return ""
-
     def is_ready(self) -> bool:
         """Whether the server answers ready (all models loaded, strict readiness)."""
         try:
@@ -164,47 +156,6 @@ class TritonServer:
                 return client.is_server_live() and client.is_server_ready()
         except Exception:  # connection refused / reset while starting: simply not ready yet
             return False
-
-    def wait_ready(self, timeout_s: float = 120.0) -> None:
-        """Poll readiness; raise with the log tail if the process dies or time runs out."""
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if not self.running():
-                raise RuntimeError(
-                    f"tritonserver exited with code {self.process.returncode}; log {self.log_path}:\n"
-                    f"{self.log_tail()}"
-                )
-            if self.is_ready():
-                return
-            time.sleep(0.2)
-        raise TimeoutError(f"tritonserver not ready after {timeout_s}s; log {self.log_path}:\n{self.log_tail()}")
-
-    def _signal_group(self, sig: signal.Signals) -> None:
-        try:
-            os.killpg(self.process.pid, sig)
-        except ProcessLookupError:
-            pass
-
-    def stop(self, timeout_s: float = 15.0) -> None:
-        """Shut down gracefully (SIGTERM to the group), then kill whatever is left."""
-        if self.running():
-            self._signal_group(signal.SIGTERM)
-            try:
-                self.process.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                log.warning("tritonserver did not stop in %ss; killing it", timeout_s)
-        self.kill()
-
-    def kill(self) -> None:
-        """SIGKILL the whole group (server and python-backend stubs), as a crash would."""
-        self._signal_group(signal.SIGKILL)
-        self.process.wait()
-
-    def __enter__(self) -> TritonServer:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.stop()
 
 
 def start_tritonserver(
@@ -234,24 +185,17 @@ def start_tritonserver(
     log_path = work / "tritonserver.log"
     log.info("starting tritonserver (http %d, grpc %d, metrics %d), log %s", http_port, grpc_port,
              metrics_port, log_path)
-    with log_path.open("ab") as log_file:
-        process = subprocess.Popen(
-            command,
-            stdin=subprocess.DEVNULL,
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-            env=server_environment(),
-            cwd=work,
-            start_new_session=True,  # own process group: stop()/kill() reach the stubs too
-        )
-    server = TritonServer(process, repository, http_port, grpc_port, metrics_port, log_path, token)
-    if wait:
-        try:
-            server.wait_ready(ready_timeout_s)
-        except BaseException:
-            server.kill()
-            raise
-    return server
+    process = spawn(command, log_path, cwd=work, env=server_environment())
+    server = TritonServer(
+        process=process,
+        log_path=log_path,
+        repository=repository,
+        http_port=http_port,
+        grpc_port=grpc_port,
+        metrics_port=metrics_port,
+        admin_token=token,
+    )
+    return ready_or_killed(server, ready_timeout_s) if wait else server
 
 
 def main(argv: list[str] | None = None) -> int:
