@@ -2,14 +2,15 @@
 
 For each model, on one image mix, it measures (a) the TorchScript model alone at the service's
 batch sizes, and decode→model→postprocess in one process; (b) our gateway with the embedded
-backend and, where tritonserver and the CPU repository exist, with the Triton backend; (c) a
+backend and, where tritonserver and the CPU repository exist, with the Triton backend, each behind
+Serve's Python proxy and behind HAProxy (`embedded-haproxy`, `triton-haproxy`); (c) a
 hand-written FastAPI + torch server; (d) LitServe with batching. Every server is started here on
 a free loopback port, loaded closed-loop at several concurrencies and open-loop (Poisson) at half
 its saturation throughput, then stopped. Prints a table per model with ratios to (a) and (c);
 writes bench.json, bench.md (Markdown tables) and bench.png under --out. The gateway's settings
 (batch size, wait, threads) come from CVSERVE_* as usual and apply to every server.
 
-    python -m loadtests.bench --out loadtests/out            # all three models, ~20 min
+    python -m loadtests.bench --out loadtests/out            # all models and systems, ~30 min on 2 cores
     python -m loadtests.bench --models detector --concurrency 1,8 --duration 5   # a quick look
 """
 
