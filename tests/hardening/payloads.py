@@ -136,3 +136,23 @@ def truncated(data: bytes, keep: float = 0.5) -> bytes:
 
 
 SVG = b'<svg xmlns="http://www.w3.org/2000/svg" width="64" height="64"><rect width="64" height="64"/></svg>'
+
+
+def png16_stripes(width: int, height: int) -> bytes:
+    """A 16-bit grayscale PNG whose every row is the ramp 0..65535 left to right (vertical stripes).
+
+    Rows after the first use PNG's "Up" filter, so they are zeros to deflate: a 6300x6300 image
+    (79 MB of samples) is a file of about 80 KB.
+    """
+    ramp = (np.arange(width, dtype=np.uint64) * 65535 // max(1, width - 1)).astype(">u2").tobytes()
+    compressor = zlib.compressobj(9)
+    up_row = b"\x02" + bytes(2 * width)
+    idat = compressor.compress(b"\x00" + ramp)
+    idat += b"".join(compressor.compress(up_row) for _ in range(height - 1)) + compressor.flush()
+    header = struct.pack(">IIBBBBB", width, height, 16, 0, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + _png_chunk(b"IHDR", header)
+        + _png_chunk(b"IDAT", idat)
+        + _png_chunk(b"IEND", b"")
+    )

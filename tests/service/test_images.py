@@ -3,12 +3,26 @@
 from __future__ import annotations
 
 import io
+import struct
+import tracemalloc
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from service.images import ImageTooLarge, UndecodableImage, UnsupportedImageFormat, decode_image
+from service import images
+from service.images import (
+    ImageError,
+    ImageTooLarge,
+    UndecodableImage,
+    UnsupportedImageFormat,
+    decode_image,
+    decode_image_for_display,
+    decode_image_reduced,
+    fit_size,
+    request_pixels,
+)
+from tests.hardening import payloads
 
 ALL = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF")
 RED = (255, 0, 0)
@@ -100,7 +114,9 @@ def test_palette_without_transparency_keeps_colours() -> None:
 @pytest.mark.parametrize("fmt", ["GIF", "WEBP"])
 def test_animated_image_uses_first_frame(fmt: str) -> None:
     frames = [Image.new("RGB", (16, 16), colour) for colour in (RED, (0, 0, 255), (0, 255, 0))]
-    data = encode(frames[0], fmt, save_all=True, append_images=frames[1:], duration=100, loop=0, lossless=True)
+    data = encode(
+        frames[0], fmt, save_all=True, append_images=frames[1:], duration=100, loop=0, lossless=True
+    )
     assert getattr(Image.open(io.BytesIO(data)), "n_frames", 1) == 3
     out = decode(data)
     assert out[8, 8, 0] > 230 and out[8, 8, 2] < 30
@@ -130,3 +146,103 @@ def test_garbage_is_undecodable(data: bytes) -> None:
     with pytest.raises(UndecodableImage) as raised:
         decode(data)
     assert raised.value.status_code == 400
+
+
+# ---- bounded work: header sizes, band-wise conversion, narrowed readers, no 500s ----
+
+
+def test_request_pixels_come_from_headers_with_jpegs_at_their_reduced_scale() -> None:
+    png = encode(Image.new("RGB", (300, 200)), "PNG")
+    jpeg = encode(Image.new("RGB", (4000, 3000)), "JPEG")
+    assert request_pixels([png, png], ALL) == 2 * 300 * 200
+    assert request_pixels([jpeg], ALL) == 4000 * 3000
+    assert request_pixels([jpeg], ALL, min_side=256) == 500 * 375  # what decode_image_reduced decodes
+    reduced, _ = decode_image_reduced(jpeg, 10**8, ALL, 256)
+    assert reduced.shape == (375, 500, 3)
+    assert request_pixels([b"not an image", png], ALL) == 300 * 200  # left to its own decode to refuse
+    assert request_pixels([png], ("JPEG",)) == 0  # a reader that is not allowed never opens it
+
+
+def test_fit_size_keeps_the_aspect_within_the_budget() -> None:
+    assert fit_size(100, 50, 10_000) == (100, 50)
+    width, height = fit_size(6300, 6300, 4_000_000)
+    assert width == height and width * height <= 4_000_000 and width >= 1999
+    assert fit_size(200_000, 1, 1000) == (1000, 1)
+
+
+def test_16_bit_conversion_goes_band_by_band_and_matches_the_formula(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(images, "_BAND_PIXELS", 64)  # many bands for a small image
+    values = np.random.default_rng(1).integers(0, 65536, (37, 23), dtype=np.uint16)
+    out = decode(encode(Image.fromarray(values), "PNG"))
+    expected = np.rint(values.astype(np.float64) * 255.0 / 65535.0).astype(np.uint8)
+    np.testing.assert_array_equal(out[:, :, 0], expected)
+    np.testing.assert_array_equal(out[:, :, 2], expected)
+
+
+@pytest.mark.parametrize(
+    "values,expected",
+    [
+        (np.array([[0.0, 0.5, 1.0, np.nan]], np.float32), [0, 128, 255, 0]),  # 0..1 floats
+        (np.array([[0.0, 127.6, 300.0, -5.0]], np.float32), [0, 128, 255, 0]),  # 0..255 floats, clipped
+        (np.array([[0, 100, 255, -7]], np.int32), [0, 100, 255, 0]),  # 32-bit holding 8-bit values
+        (np.array([[0, 257, 65535, 70000]], np.int32), [0, 1, 255, 255]),  # 32-bit holding 16-bit values
+    ],
+    ids=["float-unit", "float-255", "int32-8bit", "int32-16bit"],
+)
+def test_32_bit_images_are_scaled_by_their_range(values: np.ndarray, expected: list[int]) -> None:
+    out = decode(encode(Image.fromarray(values), "TIFF"))
+    np.testing.assert_array_equal(out[0, :, 0], expected)
+
+
+def test_a_6300_square_16_bit_png_decodes_without_a_float64_copy() -> None:
+    """39.7 MP of 16-bit samples: the old float64 path peaked near 1 GiB; band-wise, about the output."""
+    data = payloads.png16_stripes(6300, 6300)
+    tracemalloc.start()
+    try:
+        out = decode(data, max_pixels=40_000_000)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert out.shape == (6300, 6300, 3)
+    assert (out[0, 0, 0], out[-1, -1, 0]) == (0, 255)
+    assert peak < out.nbytes + 64 * 2**20, (
+        f"numpy peak {peak / 2**20:.0f} MiB for a {out.nbytes / 2**20:.0f} MiB output"
+    )
+
+
+def test_only_allowed_readers_see_the_bytes(monkeypatch: pytest.MonkeyPatch) -> None:
+    Image.init()
+    opened = []
+    factory, accept = Image.OPEN["TIFF"]
+    monkeypatch.setitem(Image.OPEN, "TIFF", (lambda *a: opened.append(1) or factory(*a), accept))
+    tiff = encode(Image.new("RGB", (4, 4)), "TIFF")
+    with pytest.raises(UnsupportedImageFormat, match="TIFF"):  # told apart by its signature bytes only
+        decode(tiff, formats=("JPEG", "PNG"))
+    assert opened == []
+    assert decode(tiff).shape == (4, 4, 3) and opened == [1]
+
+
+def test_a_format_no_reader_is_allowed_for_and_not_one_of_ours_is_undecodable() -> None:
+    with pytest.raises(UndecodableImage):
+        decode(encode(Image.new("RGB", (4, 4)), "PPM"))
+
+
+@pytest.mark.parametrize(
+    "error", [KeyError("x"), struct.error("bad"), IndexError(), ZeroDivisionError(), TypeError()]
+)
+def test_any_failure_inside_pillow_on_client_bytes_is_a_400(
+    monkeypatch: pytest.MonkeyPatch, error: Exception
+) -> None:
+    def broken(*args: object, **kwargs: object) -> None:
+        raise error
+
+    monkeypatch.setattr(images.ImageOps, "exif_transpose", broken)
+    with pytest.raises(ImageError) as raised:
+        decode(encode(Image.new("RGB", (4, 4)), "PNG"))
+    assert raised.value.status_code == 400
+
+
+def test_display_decode_of_a_large_jpeg_is_reduced_to_about_the_render_size() -> None:
+    data = encode(Image.new("RGB", (8000, 6000), RED), "JPEG")
+    image = decode_image_for_display(data, 10**8, ALL, 4_000_000)
+    assert image.shape == (3000, 4000, 3)  # 1/2 scale: 1/4 would be below the 2309x1732 that fits 4 MP
