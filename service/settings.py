@@ -80,6 +80,17 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(32 * _MIB, ge=1024)
     max_pixels: int = Field(40_000_000, ge=1)
     max_images_per_request: int = Field(16, ge=1)
+    max_request_pixels: int = Field(
+        64_000_000,
+        ge=1,
+        description="pixels of all images of one request together, read from their headers before any is "
+        "decoded (a large JPEG counts at the reduced size it is decoded at); past it: 413",
+    )
+    max_response_bytes: int = Field(
+        64 * _MIB,
+        ge=1024,
+        description="bytes of the images an answer carries (annotated images, return_png masks, as sent); past it: 413",
+    )
     allowed_formats: Annotated[tuple[ImageFormat, ...], NoDecode] = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF")
 
     api_key: SecretStr | None = None
