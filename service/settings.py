@@ -10,7 +10,7 @@ import logging
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import Field, SecretStr, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 log = logging.getLogger(__name__)
@@ -37,12 +37,21 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
     ray_metrics_port: int = Field(8090, ge=0, le=65535, description="Ray metrics agent's Prometheus port")
+    ray_node_ip: str = Field(
+        "127.0.0.1",
+        description="address of `python -m service`'s own Ray (GCS, raylet, workers, agents, metrics "
+        "export); loopback keeps them off the network. 'auto': Ray picks the machine's address (for a "
+        "Prometheus in another container to reach ray_metrics_port); Ray's token guards its RPC ports",
+    )
     # How HTTP reaches the gateway replicas. "haproxy": Ray Serve's throughput mode (HAProxy on
     # host:port sends each request straight to a gateway replica's own HTTP server; replicas talk
     # gRPC): about 2x the throughput on 2 cores (loadtests/RESULTS.md). "proxy": Serve's Python proxy.
     ingress: Literal["haproxy", "proxy"] = "proxy"
     haproxy_stats_port: int = Field(8404, ge=1, le=65535, description="HAProxy's stats page (ingress=haproxy)")
     haproxy_metrics_port: int = Field(9101, ge=1, le=65535, description="HAProxy's metrics (ingress=haproxy)")
+    haproxy_monitor_host: str = Field(
+        "127.0.0.1", description="address of HAProxy's stats and metrics ports (ingress=haproxy)"
+    )
 
     # which models, served how
     backend: Literal["embedded", "triton"] = "embedded"
@@ -94,6 +103,8 @@ class Settings(BaseSettings):
     allowed_formats: Annotated[tuple[ImageFormat, ...], NoDecode] = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF")
 
     api_key: SecretStr | None = None
+    # Listening on a network address without an API key is refused unless this says it is meant.
+    allow_anonymous: bool = False
 
     @field_validator("models", mode="before")
     @classmethod
@@ -121,6 +132,15 @@ class Settings(BaseSettings):
         # Ray replicas may run in another working directory than the process that built Settings.
         return value.expanduser().resolve()
 
+    @field_validator("ray_node_ip", "haproxy_monitor_host")
+    @classmethod
+    def _address(cls, value: str, info: ValidationInfo) -> str:
+        if value == "auto" and info.field_name == "ray_node_ip":
+            return value
+        if value != "localhost":
+            ipaddress.ip_address(value)  # ValueError: not an address
+        return value
+
     @field_validator("api_key")
     @classmethod
     def _strong_key(cls, value: SecretStr | None) -> SecretStr | None:
@@ -140,7 +160,13 @@ class Settings(BaseSettings):
                 f"max_in_flight_requests ({self.max_in_flight_requests}) must be < max_ongoing_requests "
                 f"({self.max_ongoing_requests}): Serve queues the rest before the gateway can refuse them"
             )
-        if not _is_loopback(self.host) and self.api_key is None:
+        if not is_loopback(self.host) and self.api_key is None:
+            if not self.allow_anonymous:
+                raise ValueError(
+                    f"host {self.host} is a network address and CVSERVE_API_KEY is unset: anyone on the "
+                    "network could call the gateway. Set CVSERVE_API_KEY (16+ characters), or "
+                    "CVSERVE_ALLOW_ANONYMOUS=true if that is meant, or CVSERVE_HOST=127.0.0.1"
+                )
             log.warning("listening on %s without CVSERVE_API_KEY: anyone on the network can call it", self.host)
         return self
 
@@ -157,10 +183,13 @@ class Settings(BaseSettings):
         return max(self.max_ongoing_requests, 2 * self.max_batch_size)
 
 
-def _is_loopback(host: str) -> bool:
+def is_loopback(host: str) -> bool:
+    """Whether `host` (an address, or "localhost") is reachable from this machine only."""
     if host == "localhost":
         return True
     try:
-        return ipaddress.ip_address(host).is_loopback
+        address = ipaddress.ip_address(host)
     except ValueError:
         return False
+    mapped = getattr(address, "ipv4_mapped", None)  # ::ffff:127.0.0.1 is loopback too
+    return (mapped or address).is_loopback

@@ -56,3 +56,45 @@ def test_api_key_is_secret() -> None:
     settings = Settings(api_key="a-long-enough-secret-key")
     assert "a-long-enough" not in repr(settings)
     assert settings.api_key is not None and settings.api_key.get_secret_value() == "a-long-enough-secret-key"
+
+
+def test_a_network_address_without_an_api_key_is_refused() -> None:
+    with pytest.raises(ValidationError, match="CVSERVE_API_KEY") as refused:
+        Settings(host="0.0.0.0")
+    assert "CVSERVE_ALLOW_ANONYMOUS" in str(refused.value)
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "localhost", "::1", "127.0.0.2", "::ffff:127.0.0.1"])
+def test_loopback_needs_no_api_key(host: str) -> None:
+    assert Settings(host=host).api_key is None
+
+
+def test_a_network_address_is_served_with_a_key_or_when_anonymous_is_meant(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    assert Settings(host="0.0.0.0", api_key="a-long-enough-secret-key").api_key is not None
+    with caplog.at_level("WARNING", logger="service.settings"):
+        assert Settings(host="0.0.0.0", allow_anonymous=True).allow_anonymous
+    assert "without CVSERVE_API_KEY" in caplog.text
+
+
+def test_anonymous_is_allowed_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CVSERVE_HOST", "0.0.0.0")
+    with pytest.raises(ValidationError, match="CVSERVE_ALLOW_ANONYMOUS"):
+        Settings()
+    monkeypatch.setenv("CVSERVE_ALLOW_ANONYMOUS", "true")
+    assert Settings().host == "0.0.0.0"
+
+
+@pytest.mark.parametrize(
+    "overrides", [{"ray_node_ip": "my-host"}, {"haproxy_monitor_host": "auto"}, {"haproxy_monitor_host": "*"}]
+)
+def test_ray_and_haproxy_addresses_must_be_addresses(overrides: dict[str, str]) -> None:
+    with pytest.raises(ValidationError):
+        Settings(**overrides)
+
+
+def test_ray_and_haproxy_monitoring_default_to_loopback() -> None:
+    settings = Settings(_env_file=None)
+    assert (settings.ray_node_ip, settings.haproxy_monitor_host) == ("127.0.0.1", "127.0.0.1")
+    assert Settings(ray_node_ip="auto").ray_node_ip == "auto"
