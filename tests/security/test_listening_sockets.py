@@ -1,0 +1,199 @@
+"""`python -m service` listens on loopback only, in both ingress modes (issue 18, network surface).
+
+Each gateway runs as users start it (its own local Ray, free ports); every socket of its whole
+process tree (Ray's GCS, raylet, workers, agents, Serve's proxy and replicas, HAProxy) is read
+with psutil. A socket off loopback passes only if it refuses a call without Ray's token, checked
+through loopback; nothing is ever sent to a network address.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import stat
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psutil
+import pytest
+
+from stack.__main__ import Gateway
+from stack.process import spawn
+from tests.conftest import ROOT, free_port, wait_until
+from tests.security.listeners import Listener, listeners, rejects_unauthenticated_grpc, session_members
+
+# Serve drains a direct-ingress replica for 30 s before it exits (haproxy mode).
+STOP_TIMEOUT_S = 90
+
+
+@dataclass
+class RunningGateway:
+    gateway: Gateway
+    ingress: str
+    ports: dict[str, int]
+    listeners: list[Listener] = field(default_factory=list)  # read once the gateway answers
+
+    @property
+    def leader(self) -> psutil.Process:
+        return psutil.Process(self.gateway.process.pid)
+
+    @property
+    def ray_environment(self) -> dict[str, str]:
+        """The environment the gateway gave Ray's processes (its own /proc environ predates `os.environ.update`)."""
+        for child in self.leader.children(recursive=True):
+            environment = child.environ()
+            if "RAY_AUTH_TOKEN_PATH" in environment:
+                return environment
+        raise AssertionError("no Ray process of the gateway has RAY_AUTH_TOKEN_PATH")
+
+    @property
+    def private_dir(self) -> Path:
+        return Path(self.ray_environment["RAY_AUTH_TOKEN_PATH"]).parent
+
+
+@pytest.fixture(scope="module", params=["proxy", "haproxy"])
+def running(
+    request: pytest.FixtureRequest, model_repository: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[RunningGateway]:
+    ingress = request.param
+    ports = {
+        "CVSERVE_PORT": free_port(),
+        "CVSERVE_RAY_METRICS_PORT": free_port(),
+        "CVSERVE_HAPROXY_STATS_PORT": free_port(),
+        "CVSERVE_HAPROXY_METRICS_PORT": free_port(),
+    }
+    env = {
+        **{name: value for name, value in os.environ.items() if not name.startswith(("CVSERVE_", "RAY_"))},
+        **{name: str(port) for name, port in ports.items()},
+        "PYTHONPATH": str(ROOT),
+        "RAY_ADDRESS": "local",  # its own Ray, not the test session's
+        "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT": str(free_port()),  # haproxy mode's fallback proxy, else 8500
+        "CVSERVE_INGRESS": ingress,
+        "CVSERVE_MODELS": "classifier",
+        "CVSERVE_MODEL_REPOSITORY": str(model_repository),
+        "CVSERVE_DEVICE": "cpu",
+    }
+    log_path = tmp_path_factory.mktemp(f"gateway-{ingress}") / "gateway.log"
+    process = spawn([sys.executable, "-m", "service"], log_path, cwd=ROOT, env=env)
+    gateway = Gateway(process=process, log_path=log_path, port=ports["CVSERVE_PORT"])
+    running = RunningGateway(gateway, ingress, ports)
+    try:
+        gateway.wait_ready(240)
+        private_dir = running.private_dir
+
+        def client_port_seen() -> bool:  # HAProxy restarts itself on each route change at start-up
+            running.listeners = listeners(process.pid)
+            return any(listener.port == ports["CVSERVE_PORT"] for listener in running.listeners)
+
+        wait_until(
+            client_port_seen, 60, f"nothing in the gateway's process tree listens on {ports['CVSERVE_PORT']}"
+        )
+        yield running
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)  # the gateway shuts Serve and Ray down itself
+            try:
+                process.wait(STOP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                pass
+        gateway.kill()  # SIGKILL whatever is left of its process group
+        for straggler in session_members(process.pid):  # Ray's workers lead process groups of their own
+            straggler.kill()
+    assert process.returncode == 0, f"the gateway did not stop cleanly:\n{gateway.log_tail()}"
+    assert not private_dir.exists(), (
+        "the private directory (Ray's token, HAProxy's socket) outlived the gateway"
+    )
+
+
+def _report(found: list[Listener]) -> str:
+    return "\n".join(f"  {listener}" for listener in found)
+
+
+def test_every_listener_is_on_loopback_or_needs_rays_token(running: RunningGateway) -> None:
+    found = running.listeners
+    off_loopback = [listener for listener in found if not listener.on_loopback]
+    unprotected = [listener for listener in off_loopback if not rejects_unauthenticated_grpc(listener)]
+    assert not unprotected, (
+        f"listening off loopback without Ray's token ({running.ingress} ingress):\n{_report(unprotected)}"
+        f"\nall listeners:\n{_report(found)}"
+    )
+    # What may sit off loopback at all: Serve's replica gRPC server, one per replica process.
+    for listener in off_loopback:
+        assert listener.command.startswith("ray::ServeReplica:"), listener
+    assert len({listener.pid for listener in off_loopback}) == len(off_loopback), _report(off_loopback)
+
+
+def test_the_published_ports_are_on_loopback(running: RunningGateway) -> None:
+    found = running.listeners
+    names = ["CVSERVE_PORT", "CVSERVE_RAY_METRICS_PORT"]
+    if running.ingress == "haproxy":
+        names += ["CVSERVE_HAPROXY_STATS_PORT", "CVSERVE_HAPROXY_METRICS_PORT"]
+    for name in names:
+        port = running.ports[name]
+        on_port = [listener for listener in found if listener.port == port and listener.kind == "tcp"]
+        assert on_port and all(listener.on_loopback for listener in on_port), (
+            f"{name}={port}:\n{_report(found)}"
+        )
+    if running.ingress == "haproxy":
+        served_by = {
+            listener.command.split()[0]
+            for listener in found
+            if listener.port == running.ports["CVSERVE_PORT"]
+        }
+        assert all(path.endswith("/haproxy") for path in served_by), served_by
+
+
+def test_rays_token_and_haproxys_files_are_private(running: RunningGateway) -> None:
+    leader = running.leader
+    assert running.ray_environment["RAY_AUTH_MODE"] == "token"
+    private_dir = running.private_dir
+    assert stat.S_IMODE(private_dir.stat().st_mode) == 0o700
+    token = private_dir / "ray_auth_token"
+    assert stat.S_IMODE(token.stat().st_mode) == 0o600 and len(token.read_text()) == 64
+    if running.ingress != "haproxy":
+        return
+    haproxies = [
+        p for p in leader.children(recursive=True) if p.cmdline()[:1] and p.cmdline()[0].endswith("/haproxy")
+    ]
+    assert haproxies, "no HAProxy in the gateway's process tree"
+    for haproxy in haproxies:
+        command = haproxy.cmdline()
+        config = Path(command[command.index("-f") + 1])
+        assert config.is_relative_to(private_dir), command
+        text = config.read_text()
+        assert re.search(rf"stats socket {re.escape(str(private_dir))}/\S+ mode 600 ", text), text
+        assert "timeout client 3600s" not in text and "timeout client 35s" in text
+        assert "timeout http-request 10s" in text
+        assert f"log {private_dir}/log.sock " in text  # not UDP: no datagram socket on every interface
+    stderr = "".join(
+        path.read_text(errors="replace") for path in private_dir.glob("*/admin.sock.*.stderr.log")
+    )
+    assert "[ALERT]" not in stderr, stderr
+
+
+def test_a_network_address_without_an_api_key_refuses_to_start(model_repository: Path) -> None:
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT),
+        "CVSERVE_HOST": "0.0.0.0",
+        "CVSERVE_PORT": str(free_port()),
+        "CVSERVE_MODEL_REPOSITORY": str(model_repository),
+    }
+    env.pop("CVSERVE_API_KEY", None)
+    env.pop("CVSERVE_ALLOW_ANONYMOUS", None)
+    done = subprocess.run(
+        [sys.executable, "-m", "service"],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode != 0
+    assert "CVSERVE_API_KEY" in done.stderr and "CVSERVE_ALLOW_ANONYMOUS" in done.stderr, done.stderr
+    assert "Started a local Ray" not in done.stderr, "Ray must not start for a refused configuration"
