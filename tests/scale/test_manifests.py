@@ -152,6 +152,17 @@ def test_gateway_keeps_ray_ports_inside_the_cluster() -> None:
     assert [p["port"] for rule in open_rules for p in rule["ports"]] == [8000], "only Serve's port may be open"
 
 
+def test_every_gateway_pod_requires_the_api_key_secret() -> None:
+    """The image listens on 0.0.0.0, so the gateway refuses to start without a key: no pod may start without it."""
+    for pod in _rayservice_pods(_find("RayService", "cvserve")):
+        for container in pod["containers"]:
+            env = {e["name"]: e for e in container["env"]}
+            reference = env["CVSERVE_API_KEY"]["valueFrom"]["secretKeyRef"]
+            assert (reference["name"], reference["key"]) == ("cvserve-api-key", "key")
+            assert reference.get("optional", False) is False
+            assert "CVSERVE_ALLOW_ANONYMOUS" not in env
+
+
 def test_serve_config_v2_is_the_generated_triton_config() -> None:
     rayservice = _find("RayService", "cvserve")
     embedded = yaml.safe_load(rayservice["spec"]["serveConfigV2"])
