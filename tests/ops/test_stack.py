@@ -19,6 +19,7 @@ from stack import __main__ as stack_main
 from stack.prometheus import PrometheusAPI
 from tests.conftest import ROOT, free_port
 from tests.ops.conftest import png_image, scalar, wait_for
+from tests.security.listeners import listeners, rejects_unauthenticated_grpc
 
 N_REQUESTS = 5
 
@@ -107,6 +108,18 @@ def test_stack_serves_requests_and_prometheus_counts_them(stack: RunningStack) -
         "triton": "up",
         "prometheus": "up",
     }
+
+
+def test_the_stack_listens_on_loopback_only(stack: RunningStack) -> None:
+    """Triton, Prometheus, the gateway and its Ray: every socket on loopback, or behind Ray's token."""
+    found = listeners(stack.process.pid)
+    assert set(vars(stack.ports).values()) <= {listener.port for listener in found}
+    unprotected = [
+        listener
+        for listener in found
+        if not listener.on_loopback and not rejects_unauthenticated_grpc(listener)
+    ]
+    assert not unprotected, "\n".join(map(str, unprotected))
 
 
 def test_ctrl_c_stops_every_service(stack: RunningStack) -> None:
