@@ -54,7 +54,7 @@ def haproxy_gateway(model_repository: Path, tmp_path_factory: pytest.TempPathFac
     try:
         yield server
     finally:
-        server.stop()
+        server.stop(grace_s=90)  # Serve drains ~35 s here; a SIGKILL would leave the gateway's private dir
 
 
 def test_haproxy_serves_the_gateway_on_loopback(haproxy_gateway: ServerProcess) -> None:
