@@ -27,7 +27,11 @@ class DetectOptions(_Options):
 
 
 class SegmentOptions(_Options):
-    return_png: bool = Field(False, description="Also return the class-index mask as a base64 palette PNG.")
+    return_png: bool = Field(
+        False,
+        description="Also return the class-index mask as a base64 palette PNG (scaled down to 4 megapixels "
+        "for larger images).",
+    )
 
 
 class _ImagesBody(BaseModel):
@@ -36,7 +40,8 @@ class _ImagesBody(BaseModel):
     images: list[str] = Field(
         ...,
         min_length=1,
-        description="Base64-encoded image files (JPEG, PNG, WebP, ...); a `data:image/...;base64,` prefix is allowed.",
+        description="Base64-encoded image files (JPEG, PNG, WebP, ...); a `data:image/...;base64,` prefix is allowed. "
+        "At most `max_images_per_request` (16 by default) entries; more: 413 `too_many_images`.",
         examples=[["iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAIAAACQd1PeAAAADElEQVR4nGP4z8AAAAMBAQDJ/pLvAAAAAElFTkSuQmCC"]],
     )
 
@@ -109,7 +114,9 @@ class SegmentationResult(BaseModel):
     )
     segments: list[Segment] = Field(..., description="One binary mask per class present (background excluded).")
     png: str | None = Field(
-        None, description="Base64 palette PNG of class indices at original size (only with return_png)."
+        None,
+        description="Base64 palette PNG of class indices (only with return_png): at original size, or scaled "
+        "down (nearest) to at most 4 megapixels when the image is larger.",
     )
 
 
