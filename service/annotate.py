@@ -3,6 +3,8 @@
 Boxes and masks are drawn with torchvision's utilities, text with Pillow's built-in scalable
 font; nothing here rasterises by hand. A class keeps its colour in every image and every task
 (the palette is indexed by class id, and detector and segmenter share ids: 0 is background).
+Answers are drawn on a copy scaled down to a few megapixels (`fit_image`): boxes and masks, which
+refer to the full-size image, are scaled to the copy.
 """
 
 from __future__ import annotations
@@ -15,8 +17,11 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 from pycocotools import mask as mask_utils
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms.v2 import functional as F
 from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
 
+from service.images import fit_size
 from service.schemas import ClassificationResult, DetectionResult, SegmentationResult
 
 ImageFormat = Literal["png", "jpeg"]
@@ -37,28 +42,53 @@ def class_color(class_id: int) -> tuple[int, int, int]:
     return _PALETTE[class_id % len(_PALETTE)]
 
 
+def fit_image(image: np.ndarray, max_pixels: int) -> np.ndarray:
+    """`image` scaled down (bilinear, antialiased) to at most `max_pixels`; itself when it fits."""
+    height, width = image.shape[:2]
+    new_width, new_height = fit_size(width, height, max_pixels)
+    if (new_width, new_height) == (width, height):
+        return image
+    chw = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
+    resized = F.resize(chw, [new_height, new_width], interpolation=InterpolationMode.BILINEAR, antialias=True)
+    return np.ascontiguousarray(resized.permute(1, 2, 0).numpy())
+
+
 def annotate_result(
     image: np.ndarray, result: ClassificationResult | DetectionResult | SegmentationResult
 ) -> np.ndarray:
-    """Draw one image's answer from an API result, whichever task produced it."""
+    """Draw one image's answer from an API result, whichever task produced it. `image` may be a
+    scaled-down copy of the image the result is about: boxes and masks are scaled to it."""
     if isinstance(result, ClassificationResult):
         return draw_top_k(image, [p.label for p in result.predictions], [p.score for p in result.predictions])
+    height, width = image.shape[:2]
     if isinstance(result, DetectionResult):
         found = result.detections
+        scale = np.array([width, height, width, height], np.float32) / np.array(
+            [result.image.width, result.image.height] * 2, np.float32
+        )
         return draw_detections(
             image,
-            np.array([d.box for d in found], dtype=np.float32).reshape(-1, 4),
+            np.array([d.box for d in found], dtype=np.float32).reshape(-1, 4) * scale,
             [d.class_id for d in found],
             [d.label for d in found],
             [d.score for d in found],
         )
     if isinstance(result, SegmentationResult):
-        mask = np.zeros(image.shape[:2], dtype=np.int32)
+        mask = np.zeros((height, width), dtype=np.int32)
         for segment in result.segments:
             rle = {"size": segment.rle.size, "counts": segment.rle.counts.encode()}
-            mask[mask_utils.decode(rle).astype(bool)] = segment.class_id
+            mask[_nearest(mask_utils.decode(rle), height, width).astype(bool)] = segment.class_id
         return draw_mask(image, mask, {s.class_id: s.label for s in result.segments})
     raise TypeError(f"cannot annotate a {type(result).__name__}")
+
+
+def _nearest(mask: np.ndarray, height: int, width: int) -> np.ndarray:
+    """`mask` sampled at the centres of a `height`×`width` grid (nearest neighbour); itself at that size."""
+    if mask.shape == (height, width):
+        return mask
+    rows = ((np.arange(height) + 0.5) * (mask.shape[0] / height)).astype(np.intp)
+    cols = ((np.arange(width) + 0.5) * (mask.shape[1] / width)).astype(np.intp)
+    return mask[np.ix_(rows, cols)]
 
 
 def draw_detections(

@@ -5,6 +5,9 @@ header asks for the answer drawn on the image (`service.annotate`).
 * One image, and the client did not name `application/json` in Accept: the body is the PNG/JPEG.
 * Otherwise (several images, or JSON asked for): the usual JSON, each result carrying
   `annotated_image` as a `data:image/...;base64,` URL (what the demo page uses).
+* Drawings are made on a copy of at most `RENDER_MAX_PIXELS` (4 MP); the images an answer carries
+  (drawings, `return_png` masks, counted as sent) may add up to `max_response_bytes`, past which the
+  request gets 413 `response_too_large` instead.
 """
 
 from __future__ import annotations
@@ -19,8 +22,9 @@ from fastapi.responses import FileResponse, JSONResponse, RedirectResponse
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel
 
-from service.annotate import MEDIA_TYPES, ImageFormat, annotate_result, encode_image
-from service.images import decode_image
+from service.annotate import MEDIA_TYPES, ImageFormat, annotate_result, encode_image, fit_image
+from service.errors import ApiError
+from service.images import RENDER_MAX_PIXELS, decode_image_for_display
 from service.settings import Settings
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
@@ -70,10 +74,14 @@ async def annotated_or_json(
 ) -> BaseModel | Response:
     """Return `response` as it is, or with its answers drawn on the images when a client asks."""
     fmt = requested_format(request, options)
+    carried = _png_bytes(response)
+    if carried > settings.max_response_bytes:
+        raise _too_large(settings)
     if fmt is None:
         return response
-    images = await asyncio.to_thread(_draw_all, response, blobs, fmt, settings)
-    if len(images) == 1 and "application/json" not in _accepted_media_types(request):
+    as_json = len(blobs) != 1 or "application/json" in _accepted_media_types(request)
+    images = await asyncio.to_thread(_draw_all, response, blobs, fmt, settings, carried, as_json)
+    if not as_json:
         return Response(images[0], media_type=MEDIA_TYPES[fmt])
     body = response.model_dump(mode="json")
     prefix = f"data:{MEDIA_TYPES[fmt]};base64,"
@@ -83,12 +91,39 @@ async def annotated_or_json(
 
 
 def _draw_all(
-    response: BaseModel, blobs: Sequence[bytes], fmt: ImageFormat, settings: Settings
+    response: BaseModel,
+    blobs: Sequence[bytes],
+    fmt: ImageFormat,
+    settings: Settings,
+    carried: int,
+    as_json: bool,
 ) -> list[bytes]:
-    """Decode each upload again (they were decoded once already, so this cannot fail) and draw on it."""
+    """Decode each upload again, at most display size, and draw on it; stop (413) as soon as the answer's
+    images (`carried` bytes already, plus the drawings, base64 in JSON) pass `max_response_bytes`."""
     results = response.results  # type: ignore[attr-defined]
     drawn = []
+    total = carried
     for blob, result in zip(blobs, results, strict=True):
-        image = decode_image(blob, settings.max_pixels, settings.allowed_formats)
-        drawn.append(encode_image(annotate_result(image, result), fmt))
+        image = decode_image_for_display(
+            blob, settings.max_pixels, settings.allowed_formats, RENDER_MAX_PIXELS
+        )
+        encoded = encode_image(annotate_result(fit_image(image, RENDER_MAX_PIXELS), result), fmt)
+        total += 4 * -(-len(encoded) // 3) if as_json else len(encoded)
+        if total > settings.max_response_bytes:
+            raise _too_large(settings)
+        drawn.append(encoded)
     return drawn
+
+
+def _png_bytes(response: BaseModel) -> int:
+    """Bytes of the base64 `return_png` masks already in `response`."""
+    return sum(len(getattr(result, "png", None) or "") for result in response.results)  # type: ignore[attr-defined]
+
+
+def _too_large(settings: Settings) -> ApiError:
+    return ApiError(
+        413,
+        "response_too_large",
+        f"the images of this answer would come to more than {settings.max_response_bytes} bytes, the limit; "
+        "ask for annotate=jpeg, or send fewer or smaller images per request",
+    )

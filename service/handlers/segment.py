@@ -14,6 +14,7 @@ from torchvision.transforms.v2 import functional as F
 
 from service.contract import ModelContract
 from service.handlers.common import Geometry, Handler, label_of
+from service.images import RENDER_MAX_PIXELS, fit_size
 from service.schemas import (
     RLE,
     ImageSize,
@@ -32,20 +33,25 @@ _COLOURS = (
 )  # fmt: skip
 
 
-def mask_to_original(mask: np.ndarray, geometry: Geometry) -> np.ndarray:
-    """Crop the letterbox padding off a model-resolution mask and resize it to the original (nearest)."""
+def mask_to_original(mask: np.ndarray, geometry: Geometry, size: tuple[int, int] | None = None) -> np.ndarray:
+    """Crop the letterbox padding off a model-resolution mask and resize it (nearest) to the original
+    image, or to `size` (width, height) when given."""
+    width, height = size or (geometry.width, geometry.height)
     content = np.asarray(mask, dtype=np.uint8)[: geometry.content_height, : geometry.content_width]
     resized = F.resize(
         torch.from_numpy(np.ascontiguousarray(content))[None],
-        [geometry.height, geometry.width],
+        [height, width],
         interpolation=InterpolationMode.NEAREST_EXACT,
     )
     return resized[0].numpy()
 
 
 def encode_rle(binary: np.ndarray) -> RLE:
-    """COCO compressed RLE of a boolean H×W mask (pycocotools; counts as text)."""
-    rle = mask_utils.encode(np.asfortranarray(binary.astype(np.uint8)))
+    """COCO compressed RLE of a boolean H×W mask (pycocotools; counts as text). A Fortran-ordered
+    mask (as `mask == c` of a Fortran-ordered one is) is encoded without another copy."""
+    column_major = np.asfortranarray(binary)
+    ones = column_major.view(np.uint8) if column_major.dtype == np.bool_ else column_major.astype(np.uint8)
+    rle = mask_utils.encode(np.asfortranarray(ones))
     return RLE(size=[int(s) for s in rle["size"]], counts=rle["counts"].decode("ascii"))
 
 
@@ -71,10 +77,10 @@ class SegmentHandler(Handler[SegmentOptions, SegmentationResult]):
     def postprocess(
         self, outputs: dict[str, np.ndarray], geometry: Geometry, options: SegmentOptions, contract: ModelContract
     ) -> SegmentationResult:
-        """Return per-class RLEs and pixel fractions at original size (and the PNG if asked)."""
-        mask = mask_to_original(outputs["MASK"], geometry)
+        """Return per-class RLEs and pixel fractions at original size (and the PNG, at most 4 MP, if asked)."""
+        mask = np.asfortranarray(mask_to_original(outputs["MASK"], geometry))  # column-major, as RLE runs go
         num_classes = max(len(contract.labels), int(mask.max(initial=0)) + 1)
-        fractions = np.bincount(mask.ravel(), minlength=num_classes) / mask.size
+        fractions = np.bincount(mask.ravel(order="K"), minlength=num_classes) / mask.size
         segments = [
             Segment(
                 class_id=class_id,
@@ -89,5 +95,10 @@ class SegmentHandler(Handler[SegmentOptions, SegmentationResult]):
             image=ImageSize(width=geometry.width, height=geometry.height),
             class_fractions={label_of(contract.labels, i): float(f) for i, f in enumerate(fractions)},
             segments=segments,
-            png=palette_png(mask) if options.return_png else None,
+            png=palette_png(self._png_mask(outputs["MASK"], geometry)) if options.return_png else None,
         )
+
+    @staticmethod
+    def _png_mask(mask: np.ndarray, geometry: Geometry) -> np.ndarray:
+        """The mask for `return_png`: at original size, or scaled down to `RENDER_MAX_PIXELS` for larger images."""
+        return mask_to_original(mask, geometry, fit_size(geometry.width, geometry.height, RENDER_MAX_PIXELS))
