@@ -17,6 +17,8 @@ API_KEY = "hardening-key-0123456789"
 STRICT_MAX_BODY = 64 * 1024
 STRICT_MAX_PIXELS = 200 * 200
 STRICT_MAX_IMAGES = 2
+STRICT_MAX_REQUEST_PIXELS = 50_000  # one image of STRICT_MAX_PIXELS fits, two do not
+STRICT_MAX_RESPONSE_BYTES = 48 * 1024  # an annotated PNG of a noisy 150x150 image is larger
 
 
 def small_settings(model_repository: Path, **overrides: object) -> object:
@@ -43,7 +45,8 @@ def client(embedded_gateway: str) -> Iterator[httpx.Client]:
 
 @pytest.fixture(scope="session")
 def strict_gateway(deploy: Deploy, model_repository: Path) -> str:
-    """A gateway with small limits, PNG/JPEG only and an API key."""
+    """A gateway with small limits (body, pixels per image and per request, images, answer bytes),
+    PNG/JPEG only and an API key."""
     from service.app import build_app
 
     settings = small_settings(
@@ -51,6 +54,8 @@ def strict_gateway(deploy: Deploy, model_repository: Path) -> str:
         max_body_bytes=STRICT_MAX_BODY,
         max_pixels=STRICT_MAX_PIXELS,
         max_images_per_request=STRICT_MAX_IMAGES,
+        max_request_pixels=STRICT_MAX_REQUEST_PIXELS,
+        max_response_bytes=STRICT_MAX_RESPONSE_BYTES,
         allowed_formats=("PNG", "JPEG"),
         api_key=API_KEY,
     )
