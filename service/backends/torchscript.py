@@ -1,0 +1,61 @@
+"""One exported TorchScript model in this process: load `model.pt` once, run uint8 batches through it.
+
+The embedded backend (in the gateway replica or in a model deployment), the benchmark's baselines
+and the in-process figures all run models through this class.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+import torchvision  # noqa: F401  (registers torchvision::nms & co., which scripted detectors call)
+
+from service.contract import ModelContract, load_contract
+
+
+def load_torchscript(path: str | Path, device: torch.device) -> torch.jit.ScriptModule:
+    """Load a TorchScript file for inference (TorchScript is Triton's libtorch format: its
+    deprecation notice is silenced here on purpose)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*torch\.jit.* is deprecated", category=FutureWarning)
+        module = torch.jit.load(str(path), map_location=device)
+    return module.eval()
+
+
+def latest_version(repository: Path, model: str) -> str:
+    """The highest numeric version directory of `model` (Triton's default `latest` policy)."""
+    versions = [p.name for p in (repository / model).iterdir() if p.is_dir() and p.name.isdigit()]
+    if not versions:
+        raise FileNotFoundError(f"{repository / model} has no version directory: run the export first")
+    return max(versions, key=int)
+
+
+class TorchScriptModel:
+    """`<repository>/<model>/<latest version>/model.pt` with its contract, on `device`."""
+
+    def __init__(self, repository: Path, model: str, device: str = "cpu") -> None:
+        self.name = model
+        self.contract: ModelContract = load_contract(repository, model)
+        self.version = latest_version(repository, model)
+        self.device = torch.device(device)
+        self._module = load_torchscript(repository / model / self.version / "model.pt", self.device)
+        self._output_names = [spec.name for spec in self.contract.outputs]
+
+    def forward(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+        """Run a `[N,3,H,W]` uint8 batch; outputs by contract name (mapped by position), batch dim kept."""
+        with torch.inference_mode():
+            result = self._module(torch.from_numpy(batch).to(self.device))
+        tensors = [result] if isinstance(result, torch.Tensor) else list(result)
+        return {name: tensor.cpu().numpy() for name, tensor in zip(self._output_names, tensors, strict=True)}
+
+    def infer(self, images: list[np.ndarray]) -> list[dict[str, np.ndarray]]:
+        """Run `[3,H,W]` images as one batch; return each image's outputs without the batch dim."""
+        outputs = self.forward(np.stack(images))
+        return [{name: values[i] for name, values in outputs.items()} for i in range(len(images))]
+
+    def warm_up(self) -> None:
+        """One zero batch, so the first request does not pay for lazy initialisation."""
+        self.forward(np.zeros((1, *self.contract.inputs[0].dims), dtype=np.uint8))

@@ -1,0 +1,58 @@
+"""One model's image path around inference: decode → preprocess, and postprocess, as the gateway runs it.
+
+`TaskPipeline` is the single copy of that code: the gateway calls it for every request, and the
+benchmark's baselines (hand-written server, LitServe, the in-process figures) call the same object,
+so a comparison measures serving machinery, never different image code.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from pydantic import BaseModel
+
+from service.contract import ModelContract, load_contract
+from service.handlers import HANDLERS, Handler
+from service.handlers.common import Geometry, at_full_size
+from service.images import decode_image_reduced
+from service.settings import Settings
+
+Prepared = tuple[np.ndarray, Geometry]
+
+
+@dataclass(frozen=True)
+class TaskPipeline:
+    """A model's contract, its task's handler and the gateway's image limits."""
+
+    model: str
+    contract: ModelContract
+    handler: Handler[Any, Any]
+    settings: Settings
+
+    @classmethod
+    def load(cls, settings: Settings, model: str) -> TaskPipeline:
+        """Read `<settings.model_repository>/<model>`'s contract (config.pbtxt, labels)."""
+        return cls(model, load_contract(settings.model_repository, model), HANDLERS[model], settings)
+
+    @property
+    def endpoint(self) -> str:
+        return self.handler.endpoint
+
+    @property
+    def min_side(self) -> int:
+        """Shorter side a decode must keep: twice what the model input needs (large JPEGs decode reduced to it)."""
+        return 2 * max(*self.contract.input_size, self.contract.resize_size or 0)
+
+    def prepare(self, data: bytes) -> Prepared:
+        """Decode an uploaded file and bring it to the model's `[3,H,W]` uint8 input (raises `ImageError`)."""
+        image, (width, height) = decode_image_reduced(
+            data, self.settings.max_pixels, self.settings.allowed_formats, self.min_side
+        )
+        tensor, geometry = self.handler.preprocess(image, self.contract)
+        return tensor, at_full_size(geometry, width, height)
+
+    def answer(self, outputs: dict[str, np.ndarray], geometry: Geometry, options: BaseModel | None = None) -> BaseModel:
+        """The task's result for one image (default options unless given)."""
+        return self.handler.postprocess(outputs, geometry, options or self.handler.options(), self.contract)

@@ -1,0 +1,54 @@
+"""The benchmark's baselines run the gateway's own pipeline object, reduced JPEG decoding included."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from loadtests.baselines.pipeline import ModelPipeline
+from service.handlers import HANDLERS
+from service.images import decode_image
+from service.pipeline import TaskPipeline
+from service.settings import Settings
+from training.shapes import make_scene
+
+
+def big_jpeg() -> bytes:
+    """A 1280x960 JPEG: large enough that every model's input is made from a reduced decode."""
+    scene = np.asarray(Image.fromarray(make_scene(7, 320, 2, 3).image).resize((1280, 960)))
+    buffer = io.BytesIO()
+    Image.fromarray(scene).save(buffer, "JPEG", quality=90)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("model", ["classifier", "detector", "segmenter"])
+def test_baselines_prepare_exactly_what_the_gateway_prepares(model_repository: Path, model: str) -> None:
+    settings = Settings(model_repository=model_repository)
+    baseline = ModelPipeline.load(settings, model)
+    assert isinstance(baseline.pipeline, TaskPipeline)  # the object, not a copy of its code
+    data = big_jpeg()
+    tensor, geometry = baseline.prepare(data)
+    gateway_tensor, gateway_geometry = TaskPipeline.load(settings, model).prepare(data)
+    np.testing.assert_array_equal(tensor, gateway_tensor)
+    assert geometry == gateway_geometry and (geometry.width, geometry.height) == (1280, 960)
+
+    # The decode was reduced: the same image decoded in full gives a (slightly) different input.
+    full, _ = HANDLERS[model].preprocess(decode_image(data, settings.max_pixels, settings.allowed_formats), baseline.contract)
+    assert full.shape == tensor.shape and not np.array_equal(full, tensor)
+
+
+def test_baseline_answers_are_the_pipelines_answers(model_repository: Path) -> None:
+    settings = Settings(model_repository=model_repository)
+    baseline = ModelPipeline.load(settings, "detector")
+    tensor, geometry = baseline.prepare(big_jpeg())
+    (outputs,) = baseline.infer([tensor])
+    answer = baseline.answer(outputs, geometry)
+    assert answer == baseline.pipeline.answer(outputs, geometry).model_dump()
+    assert answer["detections"], "the detector found none of the scene's shapes"
+    for detection in answer["detections"]:  # boxes are in full-size pixels
+        x0, y0, x1, y1 = detection["box"]
+        assert 0 <= x0 < x1 <= 1280 and 0 <= y0 < y1 <= 960
