@@ -49,8 +49,11 @@ def port_is_free(host: str, port: int) -> bool:
 def logical_cpus(settings: Settings) -> int:
     """Ray CPUs to declare: the machine's, or enough for every replica to be scheduled."""
     models = len(settings.models) if settings.backend == "embedded" else 0
-    wanted = settings.ingress_replicas * settings.ingress_num_cpus
-    wanted += models * settings.model_replicas * settings.model_num_cpus
+    if settings.model_placement == "ingress":  # the models' CPUs are reserved by each gateway replica
+        wanted = settings.ingress_replicas * (settings.ingress_num_cpus + models * settings.model_num_cpus)
+    else:
+        wanted = settings.ingress_replicas * settings.ingress_num_cpus
+        wanted += models * settings.model_replicas * settings.model_num_cpus
     return max(os.cpu_count() or 1, math.ceil(wanted) + 1)
 
 
@@ -76,12 +79,15 @@ def ray_on_loopback(settings: Settings) -> bool:
 
 def ray_serve_environment(settings: Settings, private_dir: Path) -> dict[str, str]:
     """Environment that Ray reads for Serve's HTTP path (see `ray_environment`)."""
-    if settings.ingress == "proxy":
-        return {}
+    if settings.ingress == "proxy":  # explicitly off, whatever the calling environment says
+        return {"RAY_SERVE_ENABLE_HA_PROXY": "0", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "0", "RAY_SERVE_ENABLE_DIRECT_INGRESS": "0"}
     # Ray adds a directory per node (56 hex characters) below private_dir. HAProxy takes unix socket paths
     # of at most 97 characters, so no level more: /tmp/cvserve-xxxxxxxx/<node id>/metrics.sock is 91.
     return {
         "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
+        # A stopping replica keeps serving this long so HAProxy can drop it first (Ray's default: 30 s,
+        # meant for remote HAProxies; here HAProxy is local and reloads in well under a second).
+        "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2",
         "RAY_SERVE_ENABLE_HA_PROXY": "1",
         "RAY_SERVE_HAPROXY_STATS_PORT": str(settings.haproxy_stats_port),
         "RAY_SERVE_HAPROXY_METRICS_PORT": str(settings.haproxy_metrics_port),

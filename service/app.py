@@ -1,57 +1,51 @@
-"""The Serve application: a FastAPI ingress in front of the chosen backend, composed in `build_app`.
+"""The Serve application: `create_api` builds the HTTP API over a backend; `build_app` composes the graph.
 
-One request: read images (`service.inputs`) → decode (`service.images`) → the task's
-`preprocess` (`service.handlers`) → `backend.infer` for all images concurrently (so they batch)
-→ `postprocess` → one result per image, in order.
+One request: read images (`service.inputs`) → decode and preprocess (`service.pipeline`) →
+`backend.infer` for all images concurrently (so they batch) → postprocess → one result per image,
+in order. With the embedded backend's default placement the models run inside the gateway replica,
+so this whole path is one process.
 """
 
-# No `from __future__ import annotations` here: Serve rewrites the route signatures and needs real types.
+# No `from __future__ import annotations` here: FastAPI reads the generated routes' annotations at run time.
 
 import asyncio
 import logging
+import os
 import secrets
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Annotated, Any
 
 import numpy as np
 import torch
-from fastapi import FastAPI, Query, Request, Response
+from fastapi import APIRouter, Depends, FastAPI, Query, Request, Response
 from fastapi.responses import JSONResponse
+from fastapi.security import APIKeyHeader
 from pydantic import BaseModel
 from ray import serve
 from ray.serve.config import BackpressureConfig
 from ray.serve.handle import DeploymentHandle
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.backends.base import Backend, BackendTimeout
-from service.backends.embedded import EmbeddedBackend, latest_version, model_deployments
-from service.contract import ModelContract, load_contract
+from service.backends.embedded import EmbeddedBackend, LocalBackend, model_deployments
+from service.backends.torchscript import latest_version
+from service.contract import load_contract
 from service.errors import ERROR_KINDS, ERROR_RESPONSES, ApiError, install_error_handlers
 from service.handlers import HANDLERS, Handler
-from service.handlers.common import Geometry, at_full_size
-from service.images import ImageError, configure_pillow, decode_image_reduced
+from service.handlers.common import Geometry
+from service.images import ImageError, configure_pillow
 from service.inputs import read_images
 from service.metrics import GatewayMetrics
+from service.pipeline import Prepared, TaskPipeline
 from service.routes_demo import annotated_or_json, install_demo
-from service.schemas import (
-    ClassifyOptions,
-    ClassifyResponse,
-    DetectOptions,
-    DetectResponse,
-    HealthResponse,
-    ImageSize,
-    ModelInfo,
-    ModelsResponse,
-    ReadyResponse,
-    SegmentOptions,
-    SegmentResponse,
-)
+from service.schemas import HealthResponse, ImageSize, ModelInfo, ModelsResponse, ReadyResponse
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
 
-ENDPOINTS = ("/classify", "/detect", "/segment", "/health", "/ready", "/models")
+ENDPOINTS = (*(h.endpoint for h in HANDLERS.values()), "/health", "/ready", "/models")
 
 DESCRIPTION = """Classify, detect and segment images.
 
@@ -68,42 +62,48 @@ Errors are `{"error": {"code": ..., "message": ...}}`; every status and code is 
 (busy: 503 with `Retry-After`; past the deadline: 504).
 """
 
-
-@asynccontextmanager
-async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
-    app.state.metrics = GatewayMetrics()  # created in the replica process, never at import
-    yield
+_SUMMARIES = {"/classify": "Top-k classes per image.", "/detect": "Boxes (xyxy, original-image pixels), labels and "
+              "scores per image.", "/segment": "Per-class COCO RLE masks at original size, pixel fractions, "
+              "optionally a PNG."}
 
 
-api = FastAPI(title="cvserve", version="0.1.0", description=DESCRIPTION, lifespan=_lifespan)
-install_error_handlers(api)
-install_demo(api)
-
-
-def _endpoint_of(request: Request) -> str:
+def _endpoint_of(scope: Scope) -> str:
     """The route a request is for, as a bounded metric tag (`other` for unknown paths)."""
-    path = request.scope.get("path", "")
-    root = request.scope.get("root_path", "")
+    path = scope.get("path", "")
+    root = scope.get("root_path", "")
     if root and path.startswith(root):
         path = path[len(root) :]
     path = path.rstrip("/") or "/"
     return path if path in ENDPOINTS else "other"
 
 
-@api.middleware("http")
-async def _record_metrics(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
-    metrics: GatewayMetrics = request.app.state.metrics
-    endpoint = _endpoint_of(request)
-    started = time.perf_counter()
-    metrics.request_started(endpoint)
-    status = 500  # stays 500 if an unhandled exception escapes
-    try:
-        response = await call_next(request)
-        status = response.status_code
-        return response
-    finally:
-        kind = ERROR_KINDS.get(status, "other") if status >= 400 else None
-        metrics.request_finished(endpoint, status, time.perf_counter() - started, kind)
+class MetricsMiddleware:
+    """Count every HTTP request, its status and latency (plain ASGI: no per-request task or stream copy)."""
+
+    def __init__(self, app: ASGIApp, metrics: GatewayMetrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        endpoint = _endpoint_of(scope)
+        status = 500  # stays 500 if an unhandled exception escapes
+
+        async def send_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        started = time.perf_counter()
+        self.metrics.request_started(endpoint)
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            kind = ERROR_KINDS.get(status, "other") if status >= 400 else None
+            self.metrics.request_finished(endpoint, status, time.perf_counter() - started, kind)
 
 
 def _image_body_openapi(body_model: type[BaseModel]) -> dict[str, Any]:
@@ -132,163 +132,241 @@ def _image_body_openapi(body_model: type[BaseModel]) -> dict[str, Any]:
     }
 
 
-def _route(handler: Handler) -> dict[str, Any]:
-    return {
-        "response_model": handler.response,
-        "responses": ERROR_RESPONSES,
-        "openapi_extra": _image_body_openapi(handler.request),
-        "summary": f"{handler.task.capitalize()} of one or several images",
-    }
+_API_KEY_HEADER = APIKeyHeader(name="X-API-Key", auto_error=False, description="the gateway's CVSERVE_API_KEY")
+# Failed key checks per client address; each failure in a row waits longer before its 401 (capped).
+_BAD_KEY_DELAY_S, _BAD_KEY_MAX_DELAY_S, _BAD_KEY_CLIENTS = 0.05, 2.0, 10_000
 
 
-def _postprocess_all(
-    handler: Handler, outputs: list[dict[str, np.ndarray]], geometries: list[Geometry], options: BaseModel, contract: ModelContract
-) -> list[BaseModel]:
-    return [handler.postprocess(out, geometry, options, contract) for out, geometry in zip(outputs, geometries, strict=True)]
+def api_key_dependency(settings: Settings) -> Callable[..., Any]:
+    """A FastAPI dependency that refuses requests without the right key (401), slowing repeated failures."""
+    expected = settings.api_key.get_secret_value().encode() if settings.api_key is not None else b""
+    failures: dict[str, int] = {}
+
+    async def require_api_key(request: Request, key: Annotated[str | None, Depends(_API_KEY_HEADER)]) -> None:
+        given = key or request.headers.get("authorization", "").removeprefix("Bearer ")
+        client = request.client.host if request.client else "unknown"
+        if secrets.compare_digest(given.encode(), expected):
+            failures.pop(client, None)
+            return
+        if len(failures) >= _BAD_KEY_CLIENTS:
+            failures.clear()
+        failures[client] = count = failures.get(client, 0) + 1
+        if count in (1, 10) or count % 100 == 0:
+            log.warning("wrong or missing API key from %s (%d in a row)", client, count)
+        await asyncio.sleep(min(_BAD_KEY_DELAY_S * 2 ** (count - 1), _BAD_KEY_MAX_DELAY_S))
+        raise ApiError(401, "unauthorized", "missing or wrong API key; send it as header X-API-Key")
+
+    return require_api_key
 
 
-def make_backend(settings: Settings, models: dict[str, DeploymentHandle]) -> Backend:
-    """The backend `settings.backend` names (Triton's client is imported only when used)."""
-    if settings.backend == "triton":
-        from service.backends.triton import TritonBackend
+class Answerer:
+    """Answers task requests: admission, deadline, decode → backend → postprocess, in a bounded thread pool."""
 
-        return TritonBackend(settings, models=settings.models)
-    return EmbeddedBackend(models, settings.request_timeout_s)
-
-
-# Everything Gateway uses is defined above it on purpose: `serve.ingress` freezes (pickles by value)
-# the FastAPI app and its route methods, with the module globals they use, when it decorates the class.
-@serve.deployment
-@serve.ingress(api)
-class Gateway:
-    """HTTP ingress: turns requests into per-image backend calls and answers in original-image terms."""
-
-    def __init__(self, settings: Settings, models: dict[str, DeploymentHandle]) -> None:
-        self._settings = settings
-        configure_pillow(settings.max_pixels)
-        torch.set_num_threads(1)  # per-image preprocessing is small; leave the cores to the models
-        self._contracts: dict[str, ModelContract] = {m: load_contract(settings.model_repository, m) for m in settings.models}
-        self._versions = {m: latest_version(settings.model_repository, m) for m in settings.models}
-        # Shorter side a decode must keep: twice what any model input needs (JPEGs are decoded reduced to it).
-        self._min_sides = {m: 2 * max(*c.input_size, c.resize_size or 0) for m, c in self._contracts.items()}
-        self._backend: Backend = make_backend(settings, models)
+    def __init__(self, settings: Settings, backend: Backend, metrics: GatewayMetrics) -> None:
+        self.settings = settings
+        self.backend = backend
+        self.metrics = metrics
+        self.pipelines = {m: TaskPipeline.load(settings, m) for m in settings.models}
+        self.versions = {m: latest_version(settings.model_repository, m) for m in settings.models}
+        # Decode/preprocess/postprocess threads: as many as cores (Pillow and torch release the GIL).
+        self._pool = ThreadPoolExecutor(max_workers=os.cpu_count() or 2, thread_name_prefix="images")
         self._in_flight = 0  # inference requests admitted and not yet answered (admission control)
 
-    async def __del__(self) -> None:
-        close = getattr(getattr(self, "_backend", None), "close", None)
-        if close is not None:
-            await close()
-
-    @api.post("/classify", **_route(HANDLERS["classifier"]))
-    async def classify(self, request: Request, options: Annotated[ClassifyOptions, Query()]) -> ClassifyResponse:
-        """Top-k classes per image."""
-        return await self._run(HANDLERS["classifier"], request, options)
-
-    @api.post("/detect", **_route(HANDLERS["detector"]))
-    async def detect(self, request: Request, options: Annotated[DetectOptions, Query()]) -> DetectResponse:
-        """Boxes (xyxy, original-image pixels), labels and scores per image."""
-        return await self._run(HANDLERS["detector"], request, options)
-
-    @api.post("/segment", **_route(HANDLERS["segmenter"]))
-    async def segment(self, request: Request, options: Annotated[SegmentOptions, Query()]) -> SegmentResponse:
-        """Per-class COCO RLE masks at original size, pixel fractions, optionally a PNG."""
-        return await self._run(HANDLERS["segmenter"], request, options)
-
-    @api.get("/health", response_model=HealthResponse)
-    async def health(self) -> HealthResponse:
-        """The gateway process is alive (says nothing about the models)."""
-        return HealthResponse()
-
-    @api.get("/ready", response_model=ReadyResponse, responses={503: {"model": ReadyResponse}})
-    async def ready(self) -> JSONResponse:
-        """Every enabled model can answer now (503 otherwise)."""
-        ready = await self._backend.ready()
-        body = ReadyResponse(ready=ready, backend=self._settings.backend)
-        return JSONResponse(body.model_dump(), status_code=200 if ready else 503)
-
-    @api.get("/models", response_model=ModelsResponse)
-    async def models(self) -> ModelsResponse:
-        """The enabled models and their contracts."""
-        return ModelsResponse(models=[self._model_info(name) for name in self._contracts])
-
-    def _model_info(self, name: str) -> ModelInfo:
-        contract = self._contracts[name]
-        height, width = contract.input_size
-        return ModelInfo(
-            name=name,
-            version=self._versions[name],
-            task=contract.task,
-            endpoint=HANDLERS[name].endpoint,
-            backend=self._settings.backend,
-            input_size=ImageSize(width=width, height=height),
-            preprocess=contract.preprocess,
-            max_batch_size=contract.max_batch_size,
-            weights=contract.parameters.get("weights", "unknown"),
-            labels=list(contract.labels),
-        )
-
-    def _check_api_key(self, request: Request) -> None:
-        expected = self._settings.api_key
-        if expected is None:
-            return
-        given = request.headers.get("x-api-key") or request.headers.get("authorization", "").removeprefix("Bearer ")
-        if not secrets.compare_digest(given.encode(), expected.get_secret_value().encode()):
-            raise ApiError(401, "unauthorized", "missing or wrong API key; send it as header X-API-Key")
-
-    async def _run(self, handler: Handler, request: Request, query_options: BaseModel) -> Any:
+    async def run(self, handler: Handler, request: Request, query_options: BaseModel) -> Response:
         """Admit the request (503 + Retry-After past the limit) and answer it within its deadline (504)."""
-        self._check_api_key(request)
-        limit = self._settings.admission_limit
+        limit = self.settings.admission_limit
         if self._in_flight >= limit:
             raise ApiError(
                 503,
                 "overloaded",
-                f"the gateway is working on {limit} requests already; retry after {self._settings.retry_after_s} s",
-                headers={"Retry-After": str(self._settings.retry_after_s)},
+                f"the gateway is working on {limit} requests already; retry after {self.settings.retry_after_s} s",
+                headers={"Retry-After": str(self.settings.retry_after_s)},
             )
         self._in_flight += 1
         try:
-            async with asyncio.timeout(self._settings.request_timeout_s):
+            async with asyncio.timeout(self.settings.request_timeout_s):
                 return await self._answer(handler, request, query_options)
         except TimeoutError as error:
-            raise BackendTimeout(f"the request did not finish within {self._settings.request_timeout_s:g} s") from error
+            raise BackendTimeout(f"the request did not finish within {self.settings.request_timeout_s:g} s") from error
         finally:
             self._in_flight -= 1
 
-    async def _answer(self, handler: Handler, request: Request, query_options: BaseModel) -> Any:
-        """Read, decode and preprocess every image, infer them concurrently, postprocess in order."""
-        contract = self._contracts.get(handler.model)
-        if contract is None:
+    async def _answer(self, handler: Handler, request: Request, query_options: BaseModel) -> Response:
+        pipeline = self.pipelines.get(handler.model)
+        if pipeline is None:
             raise ApiError(404, "model_disabled", f"model {handler.model} is not enabled on this gateway")
+        settings = self.settings
         inputs = await read_images(
-            request, handler.request, self._settings.max_body_bytes, self._settings.max_images_per_request
+            request,
+            handler.request,
+            settings.max_body_bytes,
+            settings.max_images_per_request,
+            max_request_pixels=settings.max_request_pixels,
+            allowed_formats=settings.allowed_formats,
+            min_side=pipeline.min_side,  # a large JPEG counts at the size it is decoded to
         )
-        options = handler.options.model_validate(
-            {**query_options.model_dump(exclude_unset=True), **inputs.json_options}
-        )
-        request.app.state.metrics.images.observe(len(inputs.blobs), tags={"endpoint": handler.endpoint})
-        prepared = await asyncio.gather(
-            *(asyncio.to_thread(self._prepare, handler, contract, blob, i) for i, blob in enumerate(inputs.blobs))
-        )
-        outputs = await asyncio.gather(*(self._backend.infer(handler.model, tensor) for tensor, _ in prepared))
-        geometries = [geometry for _, geometry in prepared]
-        results = await asyncio.to_thread(_postprocess_all, handler, outputs, geometries, options, contract)
-        response = handler.response(
-            model=handler.model, version=self._versions[handler.model], backend=self._settings.backend, results=results
-        )
-        return await annotated_or_json(request, response, inputs.blobs, options, self._settings)
-
-    def _prepare(
-        self, handler: Handler, contract: ModelContract, blob: bytes, index: int
-    ) -> tuple[np.ndarray, Geometry]:
+        options = handler.options.model_validate({**query_options.model_dump(exclude_unset=True), **inputs.json_options})
+        self.metrics.images.observe(len(inputs.blobs), tags={"endpoint": handler.endpoint})
+        loop = asyncio.get_running_loop()
+        count = len(inputs.blobs)
+        announce = getattr(self.backend, "announce", None)
+        if announce is not None:  # an in-process batcher waits briefly for images still decoding
+            announce(handler.model, count)
         try:
-            image, (width, height) = decode_image_reduced(
-                blob, self._settings.max_pixels, self._settings.allowed_formats, self._min_sides[handler.model]
+            prepared = await asyncio.gather(
+                *(loop.run_in_executor(self._pool, _prepare, pipeline, blob, i) for i, blob in enumerate(inputs.blobs))
             )
-        except ImageError as error:
-            raise ApiError(error.status_code, error.code, f"image {index}: {error}") from error
-        tensor, geometry = handler.preprocess(image, contract)
-        return tensor, at_full_size(geometry, width, height)
+        finally:
+            if announce is not None:
+                self.backend.arrived(handler.model, count)  # type: ignore[attr-defined]
+        outputs = await infer_all(self.backend, handler.model, [tensor for tensor, _ in prepared])
+        geometries = [geometry for _, geometry in prepared]
+        results = await loop.run_in_executor(self._pool, _answer_all, pipeline, outputs, geometries, options)
+        response = handler.response(
+            model=handler.model, version=self.versions[handler.model], backend=self.settings.backend, results=results
+        )
+        answer = await annotated_or_json(request, response, inputs.blobs, options, self.settings)
+        if isinstance(answer, Response):
+            return answer
+        return Response(answer.model_dump_json(), media_type="application/json")
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+async def infer_all(backend: Backend, model: str, images: list[np.ndarray]) -> list[dict[str, np.ndarray]]:
+    """Every image of one request through `model`, concurrently so they batch together; outputs in order."""
+    infer_many = getattr(backend, "infer_many", None)
+    if infer_many is not None:
+        return await infer_many(model, images)
+    return list(await asyncio.gather(*(backend.infer(model, image) for image in images)))
+
+
+def _prepare(pipeline: TaskPipeline, blob: bytes, index: int) -> Prepared:
+    try:
+        return pipeline.prepare(blob)
+    except ImageError as error:
+        raise ApiError(error.status_code, error.code, f"image {index}: {error}") from error
+
+
+def _answer_all(
+    pipeline: TaskPipeline, outputs: list[dict[str, np.ndarray]], geometries: list[Geometry], options: BaseModel
+) -> list[BaseModel]:
+    return [pipeline.answer(out, geometry, options) for out, geometry in zip(outputs, geometries, strict=True)]
+
+
+def _task_route(router: APIRouter, answerer: Answerer, handler: Handler) -> None:
+    """POST <handler.endpoint>: the task's options from the query string, the images from the body."""
+
+    async def route(request: Request, options: Annotated[handler.options, Query()]) -> Response:  # type: ignore[name-defined]
+        return await answerer.run(handler, request, options)
+
+    router.add_api_route(
+        handler.endpoint,
+        route,
+        methods=["POST"],
+        response_model=handler.response,
+        responses=ERROR_RESPONSES,
+        openapi_extra=_image_body_openapi(handler.request),
+        summary=f"{handler.task.capitalize()} of one or several images",
+        description=_SUMMARIES.get(handler.endpoint, ""),
+        name=handler.task,
+    )
+
+
+def create_api(settings: Settings, backend: Backend) -> FastAPI:
+    """The gateway's HTTP API over `backend`: task routes generated from the handlers, health, demo page."""
+    api = FastAPI(title="cvserve", version="0.1.0", description=DESCRIPTION)
+    metrics = GatewayMetrics()
+    answerer = Answerer(settings, backend, metrics)
+    api.state.answerer = answerer
+    install_error_handlers(api)
+    install_demo(api)
+    api.add_middleware(MetricsMiddleware, metrics=metrics)
+
+    # Every inference route sits behind the API key when one is set: a new task cannot forget it.
+    guarded = [Depends(api_key_dependency(settings))] if settings.api_key is not None else []
+    tasks = APIRouter(dependencies=guarded)
+    for handler in HANDLERS.values():  # a disabled model's route answers 404 model_disabled
+        _task_route(tasks, answerer, handler)
+    api.include_router(tasks)
+
+    @api.get("/health", response_model=HealthResponse)
+    async def health() -> HealthResponse:
+        """The gateway process is alive (says nothing about the models)."""
+        return HealthResponse()
+
+    @api.get("/ready", response_model=ReadyResponse, responses={503: {"model": ReadyResponse}})
+    async def ready() -> JSONResponse:
+        """Every enabled model can answer now (503 otherwise)."""
+        is_ready = await backend.ready()
+        body = ReadyResponse(ready=is_ready, backend=settings.backend)
+        return JSONResponse(body.model_dump(), status_code=200 if is_ready else 503)
+
+    @api.get("/models", response_model=ModelsResponse)
+    async def models() -> ModelsResponse:
+        """The enabled models and their contracts."""
+        return ModelsResponse(models=[_model_info(answerer, settings, name) for name in answerer.pipelines])
+
+    return api
+
+
+def _model_info(answerer: Answerer, settings: Settings, name: str) -> ModelInfo:
+    contract = answerer.pipelines[name].contract
+    height, width = contract.input_size
+    return ModelInfo(
+        name=name,
+        version=answerer.versions[name],
+        task=contract.task,
+        endpoint=HANDLERS[name].endpoint,
+        backend=settings.backend,
+        input_size=ImageSize(width=width, height=height),
+        preprocess=contract.preprocess,
+        max_batch_size=contract.max_batch_size,
+        weights=contract.parameters.get("weights", "unknown"),
+        labels=list(contract.labels),
+    )
+
+
+def make_backend(settings: Settings, models: dict[str, DeploymentHandle]) -> Backend:
+    """The backend `settings` names (Triton's client is imported only when used)."""
+    if settings.backend == "triton":
+        from service.backends.triton import TritonBackend
+
+        return TritonBackend(settings, models=settings.models)
+    if settings.model_placement == "ingress":
+        return LocalBackend(settings)
+    return EmbeddedBackend(models, settings.request_timeout_s)
+
+
+@serve.deployment
+@serve.ingress()
+class Gateway:
+    """HTTP ingress: builds the backend once per replica, then the API over it (`create_api`)."""
+
+    def __init__(self, settings: Settings, models: dict[str, DeploymentHandle]) -> None:
+        self._settings = settings
+        configure_pillow(settings.max_pixels)
+        if not (settings.backend == "embedded" and settings.model_placement == "ingress"):
+            torch.set_num_threads(1)  # only per-image preprocessing here; leave the cores to the models
+        self._backend: Backend = make_backend(settings, models)
+
+    def __serve_build_asgi_app__(self) -> FastAPI:
+        self._api = create_api(self._settings, self._backend)
+        return self._api
+
+    def batch_sizes(self, model: str) -> dict[int, int]:
+        """Batches of each size `model` ran in this replica (embedded backend in the ingress; tests use it)."""
+        counts = getattr(self._backend, "batch_sizes", None)
+        return counts(model) if counts is not None else {}
+
+    async def __del__(self) -> None:
+        api = getattr(self, "_api", None)
+        if api is not None:
+            api.state.answerer.close()
+        close = getattr(getattr(self, "_backend", None), "close", None)
+        if close is not None:
+            await close()
 
 
 def resolve_device(settings: Settings) -> Settings:
@@ -299,16 +377,22 @@ def resolve_device(settings: Settings) -> Settings:
 
 
 def build_app(settings: Settings) -> serve.Application:
-    """Compose the whole graph: the ingress plus, for the embedded backend, one deployment per model."""
+    """Compose the whole graph: the ingress and, for embedded models placed apart, one deployment per model."""
     settings = resolve_device(settings)
     for model in settings.models:
         load_contract(settings.model_repository, model)  # fail here, clearly, if the export is missing
-    models = model_deployments(settings) if settings.backend == "embedded" else {}
+    models_inside = settings.backend == "embedded" and settings.model_placement == "ingress"
+    separate = settings.backend == "embedded" and not models_inside
+    actor_options: dict[str, float] = {"num_cpus": settings.ingress_num_cpus}
+    if models_inside:
+        actor_options["num_cpus"] += settings.model_num_cpus * len(settings.models)
+        if settings.device == "cuda":
+            actor_options["num_gpus"] = settings.model_num_gpus
     return Gateway.options(
         num_replicas=settings.ingress_replicas,
         max_ongoing_requests=settings.max_ongoing_requests,
         max_queued_requests=settings.max_queued_requests,
         # Serve's own 503 when its queue in front of the gateway is full: say when to retry too
         backpressure_config=BackpressureConfig(retry_after_s=settings.retry_after_s),
-        ray_actor_options={"num_cpus": settings.ingress_num_cpus},
-    ).bind(settings, models)
+        ray_actor_options=actor_options,
+    ).bind(settings, model_deployments(settings) if separate else {})

@@ -89,6 +89,7 @@ class Profile:
 EMBEDDED_GPU = Profile(
     args={
         "backend": "embedded",
+        "model_placement": "deployment",
         "device": "cuda",
         "model_repository": "/models",
         "max_batch_size": 8,

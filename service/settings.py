@@ -43,10 +43,11 @@ class Settings(BaseSettings):
         "export); loopback keeps them off the network. 'auto': Ray picks the machine's address (for a "
         "Prometheus in another container to reach ray_metrics_port); Ray's token guards its RPC ports",
     )
-    # How HTTP reaches the gateway replicas. "haproxy": Ray Serve's throughput mode (HAProxy on
-    # host:port sends each request straight to a gateway replica's own HTTP server; replicas talk
-    # gRPC): about 2x the throughput on 2 cores (loadtests/RESULTS.md). "proxy": Serve's Python proxy.
-    ingress: Literal["haproxy", "proxy"] = "proxy"
+    # How HTTP reaches the gateway replicas. "haproxy" (default): Ray Serve's throughput mode (HAProxy
+    # on host:port sends each request straight to a gateway replica's own HTTP server; replicas talk
+    # gRPC), so no Python process sits between the socket and the gateway. "proxy": Serve's Python
+    # proxy, an extra process hop (about half the throughput on 2 cores, loadtests/RESULTS.md).
+    ingress: Literal["haproxy", "proxy"] = "haproxy"
     haproxy_stats_port: int = Field(8404, ge=1, le=65535, description="HAProxy's stats page (ingress=haproxy)")
     haproxy_metrics_port: int = Field(9101, ge=1, le=65535, description="HAProxy's metrics (ingress=haproxy)")
     haproxy_monitor_host: str = Field(
@@ -58,7 +59,13 @@ class Settings(BaseSettings):
     model_repository: Path = Path("model_repository")
     models: Annotated[tuple[ModelName, ...], NoDecode] = ("classifier", "detector", "segmenter")
     device: Literal["cpu", "cuda", "auto"] = "auto"
-    torch_threads: int = Field(2, ge=1, description="intra-op threads per CPU model replica")
+    # Embedded backend: "ingress" runs the models inside the gateway replica (one process from socket
+    # to model: the fast path on one machine); "deployment" makes each model a Serve deployment of its
+    # own that the gateway calls through handles (models scale and sit on GPUs apart from the HTTP front).
+    model_placement: Literal["ingress", "deployment"] = "ingress"
+    # One intra-op thread: on CPU the replica decodes images in parallel with the model, and batching
+    # (not intra-op threads) is what makes small models cheap per image (loadtests/RESULTS.md).
+    torch_threads: int = Field(1, ge=1, description="intra-op threads per CPU model replica")
 
     # batching and replicas (embedded backend)
     max_batch_size: int = Field(8, ge=1, le=256)

@@ -12,12 +12,44 @@ import socket
 import tempfile
 import time
 from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import httpx
 import pytest
 
+from service.__main__ import haproxy_log_sink, make_private_dir, ray_environment
+from service.settings import Settings
+
 ROOT = Path(__file__).resolve().parents[1]
+
+# The session's Ray runs as `python -m service` runs it by default: Serve's throughput mode with
+# HAProxy in front of the gateway replicas, on loopback, with a token from a private directory.
+# Ray reads these variables when it is imported (here, for this process) and when `ray.init`
+# starts its processes (in `ray_session`); in between they are taken back out of the environment,
+# so servers that tests start themselves get only what their own settings ask for.
+_SERVE_SETTINGS = Settings(ingress="haproxy")
+_PRIVATE_DIR = make_private_dir(_SERVE_SETTINGS)
+RAY_ENVIRONMENT = ray_environment(_SERVE_SETTINGS, _PRIVATE_DIR)
+
+
+@contextmanager
+def ray_environment_applied() -> Iterator[None]:
+    """`RAY_ENVIRONMENT` in os.environ for the duration of the block, then the environment as it was."""
+    saved = {key: os.environ.get(key) for key in RAY_ENVIRONMENT}
+    os.environ.update(RAY_ENVIRONMENT)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+with ray_environment_applied():
+    import ray.serve._private.constants  # noqa: F401  (reads the Serve variables now)
 MODELS = ("classifier", "detector", "segmenter")
 
 # Logical CPUs for the test Ray: enough for every deployment the suite creates at once
@@ -65,6 +97,23 @@ def ray_session(ray_metrics_port: int) -> Iterator[None]:
     from ray import serve
 
     temp_dir = tempfile.mkdtemp(prefix="cvray", dir="/tmp")  # short: Ray's socket paths must stay < 108 chars
+    stack = ExitStack()
+    stack.enter_context(haproxy_log_sink(_SERVE_SETTINGS, _PRIVATE_DIR))
+    with ray_environment_applied():  # Ray's processes inherit it from here
+        _start_ray(temp_dir, ray_metrics_port)
+    try:
+        yield
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+        stack.close()
+        shutil.rmtree(temp_dir, ignore_errors=True)
+        shutil.rmtree(_PRIVATE_DIR, ignore_errors=True)
+
+
+def _start_ray(temp_dir: str, ray_metrics_port: int) -> None:
+    import ray
+
     ray.init(
         address="local",
         num_cpus=RAY_NUM_CPUS,
@@ -76,13 +125,8 @@ def ray_session(ray_metrics_port: int) -> Iterator[None]:
         _system_config={"metrics_report_interval_ms": 2000},
         _temp_dir=temp_dir,
         runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}},
+        _node_ip_address="127.0.0.1",
     )
-    try:
-        yield
-    finally:
-        serve.shutdown()
-        ray.shutdown()
-        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -1,7 +1,11 @@
-"""Embedded backend: each model is a Ray Serve deployment running its TorchScript file in-process.
+"""Embedded backend: TorchScript in-process, batched by `BatchedModel`, in one of two placements.
 
-`ModelDeployment` (one per model) batches concurrent single-image calls with `@serve.batch`;
-`EmbeddedBackend` lives in the ingress and calls those deployments through their handles.
+* `model_placement="ingress"` (the default): every model lives inside the gateway replica
+  (`LocalBackend`); requests batch in that process, so between the socket and the model there is
+  one process and no copy of an image through Ray's object store.
+* `model_placement="deployment"`: one Serve deployment per model (`ModelDeployment`) that the
+  gateway calls through handles (`EmbeddedBackend`), for clusters where models scale, or sit on
+  GPUs, apart from the HTTP front (deploy/serve/cvserve.yaml).
 """
 
 from __future__ import annotations
@@ -9,21 +13,20 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-import warnings
-from collections import Counter
-from collections.abc import Mapping
+from collections import Counter, deque
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
 import torch
-import torchvision  # noqa: F401  (registers torchvision::nms & co., which scripted detectors call)
 from ray import serve
 from ray.exceptions import ActorUnavailableError, RayActorError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
 from ray.serve.handle import DeploymentHandle, DeploymentResponse
 
 from service.backends.base import BackendTimeout, BackendUnavailable
-from service.contract import ModelContract, load_contract
+from service.backends.torchscript import TorchScriptModel
 from service.metrics import ModelMetrics
 from service.settings import Settings
 
@@ -39,68 +42,191 @@ _UNAVAILABLE = (
 )
 
 
-def load_torchscript(path: str, device: torch.device) -> torch.jit.ScriptModule:
-    """Load a TorchScript file for inference (TorchScript is Triton's libtorch format: its
-    deprecation notice is silenced here on purpose)."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=r".*torch\.jit.* is deprecated", category=FutureWarning)
-        module = torch.jit.load(path, map_location=device)
-    return module.eval()
+def model_device(settings: Settings) -> str:
+    """Where the embedded models run ("auto" is resolved by `service.app.resolve_device` before)."""
+    return "cuda" if settings.device == "cuda" else "cpu"
+
+
+class BatchedModel:
+    """One model and its batch queue: callers' images run together, one batch at a time, on the model's thread.
+
+    Batches form when the model is free, not when images arrive: a free model takes every waiting
+    image (up to `max_batch_size`) at once, and waits (at most `batch_wait_timeout_s`) only while
+    images that callers announced (`coming`) are still being decoded. Under load the queue fills
+    while a batch runs, so batches grow with the load; a lone request never waits. Callers that gave
+    up (deadline, disconnect) are dropped before their image is batched.
+    """
+
+    def __init__(self, model: TorchScriptModel, max_batch_size: int, batch_wait_timeout_s: float, backend: str) -> None:
+        self.model = model
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"model-{model.name}")
+        self._metrics = ModelMetrics(model.name, backend)
+        self.batch_sizes: Counter[int] = Counter()
+        self.configure(max_batch_size, batch_wait_timeout_s)
+        self._waiting: deque[tuple[np.ndarray, asyncio.Future[dict[str, np.ndarray]]]] = deque()
+        self._coming = 0  # images announced by callers and not yet queued (being read or decoded)
+        self._changed: asyncio.Event | None = None  # created in the serving loop
+        self._worker: asyncio.Task[None] | None = None
+
+    def configure(self, max_batch_size: int, batch_wait_timeout_s: float) -> None:
+        """Change batch settings while serving (the contract's max_batch_size caps them)."""
+        self.max_batch_size = min(max_batch_size, self.model.contract.max_batch_size or max_batch_size)
+        self.batch_wait_timeout_s = batch_wait_timeout_s
+
+    def announce(self, images: int) -> None:
+        """`images` images for this model are on their way; call `arrived(images)` once they are queued or failed."""
+        self._coming += images
+
+    def arrived(self, images: int) -> None:
+        self._coming = max(0, self._coming - images)
+        self._notify()
+
+    def submit(self, image: np.ndarray) -> asyncio.Future[dict[str, np.ndarray]]:
+        """Queue one `[3,H,W]` image; the future resolves to its outputs (cancel it to drop the image)."""
+        loop = asyncio.get_running_loop()
+        if self._worker is None or self._worker.done():
+            self._changed = asyncio.Event()
+            self._worker = loop.create_task(self._run(), name=f"batches-{self.model.name}")
+        future: asyncio.Future[dict[str, np.ndarray]] = loop.create_future()
+        self._waiting.append((image, future))
+        self._notify()
+        return future
+
+    async def infer(self, image: np.ndarray) -> dict[str, np.ndarray]:
+        """Run one image in the next batch that has room; return its outputs."""
+        return await self.submit(image)
+
+    def _notify(self) -> None:
+        if self._changed is not None:
+            self._changed.set()
+
+    def _live(self) -> int:
+        while self._waiting and self._waiting[0][1].done():  # cancelled callers at the head
+            self._waiting.popleft()
+        return sum(1 for _, future in self._waiting if not future.done())
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        assert self._changed is not None
+        while True:
+            while not self._live():
+                self._changed.clear()
+                await self._changed.wait()
+            deadline = loop.time() + self.batch_wait_timeout_s
+            while self._live() < self.max_batch_size and self._coming > 0 and loop.time() < deadline:
+                self._changed.clear()
+                try:
+                    await asyncio.wait_for(self._changed.wait(), deadline - loop.time())
+                except TimeoutError:
+                    break
+            batch = []
+            while self._waiting and len(batch) < self.max_batch_size:
+                image, future = self._waiting.popleft()
+                if not future.done():
+                    batch.append((image, future))
+            if batch:
+                await self._run_batch(loop, batch)
+
+    async def _run_batch(
+        self, loop: asyncio.AbstractEventLoop, batch: list[tuple[np.ndarray, asyncio.Future[dict[str, np.ndarray]]]]
+    ) -> None:
+        started = time.perf_counter()
+        try:
+            outputs = await loop.run_in_executor(self._executor, self.model.infer, [image for image, _ in batch])
+        except Exception:  # the model failed: every caller of this batch gets the error
+            log.exception("model %s failed on a batch of %d", self.model.name, len(batch))
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(BackendUnavailable(f"model {self.model.name} failed; retry shortly"))
+            return
+        self._metrics.observe_batch(len(batch), time.perf_counter() - started)
+        self.batch_sizes[len(batch)] += 1
+        for (_, future), output in zip(batch, outputs, strict=True):
+            if not future.done():
+                future.set_result(output)
+
+    def close(self) -> None:
+        if self._worker is not None:
+            self._worker.cancel()
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+class LocalBackend:
+    """`Backend` over models loaded in this process (the gateway replica); see `service.backends.base`."""
+
+    def __init__(self, settings: Settings) -> None:
+        device = model_device(settings)
+        if device == "cpu":
+            torch.set_num_threads(settings.torch_threads)
+        self._models: dict[str, BatchedModel] = {}
+        for name in settings.models:
+            model = TorchScriptModel(settings.model_repository, name, device)
+            model.warm_up()
+            self._models[name] = BatchedModel(model, settings.max_batch_size, settings.batch_wait_timeout_s, "embedded")
+            log.info("model %s v%s loaded on %s in the gateway replica", name, model.version, device)
+
+    async def infer(self, model: str, image: np.ndarray) -> dict[str, np.ndarray]:
+        """Queue one `[3,H,W]` image for `model`'s next batch; the caller's deadline bounds the wait."""
+        return await self._models[model].infer(image)
+
+    async def infer_many(self, model: str, images: Sequence[np.ndarray]) -> list[dict[str, np.ndarray]]:
+        """Queue all of one request's images at once (so they share a batch); outputs in order."""
+        batched = self._models[model]
+        futures = [batched.submit(image) for image in images]
+        try:
+            return list(await asyncio.gather(*futures))
+        finally:
+            for future in futures:  # a caller that gave up drops its images before they are batched
+                future.cancel()
+
+    def announce(self, model: str, images: int) -> None:
+        """Images for `model` are being decoded: a free model waits briefly for them to share a batch."""
+        self._models[model].announce(images)
+
+    def arrived(self, model: str, images: int) -> None:
+        self._models[model].arrived(images)
+
+    async def ready(self) -> bool:
+        """The models were loaded and warmed up when this backend was built."""
+        return True
+
+    def batch_sizes(self, model: str) -> dict[int, int]:
+        """How many batches of each size `model` has run here (lets tests observe batching)."""
+        return dict(self._models[model].batch_sizes)
+
+    async def close(self) -> None:
+        for model in self._models.values():
+            model.close()
 
 
 @serve.deployment
 class ModelDeployment:
-    """One model's replica: loads `<repository>/<model>/<version>/model.pt` once, infers in batches."""
+    """One model's replica (`model_placement="deployment"`): loads the model once, infers in batches."""
 
     def __init__(self, model: str, settings: Settings) -> None:
-        self._contract: ModelContract = load_contract(settings.model_repository, model)
-        self._device = torch.device("cuda" if settings.device == "cuda" else "cpu")
-        if self._device.type == "cpu":
+        device = model_device(settings)
+        if device == "cpu":
             torch.set_num_threads(settings.torch_threads)
-        version = latest_version(settings.model_repository, model)
-        self._module = load_torchscript(str(settings.model_repository / model / version / "model.pt"), self._device)
-        self._output_names = [spec.name for spec in self._contract.outputs]
-        self._metrics = ModelMetrics(model, "embedded")
-        self._batch_sizes: Counter[int] = Counter()
-        self._forward(np.zeros((1, *self._contract.inputs[0].dims), dtype=np.uint8))  # warm up once
-        log.info("model %s v%s loaded on %s", model, version, self._device)
+        loaded = TorchScriptModel(settings.model_repository, model, device)
+        loaded.warm_up()
+        self._model = BatchedModel(loaded, settings.max_batch_size, settings.batch_wait_timeout_s, "embedded")
+        log.info("model %s v%s loaded on %s", model, loaded.version, device)
 
     def reconfigure(self, config: dict[str, Any]) -> None:
         """Apply batch settings from `user_config` without redeploying."""
-        limit = self._contract.max_batch_size or config["max_batch_size"]
-        self.infer.set_max_batch_size(min(int(config["max_batch_size"]), limit))
-        self.infer.set_batch_wait_timeout_s(float(config["batch_wait_timeout_s"]))
+        self._model.configure(int(config["max_batch_size"]), float(config["batch_wait_timeout_s"]))
 
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
-    async def infer(self, images: list[np.ndarray]) -> list[dict[str, np.ndarray]]:
-        """Run a batch of `[3,H,W]` uint8 images (one per caller); return each caller's outputs."""
-        started = time.perf_counter()
-        outputs = await asyncio.to_thread(self._forward, np.stack(images))
-        self._metrics.observe_batch(len(images), time.perf_counter() - started)
-        self._batch_sizes[len(images)] += 1
-        return [{name: values[i] for name, values in outputs.items()} for i in range(len(images))]
-
-    def _forward(self, batch: np.ndarray) -> dict[str, np.ndarray]:
-        with torch.inference_mode():
-            result = self._module(torch.from_numpy(batch).to(self._device))
-        tensors = [result] if isinstance(result, torch.Tensor) else list(result)
-        return {name: tensor.cpu().numpy() for name, tensor in zip(self._output_names, tensors, strict=True)}
+    async def infer(self, image: np.ndarray) -> dict[str, np.ndarray]:
+        """Run one `[3,H,W]` uint8 image in the next batch; return its outputs."""
+        return await self._model.infer(image)
 
     def batch_sizes(self) -> dict[int, int]:
         """How many batches of each size this replica has run (lets tests observe batching)."""
-        return dict(self._batch_sizes)
+        return dict(self._model.batch_sizes)
 
     def ready(self) -> bool:
         """The model is loaded (the constructor finished)."""
         return True
-
-
-def latest_version(repository: Any, model: str) -> str:
-    """The highest numeric version directory of `model` (Triton's default `latest` policy)."""
-    versions = [p.name for p in (repository / model).iterdir() if p.is_dir() and p.name.isdigit()]
-    if not versions:
-        raise FileNotFoundError(f"{repository / model} has no version directory: run the export first")
-    return max(versions, key=int)
 
 
 def model_deployments(settings: Settings) -> dict[str, Any]:

@@ -40,12 +40,13 @@ IMAGE = payloads.encode(payloads.noise(96, 64))
 
 @pytest.fixture(scope="module")
 def overload_gateway(deploy: Deploy, model_repository: Path) -> str:
-    """One ingress admitting 3 requests at once in front of one detector replica batching 2."""
+    """One ingress admitting 3 requests at once in front of one detector deployment replica batching 2."""
     from service.app import build_app
 
     settings = small_settings(
         model_repository,
         models=(MODEL,),
+        model_placement="deployment",  # a model replica of its own, which the fault test kills
         max_batch_size=2,
         max_ongoing_requests=MAX_ONGOING,
         max_in_flight_requests=ADMITTED,
@@ -138,7 +139,7 @@ def test_request_past_its_deadline_is_504(
 
     from service.app import Gateway
 
-    settings = small_settings(model_repository, models=(MODEL,), request_timeout_s=0.001)
+    settings = small_settings(model_repository, models=(MODEL,), model_placement="deployment", request_timeout_s=0.001)
     models = {MODEL: serve.get_deployment_handle(MODEL, app_name=APP)}
     url = deploy(
         Gateway.options(num_replicas=1).bind(settings, models), "hardening-deadline", "/hardening-deadline"

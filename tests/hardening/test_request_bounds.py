@@ -68,12 +68,6 @@ def test_sixteen_6300_square_16_bit_pngs_are_refused_from_their_headers(
     assert_serves(client, "/classify")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="service/app.py must pass max_request_pixels=settings.max_request_pixels, "
-    "allowed_formats=settings.allowed_formats, min_side=pipeline.min_side to read_images; "
-    "until then the default 64 MP budget applies (remove this mark with that change)",
-)
 def test_the_budget_follows_the_setting(strict: httpx.Client) -> None:
     """Strict gateway: 50 000 pixels per request; one 200x200 image fits, two 200x150 do not."""
     one = payloads.encode(np.zeros((200, 200, 3), np.uint8))
