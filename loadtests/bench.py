@@ -38,15 +38,31 @@ import torch
 from loadtests import report
 from loadtests.baselines.pipeline import ModelPipeline
 from loadtests.images import DEFAULT_SIZES, EncodedImage, make_image_mix, parse_sizes
-from loadtests.inprocess import measure_model, measure_pipeline
+from loadtests.inprocess import RawResult, measure_model, measure_pipeline
 from loadtests.loadgen import LoadResult, RequestBuilder, closed_loop, open_loop
 from loadtests.servers import ServerProcess, free_port, start_server
-from service.handlers import HANDLERS
 from service.settings import Settings
 
 log = logging.getLogger("loadtests.bench")
 
-SYSTEMS = ("embedded", "embedded-haproxy", "triton", "triton-haproxy", "handwritten", "litserve")
+# Ours: "<backend>" is the configuration `make serve` starts (for Triton: the same with
+# CVSERVE_BACKEND=triton); a suffix changes one thing: "-proxy" / "-haproxy" the HTTP ingress,
+# "-deployments" puts each embedded model in a Serve deployment of its own (the design before the
+# models moved into the gateway replica).
+VARIANTS: dict[str, dict[str, str]] = {
+    "embedded": {"CVSERVE_BACKEND": "embedded"},
+    "embedded-proxy": {"CVSERVE_BACKEND": "embedded", "CVSERVE_INGRESS": "proxy"},
+    "embedded-haproxy": {"CVSERVE_BACKEND": "embedded", "CVSERVE_INGRESS": "haproxy"},
+    "embedded-deployments": {
+        "CVSERVE_BACKEND": "embedded", "CVSERVE_INGRESS": "proxy", "CVSERVE_MODEL_PLACEMENT": "deployment",
+    },
+    "triton": {"CVSERVE_BACKEND": "triton"},
+    "triton-proxy": {"CVSERVE_BACKEND": "triton", "CVSERVE_INGRESS": "proxy"},
+    "triton-haproxy": {"CVSERVE_BACKEND": "triton", "CVSERVE_INGRESS": "haproxy"},
+}
+BASELINES = ("handwritten", "litserve")
+SYSTEMS = (*VARIANTS, *BASELINES)
+DEFAULT_SYSTEMS = ("embedded", "embedded-deployments", "triton", "handwritten", "litserve")
 MODELS = ("classifier", "detector", "segmenter")
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -60,8 +76,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--models", default=",".join(MODELS), help=f"models to measure, from {','.join(MODELS)}"
     )
     parser.add_argument(
-        "--systems", default=",".join(SYSTEMS), help=f"servers to measure, from {','.join(SYSTEMS)}"
+        "--systems",
+        default=",".join(DEFAULT_SYSTEMS),
+        help=f"servers to measure, from {','.join(SYSTEMS)} (default: %(default)s)",
     )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="one load level per system (closed loop at --quick-concurrency, no open loop), short "
+        "durations: every system and model side by side in a few minutes",
+    )
+    parser.add_argument("--quick-concurrency", type=int, default=16, help="the one closed-loop level of --quick")
     parser.add_argument("--concurrency", default="1,4,8,16,32", help="closed-loop client counts")
     parser.add_argument("--duration", type=float, default=8.0, help="measured seconds per load level")
     parser.add_argument("--warmup", type=float, default=2.0, help="unmeasured seconds before each level")
@@ -93,6 +118,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--out", type=Path, default=ROOT / "loadtests" / "out")
     args = parser.parse_args(argv)
+    if args.quick:
+        args.concurrency = str(args.quick_concurrency)
+        args.duration, args.warmup, args.half_load_duration, args.raw_duration = 5.0, 2.0, 0.0, 1.5
     args.models = _choices(parser, "--models", args.models, MODELS)
     args.systems = _choices(parser, "--systems", args.systems, SYSTEMS)
     try:
@@ -169,38 +197,29 @@ class Run:
             server.stop()
 
     @contextmanager
-    def system(self, system: str, model: str) -> Iterator[str]:
-        """Run one system serving `model`; yield the URL to POST its images to."""
+    def baseline(self, system: str, model: str) -> Iterator[str]:
+        """Run a one-model baseline server; yield its base URL."""
         port = free_port()
-        env = server_env(self.settings, model)
-        endpoint = HANDLERS[model].endpoint
-        if system in ("handwritten", "litserve"):
-            module = (
-                "loadtests.baselines.handwritten"
-                if system == "handwritten"
-                else "loadtests.baselines.litserve_server"
-            )
-            command = [sys.executable, "-m", module, "--model", model, "--port", str(port)]
-            with self.server(f"{model}-{system}", command, port, "/health", env) as server:
-                yield server.base_url + endpoint
-        else:
-            backend, _, ingress = system.partition("-")
-            ingress_env = {"CVSERVE_INGRESS": ingress or "proxy"}
-            if ingress == "haproxy":
-                ingress_env |= {
-                    "CVSERVE_HAPROXY_STATS_PORT": str(free_port()),
-                    "CVSERVE_HAPROXY_METRICS_PORT": str(free_port()),
-                }
-            with contextlib.ExitStack() as stack:
-                if backend == "triton":
-                    ingress_env["CVSERVE_TRITON_URL"] = stack.enter_context(self.triton())
-                server = stack.enter_context(
-                    self.gateway(f"{model}-{system}", model, port, CVSERVE_BACKEND=backend, **ingress_env)
-                )
-                yield server.base_url + endpoint
+        module = "loadtests.baselines.handwritten" if system == "handwritten" else "loadtests.baselines.litserve_server"
+        command = [sys.executable, "-m", module, "--model", model, "--port", str(port)]
+        with self.server(f"{model}-{system}", command, port, "/health", server_env(self.settings, model)) as server:
+            yield server.base_url
 
     @contextmanager
-    def gateway(self, name: str, model: str, port: int, **env: str) -> Iterator[ServerProcess]:
+    def ours(self, system: str, models: list[str]) -> Iterator[str]:
+        """Run our gateway as `system` configures it, serving every model of the run; yield its base URL."""
+        port = free_port()
+        env = dict(VARIANTS[system])
+        if env.get("CVSERVE_INGRESS", Settings.model_fields["ingress"].default) == "haproxy":
+            env |= {"CVSERVE_HAPROXY_STATS_PORT": str(free_port()), "CVSERVE_HAPROXY_METRICS_PORT": str(free_port())}
+        with contextlib.ExitStack() as stack:
+            if env["CVSERVE_BACKEND"] == "triton":
+                env["CVSERVE_TRITON_URL"] = stack.enter_context(self.triton())
+            server = stack.enter_context(self.gateway(system, ",".join(models), port, **env))
+            yield server.base_url
+
+    @contextmanager
+    def gateway(self, name: str, models: str, port: int, **env: str) -> Iterator[ServerProcess]:
         """`python -m service` in a fresh local Ray instance of its own."""
         overrides = {
             "CVSERVE_PORT": str(port),
@@ -211,7 +230,7 @@ class Run:
         }
         command = [sys.executable, "-m", "service"]
         with self.server(
-            name, command, port, "/ready", server_env(self.settings, model, **overrides)
+            name, command, port, "/ready", server_env(self.settings, models, **overrides)
         ) as server:
             yield server
 
@@ -234,14 +253,15 @@ class Run:
             finally:
                 triton.stop()
 
-    def triton_missing(self, model: str) -> str | None:
-        """Why the Triton system cannot run here, or None if it can."""
+    def triton_missing(self, models: list[str]) -> str | None:
+        """Why the Triton systems cannot run here, or None if they can."""
         from stack.triton import tritonserver_binary
 
         if not tritonserver_binary().exists():
             return f"no tritonserver binary at {tritonserver_binary()}"
-        if not (self.args.triton_repository / model / "config.pbtxt").is_file():
-            return f"{self.args.triton_repository / model} missing: run `python -m export all` first"
+        for model in models:
+            if not (self.args.triton_repository / model / "config.pbtxt").is_file():
+                return f"{self.args.triton_repository / model} missing: run `python -m export all` first"
         return None
 
     async def load_levels(self, system: str, url: str, build: RequestBuilder) -> list[LoadResult]:
@@ -284,49 +304,68 @@ class Run:
             results.append(half)
         return results
 
-    def measure(self, model: str, images: list[EncodedImage]) -> dict[str, Any]:
-        """(a) in process, then every system under load, for one model."""
-        pipeline = ModelPipeline.load(self.settings, model)
+    def inprocess(self, pipeline: ModelPipeline, images: list[EncodedImage]) -> list[RawResult]:
+        """(a): the model alone at each batch size, and decode+model+post in this process at each."""
         prepared = [pipeline.prepare(image.data)[0] for image in images]
         sizes = batch_sizes(self.settings, pipeline.contract.max_batch_size)
         raw = measure_model(pipeline, prepared, sizes, self.args.raw_duration)
-        raw.append(measure_pipeline(pipeline, images, sizes[-1], self.args.raw_duration))
+        raw += [measure_pipeline(pipeline, images, size, self.args.raw_duration) for size in sizes]
         for r in raw:
             log.info(
-                "%s in-process %-8s batch %2d: %7.1f images/s", model, r.stage, r.batch_size, r.images_per_s
+                "%s in-process %-8s batch %2d: %7.1f images/s", pipeline.endpoint, r.stage, r.batch_size, r.images_per_s
             )
+        return raw
 
-        loads: list[LoadResult] = []
+    def measure(self, images: list[EncodedImage]) -> list[dict[str, Any]]:
+        """(a) in process for every model, then every system under load (ours serve all models at once)."""
+        models = self.args.models
+        pipelines = {model: ModelPipeline.load(self.settings, model) for model in models}
+        raw = {model: self.inprocess(pipelines[model], images) for model in models}
+        loads: dict[str, list[LoadResult]] = {model: [] for model in models}
         skipped: dict[str, str] = {}
-        failed: dict[str, str] = {}
+        failed: dict[str, dict[str, str]] = {model: {} for model in models}
         build = multipart(images)
         for system in self.args.systems:
-            reason = self.triton_missing(model) if system.startswith("triton") else None
+            if system in BASELINES:
+                for model in models:
+                    try:
+                        with self.baseline(system, model) as url:
+                            loads[model] += asyncio.run(self.load_levels(system, url + pipelines[model].endpoint, build))
+                    except RuntimeError as error:  # a server that does not start is reported; the others still run
+                        failed[model][system] = str(error).splitlines()[0]
+                        log.error("%s %s failed: %s", model, system, error)
+                continue
+            reason = self.triton_missing(models) if system.startswith("triton") else None
             if reason:
                 skipped[system] = reason
                 log.warning("skipping %s: %s", system, reason)
                 continue
             try:
-                with self.system(system, model) as url:
-                    loads.extend(asyncio.run(self.load_levels(system, url, build)))
-            except RuntimeError as error:  # a server that does not start is reported; the others still run
-                failed[system] = str(error).splitlines()[0]
-                log.error("%s %s failed: %s", model, system, error)
-        # The same (a) figure again: if the machine's load changed during the run, this shows it.
-        (again,) = measure_model(pipeline, prepared, sizes[-1:], self.args.raw_duration)
-        log.info(
-            "%s in-process model batch %2d again: %7.1f images/s", model, again.batch_size, again.images_per_s
-        )
-        result = {
-            "model": model,
-            "inprocess": [dataclasses.asdict(r) for r in raw],
-            "inprocess_again": dataclasses.asdict(again),
-            "loads": [dataclasses.asdict(r) for r in loads],
-            "skipped": skipped,
-            "failed": failed,
-        }
-        result["summary"] = report.summarize(result)
-        return result
+                with self.ours(system, models) as url:
+                    for model in models:
+                        loads[model] += asyncio.run(self.load_levels(system, url + pipelines[model].endpoint, build))
+            except RuntimeError as error:
+                for model in models:
+                    failed[model][system] = str(error).splitlines()[0]
+                log.error("%s failed: %s", system, error)
+        results = []
+        for model in models:
+            # The same (a) figure again: if the machine's load changed during the run, this shows it.
+            sizes = batch_sizes(self.settings, pipelines[model].contract.max_batch_size)
+            prepared = [pipelines[model].prepare(image.data)[0] for image in images]
+            (again,) = measure_model(pipelines[model], prepared, sizes[-1:], self.args.raw_duration)
+            log.info("%s in-process model batch %2d again: %7.1f images/s", model, again.batch_size, again.images_per_s)
+            result = {
+                "model": model,
+                "inprocess": [dataclasses.asdict(r) for r in raw[model]],
+                "inprocess_again": dataclasses.asdict(again),
+                "loads": [dataclasses.asdict(r) for r in loads[model]],
+                "skipped": skipped,
+                "failed": failed[model],
+            }
+            result["summary"] = report.summarize(result)
+            results.append(result)
+        return results
 
 
 def machine() -> dict[str, Any]:
@@ -357,7 +396,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.time()
     images = make_image_mix(args.images, parse_sizes(args.image_sizes))
     run = Run(settings, args)
-    per_model = [run.measure(model, images) for model in args.models]
+    per_model = run.measure(images)
     info["loadavg_end"] = os.getloadavg()
     results = {
         "note": args.note,
@@ -373,6 +412,8 @@ def main(argv: list[str] | None = None) -> int:
                 "model_num_cpus",
                 "model_replicas",
                 "ingress_replicas",
+                "ingress",
+                "model_placement",
             )
         },
         "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
