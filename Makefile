@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
 MODELS := model_repository/.complete
 
-.PHONY: setup models serve test stack bench loadtest system-deps clean
+.PHONY: setup models serve test stack bench bench-quick loadtest system-deps clean
 HOST ?= http://127.0.0.1:8000
 
 $(INSTALLED): pyproject.toml
@@ -44,6 +44,10 @@ stack: $(MODELS) system-deps
 ## bench: throughput/latency against baselines, written to loadtests/out/
 bench: $(MODELS)
 	OMP_WAIT_POLICY=PASSIVE $(PY) -m loadtests.bench
+
+## bench-quick: every system and model at one load level (a few minutes), to compare a change side by side
+bench-quick: $(MODELS)
+	OMP_WAIT_POLICY=PASSIVE $(PY) -m loadtests.bench --quick --systems embedded,embedded-proxy,embedded-deployments,triton,handwritten,litserve
 
 ## loadtest: 60 s of headless Locust against a running gateway (HOST=...), reports in loadtests/out/
 loadtest: $(INSTALLED)

@@ -32,7 +32,7 @@ class ServerProcess:
     process: subprocess.Popen[bytes]
     log_path: Path
 
-    def stop(self, grace_s: float = 30.0) -> None:
+    def stop(self, grace_s: float = 60.0) -> None:
         """SIGTERM the leader (it shuts its children down), wait up to `grace_s`, SIGKILL the group."""
         if self.process.poll() is None:
             self.process.terminate()
@@ -72,15 +72,19 @@ def start_server(
         )
     server = ServerProcess(name, f"http://127.0.0.1:{port}", process, log_path)
     deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"{name} exited with {process.returncode}:\n{server.log_tail()}")
-        try:
-            if httpx.get(server.base_url + ready_path, timeout=2.0).status_code == 200:
-                log.info("%s ready at %s", name, server.base_url)
-                return server
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.25)
+    try:
+        while time.monotonic() < deadline:
+            if process.poll() is not None:
+                raise RuntimeError(f"{name} exited with {process.returncode}:\n{server.log_tail()}")
+            try:
+                if httpx.get(server.base_url + ready_path, timeout=2.0).status_code == 200:
+                    log.info("%s ready at %s", name, server.base_url)
+                    return server
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.25)
+    except BaseException:  # Ctrl-C or an error while waiting: leave no server behind
+        server.stop()
+        raise
     server.stop()
     raise RuntimeError(f"{name} not ready after {timeout_s:.0f}s:\n{server.log_tail()}")

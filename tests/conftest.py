@@ -23,21 +23,30 @@ from service.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
 
+
+def free_port() -> int:
+    """A port nobody listens on right now (the OS picks it)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 # The session's Ray runs as `python -m service` runs it by default: Serve's throughput mode with
 # HAProxy in front of the gateway replicas, on loopback, with a token from a private directory.
 # Ray reads these variables when it is imported (here, for this process) and when `ray.init`
 # starts its processes (in `ray_session`); in between they are taken back out of the environment,
 # so servers that tests start themselves get only what their own settings ask for.
-_SERVE_SETTINGS = Settings(ingress="haproxy")
+_SERVE_SETTINGS = Settings(ingress="haproxy", haproxy_stats_port=free_port(), haproxy_metrics_port=free_port())
 _PRIVATE_DIR = make_private_dir(_SERVE_SETTINGS)
 RAY_ENVIRONMENT = ray_environment(_SERVE_SETTINGS, _PRIVATE_DIR)
 
 
 @contextmanager
-def ray_environment_applied() -> Iterator[None]:
-    """`RAY_ENVIRONMENT` in os.environ for the duration of the block, then the environment as it was."""
-    saved = {key: os.environ.get(key) for key in RAY_ENVIRONMENT}
-    os.environ.update(RAY_ENVIRONMENT)
+def ray_environment_applied(**extra: str) -> Iterator[None]:
+    """`RAY_ENVIRONMENT` (and `extra`) in os.environ for the block, then the environment as it was."""
+    wanted = {**RAY_ENVIRONMENT, **extra}
+    saved = {key: os.environ.get(key) for key in wanted}
+    os.environ.update(wanted)
     try:
         yield
     finally:
@@ -48,20 +57,15 @@ def ray_environment_applied() -> Iterator[None]:
                 os.environ[key] = value
 
 
-with ray_environment_applied():
+# This process (the tests' driver) keeps handle routing on Serve's own loop thread, so tests can
+# call deployment handles synchronously; the replicas run fully in throughput mode.
+with ray_environment_applied(RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP="1"):
     import ray.serve._private.constants  # noqa: F401  (reads the Serve variables now)
 MODELS = ("classifier", "detector", "segmenter")
 
 # Logical CPUs for the test Ray: enough for every deployment the suite creates at once
 # (scheduling units, not cores; the replicas share the machine's real cores).
 RAY_NUM_CPUS = 16
-
-
-def free_port() -> int:
-    """A port nobody listens on right now (the OS picks it)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def wait_until(condition: Callable[[], bool], timeout_s: float, message: str, interval_s: float = 0.1) -> None:

@@ -62,6 +62,7 @@ def gateway_url(cluster: LocalCluster, model_repository: Path) -> str:
     profile = Profile(
         args={
             "backend": "embedded",
+            "model_placement": "deployment",  # model replicas of their own, spread over both nodes
             "device": "cpu",
             "models": [MODEL],
             "model_repository": str(model_repository),

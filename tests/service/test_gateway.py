@@ -208,12 +208,8 @@ def test_openapi_documents_inputs_and_examples(client: httpx.Client) -> None:
 
 
 def batch_sizes(model: str) -> Counter[int]:
-
-    async def ask() -> dict[int, int]:  # Serve's throughput mode routes handle calls on the caller's loop
-        handle = serve.get_deployment_handle("Gateway", app_name="embedded")  # the models run inside it
-        return await handle.batch_sizes.remote(model)
-
-    return Counter(asyncio.run(ask()))
+    handle = serve.get_deployment_handle("Gateway", app_name="embedded")  # the models run inside it
+    return Counter(handle.batch_sizes.remote(model).result(timeout_s=30))
 
 
 def new_batches(before: Counter[int], after: Counter[int]) -> Counter[int]:
