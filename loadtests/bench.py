@@ -118,6 +118,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--out", type=Path, default=ROOT / "loadtests" / "out")
     args = parser.parse_args(argv)
+    args.out = args.out.resolve()  # servers (tritonserver's backend directory) run from other directories
     if args.quick:
         args.concurrency = str(args.quick_concurrency)
         args.duration, args.warmup, args.half_load_duration, args.raw_duration = 5.0, 2.0, 0.0, 1.5

@@ -132,6 +132,7 @@ def _image_body_openapi(body_model: type[BaseModel]) -> dict[str, Any]:
     }
 
 
+_READY_CACHE_S = 1.0
 _API_KEY_HEADER = APIKeyHeader(name="X-API-Key", auto_error=False, description="the gateway's CVSERVE_API_KEY")
 # Failed key checks per client address; each failure in a row waits longer before its 401 (capped).
 _BAD_KEY_DELAY_S, _BAD_KEY_MAX_DELAY_S, _BAD_KEY_CLIENTS = 0.05, 2.0, 10_000
@@ -296,10 +297,17 @@ def create_api(settings: Settings, backend: Backend) -> FastAPI:
         """The gateway process is alive (says nothing about the models)."""
         return HealthResponse()
 
+    checked: list[tuple[float, bool]] = []  # the last readiness check: probes within a second reuse it
+
     @api.get("/ready", response_model=ReadyResponse, responses={503: {"model": ReadyResponse}})
     async def ready() -> JSONResponse:
-        """Every enabled model can answer now (503 otherwise)."""
-        is_ready = await backend.ready()
+        """Every enabled model can answer now (503 otherwise); checked at most once a second."""
+        now = time.monotonic()
+        if checked and now - checked[0][0] < _READY_CACHE_S:
+            is_ready = checked[0][1]
+        else:
+            is_ready = await backend.ready()
+            checked[:] = [(now, is_ready)]
         body = ReadyResponse(ready=is_ready, backend=settings.backend)
         return JSONResponse(body.model_dump(), status_code=200 if is_ready else 503)
 
