@@ -40,7 +40,7 @@ from loadtests.baselines.pipeline import ModelPipeline
 from loadtests.images import DEFAULT_SIZES, EncodedImage, make_image_mix, parse_sizes
 from loadtests.inprocess import RawResult, measure_model, measure_pipeline
 from loadtests.loadgen import LoadResult, RequestBuilder, closed_loop, open_loop
-from loadtests.servers import ServerProcess, free_port, start_server
+from loadtests.servers import ServerProcess, free_port, reserved_free_port, start_server
 from service.settings import Settings
 
 log = logging.getLogger("loadtests.bench")
@@ -212,7 +212,10 @@ class Run:
         port = free_port()
         env = dict(VARIANTS[system])
         if env.get("CVSERVE_INGRESS", Settings.model_fields["ingress"].default) == "haproxy":
-            env |= {"CVSERVE_HAPROXY_STATS_PORT": str(free_port()), "CVSERVE_HAPROXY_METRICS_PORT": str(free_port())}
+            env |= {
+                "CVSERVE_HAPROXY_STATS_PORT": str(reserved_free_port()),
+                "CVSERVE_HAPROXY_METRICS_PORT": str(reserved_free_port()),
+            }
         with contextlib.ExitStack() as stack:
             if env["CVSERVE_BACKEND"] == "triton":
                 env["CVSERVE_TRITON_URL"] = stack.enter_context(self.triton())

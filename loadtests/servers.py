@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -21,6 +22,19 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def reserved_free_port() -> int:
+    """A free port outside the ranges the OS (ephemeral) and Ray (workers 10002-19999, Serve's direct
+    ingress 30000-31000) hand out on their own: chosen now, it is still free when HAProxy binds it later."""
+    for port in random.Random().sample(range(20000, 30000), 200):
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port in 20000-29999")
 
 
 @dataclass

@@ -18,6 +18,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from loadtests.servers import reserved_free_port
 from service.__main__ import haproxy_log_sink, make_private_dir, ray_environment
 from service.settings import Settings
 
@@ -36,7 +37,9 @@ def free_port() -> int:
 # Ray reads these variables when it is imported (here, for this process) and when `ray.init`
 # starts its processes (in `ray_session`); in between they are taken back out of the environment,
 # so servers that tests start themselves get only what their own settings ask for.
-_SERVE_SETTINGS = Settings(ingress="haproxy", haproxy_stats_port=free_port(), haproxy_metrics_port=free_port())
+_SERVE_SETTINGS = Settings(
+    ingress="haproxy", haproxy_stats_port=reserved_free_port(), haproxy_metrics_port=reserved_free_port()
+)
 _PRIVATE_DIR = make_private_dir(_SERVE_SETTINGS)
 RAY_ENVIRONMENT = ray_environment(_SERVE_SETTINGS, _PRIVATE_DIR)
 

@@ -23,7 +23,7 @@ import pytest
 
 from stack.__main__ import Gateway
 from stack.process import spawn
-from tests.conftest import ROOT, free_port, wait_until
+from tests.conftest import ROOT, free_port, reserved_free_port, wait_until
 from tests.security.listeners import Listener, listeners, rejects_unauthenticated_grpc, session_members
 
 # Serve drains a direct-ingress replica for 30 s before it exits (haproxy mode).
@@ -63,8 +63,8 @@ def running(
     ports = {
         "CVSERVE_PORT": free_port(),
         "CVSERVE_RAY_METRICS_PORT": free_port(),
-        "CVSERVE_HAPROXY_STATS_PORT": free_port(),
-        "CVSERVE_HAPROXY_METRICS_PORT": free_port(),
+        "CVSERVE_HAPROXY_STATS_PORT": reserved_free_port(),
+        "CVSERVE_HAPROXY_METRICS_PORT": reserved_free_port(),
     }
     env = {
         **{name: value for name, value in os.environ.items() if not name.startswith(("CVSERVE_", "RAY_"))},

@@ -19,7 +19,7 @@ import psutil
 import pytest
 from PIL import Image
 
-from loadtests.servers import ServerProcess, free_port, start_server
+from loadtests.servers import ServerProcess, free_port, reserved_free_port, start_server
 from training.shapes import make_scene
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -45,8 +45,8 @@ def haproxy_gateway(model_repository: Path, tmp_path_factory: pytest.TempPathFac
         "CVSERVE_DEVICE": "cpu",
         "CVSERVE_PORT": str(port),
         "CVSERVE_RAY_METRICS_PORT": str(free_port()),
-        "CVSERVE_HAPROXY_STATS_PORT": str(free_port()),
-        "CVSERVE_HAPROXY_METRICS_PORT": str(free_port()),
+        "CVSERVE_HAPROXY_STATS_PORT": str(reserved_free_port()),
+        "CVSERVE_HAPROXY_METRICS_PORT": str(reserved_free_port()),
     }
     server = start_server(
         "gateway-haproxy", [sys.executable, "-m", "service"], port, "/ready", tmp_path_factory.mktemp("logs"), env
