@@ -72,18 +72,18 @@ def _png_chunk(kind: bytes, data: bytes) -> bytes:
     )
 
 
+def _png_file(header: bytes, idat: bytes) -> bytes:
+    """A PNG file from its IHDR fields and compressed image data."""
+    return b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", header) + _png_chunk(b"IDAT", idat) + _png_chunk(b"IEND", b"")
+
+
 def png_bomb(width: int = 20000, height: int = 20000) -> bytes:
     """A valid 1-bit grayscale PNG of one colour: huge dimensions, a file of a few tens of KB."""
     row = b"\x00" + bytes((width + 7) // 8)  # filter byte + packed bits
     compressor = zlib.compressobj(9)
     idat = b"".join(compressor.compress(row) for _ in range(height)) + compressor.flush()
     header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
-    return (
-        b"\x89PNG\r\n\x1a\n"
-        + _png_chunk(b"IHDR", header)
-        + _png_chunk(b"IDAT", idat)
-        + _png_chunk(b"IEND", b"")
-    )
+    return _png_file(header, idat)
 
 
 def animated_gif(width: int = 96, height: int = 64) -> tuple[bytes, np.ndarray]:
@@ -150,9 +150,4 @@ def png16_stripes(width: int, height: int) -> bytes:
     idat = compressor.compress(b"\x00" + ramp)
     idat += b"".join(compressor.compress(up_row) for _ in range(height - 1)) + compressor.flush()
     header = struct.pack(">IIBBBBB", width, height, 16, 0, 0, 0, 0)
-    return (
-        b"\x89PNG\r\n\x1a\n"
-        + _png_chunk(b"IHDR", header)
-        + _png_chunk(b"IDAT", idat)
-        + _png_chunk(b"IEND", b"")
-    )
+    return _png_file(header, idat)
