@@ -46,6 +46,9 @@ class Batching:
     max_batch_size: int = 8
     preferred_batch_sizes: tuple[int, ...] = (4, 8)
     max_queue_delay_us: int = 2000
+    # Requests Triton queues per model before it refuses more (UNAVAILABLE → the gateway's 503),
+    # instead of letting a flood grow its queue and memory without bound.
+    max_queue_size: int = 256
 
     def check(self) -> None:
         """Refuse settings Triton would reject at load time."""
@@ -56,6 +59,8 @@ class Batching:
             raise ExportError(
                 f"preferred batch sizes {bad} must lie in 1..{self.max_batch_size} (--max-batch-size)"
             )
+        if self.max_queue_size < 1:
+            raise ExportError(f"max_queue_size must be at least 1, got {self.max_queue_size}")
         if self.max_queue_delay_us < 0:
             raise ExportError(f"--max-queue-delay-us must not be negative, got {self.max_queue_delay_us}")
 
@@ -80,6 +85,7 @@ def model_config(spec: ModelSpec, batching: Batching, cpu: bool) -> model_config
         config.output.append(output)
     config.dynamic_batching.preferred_batch_size.extend(batching.preferred_batch_sizes)
     config.dynamic_batching.max_queue_delay_microseconds = batching.max_queue_delay_us
+    config.dynamic_batching.default_queue_policy.max_queue_size = batching.max_queue_size
     kind = (
         model_config_pb2.ModelInstanceGroup.KIND_CPU if cpu else model_config_pb2.ModelInstanceGroup.KIND_GPU
     )

@@ -57,3 +57,4 @@ def test_gpu_repository_targets_libtorch_on_gpu_with_dynamic_batching(model_repo
     assert config.instance_group and all(g.kind == g.KIND_GPU for g in config.instance_group)
     assert list(config.dynamic_batching.preferred_batch_size), "preferred batch sizes missing"
     assert max(config.dynamic_batching.preferred_batch_size) <= config.max_batch_size
+    assert config.dynamic_batching.default_queue_policy.max_queue_size > 0, "Triton's queue is unbounded"
