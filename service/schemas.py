@@ -32,6 +32,19 @@ class SegmentOptions(_Options):
         description="Also return the class-index mask as a base64 palette PNG (scaled down to 4 megapixels "
         "for larger images).",
     )
+    return_polygons: bool = Field(
+        False,
+        description="Also return each class's regions as polygons with holes, in original-image pixels "
+        "(traced on the segmenter's own mask, simplified by polygon_tolerance; at most 10000 vertices per "
+        "class, largest regions first).",
+    )
+    polygon_tolerance: float = Field(
+        1.0,
+        ge=0.0,
+        le=1000.0,
+        description="Simplification of return_polygons in original-image pixels (Douglas-Peucker, topology "
+        "kept): traced vertices stay within this distance, or twice it near a ring's start; 0 keeps them all.",
+    )
 
 
 class _ImagesBody(BaseModel):
@@ -100,11 +113,24 @@ class RLE(BaseModel):
     counts: str = Field(..., description="COCO compressed RLE string (pycocotools.mask.decode reads it).")
 
 
+class Polygon(BaseModel):
+    exterior: list[list[float]] = Field(
+        ...,
+        description="Outer boundary [[x, y], ...] in original-image pixels (pixel (0, 0) covers [0, 1]x[0, 1]); "
+        "the first vertex is not repeated at the end.",
+        examples=[[[10.0, 10.5], [40.5, 10.0], [40.0, 30.5], [10.5, 30.0]]],
+    )
+    holes: list[list[list[float]]] = Field(default_factory=list, description="Inner boundaries, as `exterior`.")
+
+
 class Segment(BaseModel):
     class_id: int = Field(..., examples=[1])
     label: str = Field(..., examples=["circle"])
     pixel_fraction: float = Field(..., ge=0.0, le=1.0, description="Share of the image's pixels in this class.")
     rle: RLE
+    polygons: list[Polygon] | None = Field(
+        None, description="The class's regions, largest first (only with return_polygons)."
+    )
 
 
 class SegmentationResult(BaseModel):

@@ -1,4 +1,5 @@
-"""/segment: the segmenter's class-index `MASK` → original-size COCO RLEs (pycocotools) and fractions."""
+"""/segment: the segmenter's class-index `MASK` → original-size COCO RLEs (pycocotools), fractions, and
+optionally polygons (`service.polygons`) and a palette PNG."""
 
 from __future__ import annotations
 
@@ -15,9 +16,11 @@ from torchvision.transforms.v2 import functional as F
 from service.contract import ModelContract
 from service.handlers.common import Geometry, Handler, label_of
 from service.images import RENDER_MAX_PIXELS, fit_size
+from service.polygons import class_polygons
 from service.schemas import (
     RLE,
     ImageSize,
+    Polygon,
     Segment,
     SegmentationResult,
     SegmentOptions,
@@ -77,7 +80,8 @@ class SegmentHandler(Handler[SegmentOptions, SegmentationResult]):
     def postprocess(
         self, outputs: dict[str, np.ndarray], geometry: Geometry, options: SegmentOptions, contract: ModelContract
     ) -> SegmentationResult:
-        """Return per-class RLEs and pixel fractions at original size (and the PNG, at most 4 MP, if asked)."""
+        """Return per-class RLEs and pixel fractions at original size (and polygons, and the PNG, at most 4 MP,
+        if asked)."""
         mask = np.asfortranarray(mask_to_original(outputs["MASK"], geometry))  # column-major, as RLE runs go
         num_classes = max(len(contract.labels), int(mask.max(initial=0)) + 1)
         fractions = np.bincount(mask.ravel(order="K"), minlength=num_classes) / mask.size
@@ -87,6 +91,9 @@ class SegmentHandler(Handler[SegmentOptions, SegmentationResult]):
                 label=label_of(contract.labels, class_id),
                 pixel_fraction=float(fractions[class_id]),
                 rle=encode_rle(mask == class_id),
+                polygons=self._polygons(outputs["MASK"], geometry, class_id, options.polygon_tolerance)
+                if options.return_polygons
+                else None,
             )
             for class_id in np.flatnonzero(fractions)
             if class_id != 0
@@ -97,6 +104,13 @@ class SegmentHandler(Handler[SegmentOptions, SegmentationResult]):
             segments=segments,
             png=palette_png(self._png_mask(outputs["MASK"], geometry)) if options.return_png else None,
         )
+
+    @staticmethod
+    def _polygons(mask: np.ndarray, geometry: Geometry, class_id: int, tolerance: float) -> list[Polygon]:
+        """Class `class_id`'s polygons, traced on the model's mask (its letterboxed content) in original pixels."""
+        content = np.asarray(mask)[: geometry.content_height, : geometry.content_width]
+        scale = (geometry.width / geometry.content_width, geometry.height / geometry.content_height)
+        return class_polygons(content, class_id, scale, tolerance, (geometry.width, geometry.height))
 
     @staticmethod
     def _png_mask(mask: np.ndarray, geometry: Geometry) -> np.ndarray:
