@@ -28,11 +28,12 @@ from ray.serve.config import BackpressureConfig
 from ray.serve.handle import DeploymentHandle
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.backends.base import Backend, BackendTimeout
+from service.admission import Admission, Limits, Ticket
+from service.backends.base import Backend, BackendTimeout, MalformedAnswer, check_outputs
 from service.backends.embedded import EmbeddedBackend, LocalBackend, model_deployments
 from service.backends.torchscript import latest_version
 from service.contract import load_contract
-from service.errors import ERROR_KINDS, ERROR_RESPONSES, ApiError, install_error_handlers
+from service.errors import CLIENT_CLOSED, ERROR_KINDS, ERROR_RESPONSES, ApiError, install_error_handlers
 from service.handlers import HANDLERS, Handler
 from service.handlers.common import Geometry
 from service.images import ImageError, configure_pillow
@@ -101,6 +102,9 @@ class MetricsMiddleware:
         self.metrics.request_started(endpoint)
         try:
             await self.app(scope, receive, send_status)
+        except asyncio.CancelledError:  # Serve cancels a request whose client went away
+            status = CLIENT_CLOSED
+            raise
         finally:
             kind = ERROR_KINDS.get(status, "other") if status >= 400 else None
             self.metrics.request_finished(endpoint, status, time.perf_counter() - started, kind)
@@ -161,7 +165,11 @@ def api_key_dependency(settings: Settings) -> Callable[..., Any]:
 
 
 class Answerer:
-    """Answers task requests: admission, deadline, decode → backend → postprocess, in a bounded thread pool."""
+    """Answers task requests: body read, admission, deadline, decode → backend → postprocess.
+
+    The body is read under its own deadline (`body_timeout_s`, 408) before the request counts
+    against admission (`service.admission`: requests, bytes and pixels in flight), so slow uploads
+    hold nothing; the request's share is held until the threads working on its images are done."""
 
     def __init__(self, settings: Settings, backend: Backend, metrics: GatewayMetrics) -> None:
         self.settings = settings
@@ -171,76 +179,95 @@ class Answerer:
         self.versions = {m: latest_version(settings.model_repository, m) for m in settings.models}
         # Decode/preprocess/postprocess threads: as many as cores (Pillow and torch release the GIL).
         self._pool = ThreadPoolExecutor(max_workers=os.cpu_count() or 2, thread_name_prefix="images")
-        self._in_flight = 0  # inference requests admitted and not yet answered (admission control)
+        limits = Limits(settings.admission_limit, settings.max_in_flight_bytes, settings.max_in_flight_pixels)
+        self.admission = Admission(limits, settings.retry_after_s)
+        self.malformed: dict[str, str] = {}  # model → why its last answer broke its contract (not ready)
 
-    async def run(self, handler: Handler, request: Request, query_options: BaseModel) -> Response:
-        """Admit the request (503 + Retry-After past the limit) and answer it within its deadline (504)."""
-        limit = self.settings.admission_limit
-        if self._in_flight >= limit:
-            raise ApiError(
-                503,
-                "overloaded",
-                f"the gateway is working on {limit} requests already; retry after {self.settings.retry_after_s} s",
-                headers={"Retry-After": str(self.settings.retry_after_s)},
-            )
-        self._in_flight += 1
-        try:
-            async with asyncio.timeout(self.settings.request_timeout_s):
-                return await self._answer(handler, request, query_options)
-        except TimeoutError as error:
-            raise BackendTimeout(f"the request did not finish within {self.settings.request_timeout_s:g} s") from error
-        finally:
-            self._in_flight -= 1
-
-    async def _answer(self, handler: Handler, request: Request, query_options: BaseModel) -> Response:
+    def pipeline(self, handler: Handler) -> TaskPipeline:
+        """The enabled model's pipeline, or 404 model_disabled."""
         pipeline = self.pipelines.get(handler.model)
         if pipeline is None:
             raise ApiError(404, "model_disabled", f"model {handler.model} is not enabled on this gateway")
+        return pipeline
+
+    async def run(self, handler: Handler, request: Request, query_options: BaseModel) -> Response:
+        """Read the images (408 past `body_timeout_s`), admit the request (503 + Retry-After past the
+        limits) and answer it within its deadline (504)."""
+        pipeline = self.pipeline(handler)
         settings = self.settings
-        inputs = await read_images(
-            request,
-            handler.request,
-            settings.max_body_bytes,
-            settings.max_images_per_request,
-            max_request_pixels=settings.max_request_pixels,
-            allowed_formats=settings.allowed_formats,
-            min_side=pipeline.min_side,  # a large JPEG counts at the size it is decoded to
-        )
-        options = handler.options.model_validate({**query_options.model_dump(exclude_unset=True), **inputs.json_options})
-        self.metrics.images.observe(len(inputs.blobs), tags={"endpoint": handler.endpoint})
-        loop = asyncio.get_running_loop()
-        count = len(inputs.blobs)
-        announce = getattr(self.backend, "announce", None)
-        if announce is not None:  # an in-process batcher waits briefly for images still decoding
-            announce(handler.model, count)
         try:
-            prepared = await asyncio.gather(
-                *(loop.run_in_executor(self._pool, _prepare, pipeline, blob, i) for i, blob in enumerate(inputs.blobs))
-            )
+            async with asyncio.timeout(settings.body_timeout_s):
+                inputs = await read_images(
+                    request,
+                    handler.request,
+                    settings.max_body_bytes,
+                    settings.max_images_per_request,
+                    max_request_pixels=settings.max_request_pixels,
+                    allowed_formats=settings.allowed_formats,
+                    min_side=pipeline.min_side,  # a large JPEG counts at the size it is decoded to
+                )
+        except TimeoutError as error:
+            raise ApiError(
+                408, "body_timeout", f"the request body did not arrive within {settings.body_timeout_s:g} s"
+            ) from error
+        options = handler.options.model_validate({**query_options.model_dump(exclude_unset=True), **inputs.json_options})
+        ticket = self.admission.admit(sum(map(len, inputs.blobs)), inputs.pixels)
+        try:
+            async with asyncio.timeout(settings.request_timeout_s):
+                response = await self.answer_images(handler, inputs.blobs, options, ticket)
+                answer = await annotated_or_json(request, response, inputs.blobs, options, settings)
+        except TimeoutError as error:
+            raise BackendTimeout(f"the request did not finish within {settings.request_timeout_s:g} s") from error
         finally:
-            if announce is not None:
-                self.backend.arrived(handler.model, count)  # type: ignore[attr-defined]
-        outputs = await infer_all(self.backend, handler.model, [tensor for tensor, _ in prepared])
-        geometries = [geometry for _, geometry in prepared]
-        results = await loop.run_in_executor(self._pool, _answer_all, pipeline, outputs, geometries, options)
-        response = handler.response(
-            model=handler.model, version=self.versions[handler.model], backend=self.settings.backend, results=results
-        )
-        answer = await annotated_or_json(request, response, inputs.blobs, options, self.settings)
+            ticket.release()
         if isinstance(answer, Response):
             return answer
         return Response(answer.model_dump_json(), media_type="application/json")
 
+    async def answer_images(
+        self, handler: Handler, blobs: list[bytes], options: BaseModel, ticket: Ticket | None = None
+    ) -> BaseModel:
+        """The task's response for encoded images `blobs` (decode → backend → postprocess), as the
+        route gives it; `ticket` holds admission until the image threads finish."""
+        pipeline = self.pipeline(handler)
+        self.metrics.images.observe(len(blobs), tags={"endpoint": handler.endpoint})
+        loop = asyncio.get_running_loop()
+
+        def in_pool(function: Callable[..., Any], *args: Any) -> asyncio.Future[Any]:
+            work = self._pool.submit(function, *args)
+            if ticket is not None:
+                ticket.hold(work)
+            return asyncio.wrap_future(work, loop=loop)
+
+        count = len(blobs)
+        self.backend.announce(handler.model, count)  # an in-process batcher waits briefly for these
+        try:
+            prepared = await asyncio.gather(*(in_pool(_prepare, pipeline, blob, i) for i, blob in enumerate(blobs)))
+        finally:
+            self.backend.arrived(handler.model, count)
+        outputs = await self.backend.infer_many(handler.model, [tensor for tensor, _ in prepared])
+        self._check(pipeline, outputs)
+        geometries = [geometry for _, geometry in prepared]
+        results = await in_pool(_answer_all, pipeline, outputs, geometries, options)
+        return handler.response(
+            model=handler.model, version=self.versions[handler.model], backend=self.settings.backend, results=results
+        )
+
+    def _check(self, pipeline: TaskPipeline, outputs: list[dict[str, np.ndarray]]) -> None:
+        """503 (and not ready) if the model's answer breaks its contract; a good answer makes it ready again."""
+        try:
+            for output in outputs:
+                check_outputs(pipeline.contract, output)
+        except MalformedAnswer as error:
+            if pipeline.model not in self.malformed:
+                log.error("%s; reporting not ready until it answers well again", error)
+            self.malformed[pipeline.model] = str(error)
+            raise MalformedAnswer(f"model {pipeline.model} gave a malformed answer; retry shortly") from error
+        if self.malformed.pop(pipeline.model, None) is not None:
+            log.info("model %s answers well again", pipeline.model)
+
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
-
-
-async def infer_all(backend: Backend, model: str, images: list[np.ndarray]) -> list[dict[str, np.ndarray]]:
-    """Every image of one request through `model`, concurrently so they batch together; outputs in order."""
-    infer_many = getattr(backend, "infer_many", None)
-    if infer_many is not None:
-        return await infer_many(model, images)
-    return list(await asyncio.gather(*(backend.infer(model, image) for image in images)))
 
 
 def _prepare(pipeline: TaskPipeline, blob: bytes, index: int) -> Prepared:
@@ -306,7 +333,7 @@ def create_api(settings: Settings, backend: Backend) -> FastAPI:
         if checked and now - checked[0][0] < _READY_CACHE_S:
             is_ready = checked[0][1]
         else:
-            is_ready = await backend.ready()
+            is_ready = not answerer.malformed and await backend.ready()
             checked[:] = [(now, is_ready)]
         body = ReadyResponse(ready=is_ready, backend=settings.backend)
         return JSONResponse(body.model_dump(), status_code=200 if is_ready else 503)
@@ -365,16 +392,15 @@ class Gateway:
 
     def batch_sizes(self, model: str) -> dict[int, int]:
         """Batches of each size `model` ran in this replica (embedded backend in the ingress; tests use it)."""
-        counts = getattr(self._backend, "batch_sizes", None)
-        return counts(model) if counts is not None else {}
+        return self._backend.batch_sizes(model)
 
     async def __del__(self) -> None:
         api = getattr(self, "_api", None)
         if api is not None:
             api.state.answerer.close()
-        close = getattr(getattr(self, "_backend", None), "close", None)
-        if close is not None:
-            await close()
+        backend = getattr(self, "_backend", None)
+        if backend is not None:
+            await backend.close()
 
 
 def resolve_device(settings: Settings) -> Settings:

@@ -10,9 +10,10 @@ import logging
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from service.backends.base import BackendTimeout, BackendUnavailable
 from service.images import ImageError
@@ -26,19 +27,23 @@ ERROR_KINDS = {
     401: "unauthorized",
     404: "not_found",
     405: "method_not_allowed",
+    408: "body_timeout",
     413: "too_large",
     415: "unsupported_media",
     422: "invalid_request",
+    499: "client_closed",
     500: "internal",
     503: "unavailable",
     504: "timeout",
 }
 
+CLIENT_CLOSED = 499  # nginx's status for "the client closed the connection first": recorded, never sent
+
 # for the routes' `responses=` so /docs shows the error shape
 ERROR_RESPONSES: dict[int | str, dict[str, object]] = {
     status: {"model": ErrorResponse, "description": kind.replace("_", " ")}
     for status, kind in ERROR_KINDS.items()
-    if status not in (404, 405)
+    if status not in (404, 405, 499)
 }
 
 
@@ -99,6 +104,10 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(BackendTimeout)
     async def _timeout(request: Request, error: BackendTimeout) -> JSONResponse:
         return error_response(504, "timeout", str(error))
+
+    @app.exception_handler(ClientDisconnect)
+    async def _client_gone(request: Request, error: ClientDisconnect) -> Response:
+        return Response(status_code=CLIENT_CLOSED)  # nobody reads it; the metrics record 499
 
     @app.exception_handler(Exception)
     async def _internal(request: Request, error: Exception) -> JSONResponse:

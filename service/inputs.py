@@ -57,6 +57,7 @@ class ImageInputs:
 
     blobs: list[bytes]
     json_options: dict[str, Any] = field(default_factory=dict)
+    pixels: int = 0  # all images together, from their headers (JPEGs at the size they decode to)
 
 
 async def read_body(request: Request, max_bytes: int) -> bytes:
@@ -124,6 +125,7 @@ async def read_images(
             f"the request's {len(inputs.blobs)} images have {pixels} pixels together; the limit is "
             f"{max_request_pixels} pixels per request (send fewer or smaller images per request)",
         )
+    inputs.pixels = pixels
     return inputs
 
 

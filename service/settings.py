@@ -85,6 +85,24 @@ class Settings(BaseSettings):
         description="inference requests one ingress replica admits at once; more get 503 + Retry-After at once "
         "(default 3/4 of max_ongoing_requests; must stay below it so the excess reaches the gateway)",
     )
+    max_in_flight_bytes: int = Field(
+        96 * _MIB,
+        ge=1024,
+        description="request body bytes one ingress replica works on at once; a request past it gets 503 + "
+        "Retry-After (one request alone is always admitted; max_body_bytes bounds it)",
+    )
+    max_in_flight_pixels: int = Field(
+        128_000_000,
+        ge=1,
+        description="image pixels (as decoded) one ingress replica works on at once; past it: 503 + Retry-After "
+        "(one request alone is always admitted; max_request_pixels bounds it)",
+    )
+    body_timeout_s: float = Field(
+        10.0,
+        gt=0.0,
+        description="time a client has to send the whole request body, before the request takes an admission "
+        "slot; past it: 408",
+    )
     request_timeout_s: float = Field(30.0, gt=0.0, description="deadline of a whole request; past it: 504")
     retry_after_s: int = Field(1, ge=0, description="Retry-After (seconds) of 503s for a full gateway or Serve queue")
 

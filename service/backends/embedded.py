@@ -25,7 +25,7 @@ from ray.exceptions import ActorUnavailableError, RayActorError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
 from ray.serve.handle import DeploymentHandle, DeploymentResponse
 
-from service.backends.base import BackendTimeout, BackendUnavailable
+from service.backends.base import Backend, BackendTimeout, BackendUnavailable
 from service.backends.torchscript import TorchScriptModel
 from service.metrics import ModelMetrics
 from service.settings import Settings
@@ -151,7 +151,7 @@ class BatchedModel:
         self._executor.shutdown(wait=False, cancel_futures=True)
 
 
-class LocalBackend:
+class LocalBackend(Backend):
     """`Backend` over models loaded in this process (the gateway replica); see `service.backends.base`."""
 
     def __init__(self, settings: Settings) -> None:
@@ -248,7 +248,7 @@ def model_deployments(settings: Settings) -> dict[str, Any]:
     }
 
 
-class EmbeddedBackend:
+class EmbeddedBackend(Backend):
     """`Backend` over the model deployments' handles (see `service.backends.base.Backend`)."""
 
     def __init__(self, handles: Mapping[str, DeploymentHandle], request_timeout_s: float) -> None:

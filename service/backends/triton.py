@@ -21,7 +21,7 @@ from ray.util.metrics import Histogram
 from tritonclient.grpc import MAX_GRPC_MESSAGE_SIZE
 from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
-from service.backends.base import BackendTimeout, BackendUnavailable
+from service.backends.base import Backend, BackendTimeout, BackendUnavailable
 from service.contract import ModelContract, load_contract
 from service.metrics import LATENCY_BOUNDARIES
 from service.settings import Settings
@@ -40,7 +40,7 @@ _GRPC_CHANNEL_ARGS = [
 _READY_TIMEOUT_S = 2.0
 
 
-class TritonBackend:
+class TritonBackend(Backend):
     """Backend that runs models on a tritonserver; see `service.backends.base.Backend`.
 
     Serves `settings.models` unless `models` names others (tests use tiny models).

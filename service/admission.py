@@ -1,0 +1,89 @@
+"""Admission control of one gateway replica: requests, bytes and pixels in flight, each bounded.
+
+A request is admitted after its body has been read (so a slow upload holds no slot) and holds its
+share until every thread working on its images has finished, even when the request itself gave up
+at its deadline: the budget bounds the work running, not only the requests waiting for it.
+"""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import Future
+from dataclasses import dataclass
+
+from service.errors import ApiError
+
+
+@dataclass(frozen=True)
+class Limits:
+    requests: int
+    bytes: int
+    pixels: int
+
+
+class Admission:
+    """Counts what admitted requests hold; refuses a new one (503 + Retry-After) past any limit."""
+
+    def __init__(self, limits: Limits, retry_after_s: int) -> None:
+        self.limits = limits
+        self._retry_after_s = retry_after_s
+        self._lock = threading.Lock()  # tickets are released from worker threads too
+        self.requests = self.bytes = self.pixels = 0
+
+    def admit(self, nbytes: int, pixels: int) -> Ticket:
+        """A ticket for a request of `nbytes` and `pixels`, or ApiError 503 if it does not fit now."""
+        with self._lock:
+            if self.requests:  # a request alone always fits: the per-request limits bound it
+                wanted = (
+                    ("requests", self.requests + 1, self.limits.requests),
+                    ("bytes", self.bytes + nbytes, self.limits.bytes),
+                    ("pixels", self.pixels + pixels, self.limits.pixels),
+                )
+                full = next((name for name, total, limit in wanted if total > limit), None)
+                if full is not None:
+                    raise ApiError(
+                        503,
+                        "overloaded",
+                        f"the gateway is at its limit of {full} in flight; retry after {self._retry_after_s} s",
+                        headers={"Retry-After": str(self._retry_after_s)},
+                    )
+            self.requests += 1
+            self.bytes += nbytes
+            self.pixels += pixels
+        return Ticket(self, nbytes, pixels)
+
+    def _release(self, nbytes: int, pixels: int) -> None:
+        with self._lock:
+            self.requests -= 1
+            self.bytes -= nbytes
+            self.pixels -= pixels
+
+
+class Ticket:
+    """One admitted request's share; given back once the request and all its held work are done."""
+
+    def __init__(self, admission: Admission, nbytes: int, pixels: int) -> None:
+        self._admission = admission
+        self._nbytes, self._pixels = nbytes, pixels
+        self._lock = threading.Lock()
+        self._holds = 1  # the request itself
+        self._released = False
+
+    def hold(self, work: Future[object]) -> None:
+        """Keep the share until `work` (a thread-pool future for this request) has finished."""
+        with self._lock:
+            self._holds += 1
+        work.add_done_callback(lambda _: self._drop())
+
+    def release(self) -> None:
+        """The request is answered (or gave up); the share goes back once held work is done too."""
+        self._drop()
+
+    def _drop(self) -> None:
+        with self._lock:
+            self._holds -= 1
+            done = self._holds == 0 and not self._released
+            if done:
+                self._released = True
+        if done:
+            self._admission._release(self._nbytes, self._pixels)
