@@ -308,6 +308,7 @@ def create_api(settings: Settings, backend: Backend) -> FastAPI:
     metrics = GatewayMetrics()
     answerer = Answerer(settings, backend, metrics)
     api.state.answerer = answerer
+    api.state.metrics = metrics
     install_error_handlers(api)
     install_demo(api)
     api.add_middleware(MetricsMiddleware, metrics=metrics)
@@ -331,10 +332,11 @@ def create_api(settings: Settings, backend: Backend) -> FastAPI:
         """Every enabled model can answer now (503 otherwise); checked at most once a second."""
         now = time.monotonic()
         if checked and now - checked[0][0] < _READY_CACHE_S:
-            is_ready = checked[0][1]
+            backend_ready = checked[0][1]
         else:
-            is_ready = not answerer.malformed and await backend.ready()
-            checked[:] = [(now, is_ready)]
+            backend_ready = await backend.ready()
+            checked[:] = [(now, backend_ready)]
+        is_ready = backend_ready and not answerer.malformed  # a malformed answer counts at once
         body = ReadyResponse(ready=is_ready, backend=settings.backend)
         return JSONResponse(body.model_dump(), status_code=200 if is_ready else 503)
 

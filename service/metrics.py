@@ -43,6 +43,7 @@ class GatewayMetrics:
             "cvserve_errors", description="Failed requests by kind of failure.", tag_keys=("endpoint", "kind")
         )
         self._in_flight: Tally[str] = Tally()
+        self.answered: Tally[tuple[str, int]] = Tally()  # (endpoint, status) → requests, in this replica
 
     def request_started(self, endpoint: str) -> None:
         """Count a request as in flight."""
@@ -54,6 +55,7 @@ class GatewayMetrics:
         self._in_flight[endpoint] -= 1
         self.in_flight.set(self._in_flight[endpoint], tags={"endpoint": endpoint})
         self.requests.inc(tags={"endpoint": endpoint, "status": str(status)})
+        self.answered[endpoint, status] += 1
         self.latency.observe(seconds, tags={"endpoint": endpoint})
         if error_kind is not None:
             self.errors.inc(tags={"endpoint": endpoint, "kind": error_kind})

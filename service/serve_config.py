@@ -130,8 +130,10 @@ def build_config(profile: Profile, model_repository: Path) -> dict[str, Any]:
     `build_app` reads each model's contract, so the graph is built against a local `model_repository`;
     the file keeps the profile's own path (where the cluster mounts the repository).
     """
-    # Settings without the environment: a generated file must not depend on who generated it.
-    settings = Settings.model_validate({**profile.args, "model_repository": model_repository})
+    # Settings without the environment: a generated file must not depend on who generated it. The
+    # key comes from the cluster's environment (the Kubernetes Secret), so it is not checked here.
+    args = {**profile.args, "host": profile.http_host}
+    settings = Settings.model_validate({**args, "model_repository": model_repository, "allow_anonymous": True})
     built = _build_serve_app(build_app(settings), name=profile.name)
     deployments = []
     for deployment in built.deployments:
@@ -151,7 +153,9 @@ def build_config(profile: Profile, model_repository: Path) -> dict[str, Any]:
                 "name": profile.name,
                 "route_prefix": profile.route_prefix,
                 "import_path": IMPORT_PATH,
-                "args": dict(profile.args),
+                # `host` is where Serve's proxies listen (http_options): a network address makes the
+                # gateway refuse to start without CVSERVE_API_KEY, on the cluster, as `python -m service` does.
+                "args": args,
                 "deployments": deployments,
             }
         ],

@@ -23,6 +23,7 @@ from typing import ClassVar
 import pytriton
 import tritonclient.http as triton_http
 
+from service.backends.triton import TRITON_KEEPALIVE_FLAGS
 from stack.process import ManagedProcess, ready_or_killed, spawn
 
 log = logging.getLogger(__name__)
@@ -104,6 +105,7 @@ def server_command(
         f"--grpc-restricted-protocol={restriction}",
         "--exit-timeout-secs=5",
         f"--log-verbose={log_verbose}",
+        *TRITON_KEEPALIVE_FLAGS,
     ]
 
 

@@ -29,15 +29,34 @@ from service.settings import Settings
 log = logging.getLogger(__name__)
 
 # gRPC retries a lost connection with exponential backoff (up to 120 s by default); cap it so the
-# gateway notices a restarted Triton within about a second.
+# gateway notices a restarted Triton within about a second. Keepalive pings during calls find a
+# dead connection (a frozen or partitioned Triton) in about 2 s; Triton must accept pings that often
+# (`TRITON_KEEPALIVE_FLAGS`, set by stack/, docker-compose.yml and deploy/k8s/triton.yaml).
 _GRPC_CHANNEL_ARGS = [
     ("grpc.max_send_message_length", MAX_GRPC_MESSAGE_SIZE),
     ("grpc.max_receive_message_length", MAX_GRPC_MESSAGE_SIZE),
     ("grpc.initial_reconnect_backoff_ms", 200),
     ("grpc.min_reconnect_backoff_ms", 200),
     ("grpc.max_reconnect_backoff_ms", 1000),
+    ("grpc.keepalive_time_ms", 1000),
+    ("grpc.keepalive_timeout_ms", 1000),
+    ("grpc.keepalive_permit_without_calls", 0),
+    ("grpc.http2.max_pings_without_data", 0),
 ]
+# tritonserver flags that let the gateway's keepalive pings through (without them Triton answers
+# pings more often than every 5 minutes with GOAWAY "too_many_pings").
+TRITON_KEEPALIVE_FLAGS = (
+    "--grpc-keepalive-time=10000",
+    "--grpc-keepalive-timeout=2000",
+    "--grpc-http2-min-recv-ping-interval-without-data=500",
+    "--grpc-http2-max-ping-strikes=0",
+)
 _READY_TIMEOUT_S = 2.0
+# While calls are in flight, Triton is probed this often; a probe unanswered for _PROBE_TIMEOUT_S
+# with no call answered meanwhile marks it frozen: calls in flight and new ones get 503 at once,
+# until a probe is answered again. (Under load calls keep finishing, so a slow probe alone never trips it.)
+_PROBE_INTERVAL_S = 0.25
+_PROBE_TIMEOUT_S = 1.0
 
 
 class TritonBackend(Backend):
@@ -55,6 +74,10 @@ class TritonBackend(Backend):
         }
         self._client: Any = None  # created on first use, inside the serving event loop
         self._was_ready: bool | None = None
+        self._in_flight = 0
+        self._last_answer = time.monotonic()
+        self._frozen: asyncio.Event | None = None  # set while Triton is found frozen (watchdog)
+        self._watchdog: asyncio.Task[None] | None = None
         self._latency = Histogram(
             "cvserve_model_latency_seconds",
             description="Time for one batch through the model.",  # here: one call, Triton batches
@@ -96,21 +119,59 @@ class TritonBackend(Backend):
             raise KeyError(f"unknown model {model!r}; known: {sorted(self._contracts)}")
         inputs, outputs = self._inputs(contract, image)
         client = self._get_client()
+        frozen = self._watch()
+        if frozen.is_set():
+            raise BackendUnavailable(f"Triton is not answering; model {model} cannot answer now")
         started = time.perf_counter()
+        self._in_flight += 1
         try:
             if self._protocol == "grpc":
-                result = await client.infer(model, inputs, outputs=outputs, client_timeout=self._timeout_s)
+                call = client.infer(model, inputs, outputs=outputs, client_timeout=self._timeout_s)
             else:
-                result = await asyncio.wait_for(client.infer(model, inputs, outputs=outputs), self._timeout_s)
-        except (TimeoutError, asyncio.TimeoutError) as error:
+                call = asyncio.wait_for(client.infer(model, inputs, outputs=outputs), self._timeout_s)
+            result = await _unless(call, frozen)
+        except _Frozen as error:
+            raise BackendUnavailable(f"Triton stopped answering; model {model} cannot answer now") from error
+        except TimeoutError as error:
             raise BackendTimeout(f"model {model} did not answer within {self._timeout_s:g} s") from error
         except InferenceServerException as error:
             raise self._translate(model, error) from error
         except aiohttp.ClientError as error:
             log.warning("Triton HTTP call for %s failed: %r", model, error)
             raise BackendUnavailable(f"Triton is unreachable; model {model} cannot answer now") from error
+        finally:
+            self._in_flight -= 1
+        self._last_answer = time.monotonic()
         self._latency.observe(time.perf_counter() - started, tags={"model": model, "backend": "triton"})
         return {out.name: np.array(result.as_numpy(out.name)[0]) for out in contract.outputs}
+
+    def _watch(self) -> asyncio.Event:
+        """The frozen flag, with the watchdog that sets and clears it running."""
+        if self._frozen is None:
+            self._frozen = asyncio.Event()
+        if self._watchdog is None or self._watchdog.done():
+            self._watchdog = asyncio.get_running_loop().create_task(self._watch_triton())
+        return self._frozen
+
+    async def _watch_triton(self) -> None:
+        """Probe Triton while calls are in flight (or it is frozen); flag it frozen when it stops answering."""
+        assert self._frozen is not None
+        while True:
+            await asyncio.sleep(_PROBE_INTERVAL_S)
+            if not self._in_flight and not self._frozen.is_set():
+                continue
+            probe_started = time.monotonic()
+            try:
+                answered = await asyncio.wait_for(self._get_client().is_server_live(), _PROBE_TIMEOUT_S)
+            except Exception:  # noqa: BLE001  any failure of a liveness probe means "no answer"
+                answered = False
+            if answered:
+                if self._frozen.is_set():
+                    log.warning("Triton at %s answers again", self._url)
+                    self._frozen = asyncio.Event()  # a fresh flag: calls from now on wait on it
+            elif not self._frozen.is_set() and self._last_answer < probe_started:
+                log.warning("Triton at %s stopped answering: failing its calls with 503", self._url)
+                self._frozen.set()
 
     def _translate(self, model: str, error: InferenceServerException) -> Exception:
         """Map a Triton error to 503/504 (or an internal error for a malformed request); log its text."""
@@ -128,7 +189,7 @@ class TritonBackend(Backend):
         """Whether Triton is live and ready and every model is ready (short timeout, never raises)."""
         try:
             ready = await asyncio.wait_for(self._check_ready(), _READY_TIMEOUT_S)
-        except (TimeoutError, asyncio.TimeoutError, InferenceServerException, aiohttp.ClientError, OSError) as error:
+        except (TimeoutError, InferenceServerException, aiohttp.ClientError, OSError) as error:
             if self._was_ready is not False:
                 log.warning("Triton at %s is not reachable: %r", self._url, error)
             ready = False
@@ -146,6 +207,28 @@ class TritonBackend(Backend):
 
     async def close(self) -> None:
         """Close the connection to Triton (idempotent)."""
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = None
         client, self._client = self._client, None
         if client is not None:
             await client.close()
+
+
+class _Frozen(Exception):
+    """The watchdog found Triton frozen while this call waited."""
+
+
+async def _unless(call: Any, frozen: asyncio.Event) -> Any:
+    """Await `call`, unless `frozen` is set first (then cancel it and raise `_Frozen`)."""
+    task = asyncio.ensure_future(call)
+    flag = asyncio.ensure_future(frozen.wait())
+    try:
+        await asyncio.wait((task, flag), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        flag.cancel()
+        if not task.done():
+            task.cancel()
+    if not task.done() or task.cancelled():
+        raise _Frozen
+    return task.result()

@@ -184,6 +184,38 @@ def test_triton_is_static_restricted_gpu_backed_and_not_published(compose) -> No
     assert any("gpu" in device["capabilities"] and device.get("driver") == "nvidia" for device in devices)
 
 
+# Oldest images past the advisories docs/SECURITY.md lists (Triton: NVIDIA's bulletins through May
+# 2026; Grafana: its 2025-26 advisories); bump these with the images.
+MIN_TRITON_RELEASE = (26, 6)
+MIN_GRAFANA = (12, 4, 5)
+
+
+def _default_tag(image: str) -> str:
+    """The tag of `${VAR:-repo:tag}` or `repo:tag`."""
+    return image.rstrip("}").rsplit(":", 1)[1]
+
+
+def test_images_are_past_their_published_advisories(compose) -> None:
+    triton_tag = _default_tag(compose["services"]["tritonserver"]["image"])
+    assert tuple(int(part) for part in triton_tag.removesuffix("-py3").split(".")) >= MIN_TRITON_RELEASE
+    k8s = (ROOT / "deploy/k8s/triton.yaml").read_text()
+    assert f"nvcr.io/nvidia/tritonserver:{triton_tag}" in k8s, "compose and Kubernetes run different Tritons"
+    grafana_tag = _default_tag(compose["services"]["grafana"]["image"])
+    assert tuple(int(part) for part in grafana_tag.split(".")) >= MIN_GRAFANA
+
+
+def test_triton_accepts_the_gateways_keepalive_pings(compose) -> None:
+    from service.backends.triton import TRITON_KEEPALIVE_FLAGS
+    from stack.triton import server_command
+
+    k8s = (ROOT / "deploy/k8s/triton.yaml").read_text()
+    local = server_command(Path("/models"), 1, 2, 3, Path("/backends"), "token", 0)
+    for flag in TRITON_KEEPALIVE_FLAGS:
+        assert flag in compose["services"]["tritonserver"]["command"], flag
+        assert f"- {flag}" in k8s, flag
+        assert flag in local, flag
+
+
 def test_gateway_uses_triton_backend_from_env(compose) -> None:
     gateway = compose["services"]["gateway"]
     env = gateway["environment"]

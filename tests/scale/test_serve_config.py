@@ -32,8 +32,11 @@ def test_committed_config_is_what_the_code_generates(path: Path, model_repositor
 
 
 @pytest.mark.parametrize("path", CONFIG_FILES, ids=str)
-def test_config_deploys_through_its_import_path(path: Path, model_repository: Path) -> None:
+def test_config_deploys_through_its_import_path(
+    path: Path, model_repository: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Do what `serve deploy` does with the file: validate, call the builder with its args, match names."""
+    monkeypatch.setenv("CVSERVE_API_KEY", "k" * 24)  # as the cluster's Secret provides it
     config = ServeDeploySchema.model_validate(_load(path))
     (application,) = config.applications
     builder = import_attr(application.import_path)
@@ -73,6 +76,22 @@ def test_triton_config_has_no_model_deployments() -> None:
     (application,) = _load(Path("deploy/serve/cvserve-triton.yaml"))["applications"]
     assert application["args"]["backend"] == "triton"
     assert [d["name"] for d in application["deployments"]] == ["Gateway"]
+
+
+@pytest.mark.parametrize("path", CONFIG_FILES, ids=str)
+def test_config_on_a_network_address_refuses_to_build_without_a_key(
+    path: Path, model_repository: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`serve deploy` of a committed file on a cluster without CVSERVE_API_KEY fails closed."""
+    monkeypatch.delenv("CVSERVE_API_KEY", raising=False)
+    monkeypatch.delenv("CVSERVE_ALLOW_ANONYMOUS", raising=False)
+    config = _load(path)
+    (application,) = config["applications"]
+    assert application["args"]["host"] == config["http_options"]["host"] == "0.0.0.0"
+    with pytest.raises(ValueError, match="CVSERVE_API_KEY is unset"):
+        app_builder({**application["args"], "model_repository": str(model_repository)})
+    monkeypatch.setenv("CVSERVE_ALLOW_ANONYMOUS", "true")  # said on purpose: it builds
+    assert app_builder({**application["args"], "model_repository": str(model_repository)}) is not None
 
 
 def test_builder_refuses_unknown_args() -> None:
