@@ -149,7 +149,13 @@ def encode_image(image: ImageInput) -> tuple[str, bytes]:
 
 
 def _as_list(images: Images) -> list[ImageInput]:
-    listed = [images] if isinstance(images, _SINGLE) else list(images)
+    try:
+        listed = [images] if isinstance(images, _SINGLE) else list(images)
+    except TypeError:
+        raise TypeError(
+            f"not an image: {type(images).__name__}; pass a path, bytes, a PIL image or a numpy array, "
+            "or a list of them"
+        ) from None
     if not listed:
         raise ValueError("no images given")
     return listed

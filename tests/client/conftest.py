@@ -94,16 +94,13 @@ class Refusals:
             await send({"type": "http.response.start", "status": 503, "headers": headers})
             await send({"type": "http.response.body", "body": body})
             return
-        status = 0
 
         async def record(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
+            if message["type"] == "http.response.start":  # before the client can see the answer
+                self.seen.append((arrived, scope["path"], message["status"]))
             await send(message)
 
         await self.app(scope, receive, record)
-        self.seen.append((arrived, scope["path"], status))
 
 
 @pytest.fixture(scope="session")
