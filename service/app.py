@@ -25,6 +25,7 @@ from fastapi.security import APIKeyHeader
 from pydantic import BaseModel
 from ray import serve
 from ray.serve.config import BackpressureConfig
+from ray.serve.deployment import Deployment
 from ray.serve.handle import DeploymentHandle
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -412,8 +413,9 @@ def resolve_device(settings: Settings) -> Settings:
     return settings.model_copy(update={"device": "cuda" if torch.cuda.is_available() else "cpu"})
 
 
-def build_app(settings: Settings) -> serve.Application:
-    """Compose the whole graph: the ingress and, for embedded models placed apart, one deployment per model."""
+def serve_deployments(settings: Settings) -> tuple[Deployment, dict[str, Deployment]]:
+    """The graph's deployments with their options: the ingress and, for embedded models placed apart,
+    one per model (what `build_app` binds and the Serve config files describe)."""
     settings = resolve_device(settings)
     for model in settings.models:
         load_contract(settings.model_repository, model)  # fail here, clearly, if the export is missing
@@ -424,11 +426,19 @@ def build_app(settings: Settings) -> serve.Application:
         actor_options["num_cpus"] += settings.model_num_cpus * len(settings.models)
         if settings.device == "cuda":
             actor_options["num_gpus"] = settings.model_num_gpus
-    return Gateway.options(
+    ingress = Gateway.options(
         num_replicas=settings.ingress_replicas,
         max_ongoing_requests=settings.max_ongoing_requests,
         max_queued_requests=settings.max_queued_requests,
         # Serve's own 503 when its queue in front of the gateway is full: say when to retry too
         backpressure_config=BackpressureConfig(retry_after_s=settings.retry_after_s),
         ray_actor_options=actor_options,
-    ).bind(settings, model_deployments(settings) if separate else {})
+    )
+    return ingress, (model_deployments(settings) if separate else {})
+
+
+def build_app(settings: Settings) -> serve.Application:
+    """Compose the whole graph: the ingress and, for embedded models placed apart, one deployment per model."""
+    settings = resolve_device(settings)
+    ingress, models = serve_deployments(settings)
+    return ingress.bind(settings, {name: model.bind(name, settings) for name, model in models.items()})

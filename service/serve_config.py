@@ -23,11 +23,10 @@ from typing import Any, Literal
 
 import yaml
 from ray.serve import Application
-from ray.serve._private.build_app import build_app as _build_serve_app  # what `serve build` uses
-from ray.serve.deployment import deployment_to_schema
+from ray.serve.deployment import Deployment, deployment_to_schema
 from ray.serve.schema import ServeDeploySchema
 
-from service.app import build_app
+from service.app import build_app, serve_deployments
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -134,12 +133,9 @@ def build_config(profile: Profile, model_repository: Path) -> dict[str, Any]:
     # key comes from the cluster's environment (the Kubernetes Secret), so it is not checked here.
     args = {**profile.args, "host": profile.http_host}
     settings = Settings.model_validate({**args, "model_repository": model_repository, "allow_anonymous": True})
-    built = _build_serve_app(build_app(settings), name=profile.name)
-    deployments = []
-    for deployment in built.deployments:
-        options = deployment_to_schema(deployment).model_dump(exclude_unset=True, mode="json")
-        is_ingress = deployment.name == built.ingress_deployment_name
-        deployments.append(_apply(options, profile.ingress if is_ingress else profile.models))
+    ingress, models = serve_deployments(settings)
+    deployments = [_apply(_options(ingress), profile.ingress)]
+    deployments += [_apply(_options(model), profile.models) for model in models.values()]
     config = {
         "proxy_location": profile.proxy_location,
         # Same proxy deadline as `python -m service`: a little over the gateway's own request timeout.
@@ -162,6 +158,11 @@ def build_config(profile: Profile, model_repository: Path) -> dict[str, Any]:
     }
     ServeDeploySchema.model_validate(config)  # Ray's own validation, as `serve deploy` does
     return config
+
+
+def _options(deployment: Deployment) -> dict[str, Any]:
+    """A deployment's options as a Serve config writes them (only what the code set)."""
+    return deployment_to_schema(deployment).model_dump(exclude_unset=True, mode="json")
 
 
 def _apply(options: dict[str, Any], scaling: Scaling) -> dict[str, Any]:
@@ -188,7 +189,7 @@ def render(config: Mapping[str, Any], profile: Profile) -> str:
 
 def embed_in_rayservice(manifest: str, config_text: str) -> str:
     """Replace the `serveConfigV2: |` block of a RayService manifest with `config_text`."""
-    match = re.search(r"^(?P<indent> *)serveConfigV2: \|\n(?P<body>(?:(?P=indent) {2}.*\n|\n)*)", manifest, re.M)
+    match = re.search(r"^(?P<indent> *)serveConfigV2: \|\n(?P<body>(?:(?P=indent) {2}.*\n|\n)*)", manifest, re.MULTILINE)
     if match is None:
         raise ValueError("no `serveConfigV2: |` block in the RayService manifest")
     indent = match["indent"] + "  "

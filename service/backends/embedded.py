@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from ray import serve
 from ray.exceptions import ActorUnavailableError, RayActorError
+from ray.serve.deployment import Deployment
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
 from ray.serve.handle import DeploymentHandle, DeploymentResponse
 
@@ -229,8 +230,8 @@ class ModelDeployment:
         return True
 
 
-def model_deployments(settings: Settings) -> dict[str, Any]:
-    """Bound `ModelDeployment`s, one per enabled model, configured from `settings`."""
+def model_deployments(settings: Settings) -> dict[str, Deployment]:
+    """`ModelDeployment`s with their options, one per enabled model (bind each with `(model, settings)`)."""
     batch_config = {"max_batch_size": settings.max_batch_size, "batch_wait_timeout_s": settings.batch_wait_timeout_s}
     actor_options: dict[str, float] = {"num_cpus": settings.model_num_cpus}
     if settings.device == "cuda":
@@ -243,7 +244,7 @@ def model_deployments(settings: Settings) -> dict[str, Any]:
             max_queued_requests=settings.max_queued_requests,
             user_config=batch_config,
             ray_actor_options=actor_options,
-        ).bind(model, settings)
+        )
         for model in settings.models
     }
 
@@ -260,7 +261,7 @@ class EmbeddedBackend(Backend):
         response: DeploymentResponse = self._handles[model].infer.remote(image)
         try:
             return await asyncio.wait_for(_await(response), self._timeout_s)
-        except (TimeoutError, asyncio.TimeoutError) as error:
+        except TimeoutError as error:
             response.cancel()
             raise BackendTimeout(f"model {model} did not answer within {self._timeout_s:g} s") from error
         except _UNAVAILABLE as error:
@@ -272,7 +273,7 @@ class EmbeddedBackend(Backend):
         try:
             calls = [_await(handle.ready.remote()) for handle in self._handles.values()]
             return all(await asyncio.wait_for(asyncio.gather(*calls), _READY_TIMEOUT_S))
-        except Exception as error:  # any failure means "not ready"; the reason goes to the log
+        except Exception as error:  # noqa: BLE001  any failure means "not ready"; the reason goes to the log
             log.warning("embedded models not ready: %r", error)
             return False
 
