@@ -151,3 +151,12 @@ def test_polygons_only_when_asked_and_options_are_validated(client: TestClient) 
             headers={"Content-Type": "image/png"},
         )
         assert refused.status_code == 422 and refused.json()["error"]["code"] == "invalid_request", bad
+
+
+def test_openapi_documents_the_polygon_options_and_shape(client: TestClient) -> None:
+    spec = client.get("/openapi.json").json()
+    parameters = {p["name"]: p for p in spec["paths"]["/segment"]["post"]["parameters"]}
+    assert parameters["return_polygons"]["schema"]["default"] is False
+    assert parameters["polygon_tolerance"]["schema"]["maximum"] == 1000.0
+    polygon = spec["components"]["schemas"]["Polygon"]
+    assert set(polygon["properties"]) == {"exterior", "holes"} and polygon["properties"]["exterior"]["examples"]
