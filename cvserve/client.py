@@ -8,8 +8,10 @@
 
 Images may be paths, bytes, PIL images or uint8 numpy arrays (H×W, H×W×3 or H×W×4; arrays and PIL
 images are sent as PNG), one or a list (one request, one batch). The API key comes from `api_key` or
-the environment's `CVSERVE_API_KEY`; a 503 is retried after its `Retry-After` (`RetryPolicy`); every
-other refusal raises `GatewayError` with the gateway's `code`, `message` and status.
+the environment's `CVSERVE_API_KEY`; a 503 is retried after its `Retry-After` (`RetryPolicy`); a
+refusal (a 503 too, once the retries are spent) raises `GatewayError` with the gateway's `code`, `message` and status (`http_<status>` and
+the text for an answer without the gateway's JSON error, such as a proxy's), and no answer at all
+(refused connection, the `timeout` passed) raises `GatewayUnreachable`.
 """
 
 from __future__ import annotations
@@ -232,7 +234,6 @@ class _ClientBase:
         self,
         url: str | None,
         api_key: str | None,
-        timeout: float | httpx.Timeout | None,
         retry: RetryPolicy | None,
         headers: Mapping[str, str] | None,
     ) -> None:
@@ -244,7 +245,6 @@ class _ClientBase:
             **({"X-API-Key": key} if key else {}),
             **(headers or {}),
         }
-        self._timeout = timeout
 
     @staticmethod
     def _task_call(endpoint: str, images: Images, options: Mapping[str, Any]) -> _Call:
@@ -274,7 +274,7 @@ class Client(_ClientBase):
         retry: RetryPolicy | None = None,
         headers: Mapping[str, str] | None = None,
     ) -> None:
-        super().__init__(url, api_key, timeout, retry, headers)
+        super().__init__(url, api_key, retry, headers)
         self._http = httpx.Client(base_url=self.url, headers=self._headers, timeout=timeout)
 
     def __enter__(self) -> Self:
@@ -422,7 +422,7 @@ class AsyncClient(_ClientBase):
         retry: RetryPolicy | None = None,
         headers: Mapping[str, str] | None = None,
     ) -> None:
-        super().__init__(url, api_key, timeout, retry, headers)
+        super().__init__(url, api_key, retry, headers)
         self._http = httpx.AsyncClient(base_url=self.url, headers=self._headers, timeout=timeout)
 
     async def __aenter__(self) -> Self:

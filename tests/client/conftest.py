@@ -71,10 +71,13 @@ class Refusals:
     count: int = 0
     retry_after: str | None = None
     delay_s: float = 0.0
+    text: bool = False  # a plain-text 503, as Serve's own queue-full answer is
     seen: list[tuple[float, str, int]] = field(default_factory=list)
 
-    def arm(self, count: int = 0, retry_after: str | None = None, delay_s: float = 0.0) -> None:
-        self.count, self.retry_after, self.delay_s = count, retry_after, delay_s
+    def arm(
+        self, count: int = 0, retry_after: str | None = None, delay_s: float = 0.0, text: bool = False
+    ) -> None:
+        self.count, self.retry_after, self.delay_s, self.text = count, retry_after, delay_s, text
         self.seen.clear()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -87,10 +90,12 @@ class Refusals:
         if scope["method"] == "POST" and self.count > 0:
             self.count -= 1
             self.seen.append((arrived, scope["path"], 503))
-            headers = [(b"content-type", b"application/json")]
+            headers = [(b"content-type", b"text/plain" if self.text else b"application/json")]
             if self.retry_after is not None:
                 headers.append((b"retry-after", self.retry_after.encode()))
-            body = b'{"error": {"code": "overloaded", "message": "busy; retry later"}}'
+            body = (
+                b"busy; retry later" if self.text else b'{"error": {"code": "overloaded", "message": "busy"}}'
+            )
             await send({"type": "http.response.start", "status": 503, "headers": headers})
             await send({"type": "http.response.body", "body": body})
             return

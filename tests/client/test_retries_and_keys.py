@@ -62,6 +62,17 @@ def test_retries_stop_at_the_attempt_and_wait_bounds(keyed_url: str, refusals: R
         1.0,
     )
     assert len(refusals.seen) == 2
+    refusals.arm(count=1, text=True)  # not the gateway's JSON (Serve's queue-full 503 is text)
+    with (
+        Client(keyed_url, api_key=KEY, retry=RetryPolicy(attempts=1)) as client,
+        pytest.raises(GatewayError) as plain,
+    ):
+        client.classify(image)
+    assert (plain.value.status_code, plain.value.code, plain.value.message) == (
+        503,
+        "http_503",
+        "busy; retry later",
+    )
     refusals.arm(count=5, retry_after="30")  # longer than the client will wait in all: raised at once
     began = time.monotonic()
     with (

@@ -69,7 +69,9 @@ def test_a_larger_tolerance_gives_fewer_vertices_within_that_distance() -> None:
         # Douglas-Peucker keeps every traced vertex within `tolerance`; GEOS may then drop a ring's start point too
         assert shapely.distance(corners, simplified.boundary).max() <= 2 * tolerance + 1e-6
     assert counts == sorted(counts, reverse=True) and len(set(counts)) == 4, counts
-    assert as_shape(class_polygons(disc, 1, (1.0, 1.0), 0.0, (200, 200))).area == pytest.approx(disc.sum(), rel=0.005)
+    assert as_shape(class_polygons(disc, 1, (1.0, 1.0), 0.0, (200, 200))).area == pytest.approx(
+        disc.sum(), rel=0.005
+    )
 
 
 def test_speckle_is_capped_at_the_vertex_budget_largest_regions_first() -> None:
@@ -92,7 +94,9 @@ def png(image: np.ndarray) -> bytes:
 
 def upscaled(seed: int, width: int, height: int) -> np.ndarray:
     """A shapes scene at the segmenter's size, stretched to `width` x `height` (maps coordinates non-trivially)."""
-    return np.asarray(Image.fromarray(make_scene(seed, 128, 2, 4).image).resize((width, height), Image.BILINEAR))
+    return np.asarray(
+        Image.fromarray(make_scene(seed, 128, 2, 4).image).resize((width, height), Image.BILINEAR)
+    )
 
 
 @pytest.fixture(scope="module")
@@ -103,7 +107,9 @@ def client(model_repository: Path) -> Iterator[TestClient]:
 
 
 def segment(client: TestClient, image: np.ndarray, **params: object) -> dict:
-    response = client.post("/segment", params=params, content=png(image), headers={"Content-Type": "image/png"})
+    response = client.post(
+        "/segment", params=params, content=png(image), headers={"Content-Type": "image/png"}
+    )
     assert response.status_code == 200, response.text
     return response.json()["results"][0]
 
@@ -122,7 +128,12 @@ def test_polygons_cover_the_same_pixels_as_the_rle(client: TestClient, size: tup
             # nearest-neighbour staircase where the polygon follows the model's pixels)
             differ, perimeter = (inside ^ mask).sum(), shape.length
             assert differ <= 0.5 * perimeter, (seed, item["label"], differ, perimeter)
-            assert abs(shape.area - mask.sum()) <= 0.25 * perimeter, (seed, item["label"], shape.area, mask.sum())
+            assert abs(shape.area - mask.sum()) <= 0.25 * perimeter, (
+                seed,
+                item["label"],
+                shape.area,
+                mask.sum(),
+            )
             if mask.sum() >= 1000:
                 assert differ / (inside | mask).sum() <= 0.05, (seed, item["label"])
             checked += 1
@@ -132,7 +143,10 @@ def test_polygons_cover_the_same_pixels_as_the_rle(client: TestClient, size: tup
 def test_a_larger_tolerance_gives_fewer_vertices_from_the_gateway(client: TestClient) -> None:
     image = upscaled(2_000_100, 400, 400)
     counts = [
-        sum(vertices(s["polygons"]) for s in segment(client, image, return_polygons="true", polygon_tolerance=t)["segments"])
+        sum(
+            vertices(s["polygons"])
+            for s in segment(client, image, return_polygons="true", polygon_tolerance=t)["segments"]
+        )
         for t in (0, 1, 5)
     ]
     assert counts[0] > counts[1] > counts[2] > 0, counts
@@ -159,4 +173,6 @@ def test_openapi_documents_the_polygon_options_and_shape(client: TestClient) -> 
     assert parameters["return_polygons"]["schema"]["default"] is False
     assert parameters["polygon_tolerance"]["schema"]["maximum"] == 1000.0
     polygon = spec["components"]["schemas"]["Polygon"]
-    assert set(polygon["properties"]) == {"exterior", "holes"} and polygon["properties"]["exterior"]["examples"]
+    assert (
+        set(polygon["properties"]) == {"exterior", "holes"} and polygon["properties"]["exterior"]["examples"]
+    )
