@@ -49,6 +49,9 @@ class Batching:
     # Requests Triton queues per model before it refuses more (UNAVAILABLE → the gateway's 503),
     # instead of letting a flood grow its queue and memory without bound.
     max_queue_size: int = 256
+    # Triton runs each batch size this often before it reports the model ready (model_warmup): TorchScript
+    # optimises a graph per input shape on its second run, so the first real request is not the slow one.
+    warmup_runs: int = 2
 
     def check(self) -> None:
         """Refuse settings Triton would reject at load time."""
@@ -92,6 +95,12 @@ def model_config(spec: ModelSpec, batching: Batching, cpu: bool) -> model_config
     config.instance_group.append(model_config_pb2.ModelInstanceGroup(kind=kind, count=1))
     for key, value in spec.parameters.items():
         config.parameters[key].string_value = value
+    for size in range(1, batching.max_batch_size + 1) if batching.warmup_runs else ():
+        warmup = config.model_warmup.add(name=f"batch {size}", batch_size=size, count=batching.warmup_runs)
+        for tensor in spec.inputs:
+            warmup.inputs[tensor.name].CopyFrom(
+                model_config_pb2.ModelWarmup.Input(data_type=_data_type(tensor), dims=tensor.dims, random_data=True)
+            )
     return config
 
 

@@ -69,6 +69,11 @@ class Settings(BaseSettings):
 
     # batching and replicas (embedded backend)
     max_batch_size: int = Field(8, ge=1, le=256)
+    warm_up_batch_sizes: bool = Field(
+        True,
+        description="embedded models run every batch size up to max_batch_size twice before the replica is "
+        "ready, so no request pays for TorchScript's per-shape optimisation (false: one batch of one)",
+    )
     batch_wait_timeout_s: float = Field(0.01, ge=0.0, le=1.0)
     model_replicas: int = Field(1, ge=1)
     ingress_replicas: int = Field(1, ge=1)

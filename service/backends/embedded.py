@@ -48,6 +48,14 @@ def model_device(settings: Settings) -> str:
     return "cuda" if settings.device == "cuda" else "cpu"
 
 
+def warm_up(model: TorchScriptModel, settings: Settings) -> None:
+    """Run `model` at every batch size it will be asked for (or once, if settings say so)."""
+    if settings.warm_up_batch_sizes:
+        model.warm_up(range(1, settings.max_batch_size + 1), runs=2)
+    else:
+        model.warm_up((1,), runs=1)
+
+
 class BatchedModel:
     """One model and its batch queue: callers' images run together, one batch at a time, on the model's thread.
 
@@ -162,7 +170,7 @@ class LocalBackend(Backend):
         self._models: dict[str, BatchedModel] = {}
         for name in settings.models:
             model = TorchScriptModel(settings.model_repository, name, device)
-            model.warm_up()
+            warm_up(model, settings)
             self._models[name] = BatchedModel(model, settings.max_batch_size, settings.batch_wait_timeout_s, "embedded")
             log.info("model %s v%s loaded on %s in the gateway replica", name, model.version, device)
 
@@ -209,7 +217,7 @@ class ModelDeployment:
         if device == "cpu":
             torch.set_num_threads(settings.torch_threads)
         loaded = TorchScriptModel(settings.model_repository, model, device)
-        loaded.warm_up()
+        warm_up(loaded, settings)
         self._model = BatchedModel(loaded, settings.max_batch_size, settings.batch_wait_timeout_s, "embedded")
         log.info("model %s v%s loaded on %s", model, loaded.version, device)
 

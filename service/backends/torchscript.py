@@ -7,6 +7,7 @@ and the in-process figures all run models through this class.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -43,11 +44,13 @@ class TorchScriptModel:
         self.device = torch.device(device)
         self._module = load_torchscript(repository / model / self.version / "model.pt", self.device)
         self._output_names = [spec.name for spec in self.contract.outputs]
+        self.batch_sizes_run: set[int] = set()  # every batch size this model has run (warm-up included)
 
     def forward(self, batch: np.ndarray) -> dict[str, np.ndarray]:
         """Run a `[N,3,H,W]` uint8 batch; outputs by contract name (mapped by position), batch dim kept."""
         with torch.inference_mode():
             result = self._module(torch.from_numpy(batch).to(self.device))
+        self.batch_sizes_run.add(len(batch))
         tensors = [result] if isinstance(result, torch.Tensor) else list(result)
         return {name: tensor.cpu().numpy() for name, tensor in zip(self._output_names, tensors, strict=True)}
 
@@ -56,6 +59,12 @@ class TorchScriptModel:
         outputs = self.forward(np.stack(images))
         return [{name: values[i] for name, values in outputs.items()} for i in range(len(images))]
 
-    def warm_up(self) -> None:
-        """One zero batch, so the first request does not pay for lazy initialisation."""
-        self.forward(np.zeros((1, *self.contract.inputs[0].dims), dtype=np.uint8))
+    def warm_up(self, batch_sizes: Sequence[int] = (1,), runs: int = 2) -> None:
+        """Run each batch size `runs` times on random images: TorchScript optimises a graph per input
+        shape on its second run, so afterwards no request pays for that (Triton's `model_warmup` does
+        the same for the exported configs)."""
+        rng = np.random.default_rng(0)
+        for size in batch_sizes:
+            batch = rng.integers(0, 256, (size, *self.contract.inputs[0].dims), dtype=np.uint8)
+            for _ in range(runs):
+                self.forward(batch)
