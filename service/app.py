@@ -13,9 +13,9 @@ import logging
 import os
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 import numpy as np
 import torch
@@ -30,6 +30,7 @@ from ray.serve.handle import DeploymentHandle
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.admission import Admission, Limits, Ticket
+from service.answer_formats import encode_answer
 from service.backends.base import Backend, BackendTimeout, MalformedAnswer, check_outputs
 from service.backends.embedded import EmbeddedBackend, LocalBackend, model_deployments
 from service.backends.torchscript import latest_version
@@ -38,14 +39,16 @@ from service.errors import CLIENT_CLOSED, ERROR_KINDS, ERROR_RESPONSES, ApiError
 from service.handlers import HANDLERS, Handler
 from service.handlers.common import Geometry
 from service.images import ImageError, configure_pillow
-from service.inputs import read_images
+from service.inputs import ImageInputs, read_images
 from service.metrics import GatewayMetrics
+from service.oip import install_oip
 from service.pipeline import Prepared, TaskPipeline
 from service.routes_demo import annotated_or_json, install_demo
 from service.schemas import HealthResponse, ImageSize, ModelInfo, ModelsResponse, ReadyResponse
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 ENDPOINTS = (*(h.endpoint for h in HANDLERS.values()), "/health", "/ready", "/models")
 
@@ -196,34 +199,55 @@ class Answerer:
         limits) and answer it within its deadline (504)."""
         pipeline = self.pipeline(handler)
         settings = self.settings
-        try:
-            async with asyncio.timeout(settings.body_timeout_s):
-                inputs = await read_images(
-                    request,
-                    handler.request,
-                    settings.max_body_bytes,
-                    settings.max_images_per_request,
-                    max_request_pixels=settings.max_request_pixels,
-                    allowed_formats=settings.allowed_formats,
-                    min_side=pipeline.min_side,  # a large JPEG counts at the size it is decoded to
-                )
-        except TimeoutError as error:
-            raise ApiError(
-                408, "body_timeout", f"the request body did not arrive within {settings.body_timeout_s:g} s"
-            ) from error
+        inputs = await self.in_body_time(
+            read_images(
+                request,
+                handler.request,
+                settings.max_body_bytes,
+                settings.max_images_per_request,
+                max_request_pixels=settings.max_request_pixels,
+                allowed_formats=settings.allowed_formats,
+                min_side=pipeline.min_side,  # a large JPEG counts at the size it is decoded to
+            )
+        )
         options = handler.options.model_validate({**query_options.model_dump(exclude_unset=True), **inputs.json_options})
-        ticket = self.admission.admit(sum(map(len, inputs.blobs)), inputs.pixels)
-        try:
-            async with asyncio.timeout(settings.request_timeout_s):
-                response = await self.answer_images(handler, inputs.blobs, options, ticket)
-                answer = await annotated_or_json(request, response, inputs.blobs, options, settings)
-        except TimeoutError as error:
-            raise BackendTimeout(f"the request did not finish within {settings.request_timeout_s:g} s") from error
-        finally:
-            ticket.release()
+
+        async def finish(response: BaseModel) -> BaseModel | Response:
+            return await annotated_or_json(request, response, inputs.blobs, options, settings)
+
+        answer = await self.answer_admitted(handler, inputs, options, finish)
         if isinstance(answer, Response):
             return answer
-        return Response(answer.model_dump_json(), media_type="application/json")
+        return encode_answer(request, answer)  # JSON, or MessagePack when Accept asks for it
+
+    async def in_body_time(self, reading: Awaitable[T]) -> T:
+        """Await `reading` (the request body, parsed) within `body_timeout_s` (408 body_timeout past it)."""
+        try:
+            async with asyncio.timeout(self.settings.body_timeout_s):
+                return await reading
+        except TimeoutError as error:
+            raise ApiError(
+                408, "body_timeout", f"the request body did not arrive within {self.settings.body_timeout_s:g} s"
+            ) from error
+
+    async def answer_admitted(
+        self,
+        handler: Handler,
+        inputs: ImageInputs,
+        options: BaseModel,
+        finish: Callable[[BaseModel], Awaitable[T]],
+    ) -> T:
+        """Admit the request (503 + Retry-After past the limits), then answer it and `finish` the answer
+        within its deadline (504); every route that runs a model goes through here."""
+        ticket = self.admission.admit(sum(map(len, inputs.blobs)), inputs.pixels)
+        try:
+            async with asyncio.timeout(self.settings.request_timeout_s):
+                return await finish(await self.answer_images(handler, inputs.blobs, options, ticket))
+        except TimeoutError as error:
+            timeout = self.settings.request_timeout_s
+            raise BackendTimeout(f"the request did not finish within {timeout:g} s") from error
+        finally:
+            ticket.release()
 
     async def answer_images(
         self, handler: Handler, blobs: list[bytes], options: BaseModel, ticket: Ticket | None = None
@@ -320,6 +344,7 @@ def create_api(settings: Settings, backend: Backend) -> FastAPI:
     for handler in HANDLERS.values():  # a disabled model's route answers 404 model_disabled
         _task_route(tasks, answerer, handler)
     api.include_router(tasks)
+    install_oip(api, answerer, settings, guarded)  # /v2: the Open Inference Protocol
 
     @api.get("/health", response_model=HealthResponse)
     async def health() -> HealthResponse:

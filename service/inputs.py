@@ -111,22 +111,39 @@ async def read_images(
         inputs = await _from_multipart(request, body, max_images)
     else:
         inputs = await asyncio.to_thread(_from_json, body, body_model, max_images)
-    if not inputs.blobs or not any(inputs.blobs):
+    inputs.pixels = await check_images(
+        inputs.blobs,
+        max_images,
+        max_request_pixels=max_request_pixels,
+        allowed_formats=allowed_formats,
+        min_side=min_side,
+    )
+    return inputs
+
+
+async def check_images(
+    blobs: list[bytes],
+    max_images: int,
+    *,
+    max_request_pixels: int = DEFAULT_MAX_REQUEST_PIXELS,
+    allowed_formats: Collection[str] = READABLE_FORMATS,
+    min_side: int | None = None,
+) -> int:
+    """The pixels of a request's images from their headers, once they pass the per-request limits
+    (400 no_image, 413 too_many_images, 413 too_many_pixels); every input style goes through it."""
+    if not blobs or not any(blobs):
         raise ApiError(400, "no_image", "the request contains no image")
-    if len(inputs.blobs) > max_images:
-        raise ApiError(
-            413, "too_many_images", f"{len(inputs.blobs)} images in one request; the limit is {max_images}"
-        )
-    pixels = await asyncio.to_thread(request_pixels, inputs.blobs, allowed_formats, min_side)
+    if len(blobs) > max_images:
+        raise ApiError(413, "too_many_images", f"{len(blobs)} images in one request; the limit is {max_images}")
+    pixels = await asyncio.to_thread(request_pixels, blobs, allowed_formats, min_side)
     if pixels > max_request_pixels:
         raise ApiError(
             413,
             "too_many_pixels",
-            f"the request's {len(inputs.blobs)} images have {pixels} pixels together; the limit is "
+            f"the request's {len(blobs)} images have {pixels} pixels together; the limit is "
             f"{max_request_pixels} pixels per request (send fewer or smaller images per request)",
         )
-    inputs.pixels = pixels
-    return inputs
+    return pixels
 
 
 async def _from_multipart(request: Request, body: bytes, max_images: int) -> ImageInputs:

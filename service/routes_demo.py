@@ -74,9 +74,7 @@ async def annotated_or_json(
 ) -> BaseModel | Response:
     """Return `response` as it is, or with its answers drawn on the images when a client asks."""
     fmt = requested_format(request, options)
-    carried = _png_bytes(response)
-    if carried > settings.max_response_bytes:
-        raise _too_large(settings)
+    carried = check_carried_images(response, settings)
     if fmt is None:
         return response
     as_json = len(blobs) != 1 or "application/json" in _accepted_media_types(request)
@@ -88,6 +86,14 @@ async def annotated_or_json(
     for result, image in zip(body["results"], images, strict=True):
         result["annotated_image"] = prefix + base64.b64encode(image).decode("ascii")
     return JSONResponse(body)
+
+
+def check_carried_images(response: BaseModel, settings: Settings) -> int:
+    """Bytes of the images `response` already carries (`return_png` masks), or 413 past `max_response_bytes`."""
+    carried = _png_bytes(response)
+    if carried > settings.max_response_bytes:
+        raise _too_large(settings)
+    return carried
 
 
 def _draw_all(
