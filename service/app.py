@@ -9,12 +9,14 @@ so this whole path is one process.
 # No `from __future__ import annotations` here: FastAPI reads the generated routes' annotations at run time.
 
 import asyncio
+import contextlib
 import logging
 import os
 import secrets
 import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Annotated, Any, TypeVar
 
 import numpy as np
@@ -27,6 +29,7 @@ from ray import serve
 from ray.serve.config import BackpressureConfig
 from ray.serve.deployment import Deployment
 from ray.serve.handle import DeploymentHandle
+from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.admission import Admission, Limits, Ticket
@@ -42,10 +45,11 @@ from service.images import ImageError, configure_pillow
 from service.inputs import ImageInputs, read_images
 from service.metrics import GatewayMetrics
 from service.oip import install_oip
-from service.pipeline import Prepared, TaskPipeline
+from service.pipeline import TaskPipeline
 from service.routes_demo import annotated_or_json, install_demo
 from service.schemas import HealthResponse, ImageSize, ModelInfo, ModelsResponse, ReadyResponse
 from service.settings import Settings
+from service.timing import BatchTiming, Timings, stage
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -199,26 +203,34 @@ class Answerer:
         limits) and answer it within its deadline (504)."""
         pipeline = self.pipeline(handler)
         settings = self.settings
-        inputs = await self.in_body_time(
-            read_images(
-                request,
-                handler.request,
-                settings.max_body_bytes,
-                settings.max_images_per_request,
-                max_request_pixels=settings.max_request_pixels,
-                allowed_formats=settings.allowed_formats,
-                min_side=pipeline.min_side,  # a large JPEG counts at the size it is decoded to
+        timings = Timings() if settings.stage_timings else None
+        with stage(timings, "read"):
+            inputs = await self.in_body_time(
+                read_images(
+                    request,
+                    handler.request,
+                    settings.max_body_bytes,
+                    settings.max_images_per_request,
+                    max_request_pixels=settings.max_request_pixels,
+                    allowed_formats=settings.allowed_formats,
+                    min_side=pipeline.min_side,  # a large JPEG counts at the size it is decoded to
+                )
             )
-        )
         options = handler.options.model_validate({**query_options.model_dump(exclude_unset=True), **inputs.json_options})
 
         async def finish(response: BaseModel) -> BaseModel | Response:
-            return await annotated_or_json(request, response, inputs.blobs, options, settings)
+            with stage(timings, "encode"):
+                return await annotated_or_json(request, response, inputs.blobs, options, settings)
 
-        answer = await self.answer_admitted(handler, inputs, options, finish)
-        if isinstance(answer, Response):
-            return answer
-        return encode_answer(request, answer)  # JSON, or MessagePack when Accept asks for it
+        deadline_s = request_deadline(request, settings.request_timeout_s)
+        answer = await unless_gone(request, self.answer_admitted(handler, inputs, options, finish, timings, deadline_s))
+        if not isinstance(answer, Response):
+            with stage(timings, "encode"):
+                answer = encode_answer(request, answer)  # JSON, or MessagePack when Accept asks for it
+        if timings is not None:
+            answer.headers["Server-Timing"] = timings.header()
+            self.metrics.observe_stages(handler.endpoint, timings)
+        return answer
 
     async def in_body_time(self, reading: Awaitable[T]) -> T:
         """Await `reading` (the request body, parsed) within `body_timeout_s` (408 body_timeout past it)."""
@@ -236,24 +248,32 @@ class Answerer:
         inputs: ImageInputs,
         options: BaseModel,
         finish: Callable[[BaseModel], Awaitable[T]],
+        timings: Timings | None = None,
+        deadline_s: float | None = None,
     ) -> T:
         """Admit the request (503 + Retry-After past the limits), then answer it and `finish` the answer
         within its deadline (504); every route that runs a model goes through here."""
         ticket = self.admission.admit(sum(map(len, inputs.blobs)), inputs.pixels)
+        timeout = deadline_s or self.settings.request_timeout_s
         try:
-            async with asyncio.timeout(self.settings.request_timeout_s):
-                return await finish(await self.answer_images(handler, inputs.blobs, options, ticket))
+            async with asyncio.timeout(timeout):
+                return await finish(await self.answer_images(handler, inputs.blobs, options, ticket, timings))
         except TimeoutError as error:
-            timeout = self.settings.request_timeout_s
             raise BackendTimeout(f"the request did not finish within {timeout:g} s") from error
         finally:
             ticket.release()
 
     async def answer_images(
-        self, handler: Handler, blobs: list[bytes], options: BaseModel, ticket: Ticket | None = None
+        self,
+        handler: Handler,
+        blobs: list[bytes],
+        options: BaseModel,
+        ticket: Ticket | None = None,
+        timings: Timings | None = None,
     ) -> BaseModel:
         """The task's response for encoded images `blobs` (decode → backend → postprocess), as the
-        route gives it; `ticket` holds admission until the image threads finish."""
+        route gives it; `ticket` holds admission until the image threads finish; `timings`, if given,
+        receives each stage's duration."""
         pipeline = self.pipeline(handler)
         self.metrics.images.observe(len(blobs), tags={"endpoint": handler.endpoint})
         loop = asyncio.get_running_loop()
@@ -270,10 +290,17 @@ class Answerer:
             prepared = await asyncio.gather(*(in_pool(_prepare, pipeline, blob, i) for i, blob in enumerate(blobs)))
         finally:
             self.backend.arrived(handler.model, count)
-        outputs = await self.backend.infer_many(handler.model, [tensor for tensor, _ in prepared])
+        batches = [BatchTiming() for _ in prepared] if timings is not None else None
+        outputs = await self.backend.infer_many(handler.model, [image.tensor for image in prepared], batches)
         self._check(pipeline, outputs)
-        geometries = [geometry for _, geometry in prepared]
-        results = await in_pool(_answer_all, pipeline, outputs, geometries, options)
+        geometries = [image.geometry for image in prepared]
+        results, postprocess_s = await in_pool(_answer_all, pipeline, outputs, geometries, options)
+        if timings is not None:
+            for image in prepared:
+                timings.add("decode", image.decode_s)
+                timings.add("preprocess", image.preprocess_s)
+            timings.batches(batches or [])
+            timings.add("postprocess", postprocess_s)
         return handler.response(
             model=handler.model, version=self.versions[handler.model], backend=self.settings.backend, results=results
         )
@@ -295,17 +322,76 @@ class Answerer:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
 
-def _prepare(pipeline: TaskPipeline, blob: bytes, index: int) -> Prepared:
+REQUEST_TIMEOUT_HEADER = "x-request-timeout"
+
+
+def request_deadline(request: Request, server_timeout_s: float) -> float:
+    """Seconds this request may take once admitted: the server's deadline, or the client's shorter
+    `X-Request-Timeout: <seconds>` (400 if it is not a positive number)."""
+    given = request.headers.get(REQUEST_TIMEOUT_HEADER)
+    if given is None:
+        return server_timeout_s
     try:
-        return pipeline.prepare(blob)
+        seconds = float(given)
+    except ValueError:
+        seconds = float("nan")
+    if not 0 < seconds < float("inf"):
+        raise ApiError(400, "bad_request", f"X-Request-Timeout must be a positive number of seconds, got {given!r}")
+    return min(seconds, server_timeout_s)
+
+
+async def unless_gone(request: Request, work: Awaitable[T]) -> T:
+    """Await `work`, unless the client disconnects first: then cancel it (its images leave the batch
+    queue before they run; a Triton call is cancelled) and raise `ClientDisconnect` (recorded as 499)."""
+    task = asyncio.ensure_future(work)
+    gone = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait((task, gone), return_when=asyncio.FIRST_COMPLETED)
+        if not task.done():  # the client left first
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):  # nobody is there to tell
+                await task
+            raise ClientDisconnect()
+        return task.result()
+    finally:
+        gone.cancel()
+        if not task.done():
+            task.cancel()
+
+
+async def _disconnected(request: Request) -> None:
+    """Return when the client has gone (the body has been read: the next ASGI message is the disconnect)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+@dataclass(frozen=True)
+class _Decoded:
+    tensor: np.ndarray
+    geometry: Geometry
+    decode_s: float
+    preprocess_s: float
+
+
+def _prepare(pipeline: TaskPipeline, blob: bytes, index: int) -> _Decoded:
+    """One image decoded and preprocessed (in a pool thread), timing both steps."""
+    began = time.perf_counter()
+    try:
+        decoded = pipeline.decode(blob)
+        decoded_at = time.perf_counter()
+        tensor, geometry = pipeline.preprocess(*decoded)
     except ImageError as error:
         raise ApiError(error.status_code, error.code, f"image {index}: {error}") from error
+    return _Decoded(tensor, geometry, decoded_at - began, time.perf_counter() - decoded_at)
 
 
 def _answer_all(
     pipeline: TaskPipeline, outputs: list[dict[str, np.ndarray]], geometries: list[Geometry], options: BaseModel
-) -> list[BaseModel]:
-    return [pipeline.answer(out, geometry, options) for out, geometry in zip(outputs, geometries, strict=True)]
+) -> tuple[list[BaseModel], float]:
+    """Every image's result (in a pool thread), and the seconds it took."""
+    began = time.perf_counter()
+    results = [pipeline.answer(out, geometry, options) for out, geometry in zip(outputs, geometries, strict=True)]
+    return results, time.perf_counter() - began
 
 
 def _task_route(router: APIRouter, answerer: Answerer, handler: Handler) -> None:

@@ -47,11 +47,16 @@ class TaskPipeline:
 
     def prepare(self, data: bytes) -> Prepared:
         """Decode an uploaded file and bring it to the model's `[3,H,W]` uint8 input (raises `ImageError`)."""
-        image, (width, height) = decode_image_reduced(
-            data, self.settings.max_pixels, self.settings.allowed_formats, self.min_side
-        )
+        return self.preprocess(*self.decode(data))
+
+    def decode(self, data: bytes) -> tuple[np.ndarray, tuple[int, int]]:
+        """The file's RGB pixels (large JPEGs reduced) and its full (width, height) (raises `ImageError`)."""
+        return decode_image_reduced(data, self.settings.max_pixels, self.settings.allowed_formats, self.min_side)
+
+    def preprocess(self, image: np.ndarray, size: tuple[int, int]) -> Prepared:
+        """Decoded pixels → the model's `[3,H,W]` uint8 input, and the geometry back to the full `size`."""
         tensor, geometry = self.handler.preprocess(image, self.contract)
-        return tensor, at_full_size(geometry, width, height)
+        return tensor, at_full_size(geometry, *size)
 
     def answer(self, outputs: dict[str, np.ndarray], geometry: Geometry, options: BaseModel | None = None) -> BaseModel:
         """The task's result for one image (default options unless given)."""

@@ -108,6 +108,11 @@ class Settings(BaseSettings):
         description="time a client has to send the whole request body, before the request takes an admission "
         "slot; past it: 408",
     )
+    stage_timings: bool = Field(
+        True,
+        description="time each request's stages (read, decode, preprocess, queue, model, postprocess, encode): "
+        "a Server-Timing response header and the cvserve_stage_seconds histogram",
+    )
     request_timeout_s: float = Field(30.0, gt=0.0, description="deadline of a whole request; past it: 504")
     retry_after_s: int = Field(1, ge=0, description="Retry-After (seconds) of 503s for a full gateway or Serve queue")
 

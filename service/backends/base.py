@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Sequence
 
 import numpy as np
 
 from service.contract import ModelContract
+from service.timing import BatchTiming
 
 
 class BackendUnavailable(RuntimeError):
@@ -33,9 +35,18 @@ class Backend:
         """Return whether every model can answer now."""
         raise NotImplementedError
 
-    async def infer_many(self, model: str, images: Sequence[np.ndarray]) -> list[dict[str, np.ndarray]]:
-        """Run all of one request's images concurrently (so they can share a batch); outputs in order."""
-        return list(await asyncio.gather(*(self.infer(model, image) for image in images)))
+    async def infer_many(
+        self, model: str, images: Sequence[np.ndarray], timings: Sequence[BatchTiming] | None = None
+    ) -> list[dict[str, np.ndarray]]:
+        """Run all of one request's images concurrently (so they can share a batch); outputs in order.
+
+        `timings`, one per image, receive where each image's time went; a backend that cannot see its
+        batches reports the whole call as `model_s`."""
+        began = time.perf_counter()
+        outputs = list(await asyncio.gather(*(self.infer(model, image) for image in images)))
+        for timing in timings or ():
+            timing.model_s = time.perf_counter() - began
+        return outputs
 
     def announce(self, model: str, images: int) -> None:
         """`images` for `model` are being decoded now (an in-process batcher may wait for them)."""

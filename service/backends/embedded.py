@@ -16,6 +16,7 @@ import time
 from collections import Counter, deque
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -30,6 +31,7 @@ from service.backends.base import Backend, BackendTimeout, BackendUnavailable
 from service.backends.torchscript import TorchScriptModel
 from service.metrics import ModelMetrics
 from service.settings import Settings
+from service.timing import BatchTiming
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +58,17 @@ def warm_up(model: TorchScriptModel, settings: Settings) -> None:
         model.warm_up((1,), runs=1)
 
 
+@dataclass(eq=False)
+class _Waiting:
+    """One queued image: its caller's future, when it was queued, and where to report its timing."""
+
+    image: np.ndarray
+    future: asyncio.Future[dict[str, np.ndarray]]
+    queued_at: float
+    timing: BatchTiming | None
+    live: bool = True  # queued and its caller still waits
+
+
 class BatchedModel:
     """One model and its batch queue: callers' images run together, one batch at a time, on the model's thread.
 
@@ -71,8 +84,10 @@ class BatchedModel:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"model-{model.name}")
         self._metrics = ModelMetrics(model.name, backend)
         self.batch_sizes: Counter[int] = Counter()
+        self.dropped = 0  # images whose callers gave up before they were batched
         self.configure(max_batch_size, batch_wait_timeout_s)
-        self._waiting: deque[tuple[np.ndarray, asyncio.Future[dict[str, np.ndarray]]]] = deque()
+        self._waiting: deque[_Waiting] = deque()
+        self._live = 0  # queued images whose callers still wait
         self._coming = 0  # images announced by callers and not yet queued (being read or decoded)
         self._changed: asyncio.Event | None = None  # created in the serving loop
         self._worker: asyncio.Task[None] | None = None
@@ -90,14 +105,18 @@ class BatchedModel:
         self._coming = max(0, self._coming - images)
         self._notify()
 
-    def submit(self, image: np.ndarray) -> asyncio.Future[dict[str, np.ndarray]]:
-        """Queue one `[3,H,W]` image; the future resolves to its outputs (cancel it to drop the image)."""
+    def submit(self, image: np.ndarray, timing: BatchTiming | None = None) -> asyncio.Future[dict[str, np.ndarray]]:
+        """Queue one `[3,H,W]` image; the future resolves to its outputs (cancel it to drop the image).
+        `timing`, if given, receives the image's queue wait, its batch's run time and size."""
         loop = asyncio.get_running_loop()
         if self._worker is None or self._worker.done():
             self._changed = asyncio.Event()
             self._worker = loop.create_task(self._run(), name=f"batches-{self.model.name}")
         future: asyncio.Future[dict[str, np.ndarray]] = loop.create_future()
-        self._waiting.append((image, future))
+        entry = _Waiting(image, future, time.perf_counter(), timing)
+        future.add_done_callback(lambda _: self._gave_up(entry))
+        self._waiting.append(entry)
+        self._live += 1
         self._notify()
         return future
 
@@ -105,54 +124,61 @@ class BatchedModel:
         """Run one image in the next batch that has room; return its outputs."""
         return await self.submit(image)
 
+    def _gave_up(self, entry: _Waiting) -> None:
+        if entry.live and entry.future.cancelled():  # still queued: it will be skipped, never batched
+            entry.live = False
+            self._live -= 1
+            self.dropped += 1
+
     def _notify(self) -> None:
         if self._changed is not None:
             self._changed.set()
-
-    def _live(self) -> int:
-        while self._waiting and self._waiting[0][1].done():  # cancelled callers at the head
-            self._waiting.popleft()
-        return sum(1 for _, future in self._waiting if not future.done())
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         assert self._changed is not None
         while True:
-            while not self._live():
+            while not self._live:
+                self._waiting.clear()  # only given-up entries are left
                 self._changed.clear()
                 await self._changed.wait()
             deadline = loop.time() + self.batch_wait_timeout_s
-            while self._live() < self.max_batch_size and self._coming > 0 and loop.time() < deadline:
+            while self._live < self.max_batch_size and self._coming > 0 and loop.time() < deadline:
                 self._changed.clear()
                 try:
                     await asyncio.wait_for(self._changed.wait(), deadline - loop.time())
                 except TimeoutError:
                     break
-            batch = []
+            batch: list[_Waiting] = []
             while self._waiting and len(batch) < self.max_batch_size:
-                image, future = self._waiting.popleft()
-                if not future.done():
-                    batch.append((image, future))
+                entry = self._waiting.popleft()
+                if entry.live:
+                    entry.live = False
+                    self._live -= 1
+                    batch.append(entry)
             if batch:
                 await self._run_batch(loop, batch)
 
-    async def _run_batch(
-        self, loop: asyncio.AbstractEventLoop, batch: list[tuple[np.ndarray, asyncio.Future[dict[str, np.ndarray]]]]
-    ) -> None:
+    async def _run_batch(self, loop: asyncio.AbstractEventLoop, batch: list[_Waiting]) -> None:
         started = time.perf_counter()
         try:
-            outputs = await loop.run_in_executor(self._executor, self.model.infer, [image for image, _ in batch])
+            outputs = await loop.run_in_executor(self._executor, self.model.infer, [entry.image for entry in batch])
         except Exception:  # the model failed: every caller of this batch gets the error
             log.exception("model %s failed on a batch of %d", self.model.name, len(batch))
-            for _, future in batch:
-                if not future.done():
-                    future.set_exception(BackendUnavailable(f"model {self.model.name} failed; retry shortly"))
+            for entry in batch:
+                if not entry.future.done():
+                    entry.future.set_exception(BackendUnavailable(f"model {self.model.name} failed; retry shortly"))
             return
-        self._metrics.observe_batch(len(batch), time.perf_counter() - started)
+        seconds = time.perf_counter() - started
+        self._metrics.observe_batch(len(batch), seconds)
         self.batch_sizes[len(batch)] += 1
-        for (_, future), output in zip(batch, outputs, strict=True):
-            if not future.done():
-                future.set_result(output)
+        for entry, output in zip(batch, outputs, strict=True):
+            if entry.timing is not None:
+                entry.timing.queue_s = started - entry.queued_at
+                entry.timing.model_s = seconds
+                entry.timing.batch_size = len(batch)
+            if not entry.future.done():
+                entry.future.set_result(output)
 
     def close(self) -> None:
         if self._worker is not None:
@@ -178,10 +204,13 @@ class LocalBackend(Backend):
         """Queue one `[3,H,W]` image for `model`'s next batch; the caller's deadline bounds the wait."""
         return await self._models[model].infer(image)
 
-    async def infer_many(self, model: str, images: Sequence[np.ndarray]) -> list[dict[str, np.ndarray]]:
+    async def infer_many(
+        self, model: str, images: Sequence[np.ndarray], timings: Sequence[BatchTiming] | None = None
+    ) -> list[dict[str, np.ndarray]]:
         """Queue all of one request's images at once (so they share a batch); outputs in order."""
         batched = self._models[model]
-        futures = [batched.submit(image) for image in images]
+        reports = timings if timings is not None else [None] * len(images)
+        futures = [batched.submit(image, timing) for image, timing in zip(images, reports, strict=True)]
         try:
             return list(await asyncio.gather(*futures))
         finally:

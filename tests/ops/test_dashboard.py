@@ -31,6 +31,7 @@ REQUIRED_METRICS = {
     "ray_cvserve_model_latency_seconds_bucket",
     "ray_cvserve_images_per_request_sum",
     "ray_cvserve_in_flight_requests",
+    "ray_cvserve_stage_seconds_sum",
     "nv_inference_queue_duration_us",
     "nv_inference_compute_infer_duration_us",
     "nv_inference_count",
