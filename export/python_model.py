@@ -29,8 +29,8 @@ class TritonPythonModel:
         self.input_name = config["input"][0]["name"]
         self.output_names = [output["name"] for output in config["output"]]
         torch.set_num_threads(min(MAX_THREADS, torch.get_num_threads()))
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*torch.jit.* is deprecated", category=FutureWarning)
+        with warnings.catch_warnings():  # service.backends.torchscript.quiet_jit, which this file cannot import
+            warnings.filterwarnings("ignore", message=r".*torch\.jit.* is deprecated", category=FutureWarning)
             self.model = torch.jit.load(str(Path(__file__).with_name("model.pt")), map_location="cpu")
         self.model.eval()
 

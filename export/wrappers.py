@@ -6,7 +6,6 @@ every server (libtorch backend, python backend, embedded) computes exactly the s
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Sequence
 
 import torch
@@ -14,6 +13,7 @@ from torch import nn
 from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
 
 from export.spec import MAX_DETECTIONS
+from service.backends.torchscript import quiet_jit
 
 
 class Normalize(nn.Module):
@@ -91,13 +91,11 @@ class DetectorWrapper(nn.Module):
 
 def script(module: nn.Module) -> torch.jit.ScriptModule:
     """TorchScript `module` (Triton's libtorch format, deprecated in torch but still required)."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*torch.jit.* is deprecated", category=FutureWarning)
+    with quiet_jit():
         return torch.jit.script(module.eval())
 
 
 def save(module: torch.jit.ScriptModule, path: str) -> None:
     """Write a scripted module to `path` (torch.jit.save, its deprecation notice silenced)."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*torch.jit.* is deprecated", category=FutureWarning)
+    with quiet_jit():
         torch.jit.save(module, path)

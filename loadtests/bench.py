@@ -40,8 +40,9 @@ from loadtests.baselines.pipeline import ModelPipeline
 from loadtests.images import DEFAULT_SIZES, EncodedImage, make_image_mix, parse_sizes
 from loadtests.inprocess import RawResult, measure_model, measure_pipeline
 from loadtests.loadgen import LoadResult, RequestBuilder, closed_loop, open_loop
-from loadtests.servers import ServerProcess, free_port, reserved_free_port, start_server
 from service.settings import Settings
+from support.ports import free_port, free_ports, reserved_free_port
+from support.process import HttpServer, start_server
 
 log = logging.getLogger("loadtests.bench")
 
@@ -187,7 +188,7 @@ class Run:
     @contextmanager
     def server(
         self, name: str, command: list[str], port: int, ready_path: str, env: dict[str, str]
-    ) -> Iterator[ServerProcess]:
+    ) -> Iterator[HttpServer]:
         """A server process for the duration of a `with` block."""
         server = start_server(
             name, command, port, ready_path, self.args.out / "logs", env, self.args.start_timeout
@@ -204,7 +205,7 @@ class Run:
         module = "loadtests.baselines.handwritten" if system == "handwritten" else "loadtests.baselines.litserve_server"
         command = [sys.executable, "-m", module, "--model", model, "--port", str(port)]
         with self.server(f"{model}-{system}", command, port, "/health", server_env(self.settings, model)) as server:
-            yield server.base_url
+            yield server.url
 
     @contextmanager
     def ours(self, system: str, models: list[str]) -> Iterator[str]:
@@ -220,10 +221,10 @@ class Run:
             if env["CVSERVE_BACKEND"] == "triton":
                 env["CVSERVE_TRITON_URL"] = stack.enter_context(self.triton())
             server = stack.enter_context(self.gateway(system, ",".join(models), port, **env))
-            yield server.base_url
+            yield server.url
 
     @contextmanager
-    def gateway(self, name: str, models: str, port: int, **env: str) -> Iterator[ServerProcess]:
+    def gateway(self, name: str, models: str, port: int, **env: str) -> Iterator[HttpServer]:
         """`python -m service` in a fresh local Ray instance of its own."""
         overrides = {
             "CVSERVE_PORT": str(port),
@@ -246,9 +247,7 @@ class Run:
         with tempfile.TemporaryDirectory(prefix="bench-triton-", dir=self.args.out) as work:
             triton = start_tritonserver(
                 self.args.triton_repository,
-                free_port(),
-                free_port(),
-                free_port(),
+                *free_ports(3),
                 work_dir=work,
                 ready_timeout_s=self.args.start_timeout,
             )
@@ -338,7 +337,7 @@ class Run:
                     try:
                         with self.baseline(system, model) as url:
                             loads[model] += asyncio.run(self.load_levels(system, url + pipelines[model].endpoint, build))
-                    except RuntimeError as error:  # a server that does not start is reported; the others still run
+                    except (RuntimeError, TimeoutError) as error:  # a server that does not start is reported; the others still run
                         failed[model][system] = str(error).splitlines()[0]
                         log.error("%s %s failed: %s", model, system, error)
                 continue
@@ -351,7 +350,7 @@ class Run:
                 with self.ours(system, models) as url:
                     for model in models:
                         loads[model] += asyncio.run(self.load_levels(system, url + pipelines[model].endpoint, build))
-            except RuntimeError as error:
+            except (RuntimeError, TimeoutError) as error:
                 for model in models:
                     failed[model][system] = str(error).splitlines()[0]
                 log.error("%s failed: %s", system, error)

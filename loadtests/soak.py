@@ -29,7 +29,8 @@ from pathlib import Path
 
 import psutil
 
-from loadtests.servers import ServerProcess, free_port, start_server
+from support.ports import free_port
+from support.process import HttpServer, start_server
 
 log = logging.getLogger("loadtests.soak")
 
@@ -221,12 +222,12 @@ def soak(args: argparse.Namespace) -> Verdict:
     }
     if args.model_repository is not None:
         env["CVSERVE_MODEL_REPOSITORY"] = str(args.model_repository.resolve())
-    server: ServerProcess = start_server(
+    server: HttpServer = start_server(
         "gateway", [sys.executable, "-m", "service"], port, "/ready", args.out, env=env, timeout_s=300
     )
     samples: list[Sample] = []
     try:
-        locust = run_locust(server.base_url, args, args.out / "locust")
+        locust = run_locust(server.url, args, args.out / "locust")
         started = time.monotonic()
         while locust.poll() is None:
             samples.append(sample(server.process.pid, started))

@@ -28,6 +28,7 @@ ImageFormat = Literal["png", "jpeg"]
 MEDIA_TYPES: dict[ImageFormat, str] = {"png": "image/png", "jpeg": "image/jpeg"}
 
 # Kelly's colours of maximum contrast (without black and white), then a few more: class id -> colour.
+# /segment's return_png mask uses them too (service.handlers.segment), with background black.
 _PALETTE: tuple[tuple[int, int, int], ...] = (
     (255, 179, 0), (128, 62, 117), (255, 104, 0), (166, 189, 215), (193, 0, 32), (206, 162, 98),
     (129, 112, 102), (0, 125, 52), (246, 118, 142), (0, 83, 138), (255, 122, 92), (83, 55, 122),

@@ -19,14 +19,13 @@ import signal
 import socket
 import sys
 import threading
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
-from stack.process import ManagedProcess, spawn
 from stack.prometheus import PrometheusServer, render_config, start_prometheus
 from stack.triton import TritonServer, start_tritonserver
+from support.process import HttpServer, spawn
 
 log = logging.getLogger("stack")
 
@@ -58,26 +57,14 @@ class Ports:
 
 
 @dataclass
-class Gateway(ManagedProcess):
-    """The `python -m service` subprocess (own process group, so Ray's children stop with it)."""
-
-    port: int
+class Gateway(HttpServer):
+    """The `python -m service` subprocess (own process group, so Ray's children stop with it), ready
+    once /ready answers 200 (it reached Triton and every model). stop() SIGTERMs the gateway only: it
+    shuts Serve and Ray down itself."""
 
     label: ClassVar[str] = "gateway"
     poll_interval_s: ClassVar[float] = 0.5
-    term_group: ClassVar[bool] = False  # SIGTERM to the gateway only: it shuts Serve and Ray down itself
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def is_ready(self) -> bool:
-        """Whether /ready answers 200 (the gateway reached Triton and every model)."""
-        try:
-            with urllib.request.urlopen(f"{self.url}/ready", timeout=2) as response:
-                return response.status == 200
-        except OSError:  # refused while starting, or 503 (HTTPError) until ready
-            return False
+    stop_timeout_s: ClassVar[float] = 15.0
 
 
 def gateway_environment(ports: Ports, model_repository: Path) -> dict[str, str]:

@@ -22,7 +22,7 @@ from typing import Any, ClassVar
 
 import yaml
 
-from stack.process import ManagedProcess, ready_or_killed, spawn
+from support.process import ManagedProcess, ready_or_ended, spawn
 
 log = logging.getLogger(__name__)
 
@@ -147,4 +147,4 @@ def start_prometheus(
     log.info("starting prometheus on 127.0.0.1:%d, log %s", port, log_path)
     process = spawn(command, log_path, cwd=work)
     server = PrometheusServer(port=port, process=process, log_path=log_path, config_path=config_path)
-    return ready_or_killed(server, ready_timeout_s) if wait else server
+    return ready_or_ended(server, ready_timeout_s) if wait else server

@@ -24,7 +24,7 @@ import pytriton
 import tritonclient.http as triton_http
 
 from service.backends.triton import TRITON_KEEPALIVE_FLAGS
-from stack.process import ManagedProcess, ready_or_killed, spawn
+from support.process import ManagedProcess, ready_or_ended, spawn
 
 log = logging.getLogger(__name__)
 
@@ -197,7 +197,7 @@ def start_tritonserver(
         metrics_port=metrics_port,
         admin_token=token,
     )
-    return ready_or_killed(server, ready_timeout_s) if wait else server
+    return ready_or_ended(server, ready_timeout_s) if wait else server
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import tempfile
-import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
@@ -18,18 +16,16 @@ from pathlib import Path
 import httpx
 import pytest
 
-from loadtests.servers import reserved_free_port
 from service.__main__ import haproxy_log_sink, make_private_dir, ray_environment
 from service.settings import Settings
+from support.ports import free_port, reserved_free_port
+from support.waiting import wait_for
+
+# tests/client and tests/oip import these from here.
+wait_until = wait_for
+__all__ = ["free_port", "reserved_free_port", "wait_until"]
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    """A port nobody listens on right now (the OS picks it)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 # The session's Ray runs as `python -m service` runs it by default: Serve's throughput mode with
@@ -69,16 +65,6 @@ MODELS = ("classifier", "detector", "segmenter")
 # Logical CPUs for the test Ray: enough for every deployment the suite creates at once
 # (scheduling units, not cores; the replicas share the machine's real cores).
 RAY_NUM_CPUS = 16
-
-
-def wait_until(condition: Callable[[], bool], timeout_s: float, message: str, interval_s: float = 0.1) -> None:
-    """Poll `condition` until it holds; fail the test with `message` after `timeout_s`."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(interval_s)
-    pytest.fail(f"timed out after {timeout_s}s: {message}")
 
 
 @pytest.fixture(scope="session")
@@ -163,7 +149,7 @@ def deploy(serve_url: str) -> Deploy:
             except httpx.HTTPError:
                 return False
 
-        wait_until(routed, 60, f"Serve proxy never routed {route_prefix} to {name}")
+        wait_for(routed, 60, f"Serve proxy never routed {route_prefix} to {name}")
         return serve_url + route_prefix.rstrip("/")
 
     return _deploy

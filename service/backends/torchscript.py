@@ -7,7 +7,8 @@ and the in-process figures all run models through this class.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -17,11 +18,18 @@ import torchvision  # noqa: F401  (registers torchvision::nms & co., which scrip
 from service.contract import ModelContract, load_contract
 
 
-def load_torchscript(path: str | Path, device: torch.device) -> torch.jit.ScriptModule:
-    """Load a TorchScript file for inference (TorchScript is Triton's libtorch format: its
-    deprecation notice is silenced here on purpose)."""
+@contextmanager
+def quiet_jit() -> Iterator[None]:
+    """Silence torch's `torch.jit.* is deprecated` notice for the block, and nothing else (TorchScript
+    is still Triton's libtorch format). export/python_model.py keeps its own copy: it runs in Triton."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r".*torch\.jit.* is deprecated", category=FutureWarning)
+        yield
+
+
+def load_torchscript(path: str | Path, device: torch.device) -> torch.jit.ScriptModule:
+    """Load a TorchScript file for inference."""
+    with quiet_jit():
         module = torch.jit.load(str(path), map_location=device)
     return module.eval()
 

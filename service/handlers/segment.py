@@ -13,6 +13,7 @@ from pycocotools import mask as mask_utils
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as F
 
+from service.annotate import class_color
 from service.contract import ModelContract
 from service.handlers.common import Geometry, Handler, label_of
 from service.images import RENDER_MAX_PIXELS, fit_size
@@ -28,12 +29,8 @@ from service.schemas import (
     SegmentResponse,
 )
 
-# Distinct colours for the PNG's palette (class 0, background, is black); repeats past 16 classes.
-_COLOURS = (
-    (0, 0, 0), (230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (145, 30, 180),
-    (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212), (0, 128, 128), (220, 190, 255),
-    (170, 110, 40), (255, 250, 200), (128, 0, 0),
-)  # fmt: skip
+# The PNG's palette: each class in its `annotate=png` colour, class 0 (background) black.
+_MASK_PALETTE = [0, 0, 0] + [channel for class_id in range(1, 256) for channel in class_color(class_id)]
 
 
 def mask_to_original(mask: np.ndarray, geometry: Geometry, size: tuple[int, int] | None = None) -> np.ndarray:
@@ -62,8 +59,7 @@ def palette_png(mask: np.ndarray) -> str:
     """Base64 PNG whose pixel values are the class indices, with a palette so it is viewable."""
     height, width = mask.shape
     image = Image.frombytes("P", (width, height), np.ascontiguousarray(mask, dtype=np.uint8).tobytes())
-    palette = [channel for i in range(256) for channel in _COLOURS[i % len(_COLOURS)]]
-    image.putpalette(palette)
+    image.putpalette(_MASK_PALETTE)
     buffer = io.BytesIO()
     image.save(buffer, format="PNG", optimize=True)
     return base64.b64encode(buffer.getvalue()).decode("ascii")

@@ -6,21 +6,20 @@ here), so model.py has to split one batch's outputs back to the right requests.
 
 from __future__ import annotations
 
-import socket
-import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import httpx
 import numpy as np
 import pytest
 import torch
 import tritonclient.http as triton_http
-from prometheus_client.parser import text_string_to_metric_families
 
 from service.contract import load_contract
 from stack.triton import TritonServer, start_tritonserver
+from support.ports import free_ports
+from support.triton_metrics import triton_metric
+from support.waiting import wait_for
 from tests.export.conftest import Exported
 from tests.export.support import assert_classifier_matches, assert_detector_matches, assert_segmenter_matches
 from training.shapes import make_scene
@@ -34,33 +33,16 @@ ASSERT_MATCHES = {
 COUNTERS = ("nv_inference_count", "nv_inference_exec_count")
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def cpu_server(exported: Exported, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TritonServer]:
     server = start_tritonserver(
         exported.cpu_out,
-        free_port(),
-        free_port(),
-        free_port(),
+        *free_ports(3),
         work_dir=tmp_path_factory.mktemp("export_triton"),
         ready_timeout_s=300,
     )
     yield server
     server.stop()
-
-
-def triton_counter(server: TritonServer, name: str, model: str) -> float:
-    """One per-model counter from Triton's Prometheus endpoint (0 before the first request)."""
-    for family in text_string_to_metric_families(httpx.get(server.metrics_url, timeout=5).text):
-        for sample in family.samples:
-            if family.name == name and sample.labels.get("model") == model:
-                return sample.value
-    return 0.0
 
 
 def infer(server: TritonServer, model: str, images: np.ndarray) -> list[torch.Tensor]:
@@ -82,17 +64,19 @@ def test_concurrent_requests_answer_like_the_eager_model(
     noise = rng.integers(0, 256, (3, 3, size, size), dtype=np.uint8)
     scene = make_scene(100, size).image.transpose(2, 0, 1)
     requests = [noise[:1], np.stack([scene, noise[1]]), noise[2:]]  # three requests, four images
-    before = {name: triton_counter(cpu_server, name, model) for name in COUNTERS}
+    before = {name: triton_metric(cpu_server, name, model, default=0.0) for name in COUNTERS}
     with ThreadPoolExecutor(len(requests)) as pool:
         answers = list(pool.map(lambda images: infer(cpu_server, model, images), requests))
     images_in = sum(len(images) for images in requests)
-    deadline = time.monotonic() + 10  # Triton's metrics endpoint may trail the responses a little
-    while triton_counter(cpu_server, "nv_inference_count", model) - before["nv_inference_count"] < images_in:
-        assert time.monotonic() < deadline, "Triton's metrics never counted the requests"
-        time.sleep(0.1)
-    executions = (
-        triton_counter(cpu_server, "nv_inference_exec_count", model) - before["nv_inference_exec_count"]
+
+    def counted(name: str) -> float:
+        return triton_metric(cpu_server, name, model, default=0.0) - before[name]
+
+    # Triton's metrics endpoint may trail the responses a little
+    wait_for(
+        lambda: counted("nv_inference_count") >= images_in, 10, "Triton's metrics never counted the requests"
     )
+    executions = counted("nv_inference_exec_count")
     assert executions < len(requests), "Triton ran every request alone: nothing was batched"
     for images, outputs in zip(requests, answers, strict=True):
         ASSERT_MATCHES[model](exported.checkpoints[model].model, torch.from_numpy(images), outputs)

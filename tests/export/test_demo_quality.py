@@ -7,13 +7,12 @@ must still reach training's bar on training's whole held-out set (metrics from t
 
 from __future__ import annotations
 
-import warnings
-
 import pytest
 import torch
 from torchmetrics.classification import MulticlassAccuracy, MulticlassJaccardIndex
 from torchmetrics.detection import MeanAveragePrecision
 
+from service.backends.torchscript import load_torchscript
 from service.contract import ModelContract, load_contract
 from tests.export.support import ROOT
 from training.data import eval_seeds, render_classification, render_scenes
@@ -34,10 +33,7 @@ def exported_demo(model: str) -> tuple[ModelContract, torch.jit.ScriptModule]:
         pytest.skip(
             f"{REPOSITORY / model} holds {contract.parameters.get('weights')} weights, not the demo's"
         )
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*torch.jit.* is deprecated", category=FutureWarning)
-        module = torch.jit.load(str(REPOSITORY / model / "1" / "model.pt"), map_location="cpu")
-    return contract, module.eval()
+    return contract, load_torchscript(REPOSITORY / model / "1" / "model.pt", torch.device("cpu"))
 
 
 def bar(model: str) -> float:

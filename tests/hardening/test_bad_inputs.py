@@ -16,6 +16,8 @@ import httpx
 import numpy as np
 import pytest
 
+from support.assertions import assert_error, box_iou
+from support.seeds import fresh_seeds
 from tests.hardening import payloads
 from tests.hardening.conftest import (
     API_KEY,
@@ -27,19 +29,6 @@ from tests.hardening.conftest import (
 ENDPOINTS = ("/classify", "/detect", "/segment")
 PNG = {"Content-Type": "image/png"}
 JPEG = {"Content-Type": "image/jpeg"}
-
-
-def assert_error(response: httpx.Response, status: int, code: str | None = None) -> dict[str, str]:
-    """The documented status with the JSON error body, saying something useful and nothing internal."""
-    assert response.status_code == status, f"{response.status_code}: {response.text[:300]}"
-    assert response.headers["content-type"].startswith("application/json")
-    body = response.json()
-    assert set(body) == {"error"} and set(body["error"]) == {"code", "message"}, body
-    message = body["error"]["message"]
-    assert message and "Traceback" not in message and "PIL" not in message and "ray" not in message.lower()
-    if code is not None:
-        assert body["error"]["code"] == code, body
-    return body["error"]
 
 
 def assert_serves(client: httpx.Client, endpoint: str, headers: dict[str, str] | None = None) -> None:
@@ -305,14 +294,6 @@ def trained(client: httpx.Client) -> bool:
     return models["detector"]["weights"] == "demo"
 
 
-def _iou(a: list[float], b: np.ndarray) -> float:
-    x1, y1 = max(a[0], b[0]), max(a[1], b[1])
-    x2, y2 = min(a[2], b[2]), min(a[3], b[3])
-    inter = max(0.0, x2 - x1) * max(0.0, y2 - y1)
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union > 0 else 0.0
-
-
 @pytest.mark.parametrize("orientation", list(payloads.ORIENTATIONS))
 def test_exif_orientation_is_applied(client: httpx.Client, orientation: int) -> None:
     """The answer is about the image as displayed: the same as for its upright pixels, sent plainly."""
@@ -334,13 +315,13 @@ def test_exif_rotated_boxes_land_on_the_shapes(client: httpx.Client, trained: bo
     if not trained:
         pytest.skip("the served detector does not have the trained demo weights (make models)")
     found = total = 0
-    for orientation in payloads.ORIENTATIONS:
-        displayed, boxes, labels = payloads.padded_scene(seed=200 + orientation)
+    for orientation, seed in zip(payloads.ORIENTATIONS, fresh_seeds(len(payloads.ORIENTATIONS)), strict=True):
+        displayed, boxes, labels = payloads.padded_scene(seed)
         data = payloads.exif_jpeg(displayed, orientation)
         detections = answer(client, "/detect", data, JPEG, "?score_threshold=0.3")["detections"]
         for box, label in zip(boxes, labels):
             total += 1
-            found += any(d["class_id"] == label and _iou(d["box"], box) >= 0.5 for d in detections)
+            found += any(d["class_id"] == label and box_iou(d["box"], box) >= 0.5 for d in detections)
     assert found >= 0.6 * total, f"{found} of {total} shapes found where they are displayed"
 
 

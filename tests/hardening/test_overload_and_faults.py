@@ -17,10 +17,10 @@ from pathlib import Path
 import httpx
 import pytest
 
+from support.assertions import assert_error
 from tests.conftest import Deploy
 from tests.hardening import payloads
 from tests.hardening.conftest import small_settings
-from tests.hardening.test_bad_inputs import assert_error
 
 APP = "hardening-overload"
 MODEL, ENDPOINT = (

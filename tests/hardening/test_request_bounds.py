@@ -24,9 +24,10 @@ from service.annotate import annotate_result
 from service.handlers.segment import encode_rle
 from service.images import RENDER_MAX_PIXELS, fit_size
 from service.schemas import Detection, DetectionResult, ImageSize, Segment, SegmentationResult
+from support.assertions import assert_error
 from tests.hardening import payloads
 from tests.hardening.conftest import API_KEY, STRICT_MAX_RESPONSE_BYTES
-from tests.hardening.test_bad_inputs import PNG, assert_error, assert_serves
+from tests.hardening.test_bad_inputs import PNG, assert_serves
 
 SIDE = 6300  # 39.7 MP: under max_pixels (40 MP) alone, 16 of them ten times the request budget (64 MP)
 MIB = 2**20

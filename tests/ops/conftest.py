@@ -6,10 +6,8 @@ from __future__ import annotations
 
 import io
 import math
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import TypeVar
 
 import numpy as np
 import pytest
@@ -24,25 +22,11 @@ from stack.prometheus import (
     start_prometheus,
 )
 from stack.triton import TritonServer, start_tritonserver
-from tests.conftest import Deploy, free_port
+from support.ports import free_port, free_ports
+from tests.conftest import Deploy
 from tests.triton.tiny_models import IMAGE_DIMS, write_tiny_repository
 
-T = TypeVar("T")
-
 SCRAPE_INTERVAL_S = 1
-
-
-def wait_for(
-    condition: Callable[[], T], timeout_s: float, message: Callable[[], str] | str, interval_s: float = 0.25
-) -> T:
-    """Poll `condition` until it returns something truthy and return that; fail after `timeout_s`."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        result = condition()
-        if result:
-            return result
-        time.sleep(interval_s)
-    pytest.fail(f"timed out after {timeout_s}s: {message() if callable(message) else message}")
 
 
 def scalar(prometheus: PrometheusAPI, expr: str) -> float | None:
@@ -70,9 +54,7 @@ def triton_infer(server: TritonServer, model: str, count: int) -> None:
 def ops_triton(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TritonServer]:
     """A tritonserver with the tiny `echo` model, so Triton's nv_inference_* metrics are real."""
     repository = write_tiny_repository(tmp_path_factory.mktemp("ops_repository"))
-    server = start_tritonserver(
-        repository, free_port(), free_port(), free_port(), work_dir=tmp_path_factory.mktemp("ops_triton")
-    )
+    server = start_tritonserver(repository, *free_ports(3), work_dir=tmp_path_factory.mktemp("ops_triton"))
     yield server
     server.stop()
 

@@ -16,7 +16,8 @@ import pytest
 
 from stack.prometheus import PrometheusServer
 from stack.triton import TritonServer
-from tests.ops.conftest import has_finite_value, png_image, scalar, triton_infer, wait_for
+from support.waiting import wait_for
+from tests.ops.conftest import has_finite_value, png_image, scalar, triton_infer
 
 DASHBOARD = Path(__file__).resolve().parents[2] / "deploy" / "grafana" / "dashboards" / "cvserve.json"
 

@@ -15,7 +15,8 @@ import pytest
 import ray
 
 from stack.prometheus import PrometheusServer
-from tests.ops.conftest import SCRAPE_INTERVAL_S, png_image, scalar, wait_for
+from support.waiting import wait_for
+from tests.ops.conftest import SCRAPE_INTERVAL_S, png_image, scalar
 
 N_REQUESTS = 16
 CLASSIFY_OK = 'sum(ray_cvserve_requests_total{endpoint="/classify", status="200"})'
@@ -24,16 +25,17 @@ CLASSIFY_OK = 'sum(ray_cvserve_requests_total{endpoint="/classify", status="200"
 def settled(prometheus: PrometheusServer, *exprs: str, timeout_s: float = 90.0) -> list[float]:
     """The values of `exprs` once none has changed for one Ray report interval plus two scrapes."""
     quiet_s = ray._raylet.Config.metrics_report_interval_ms() / 1000 + 2 * SCRAPE_INTERVAL_S
-    deadline = time.monotonic() + timeout_s
     values, since = [scalar(prometheus, e) for e in exprs], time.monotonic()
-    while time.monotonic() < deadline:
-        time.sleep(0.5)
+
+    def quiet() -> list[float] | None:
+        nonlocal values, since
         now = [scalar(prometheus, e) for e in exprs]
         if now != values:
             values, since = now, time.monotonic()
-        elif time.monotonic() - since >= quiet_s:
-            return [value or 0.0 for value in values]
-    pytest.fail(f"{exprs} kept changing for {timeout_s}s (last {values})")
+            return None
+        return [value or 0.0 for value in values] if time.monotonic() - since >= quiet_s else None
+
+    return wait_for(quiet, timeout_s, lambda: f"{exprs} kept changing (last {values})", interval_s=0.5)
 
 
 def send(url: str, count: int, concurrency: int = 8) -> list[int]:

@@ -6,7 +6,8 @@ import pytest
 
 from stack.prometheus import PrometheusServer, PromQLError, render_config
 from stack.triton import TritonServer
-from tests.ops.conftest import scalar, triton_infer, wait_for
+from support.waiting import wait_for
+from tests.ops.conftest import scalar, triton_infer
 
 
 def test_every_scrape_target_is_up(prometheus: PrometheusServer, ray_session: None) -> None:

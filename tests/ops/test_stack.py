@@ -17,8 +17,10 @@ import pytest
 
 from stack import __main__ as stack_main
 from stack.prometheus import PrometheusAPI
-from tests.conftest import ROOT, free_port
-from tests.ops.conftest import png_image, scalar, wait_for
+from support.ports import free_ports
+from support.waiting import wait_for
+from tests.conftest import ROOT
+from tests.ops.conftest import png_image, scalar
 from tests.security.listeners import listeners, rejects_unauthenticated_grpc
 
 N_REQUESTS = 5
@@ -42,7 +44,7 @@ def stack(model_repository: Path, tmp_path_factory: pytest.TempPathFactory) -> I
     )
     if not any(cpu_repository.glob("*/config.pbtxt")):
         pytest.fail(f"{cpu_repository} has no models: run `make models` first")
-    ports = stack_main.Ports(*(free_port() for _ in range(len(vars(stack_main.Ports())))))
+    ports = stack_main.Ports(*free_ports(len(vars(stack_main.Ports()))))
     logs = tmp_path_factory.mktemp("stack")
     args = [f"--{name.replace('_', '-')}-port={port}" for name, port in vars(ports).items()]
     log_path = logs / "stack.out"

@@ -11,17 +11,18 @@ import json
 import os
 import secrets
 import signal
-import socket
 import subprocess
 import sys
-import time
 from collections.abc import Callable
-from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
 import httpx
+
+from support import waiting
+from support.ports import free_ports
+from support.process import spawn
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 RAY = str(Path(sys.executable).with_name("ray"))
@@ -29,28 +30,13 @@ SERVE = str(Path(sys.executable).with_name("serve"))
 T = TypeVar("T")
 
 
-def free_ports(count: int) -> list[int]:
-    """`count` distinct ports free right now (all held open together while picking)."""
-    with ExitStack() as stack:
-        sockets = [stack.enter_context(socket.socket()) for _ in range(count)]
-        for sock in sockets:
-            sock.bind(("127.0.0.1", 0))
-        return [sock.getsockname()[1] for sock in sockets]
+# What a cluster still coming up answers (refused, 5xx, half-written JSON): "not yet", not a failure.
+STARTING_ERRORS = (httpx.HTTPError, OSError, ValueError, KeyError)
 
 
 def wait_for(condition: Callable[[], T | None], timeout_s: float, what: str, interval_s: float = 0.25) -> T:
-    """Poll `condition` until it returns something truthy; fail with `what` after `timeout_s`."""
-    deadline = time.monotonic() + timeout_s
-    last_error: Exception | None = None
-    while time.monotonic() < deadline:
-        try:
-            value = condition()
-            if value:
-                return value
-        except (httpx.HTTPError, OSError, ValueError, KeyError) as error:
-            last_error = error
-        time.sleep(interval_s)
-    raise TimeoutError(f"timed out after {timeout_s:.0f} s waiting for {what} (last error: {last_error!r})")
+    """`support.waiting.wait_for` that takes `STARTING_ERRORS` for "not yet"; `what` is what it waits for."""
+    return waiting.wait_for(condition, timeout_s, f"waiting for {what}", interval_s, retry_on=STARTING_ERRORS)
 
 
 def _ray_env(token: str) -> dict[str, str]:
@@ -200,15 +186,14 @@ class LocalCluster:
         temp_dir = self.root / name
         temp_dir.mkdir(parents=True, exist_ok=True)
         log_path = self.root / f"{name}.out"
-        with log_path.open("wb") as log:
-            process = subprocess.Popen(
-                [RAY, "start", f"--temp-dir={temp_dir}", *flags],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env={**_ray_env(self.token), **self.env},
-                cwd=self.root,
-                start_new_session=True,  # the node's processes share this session: kill() finds them all
-            )
+        # its own session: the node's processes share it, so kill() finds them all
+        process = spawn(
+            [RAY, "start", f"--temp-dir={temp_dir}", *flags],
+            log_path,
+            cwd=self.root,
+            env={**_ray_env(self.token), **self.env},
+            append=False,
+        )
         node = RayNode(name, temp_dir, process, log_path)
         self.nodes.append(node)
         return node
@@ -235,6 +220,7 @@ class LocalCluster:
             env=_ray_env(self.token),
             cwd=self.root,
             timeout=timeout_s,
+            check=False,
         )
         if result.returncode != 0:
             raise RuntimeError(f"serve {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}")

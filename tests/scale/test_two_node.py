@@ -22,9 +22,10 @@ import pytest
 from PIL import Image
 
 from service.serve_config import Profile, Scaling, build_config, render
+from support.ports import free_ports
 from training.shapes import make_scene
 
-from .cluster import REPO_ROOT, LocalCluster, RayNode, free_ports, wait_for
+from .cluster import REPO_ROOT, LocalCluster, RayNode, wait_for
 
 pytestmark = pytest.mark.timeout(420)
 

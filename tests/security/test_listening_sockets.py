@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import re
-import signal
 import stat
 import subprocess
 import sys
@@ -22,8 +21,10 @@ import psutil
 import pytest
 
 from stack.__main__ import Gateway
-from stack.process import spawn
-from tests.conftest import ROOT, free_port, reserved_free_port, wait_until
+from support.ports import free_port, reserved_free_port
+from support.process import spawn
+from support.waiting import wait_for
+from tests.conftest import ROOT
 from tests.security.listeners import Listener, listeners, rejects_unauthenticated_grpc, session_members
 
 # Serve drains a direct-ingress replica for 30 s before it exits (haproxy mode).
@@ -89,18 +90,12 @@ def running(
             running.listeners = listeners(process.pid)
             return any(listener.port == ports["CVSERVE_PORT"] for listener in running.listeners)
 
-        wait_until(
+        wait_for(
             client_port_seen, 60, f"nothing in the gateway's process tree listens on {ports['CVSERVE_PORT']}"
         )
         yield running
     finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)  # the gateway shuts Serve and Ray down itself
-            try:
-                process.wait(STOP_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                pass
-        gateway.kill()  # SIGKILL whatever is left of its process group
+        gateway.stop(STOP_TIMEOUT_S)  # SIGTERM to the gateway (it shuts Serve and Ray down), then SIGKILL its group
         for straggler in session_members(process.pid):  # Ray's workers lead process groups of their own
             straggler.kill()
     assert process.returncode == 0, f"the gateway did not stop cleanly:\n{gateway.log_tail()}"

@@ -29,7 +29,8 @@ from service.__main__ import HAPROXY_HEADER_TIMEOUT_S
 from service.app import create_api
 from service.backends.embedded import LocalBackend
 from service.settings import Settings
-from tests.conftest import free_port, wait_until
+from support.ports import free_port
+from support.waiting import wait_for
 from training.shapes import make_scene
 
 BODY_TIMEOUT_S = 2.0
@@ -64,7 +65,7 @@ def served(model_repository: Path) -> Iterator[Served]:
     server = uvicorn.Server(uvicorn.Config(api, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
-    wait_until(lambda: server.started, 30, "uvicorn never started")
+    wait_for(lambda: server.started, 30, "uvicorn never started")
     yield Served(f"http://127.0.0.1:{port}", api)
     server.should_exit = True
     thread.join(10)
@@ -139,7 +140,7 @@ def test_a_client_gone_mid_body_is_recorded_as_499(served: Served) -> None:
     sock.sendall(body[: len(body) // 2])
     time.sleep(0.3)
     sock.close()
-    wait_until(lambda: answered["/classify", 499] > before, 10, "the disconnect was never recorded as 499")
+    wait_for(lambda: answered["/classify", 499] > before, 10, "the disconnect was never recorded as 499")
     assert answered["/classify", 500] == 0
     ok = httpx.post(f"{served.url}/classify", content=png(8), headers={"Content-Type": "image/png"}, timeout=30)
     assert ok.status_code == 200

@@ -1,4 +1,4 @@
-"""Answers are right on freshly generated shapes scenes (seeds never used in training).
+"""Answers are right on freshly generated shapes scenes (`support.seeds`: never trained on or evaluated).
 
 Needs the trained demo models (`make models`); with untrained weights these tests fail, as they should.
 Tolerances: the demo models are small, so each check allows a few misses over its sample,
@@ -17,9 +17,10 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 from service.contract import load_contract
+from support.assertions import box_iou
+from support.seeds import fresh_seeds
 from training.shapes import CLASSES, Scene, make_scene
 
-FIRST_SEED = 10**6  # training and validation use small seeds
 MIN_ACCURACY = 0.9
 MIN_BOX_RECALL = 0.9  # share of drawn boxes found with IoU >= 0.7 and the right label
 MIN_BOX_IOU = 0.7
@@ -59,14 +60,6 @@ def post_images(client: httpx.Client, endpoint: str, images: list[np.ndarray], *
     return results
 
 
-def box_iou(a: np.ndarray, b: np.ndarray) -> float:
-    x1, y1 = max(a[0], b[0]), max(a[1], b[1])
-    x2, y2 = min(a[2], b[2]), min(a[3], b[3])
-    inter = max(0.0, x2 - x1) * max(0.0, y2 - y1)
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union > 0 else 0.0
-
-
 def upscale(scene: Scene, factor: float) -> Scene:
     """The scene resized by `factor` (bilinear image, nearest mask): exercises the geometry mapping."""
     height, width = scene.mask.shape
@@ -78,11 +71,12 @@ def upscale(scene: Scene, factor: float) -> Scene:
 
 def test_classifier_names_the_drawn_shape(client: httpx.Client, model_repository: Path) -> None:
     size = scene_size(model_repository, "classifier")
-    scenes = [make_scene(FIRST_SEED + i, size, 1, 1) for i in range(32)]
+    seeds = fresh_seeds(32)
+    scenes = [make_scene(seed, size, 1, 1) for seed in seeds]
     results = post_images(client, "/classify", [s.image for s in scenes], top_k=1)
     truth = [CLASSES[int(s.labels[0]) - 1] for s in scenes]
     said = [r["predictions"][0]["label"] for r in results]
-    misses = [(FIRST_SEED + i, t, s) for i, (t, s) in enumerate(zip(truth, said)) if t != s]
+    misses = [(seed, t, s) for seed, t, s in zip(seeds, truth, said) if t != s]
     accuracy = 1 - len(misses) / len(scenes)
     assert accuracy >= MIN_ACCURACY, f"accuracy {accuracy:.2f}; (seed, drawn, said): {misses}"
 
@@ -90,17 +84,18 @@ def test_classifier_names_the_drawn_shape(client: httpx.Client, model_repository
 @pytest.mark.parametrize("factor", [1.0, 1.5], ids=["native", "upscaled"])
 def test_detector_finds_each_drawn_box(client: httpx.Client, model_repository: Path, factor: float) -> None:
     size = scene_size(model_repository, "detector")
-    scenes = [upscale(make_scene(FIRST_SEED + 100 + i, size, 1, 4), factor) for i in range(SCENES)]
+    seeds = fresh_seeds(SCENES, offset=100)
+    scenes = [upscale(make_scene(seed, size, 1, 4), factor) for seed in seeds]
     results = post_images(client, "/detect", [s.image for s in scenes], score_threshold=0.5)
     drawn, misses = 0, []
-    for i, (scene, result) in enumerate(zip(scenes, results)):
+    for seed, scene, result in zip(seeds, scenes, results):
         found = [(np.array(d["box"]), d["label"]) for d in result["detections"]]
         for box, label in zip(scene.boxes, scene.labels):
             drawn += 1
             name = CLASSES[int(label) - 1]
             best = max((box_iou(box, b) for b, lab in found if lab == name), default=0.0)
             if best < MIN_BOX_IOU:
-                misses.append((FIRST_SEED + 100 + i, name, [round(float(v)) for v in box], round(best, 2)))
+                misses.append((seed, name, [round(float(v)) for v in box], round(best, 2)))
     recall = 1 - len(misses) / drawn
     assert recall >= MIN_BOX_RECALL, f"found {recall:.2f} of {drawn} boxes; misses (seed, label, box, best IoU): {misses}"
 
@@ -116,7 +111,8 @@ def mean_class_iou(predicted: np.ndarray, truth: np.ndarray) -> float:
 def test_segmenter_mask_matches_the_drawn_mask(client: httpx.Client, model_repository: Path, factor: float) -> None:
     size = scene_size(model_repository, "segmenter")
     labels = load_contract(model_repository, "segmenter").labels
-    scenes = [upscale(make_scene(FIRST_SEED + 200 + i, size, 1, 4), factor) for i in range(SCENES)]
+    seeds = fresh_seeds(SCENES, offset=200)
+    scenes = [upscale(make_scene(seed, size, 1, 4), factor) for seed in seeds]
     results = post_images(client, "/segment", [s.image for s in scenes])
     ious = []
     for scene, result in zip(scenes, results):
@@ -125,6 +121,6 @@ def test_segmenter_mask_matches_the_drawn_mask(client: httpx.Client, model_repos
             predicted[mask_utils.decode(segment["rle"]).astype(bool)] = labels.index(segment["label"])
         ious.append(mean_class_iou(predicted, scene.mask))
     assert np.mean(ious) >= MIN_MEAN_MASK_IOU, f"mean IoU {np.mean(ious):.3f}; per image {np.round(ious, 2)}"
-    poor = [(FIRST_SEED + 200 + i, round(iou, 2)) for i, iou in enumerate(ious) if iou < MIN_IMAGE_MASK_IOU]
+    poor = [(seed, round(iou, 2)) for seed, iou in zip(seeds, ious) if iou < MIN_IMAGE_MASK_IOU]
     share = 1 - len(poor) / len(ious)
     assert share >= MIN_SHARE_OF_GOOD_IMAGES, f"only {share:.2f} of images reach IoU {MIN_IMAGE_MASK_IOU}; (seed, IoU): {poor}"

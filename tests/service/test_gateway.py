@@ -18,7 +18,9 @@ from ray import serve
 from service.app import build_app
 from service.contract import load_contract
 from service.settings import Settings
-from tests.conftest import Deploy, wait_until
+from support.assertions import assert_error
+from support.waiting import wait_for
+from tests.conftest import Deploy
 
 ENDPOINTS = {"classifier": "/classify", "detector": "/detect", "segmenter": "/segment"}
 API_KEY = "test-key-0123456789abcdef"
@@ -52,16 +54,6 @@ def limited_gateway(deploy: Deploy, model_repository: Path) -> str:
         torch_threads=1,
     )
     return deploy(build_app(settings), "limited", "/limited")
-
-
-def assert_error(response: httpx.Response, status: int, code: str | None = None) -> dict:
-    assert response.status_code == status, response.text
-    body = response.json()
-    assert set(body) == {"error"} and set(body["error"]) == {"code", "message"}
-    assert body["error"]["message"] and "Traceback" not in body["error"]["message"]
-    if code is not None:
-        assert body["error"]["code"] == code
-    return body["error"]
 
 
 def check_result(model: str, result: dict, width: int, height: int) -> None:
@@ -338,4 +330,4 @@ def test_metrics_are_exported(client: httpx.Client, ray_metrics_port: int) -> No
             return False
         return all(re.search(pattern, text) for pattern in wanted)
 
-    wait_until(exported, 60, f"not all of {wanted} at {url}", interval_s=1.0)
+    wait_for(exported, 60, f"not all of {wanted} at {url}", interval_s=1.0)

@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 from pycocotools import mask as mask_utils
 
+from service import annotate
 from service.contract import ModelContract, TensorSpec
 from service.handlers import HANDLERS
 from service.handlers.common import boxes_to_original, letterbox, resize_center_crop
@@ -158,3 +159,18 @@ def test_segment_postprocess_fractions_rles_and_png() -> None:
     assert png.shape == (64, 64) and set(np.unique(png)) == {0, 1, 3}
     without = handler.postprocess({"MASK": mask}, geometry, SegmentOptions(), contract("segmentation", (32, 32), labels))
     assert without.png is None
+
+
+def test_segment_png_colours_each_class_as_annotate_does() -> None:
+    """`return_png` and `annotate=png` give a class the same colour; background is black in the mask PNG."""
+    handler = HANDLERS["segmenter"]
+    _, geometry = letterbox(np.zeros((32, 32, 3), dtype=np.uint8), (32, 32))
+    mask = (np.arange(32 * 32) % 24).reshape(32, 32).astype(np.uint8)  # past the palette's length: it wraps
+    labels = tuple(f"class{i}" for i in range(24))
+    result = handler.postprocess(
+        {"MASK": mask}, geometry, SegmentOptions(return_png=True), contract("segmentation", (32, 32), labels)
+    )
+    rgb = np.asarray(Image.open(io.BytesIO(base64.b64decode(result.png))).convert("RGB"))
+    assert (rgb[mask == 0] == 0).all()
+    for class_id in range(1, 24):
+        assert (rgb[mask == class_id] == annotate.class_color(class_id)).all(), class_id

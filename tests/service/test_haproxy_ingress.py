@@ -19,7 +19,8 @@ import psutil
 import pytest
 from PIL import Image
 
-from loadtests.servers import ServerProcess, free_port, reserved_free_port, start_server
+from support.ports import free_port, reserved_free_port
+from support.process import HttpServer, start_server
 from training.shapes import make_scene
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -33,7 +34,7 @@ def png(seed: int, size: int) -> bytes:
 
 
 @pytest.fixture(scope="module")
-def haproxy_gateway(model_repository: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+def haproxy_gateway(model_repository: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[HttpServer]:
     port = free_port()
     env = {
         **os.environ,
@@ -54,11 +55,11 @@ def haproxy_gateway(model_repository: Path, tmp_path_factory: pytest.TempPathFac
     try:
         yield server
     finally:
-        server.stop(grace_s=90)  # Serve drains ~35 s here; a SIGKILL would leave the gateway's private dir
+        server.stop(90)  # Serve drains ~35 s here; a SIGKILL would leave the gateway's private dir
 
 
-def test_haproxy_serves_the_gateway_on_loopback(haproxy_gateway: ServerProcess) -> None:
-    port = int(haproxy_gateway.base_url.rsplit(":", 1)[1])
+def test_haproxy_serves_the_gateway_on_loopback(haproxy_gateway: HttpServer) -> None:
+    port = haproxy_gateway.port
     listeners = [c for c in psutil.net_connections("tcp") if c.status == psutil.CONN_LISTEN and c.laddr.port == port]
     assert listeners and all(c.laddr.ip == "127.0.0.1" for c in listeners), listeners
     owner = psutil.Process(listeners[0].pid).name() if listeners[0].pid else "?"
@@ -67,10 +68,10 @@ def test_haproxy_serves_the_gateway_on_loopback(haproxy_gateway: ServerProcess) 
 
 @pytest.mark.parametrize("endpoint", ["/classify", "/detect"])
 def test_haproxy_path_gives_the_default_paths_answers(
-    haproxy_gateway: ServerProcess, embedded_gateway: str, endpoint: str
+    haproxy_gateway: HttpServer, embedded_gateway: str, endpoint: str
 ) -> None:
     files = [("files", (f"{i}.png", png(4242 + i, 200), "image/png")) for i in range(4)]
-    fast = httpx.post(haproxy_gateway.base_url + endpoint, files=files, timeout=60)
+    fast = httpx.post(haproxy_gateway.url + endpoint, files=files, timeout=60)
     default = httpx.post(embedded_gateway + endpoint, files=files, timeout=60)
     assert fast.status_code == default.status_code == 200, (fast.text, default.text)
     fast_results, default_results = fast.json()["results"], default.json()["results"]
@@ -86,8 +87,8 @@ def test_haproxy_path_gives_the_default_paths_answers(
                 assert da["box"] == pytest.approx(db["box"], abs=0.5)
 
 
-def test_haproxy_path_keeps_the_error_contract(haproxy_gateway: ServerProcess) -> None:
-    url = haproxy_gateway.base_url
+def test_haproxy_path_keeps_the_error_contract(haproxy_gateway: HttpServer) -> None:
+    url = haproxy_gateway.url
     bad = httpx.post(url + "/classify", content=b"not an image", headers={"Content-Type": "image/png"}, timeout=30)
     assert bad.status_code == 400 and bad.json()["error"]["code"] == "undecodable_image", bad.text
     wrong_type = httpx.post(url + "/classify", content=b"x", headers={"Content-Type": "text/plain"}, timeout=30)
@@ -98,7 +99,7 @@ def test_haproxy_path_keeps_the_error_contract(haproxy_gateway: ServerProcess) -
     assert ok.status_code == 200, ok.text
 
 
-def test_haproxy_ports_in_use_are_refused_up_front(haproxy_gateway: ServerProcess, model_repository: Path) -> None:
+def test_haproxy_ports_in_use_are_refused_up_front(haproxy_gateway: HttpServer, model_repository: Path) -> None:
     """A second gateway on the first one's HAProxy stats port exits at once with a clear message."""
     stats_port = int(psutil.Process(haproxy_gateway.process.pid).environ()["CVSERVE_HAPROXY_STATS_PORT"])
     env = {
@@ -110,7 +111,9 @@ def test_haproxy_ports_in_use_are_refused_up_front(haproxy_gateway: ServerProces
         "CVSERVE_RAY_METRICS_PORT": str(free_port()),
         "CVSERVE_HAPROXY_STATS_PORT": str(stats_port),
     }
-    done = subprocess.run([sys.executable, "-m", "service"], env=env, capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-m", "service"], env=env, capture_output=True, text=True, timeout=120, check=False
+    )
     assert done.returncode != 0
     assert f"port {stats_port} is in use" in done.stderr and "CVSERVE_HAPROXY_STATS_PORT" in done.stderr, done.stderr
 

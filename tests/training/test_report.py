@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from support.seeds import fresh_seeds
 from training import evaluate
-from training.data import EVAL_SEED_BASE, render_classification, render_scenes
+from training.data import render_classification, render_scenes
 from training.models import build_demo_classifier, build_demo_detector, build_demo_segmenter
 from training.shapes import CLASSES
 
@@ -17,7 +18,7 @@ DEMO = Path(__file__).resolve().parents[2] / "artifacts" / "demo"
 REPORT = DEMO / "report.json"
 CPU = torch.device("cpu")
 # Fresh scenes, disjoint from both the training seeds and the report's held-out set.
-FRESH_SEEDS = range(EVAL_SEED_BASE + 10**6, EVAL_SEED_BASE + 10**6 + 120)
+FRESH_SEEDS = fresh_seeds(120)
 
 pytestmark = pytest.mark.skipif(
     not REPORT.is_file(), reason=f"{REPORT} absent: run `python -m training` to train the demo models"

@@ -6,30 +6,16 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from stack.triton import TritonServer, start_tritonserver
-from tests.conftest import free_port
+from support.ports import free_ports
 from tests.triton.tiny_models import write_tiny_repository
-
-
-def triton_metric(server: TritonServer, name: str, model: str) -> float:
-    """Read one per-model counter from Triton's Prometheus endpoint."""
-    text = httpx.get(server.metrics_url, timeout=5).text
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:  # the parser renames counters' samples to <name>_total
-            if family.name == name and sample.labels.get("model") == model:
-                return sample.value
-    raise KeyError(f"{name} for model {model} not in Triton's metrics")
 
 
 def start_on_free_ports(repository: Path, work_dir: Path, ready_timeout_s: float = 120.0) -> TritonServer:
     """Start tritonserver on `repository` with three fresh ports and wait until it is ready."""
-    return start_tritonserver(
-        repository, free_port(), free_port(), free_port(), work_dir=work_dir, ready_timeout_s=ready_timeout_s
-    )
+    return start_tritonserver(repository, *free_ports(3), work_dir=work_dir, ready_timeout_s=ready_timeout_s)
 
 
 @pytest.fixture(scope="session")

@@ -14,8 +14,10 @@ from service.backends.base import BackendTimeout, BackendUnavailable
 from service.backends.triton import TritonBackend
 from service.settings import Settings
 from stack.triton import TritonServer, start_tritonserver
-from tests.conftest import free_port, wait_until
-from tests.triton.conftest import start_on_free_ports, triton_metric
+from support.ports import free_port
+from support.triton_metrics import triton_metric
+from support.waiting import wait_for
+from tests.triton.conftest import start_on_free_ports
 from tests.triton.tiny_models import IMAGE_DIMS
 
 PROTOCOLS = ["grpc", "http"]
@@ -74,7 +76,7 @@ def test_concurrent_calls_are_batched_by_triton(tiny_triton: TritonServer, tiny_
     def counted() -> bool:
         return triton_metric(tiny_triton, "nv_inference_count", "echo") - before["nv_inference_count"] >= 16
 
-    wait_until(counted, 10, "Triton's metrics never counted the 16 inferences")
+    wait_for(counted, 10, "Triton's metrics never counted the 16 inferences")
     inferences = triton_metric(tiny_triton, "nv_inference_count", "echo") - before["nv_inference_count"]
     executions = triton_metric(tiny_triton, "nv_inference_exec_count", "echo") - before["nv_inference_exec_count"]
     assert executions < inferences

@@ -19,13 +19,18 @@ from PIL import Image
 from service.app import build_app
 from service.settings import Settings
 from stack.triton import TritonServer, start_tritonserver
-from tests.conftest import Deploy, free_port, wait_until
-from tests.triton.conftest import MODEL_LOAD_TIMEOUT_S, triton_metric
+from support.assertions import box_iou
+from support.ports import free_ports
+from support.seeds import fresh_seeds
+from support.triton_metrics import triton_metric
+from support.waiting import wait_for
+from tests.conftest import Deploy
+from tests.triton.conftest import MODEL_LOAD_TIMEOUT_S
 from training.shapes import make_scene
 
 TIMEOUT_S = 120.0
-SCENE_SEEDS = range(100, 106)
-CLASSIFY_SEEDS = range(200, 206)
+SCENE_SEEDS = fresh_seeds(6)
+CLASSIFY_SEEDS = fresh_seeds(6, offset=100)
 
 
 def png(image: np.ndarray) -> bytes:
@@ -68,7 +73,7 @@ def triton_gateway(deploy: Deploy, model_repository: Path, cpu_triton: TritonSer
 
     settings = triton_settings(model_repository, cpu_triton.grpc_url, request_timeout_s=TIMEOUT_S)
     url = deploy(build_app(settings), "triton", "/triton")
-    wait_until(lambda: is_ready(url), 60, "the triton-mode gateway never became ready")
+    wait_for(lambda: is_ready(url), 60, "the triton-mode gateway never became ready")
     yield url
     serve.delete("triton")
 
@@ -96,14 +101,6 @@ def test_classify_matches_embedded(triton_gateway: str, embedded_gateway: str, s
         assert max(abs(ours_scores[c] - theirs_scores[c]) for c in ours_scores) <= 1e-4
 
 
-def iou(a: list[float], b: list[float]) -> float:
-    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = ix * iy
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union > 0 else float(a == b)
-
-
 def test_detect_matches_embedded(triton_gateway: str, embedded_gateway: str, scenes: list[bytes]) -> None:
     triton = post(triton_gateway, "/detect", scenes)
     embedded = post(embedded_gateway, "/detect", scenes)
@@ -114,8 +111,8 @@ def test_detect_matches_embedded(triton_gateway: str, embedded_gateway: str, sce
         for detection in theirs["detections"]:
             same_class = [d for d in unmatched if d["class_id"] == detection["class_id"]]
             assert same_class, f"no triton detection of class {detection['label']}"
-            best = max(same_class, key=lambda d: iou(d["box"], detection["box"]))
-            assert iou(best["box"], detection["box"]) >= 0.99
+            best = max(same_class, key=lambda d: box_iou(d["box"], detection["box"]))
+            assert box_iou(best["box"], detection["box"]) >= 0.99
             unmatched.remove(best)
         total += len(theirs["detections"])
     assert total > 0, "no detections at all: the comparison proved nothing"
@@ -151,7 +148,7 @@ def test_concurrent_images_are_batched_by_triton(triton_gateway: str, cpu_triton
     def delta(name: str) -> float:
         return triton_metric(cpu_triton, name, "detector") - before[name]
 
-    wait_until(lambda: delta("nv_inference_count") >= 16, 10, "Triton's metrics never counted the 16 images")
+    wait_for(lambda: delta("nv_inference_count") >= 16, 10, "Triton's metrics never counted the 16 images")
     assert delta("nv_inference_count") == 16
     assert delta("nv_inference_exec_count") < 16, "Triton ran every image alone: no dynamic batching"
 
@@ -193,7 +190,7 @@ def test_outage_absent_at_start_then_killed_then_back(
 
     repository = tmp_path / "repository"
     shutil.copytree(cpu_repository / "classifier", repository / "classifier")
-    ports = (free_port(), free_port(), free_port())
+    ports = free_ports(3)
     settings = triton_settings(
         model_repository, f"127.0.0.1:{ports[1]}", models=("classifier",), request_timeout_s=30.0
     )
@@ -209,7 +206,7 @@ def test_outage_absent_at_start_then_killed_then_back(
         assert_clean_503(classify())
 
         server = start_tritonserver(repository, *ports, work_dir=tmp_path / "first", ready_timeout_s=MODEL_LOAD_TIMEOUT_S)
-        wait_until(lambda: is_ready(url), 30, "gateway did not notice Triton starting")
+        wait_for(lambda: is_ready(url), 30, "gateway did not notice Triton starting")
         answer = classify()
         assert answer.status_code == 200, answer.text
 
@@ -223,20 +220,20 @@ def test_outage_absent_at_start_then_killed_then_back(
         sender = threading.Thread(target=traffic)
         sender.start()
         try:
-            wait_until(lambda: statuses[200] >= 2, 60, "no traffic got through before the kill")
+            wait_for(lambda: statuses[200] >= 2, 60, "no traffic got through before the kill")
             server.kill()
-            wait_until(lambda: statuses[503] >= 2, 30, "requests did not turn into 503 after the kill")
+            wait_for(lambda: statuses[503] >= 2, 30, "requests did not turn into 503 after the kill")
         finally:
             stop.set()
             sender.join()
         assert set(statuses) <= {200, 503}, f"unexpected statuses during the outage: {statuses}"
-        wait_until(lambda: not is_ready(url), 3, "/ready still true after Triton died (it is cached for 1 s)")
+        wait_for(lambda: not is_ready(url), 3, "/ready still true after Triton died (it is cached for 1 s)")
         assert_clean_503(classify())
 
         server = start_tritonserver(
             repository, *ports, work_dir=tmp_path / "second", ready_timeout_s=MODEL_LOAD_TIMEOUT_S
         )
-        wait_until(lambda: is_ready(url), 30, "gateway did not recover after Triton came back")
+        wait_for(lambda: is_ready(url), 30, "gateway did not recover after Triton came back")
         again = classify()
         assert again.status_code == 200, again.text
         assert again.json()["results"] == answer.json()["results"]

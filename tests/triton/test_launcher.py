@@ -12,7 +12,7 @@ import tritonclient.http as triton_http
 from tritonclient.utils import InferenceServerException
 
 from stack.triton import TritonServer, start_tritonserver
-from tests.conftest import free_port
+from support.ports import free_ports
 from tests.triton.conftest import start_on_free_ports
 
 
@@ -73,9 +73,9 @@ def test_start_fails_clearly_on_a_broken_repository(tmp_path: Path) -> None:
         "class TritonPythonModel:\n    def initialize(self, args):\n        raise RuntimeError('broken on purpose')\n"
     )
     with pytest.raises(RuntimeError, match="tritonserver exited"):
-        start_tritonserver(repository, free_port(), free_port(), free_port(), work_dir=tmp_path / "work")
+        start_tritonserver(repository, *free_ports(3), work_dir=tmp_path / "work")
 
 
 def test_start_refuses_a_missing_repository(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="run the export first"):
-        start_tritonserver(tmp_path / "nope", free_port(), free_port(), free_port(), work_dir=tmp_path)
+        start_tritonserver(tmp_path / "nope", *free_ports(3), work_dir=tmp_path)

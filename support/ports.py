@@ -1,0 +1,38 @@
+"""Loopback ports for the servers the harness starts."""
+
+from __future__ import annotations
+
+import random
+import socket
+from contextlib import ExitStack
+
+# Neither the OS (ephemeral ports) nor Ray (workers 10002-19999, Serve's direct ingress 30000-31000)
+# hands out ports here on its own, so one picked now is still free when a server binds it later.
+RESERVED_RANGE = range(20000, 30000)
+
+
+def free_ports(count: int) -> list[int]:
+    """`count` distinct loopback ports nobody listens on right now (all held open together while picking)."""
+    with ExitStack() as stack:
+        sockets = [stack.enter_context(socket.socket()) for _ in range(count)]
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in sockets]
+
+
+def free_port() -> int:
+    """A loopback port nobody listens on right now (the OS picks it)."""
+    (port,) = free_ports(1)
+    return port
+
+
+def reserved_free_port() -> int:
+    """A free loopback port from `RESERVED_RANGE`: chosen now, it is still free when HAProxy binds it later."""
+    for port in random.Random().sample(RESERVED_RANGE, 200):
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port in {RESERVED_RANGE.start}-{RESERVED_RANGE.stop - 1}")
