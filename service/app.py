@@ -49,7 +49,9 @@ from service.pipeline import TaskPipeline
 from service.routes_demo import annotated_or_json, install_demo
 from service.schemas import HealthResponse, ImageSize, ModelInfo, ModelsResponse, ReadyResponse
 from service.settings import Settings
+from service.streams import install_streams
 from service.timing import BatchTiming, Timings, stage
+from service.video import answer_video, is_video_request
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -201,6 +203,8 @@ class Answerer:
     async def run(self, handler: Handler, request: Request, query_options: BaseModel) -> Response:
         """Read the images (408 past `body_timeout_s`), admit the request (503 + Retry-After past the
         limits) and answer it within its deadline (504)."""
+        if is_video_request(request):  # a video body: per-frame answers (service/video.py)
+            return await answer_video(self, handler, request, query_options)
         pipeline = self.pipeline(handler)
         settings = self.settings
         timings = Timings() if settings.stage_timings else None
@@ -422,6 +426,7 @@ def create_api(settings: Settings, backend: Backend) -> FastAPI:
     api.state.metrics = metrics
     install_error_handlers(api)
     install_demo(api)
+    install_streams(api)  # /stream/<task>: WebSocket frame streams (service/streams.py)
     api.add_middleware(MetricsMiddleware, metrics=metrics)
 
     # Every inference route sits behind the API key when one is set: a new task cannot forget it.

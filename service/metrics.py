@@ -64,6 +64,42 @@ class GatewayMetrics:
         )
         self._in_flight: Tally[str] = Tally()
         self.answered: Tally[tuple[str, int]] = Tally()  # (endpoint, status) → requests, in this replica
+        self.streams = Gauge(
+            "cvserve_streams_open", description="WebSocket frame streams open now.", tag_keys=("endpoint",)
+        )
+        self.stream_frames = Counter(
+            "cvserve_stream_frames", description="Streamed frames answered.", tag_keys=("endpoint",)
+        )
+        self.dropped_frames = Counter(
+            "cvserve_stream_dropped_frames",
+            description="Streamed frames dropped unanswered: 'stale' (a newer frame arrived first) or 'rate' "
+            "(sent faster than stream_max_fps).",
+            tag_keys=("endpoint", "reason"),
+        )
+        self.video_frames = Counter(
+            "cvserve_video_frames", description="Frames of uploaded videos answered.", tag_keys=("endpoint",)
+        )
+        self._streams: Tally[str] = Tally()
+        self.dropped: Tally[tuple[str, str]] = Tally()  # (endpoint, reason) → dropped frames, in this replica
+
+    def stream_opened(self, endpoint: str) -> None:
+        """Count a WebSocket stream as open."""
+        self._streams[endpoint] += 1
+        self.streams.set(self._streams[endpoint], tags={"endpoint": endpoint})
+
+    def stream_closed(self, endpoint: str) -> None:
+        """Count a WebSocket stream as closed."""
+        self._streams[endpoint] -= 1
+        self.streams.set(self._streams[endpoint], tags={"endpoint": endpoint})
+
+    def open_streams(self) -> int:
+        """WebSocket streams open now in this replica, all endpoints together."""
+        return sum(self._streams.values())
+
+    def frame_dropped(self, endpoint: str, reason: str) -> None:
+        """Count a streamed frame dropped unanswered, and why."""
+        self.dropped[endpoint, reason] += 1
+        self.dropped_frames.inc(tags={"endpoint": endpoint, "reason": reason})
 
     def observe_stages(self, endpoint: str, timings: Timings) -> None:
         """Record where one answered request's time went."""

@@ -137,6 +137,27 @@ class Settings(BaseSettings):
     )
     allowed_formats: Annotated[tuple[ImageFormat, ...], NoDecode] = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF")
 
+    # video: WebSocket frame streams (service/streams.py) and video files (service/video.py)
+    stream_max_streams: int = Field(
+        16, ge=1, description="WebSocket streams one ingress replica serves at once; past it: close 1013"
+    )
+    stream_max_fps: float = Field(
+        30.0,
+        gt=0.0,
+        le=1000.0,
+        description="frames per second one stream may send; faster frames are dropped unanswered (counted)",
+    )
+    stream_max_frame_bytes: int = Field(
+        4 * _MIB, ge=1024, description="bytes of one streamed frame; past it the frame gets an error answer"
+    )
+    video_max_bytes: int = Field(64 * _MIB, ge=1024, description="bytes of one uploaded video; past it: 413")
+    video_max_frames: int = Field(600, ge=1, description="frames of one uploaded video; past it: 413")
+    video_max_duration_s: float = Field(60.0, gt=0.0, description="duration of one uploaded video; past it: 413")
+    video_max_frame_pixels: int = Field(
+        8_300_000, ge=1, description="pixels of one video frame (4K UHD by default); past it: 413"
+    )
+    video_timeout_s: float = Field(120.0, gt=0.0, description="deadline of one video request; past it: 504")
+
     api_key: SecretStr | None = None
     # Listening on a network address without an API key is refused unless this says it is meant.
     allow_anonymous: bool = False
