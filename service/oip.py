@@ -54,6 +54,7 @@ from service.handlers import HANDLERS, Handler
 from service.inputs import ImageInputs, check_images, read_body
 from service.routes_demo import check_carried_images
 from service.settings import Settings
+from service.timing import Timings, stage
 
 if TYPE_CHECKING:
     from service.app import Answerer
@@ -511,6 +512,8 @@ def _server_metadata() -> dict[str, Any]:
 
 def install_oip(api: FastAPI, answerer: Answerer, settings: Settings, guarded: list[Any]) -> None:
     """Add the `/v2` routes over `answerer` (inference behind `guarded`, the API key dependency) and their errors."""
+    from service.app import request_deadline, unless_gone  # service.app imports this module
+
     api.add_middleware(OipErrors)
     open_routes = APIRouter(prefix=PREFIX, tags=["Open Inference Protocol"])
     inference = APIRouter(prefix=PREFIX, tags=["Open Inference Protocol"], dependencies=guarded)
@@ -585,6 +588,7 @@ def install_oip(api: FastAPI, answerer: Answerer, settings: Settings, guarded: l
     async def infer(request: Request, model: str, version: str | None) -> Response:
         handler = handler_of(model, version)
         pipeline = answerer.pipeline(handler)
+        timings = Timings() if settings.stage_timings else None
 
         async def read() -> tuple[InferenceRequest, ImageInputs]:
             body = await read_body(request, settings.max_body_bytes)
@@ -605,16 +609,27 @@ def install_oip(api: FastAPI, answerer: Answerer, settings: Settings, guarded: l
             )
             return oip_request, ImageInputs(blobs, pixels=pixels)
 
-        oip_request, inputs = await answerer.in_body_time(read())
+        with stage(timings, "read"):
+            oip_request, inputs = await answerer.in_body_time(read())
         options = task_options(handler, oip_request.parameters)
 
         async def finish(response: BaseModel) -> Response:
             check_carried_images(response, settings)
-            return await asyncio.to_thread(
-                encode_infer_response, handler, answerer.versions[model], oip_request, response
-            )
+            with stage(timings, "encode"):
+                return await asyncio.to_thread(
+                    encode_infer_response, handler, answerer.versions[model], oip_request, response
+                )
 
-        return await answerer.answer_admitted(handler, inputs, options, finish)
+        deadline_s = request_deadline(
+            request, settings.request_timeout_s
+        )  # X-Request-Timeout, as on the task routes
+        answer = await unless_gone(
+            request, answerer.answer_admitted(handler, inputs, options, finish, timings, deadline_s)
+        )
+        if timings is not None:
+            answer.headers["Server-Timing"] = timings.header()
+            answerer.metrics.observe_stages(handler.endpoint, timings)
+        return answer
 
     @open_routes.get("", summary="Server metadata")
     async def server_metadata() -> dict[str, Any]:
