@@ -31,7 +31,7 @@ import logging
 import secrets
 import time
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 from fastapi import FastAPI, WebSocket, WebSocketDisconnect
@@ -45,6 +45,9 @@ from service.images import RENDER_MAX_PIXELS, decode_image_for_display, decoded_
 from service.schemas import DetectionResult
 from service.settings import Settings
 from service.tracking import DetectionTracker, TrackedDetectionResult
+
+if TYPE_CHECKING:  # service.app imports this module
+    from service.app import Answerer
 
 log = logging.getLogger(__name__)
 
@@ -190,7 +193,7 @@ def _reason(text: str) -> str:
 class FrameStream:
     """One client's stream: a receiver that keeps only the latest frame, and a worker that answers it."""
 
-    def __init__(self, websocket: WebSocket, answerer: Any, handler: Handler) -> None:
+    def __init__(self, websocket: WebSocket, answerer: Answerer, handler: Handler) -> None:
         self.websocket = websocket
         self.answerer = answerer
         self.handler = handler

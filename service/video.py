@@ -22,7 +22,7 @@ import io
 import logging
 from collections.abc import Iterator
 from fractions import Fraction
-from typing import Any
+from typing import TYPE_CHECKING
 
 import av
 import numpy as np
@@ -33,13 +33,17 @@ from service.annotate import fit_image
 from service.backends.base import BackendTimeout, check_outputs
 from service.errors import ApiError
 from service.handlers import Handler
-from service.handlers.common import at_full_size
+from service.handlers.common import Geometry, at_full_size
 from service.images import RENDER_MAX_PIXELS, fit_size
 from service.inputs import read_body
+from service.pipeline import TaskPipeline
 from service.schemas import DetectionResult
 from service.settings import Settings
 from service.streams import draw_result
 from service.tracking import DetectionTracker
+
+if TYPE_CHECKING:  # service.app imports this module
+    from service.app import Answerer
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +96,9 @@ def _wanted_video(request: Request) -> str | None:
     return next((media for media in accepted if media in ENCODERS), None)
 
 
-async def answer_video(answerer: Any, handler: Handler, request: Request, options: BaseModel) -> Response:
+async def answer_video(
+    answerer: Answerer, handler: Handler, request: Request, options: BaseModel
+) -> Response:
     """Answer every frame of the video in the request's body: JSON per frame, or the annotated video."""
     settings: Settings = answerer.settings
     pipeline = answerer.pipeline(handler)
@@ -136,9 +142,9 @@ async def answer_video(answerer: Any, handler: Handler, request: Request, option
 
 
 async def _answer_frames(
-    answerer: Any,
+    answerer: Answerer,
     handler: Handler,
-    pipeline: Any,
+    pipeline: TaskPipeline,
     reader: VideoReader,
     options: BaseModel,
     wanted: str | None,
@@ -195,7 +201,7 @@ async def _answer_frames(
     return Response(response.model_dump_json(), media_type="application/json")
 
 
-def _prepare(pipeline: Any, image: np.ndarray) -> tuple[np.ndarray, Any]:
+def _prepare(pipeline: TaskPipeline, image: np.ndarray) -> tuple[np.ndarray, Geometry]:
     tensor, geometry = pipeline.handler.preprocess(image, pipeline.contract)
     return tensor, at_full_size(geometry, image.shape[1], image.shape[0])
 

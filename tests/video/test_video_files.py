@@ -7,7 +7,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from tests.video.clips import Clip, decode_video, dominant_share, encode_video, matched_tracks, one_big_shape
-from tests.video.conftest import Gateway
+from tests.video.conftest import KEY, Gateway
 
 MIN_TRACKED_SHARE = 0.9
 CONTAINERS = ("webm", "mp4")
@@ -131,3 +131,11 @@ def test_a_cut_webm_answers_the_frames_it_has(detect_client: TestClient, videos:
     response = post_video(detect_client, "/detect", cut, "webm")
     assert response.status_code == 200, response.text
     assert 5 <= response.json()["video"]["frames"] < 30
+
+
+def test_a_video_needs_the_api_key_when_one_is_set(gateway: Gateway, videos: dict[str, bytes]) -> None:
+    with gateway(api_key=KEY) as client:
+        refused = post_video(client, "/detect", videos["webm"], "webm")
+        assert refused.status_code == 401 and refused.json()["error"]["code"] == "unauthorized"
+        answered = post_video(client, "/detect", videos["webm"], "webm", **{"X-API-Key": KEY})
+        assert answered.status_code == 200 and answered.json()["video"]["frames"] == 30
