@@ -141,6 +141,8 @@ def _image_body_openapi(body_model: type[BaseModel]) -> dict[str, Any]:
                 "image/png": binary,
                 "image/webp": binary,
                 "application/json": {"schema": body_model.model_json_schema()},
+                "video/mp4": binary,  # every frame answered (service/video.py)
+                "video/webm": binary,
             },
         }
     }

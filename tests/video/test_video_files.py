@@ -139,3 +139,9 @@ def test_a_video_needs_the_api_key_when_one_is_set(gateway: Gateway, videos: dic
         assert refused.status_code == 401 and refused.json()["error"]["code"] == "unauthorized"
         answered = post_video(client, "/detect", videos["webm"], "webm", **{"X-API-Key": KEY})
         assert answered.status_code == 200 and answered.json()["video"]["frames"] == 30
+
+
+def test_openapi_lists_the_video_bodies(detect_client: TestClient) -> None:
+    spec = detect_client.get("/openapi.json").json()
+    for endpoint in ("/classify", "/detect", "/segment"):
+        assert {"video/mp4", "video/webm"} <= set(spec["paths"][endpoint]["post"]["requestBody"]["content"])
