@@ -437,7 +437,7 @@ def _relative_path(scope: Scope) -> str:
     return path[len(root) :] if root and path.startswith(root) else path
 
 
-def _oip_error_body(status: int, body: bytes) -> bytes:
+def _oip_error_body(body: bytes) -> bytes:
     """`{"error": "<code>: <message>"}` for the gateway's `{"error": {"code", "message"}}`; other bodies as they are."""
     try:
         error = json.loads(body)["error"]
@@ -478,7 +478,7 @@ class OipErrors:
             chunks.append(message.get("body", b""))
             if message.get("more_body", False):
                 return
-            body = _oip_error_body(held["status"], b"".join(chunks))
+            body = _oip_error_body(b"".join(chunks))
             headers = [(k, v) for k, v in held["headers"] if k.lower() != b"content-length"]
             await send({**held, "headers": [*headers, (b"content-length", str(len(body)).encode())]})
             await send({"type": "http.response.body", "body": body})
