@@ -84,6 +84,12 @@ def live_state(browser: WebDriver) -> dict:
     return browser.execute_script("return window.cvserveLive")
 
 
+def live_labels(browser: WebDriver) -> list[str]:
+    """The labels listed under the live picture, read at once (the list is rebuilt with every answer)."""
+    script = "return Array.from(document.querySelectorAll('#live-labels li'), (li) => li.textContent)"
+    return browser.execute_script(script)
+
+
 def open_detect(browser: WebDriver, gateway: str) -> None:
     browser.get(gateway + "/")
     WebDriverWait(browser, 10).until(lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-live"))
@@ -136,7 +142,7 @@ def test_the_fake_camera_streams_and_comes_back_tracked(
     assert state["task"] == "detect" and not state["errors"], state["errors"]
     assert_tracked(state)
     assert overlay_is_drawn(camera_browser)
-    labels = [li.text for li in camera_browser.find_elements(By.CSS_SELECTOR, "#live-labels li")]
+    labels = live_labels(camera_browser)
     assert any(text.startswith("circle #") for text in labels) and any(
         text.startswith("square #") for text in labels
     )
@@ -155,3 +161,26 @@ def test_a_chosen_video_file_streams_and_comes_back_tracked(
     assert_tracked(state)
     assert overlay_is_drawn(camera_browser)
     camera_browser.find_element(By.ID, "live-stop").click()
+
+
+def test_segment_and_classify_streams_draw_their_answers(
+    camera_browser: WebDriver, embedded_gateway: str
+) -> None:
+    camera_browser.get(embedded_gateway + "/")
+    for task in ("segment", "classify"):
+        camera_browser.find_element(By.XPATH, f"//input[@name='task' and @value='{task}']/..").click()
+        camera_browser.find_element(By.ID, "live-camera").click()
+        WebDriverWait(camera_browser, 60, poll_frequency=0.25).until(
+            lambda d, task=task: live_state(d).get("task") == task and live_state(d)["answered"] >= 5
+        )
+        state = live_state(camera_browser)
+        assert state["task"] == task and not state["errors"], state["errors"]
+        labels = live_labels(camera_browser)
+        if task == "segment":  # the drawn mask covers the picture; both shapes are listed
+            assert overlay_is_drawn(camera_browser)
+            assert any(t.startswith("circle") for t in labels) and any(
+                t.startswith("square") for t in labels
+            ), labels
+        else:
+            assert len(labels) == 5, labels  # top-5 classes of the frame
+        camera_browser.find_element(By.ID, "live-stop").click()
