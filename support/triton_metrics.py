@@ -2,21 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Protocol
-
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 
-class HasMetricsUrl(Protocol):
-    @property
-    def metrics_url(self) -> str: ...
-
-
-def triton_metric(server: HasMetricsUrl, name: str, model: str, default: float | None = None) -> float:
-    """The value of counter `name` for `model`; `default` when Triton has no such series yet (a model's
-    series appear at its first request), else KeyError."""
-    text = httpx.get(server.metrics_url, timeout=5).text
+def triton_metric(metrics_url: str, name: str, model: str, default: float | None = None) -> float:
+    """The value of counter `name` for `model` at `metrics_url`; `default` when Triton has no such series
+    yet (a model's series appear at its first inference), else KeyError."""
+    text = httpx.get(metrics_url, timeout=5).text
     for family in text_string_to_metric_families(text):
         for sample in family.samples:  # the parser renames counters' samples to <name>_total
             if family.name == name and sample.labels.get("model") == model:

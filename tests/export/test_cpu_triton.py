@@ -64,13 +64,13 @@ def test_concurrent_requests_answer_like_the_eager_model(
     noise = rng.integers(0, 256, (3, 3, size, size), dtype=np.uint8)
     scene = make_scene(100, size).image.transpose(2, 0, 1)
     requests = [noise[:1], np.stack([scene, noise[1]]), noise[2:]]  # three requests, four images
-    before = {name: triton_metric(cpu_server, name, model, default=0.0) for name in COUNTERS}
+    before = {name: triton_metric(cpu_server.metrics_url, name, model, default=0.0) for name in COUNTERS}
     with ThreadPoolExecutor(len(requests)) as pool:
         answers = list(pool.map(lambda images: infer(cpu_server, model, images), requests))
     images_in = sum(len(images) for images in requests)
 
     def counted(name: str) -> float:
-        return triton_metric(cpu_server, name, model, default=0.0) - before[name]
+        return triton_metric(cpu_server.metrics_url, name, model, default=0.0) - before[name]
 
     # Triton's metrics endpoint may trail the responses a little
     wait_for(

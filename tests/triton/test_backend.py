@@ -60,7 +60,7 @@ def test_infer_returns_outputs_without_batch_dim(tiny_triton: TritonServer, tiny
 
 @pytest.mark.parametrize("protocol", PROTOCOLS)
 def test_concurrent_calls_are_batched_by_triton(tiny_triton: TritonServer, tiny_repository: Path, protocol: str) -> None:
-    before = {name: triton_metric(tiny_triton, name, "echo") for name in ("nv_inference_count", "nv_inference_exec_count")}
+    before = {name: triton_metric(tiny_triton.metrics_url, name, "echo") for name in ("nv_inference_count", "nv_inference_exec_count")}
 
     async def scenario() -> list[dict[str, np.ndarray]]:
         backend = make_backend(tiny_repository, url_for(tiny_triton, protocol), protocol)
@@ -74,11 +74,11 @@ def test_concurrent_calls_are_batched_by_triton(tiny_triton: TritonServer, tiny_
     assert max(int(r["BATCH"][0]) for r in results) > 1, "the model never saw a batch larger than 1"
 
     def counted() -> bool:
-        return triton_metric(tiny_triton, "nv_inference_count", "echo") - before["nv_inference_count"] >= 16
+        return triton_metric(tiny_triton.metrics_url, "nv_inference_count", "echo") - before["nv_inference_count"] >= 16
 
     wait_for(counted, 10, "Triton's metrics never counted the 16 inferences")
-    inferences = triton_metric(tiny_triton, "nv_inference_count", "echo") - before["nv_inference_count"]
-    executions = triton_metric(tiny_triton, "nv_inference_exec_count", "echo") - before["nv_inference_exec_count"]
+    inferences = triton_metric(tiny_triton.metrics_url, "nv_inference_count", "echo") - before["nv_inference_count"]
+    executions = triton_metric(tiny_triton.metrics_url, "nv_inference_exec_count", "echo") - before["nv_inference_exec_count"]
     assert executions < inferences
 
 

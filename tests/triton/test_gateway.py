@@ -133,7 +133,7 @@ def test_segment_matches_embedded(triton_gateway: str, embedded_gateway: str, sc
 
 def test_concurrent_images_are_batched_by_triton(triton_gateway: str, cpu_triton: TritonServer, scenes: list[bytes]) -> None:
     names = ("nv_inference_count", "nv_inference_exec_count")
-    before = {name: triton_metric(cpu_triton, name, "detector") for name in names}
+    before = {name: triton_metric(cpu_triton.metrics_url, name, "detector") for name in names}
     images = (scenes * 3)[:16]
 
     def send(batch: list[bytes]) -> None:
@@ -146,7 +146,7 @@ def test_concurrent_images_are_batched_by_triton(triton_gateway: str, cpu_triton
         thread.join()
 
     def delta(name: str) -> float:
-        return triton_metric(cpu_triton, name, "detector") - before[name]
+        return triton_metric(cpu_triton.metrics_url, name, "detector") - before[name]
 
     wait_for(lambda: delta("nv_inference_count") >= 16, 10, "Triton's metrics never counted the 16 images")
     assert delta("nv_inference_count") == 16
