@@ -32,8 +32,10 @@ from tests.hardening.test_bad_inputs import PNG, assert_serves
 SIDE = 6300  # 39.7 MP: under max_pixels (40 MP) alone, 16 of them ten times the request budget (64 MP)
 MIB = 2**20
 # Peak RSS of the session gateway's replica (models inside it) during the heavy requests below.
-# Measured on 2 shared cores: 1429 -> 1769 MiB (docs/ERRORS.md); the bounds leave room for allocator noise.
-PEAK_RSS_BOUND_MIB = 2048
+# Measured on 2 shared cores: 1429 -> 1769 MiB, and 1683 -> 2072 MiB in CI once more of the suite had run
+# in the same replica before (docs/ERRORS.md). What these requests cost is the growth; the absolute
+# bound only catches a replica that was already bloated. Both leave room for allocator noise.
+PEAK_RSS_BOUND_MIB = 2560
 PEAK_RSS_GROWTH_BOUND_MIB = 768  # over the replica's RSS before the heavy requests
 
 

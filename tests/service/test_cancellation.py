@@ -10,7 +10,6 @@ from __future__ import annotations
 import io
 import socket
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -39,7 +38,7 @@ def png(seed: int) -> bytes:
 def served(model_repository: Path) -> Iterator[tuple[str, LocalBackend]]:
     settings = Settings(
         model_repository=model_repository, models=("detector",), device="cpu", max_batch_size=1,
-        batch_wait_timeout_s=0.0,
+        batch_wait_timeout_s=0.0, request_timeout_s=120.0,  # only a disconnect, not the deadline, drops images here
     )  # fmt: skip
     backend = LocalBackend(settings)
     port = free_port()
@@ -64,16 +63,25 @@ def test_disconnected_requests_are_dropped_before_they_are_batched(served: tuple
     detector = backend._models["detector"]
     batches_before, dropped_before = sum(detector.batch_sizes.values()), detector.dropped
     port = int(url.rsplit(":", 1)[1])
-    sockets = [send(port, png(seed)) for seed in range(SENT)]
-    time.sleep(0.01)  # every request is read and queued behind the model
-    for sock in sockets:
-        sock.close()  # the clients give up
-    wait_for(lambda: detector.dropped - dropped_before + sum(detector.batch_sizes.values()) - batches_before >= SENT,
-             30, "every request to be either run or dropped")  # fmt: skip
+    # Hold the model's thread so that a queue forms deterministically, whatever the machine's speed:
+    # the first request's batch waits behind the gate, the others wait in the batch queue.
+    gate = threading.Event()
+    held = detector._executor.submit(gate.wait, 60)
+    try:
+        sockets = [send(port, png(seed)) for seed in range(SENT)]
+        wait_for(lambda: detector._live >= SENT - 1, 30, "every request to be read, decoded and queued")
+        for sock in sockets:
+            sock.close()  # the clients give up
+        wait_for(lambda: detector.dropped - dropped_before >= SENT - 1, 20, "the queued images of the clients who left to be dropped")
+    finally:
+        gate.set()
+    held.result(timeout=30)
+    wait_for(lambda: sum(detector.batch_sizes.values()) - batches_before >= 1, 30, "the batch that was already running to end")
     ran = sum(detector.batch_sizes.values()) - batches_before
     dropped = detector.dropped - dropped_before
-    assert ran < SENT / 2, f"the model ran {ran} batches for {SENT} requests whose clients left"
-    assert dropped >= SENT / 2
+    assert ran == 1, f"the model ran {ran} batches for {SENT} requests whose clients left (only the one already batched should)"
+    assert dropped == SENT - 1
+    assert detector._live == 0
     ok = httpx.post(f"{url}/detect", content=png(99), headers={"Content-Type": "image/png"}, timeout=30)
     assert ok.status_code == 200 and ok.json()["results"][0]["detections"]  # still serving, right answers
 
