@@ -42,7 +42,9 @@ def served(model_repository: Path) -> Iterator[tuple[str, LocalBackend]]:
     )  # fmt: skip
     backend = LocalBackend(settings)
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_api(settings, backend), host="127.0.0.1", port=port, log_level="warning"))
+    server = uvicorn.Server(
+        uvicorn.Config(create_api(settings, backend), host="127.0.0.1", port=port, log_level="warning")
+    )
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     wait_for(lambda: server.started, 30, "uvicorn to start")
@@ -53,7 +55,9 @@ def served(model_repository: Path) -> Iterator[tuple[str, LocalBackend]]:
 
 def send(port: int, body: bytes) -> socket.socket:
     sock = socket.create_connection(("127.0.0.1", port), timeout=30)
-    head = f"POST /detect HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\nContent-Length: {len(body)}\r\n\r\n"
+    head = (
+        f"POST /detect HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\nContent-Length: {len(body)}\r\n\r\n"
+    )
     sock.sendall(head.encode() + body)
     return sock
 
@@ -72,14 +76,24 @@ def test_disconnected_requests_are_dropped_before_they_are_batched(served: tuple
         wait_for(lambda: detector._live >= SENT - 1, 30, "every request to be read, decoded and queued")
         for sock in sockets:
             sock.close()  # the clients give up
-        wait_for(lambda: detector.dropped - dropped_before >= SENT - 1, 20, "the queued images of the clients who left to be dropped")
+        wait_for(
+            lambda: detector.dropped - dropped_before >= SENT - 1,
+            20,
+            "the queued images of the clients who left to be dropped",
+        )
     finally:
         gate.set()
     held.result(timeout=30)
-    wait_for(lambda: sum(detector.batch_sizes.values()) - batches_before >= 1, 30, "the batch that was already running to end")
+    wait_for(
+        lambda: sum(detector.batch_sizes.values()) - batches_before >= 1,
+        30,
+        "the batch that was already running to end",
+    )
     ran = sum(detector.batch_sizes.values()) - batches_before
     dropped = detector.dropped - dropped_before
-    assert ran == 1, f"the model ran {ran} batches for {SENT} requests whose clients left (only the one already batched should)"
+    assert ran == 1, (
+        f"the model ran {ran} batches for {SENT} requests whose clients left (only the one already batched should)"
+    )
     assert dropped == SENT - 1
     assert detector._live == 0
     ok = httpx.post(f"{url}/detect", content=png(99), headers={"Content-Type": "image/png"}, timeout=30)
@@ -89,11 +103,17 @@ def test_disconnected_requests_are_dropped_before_they_are_batched(served: tuple
 def test_a_clients_shorter_deadline_is_kept(served: tuple[str, LocalBackend]) -> None:
     url, _ = served
     with httpx.Client(base_url=url, timeout=30) as client:
-        late = client.post("/detect", content=png(5), headers={"Content-Type": "image/png", "X-Request-Timeout": "0.0005"})
+        late = client.post(
+            "/detect", content=png(5), headers={"Content-Type": "image/png", "X-Request-Timeout": "0.0005"}
+        )
         assert late.status_code == 504 and late.json()["error"]["code"] == "timeout"
         assert "0.0005 s" in late.json()["error"]["message"]
         for bad in ("soon", "-1", "0", "nan", "inf"):
-            wrong = client.post("/detect", content=png(5), headers={"Content-Type": "image/png", "X-Request-Timeout": bad})
+            wrong = client.post(
+                "/detect", content=png(5), headers={"Content-Type": "image/png", "X-Request-Timeout": bad}
+            )
             assert wrong.status_code == 400 and "X-Request-Timeout" in wrong.json()["error"]["message"], bad
-        fine = client.post("/detect", content=png(5), headers={"Content-Type": "image/png", "X-Request-Timeout": "20"})
+        fine = client.post(
+            "/detect", content=png(5), headers={"Content-Type": "image/png", "X-Request-Timeout": "20"}
+        )
         assert fine.status_code == 200
