@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
 MODELS := model_repository/.complete
 
-.PHONY: setup models serve test stack bench bench-quick loadtest system-deps clean
+.PHONY: setup models serve test test-inprocess stack bench bench-quick loadtest system-deps clean
 HOST ?= http://127.0.0.1:8000
 
 $(INSTALLED): pyproject.toml
@@ -36,6 +36,10 @@ serve: $(MODELS)
 ## test: the whole suite against real servers
 test: $(MODELS) system-deps
 	$(PY) -m pytest
+
+## test-inprocess: only the in-process tier (no Ray, Triton, Prometheus or browser; see tests/conftest.py)
+test-inprocess: $(MODELS)
+	$(PY) -m pytest -m "not live"
 
 ## stack: the compose services without Docker (tritonserver on CPU, gateway in Triton mode, Prometheus)
 stack: $(MODELS) system-deps

@@ -20,7 +20,7 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
 from export.errors import ExportError
-from export.spec import LABELLED_OUTPUT, ModelSpec, TensorSpec
+from export.spec import ModelSpec, TensorSpec
 from export.wrappers import save, script
 
 log = logging.getLogger(__name__)
@@ -83,7 +83,7 @@ def model_config(spec: ModelSpec, batching: Batching, cpu: bool) -> model_config
         output = model_config_pb2.ModelOutput(
             name=tensor.name, data_type=_data_type(tensor), dims=tensor.dims
         )
-        if tensor.name == LABELLED_OUTPUT[spec.name]:
+        if tensor.name == spec.task.labelled_output:
             output.label_filename = LABELS_FILE
         config.output.append(output)
     config.dynamic_batching.preferred_batch_size.extend(batching.preferred_batch_sizes)

@@ -6,7 +6,6 @@ I/O, plus the class names that travel with those weights.
 
 from __future__ import annotations
 
-import inspect
 import json
 import logging
 from collections.abc import Sequence
@@ -16,45 +15,19 @@ from urllib.parse import urlparse
 
 import torch
 from torch import nn
-from torchvision.models import ResNet50_Weights, WeightsEnum, resnet50
-from torchvision.models.detection import (
-    FasterRCNN,
-    FasterRCNN_ResNet50_FPN_V2_Weights,
-    fasterrcnn_resnet50_fpn_v2,
-)
+from torchvision.models import ResNet50_Weights, WeightsEnum
 
 from export.errors import ExportError
-from export.spec import BACKGROUND, ModelSpec
-from export.wrappers import ClassifierWrapper, DetectorWrapper, SegmenterWrapper
-from training.models import (
-    DEMO_MEAN,
-    DEMO_STD,
-    UNet,
-    build_demo_classifier,
-    build_demo_detector,
-    build_demo_segmenter,
-)
+from export.spec import ModelSpec
+from tasks import TASKS, Architecture, get_arch, list_archs
+from training.models import DEMO_MEAN, DEMO_STD
 
 log = logging.getLogger(__name__)
 
 WEIGHT_SOURCES = ("demo", "pretrained", "checkpoint")
-# Architectures a checkpoint may be for; "demo" is training/models.py's builder for that model.
-ARCHITECTURES = {
-    "classifier": ("demo", "resnet50"),
-    "detector": ("demo", "fasterrcnn_resnet50_fpn_v2"),
-    "segmenter": ("demo",),
-}
-PRETRAINED: dict[str, WeightsEnum] = {
-    "classifier": ResNet50_Weights.IMAGENET1K_V2,
-    "detector": FasterRCNN_ResNet50_FPN_V2_Weights.COCO_V1,
-}
-PRETRAINED_ARCH = {"classifier": "resnet50", "detector": "fasterrcnn_resnet50_fpn_v2"}
-# The state-dict entry whose first dimension is the number of classes the checkpoint predicts.
-CLASS_COUNT_KEY = {
-    "classifier": "fc.weight",
-    "detector": "roi_heads.box_predictor.cls_score.weight",
-    "segmenter": "head.weight",
-}
+# Architectures a checkpoint may be for ("demo" is training/models.py's builder for that model),
+# as registered by the task modules (tasks/*.py, `register_arch`).
+ARCHITECTURES: dict[str, tuple[str, ...]] = {model: list_archs(model) for model in TASKS}
 DEMO_FILES = ("classifier.pt", "detector.pt", "segmenter.pt", "meta.json", "report.json")
 
 
@@ -83,7 +56,7 @@ def load_specs(models: Sequence[str], options: SourceOptions) -> list[ModelSpec]
         raise ExportError("--checkpoint, --classes and --arch belong to --weights checkpoint")
     if options.weights == "pretrained":
         for model in models:
-            if model not in PRETRAINED:
+            if TASKS[model].pretrained_arch is None:
                 raise ExportError(
                     f"torchvision has no pretrained weights for the {model} (it has no U-Net): "
                     "export it with --weights demo or --weights checkpoint"
@@ -104,12 +77,14 @@ def load_specs(models: Sequence[str], options: SourceOptions) -> list[ModelSpec]
 
 
 def _pretrained_spec(model: str, options: SourceOptions) -> ModelSpec:
-    weights = PRETRAINED[model]
+    arch = get_arch(model, str(TASKS[model].pretrained_arch))
+    weights = arch.pretrained
+    assert weights is not None, f"{model}: the pretrained architecture {arch.name} has no weights"
     labels = tuple(weights.meta["categories"])
-    geometry = _geometry(model, PRETRAINED_ARCH[model], options)
-    eager = _build(model, PRETRAINED_ARCH[model], len(labels), geometry.input_size)
+    geometry = _geometry(model, arch, options)
+    eager = arch.build(len(labels), geometry.input_size)
     _load_into(eager, _pretrained_state(weights), f"{weights} ({pretrained_cache_path(weights)})")
-    return _spec(model, eager, labels, geometry, f"pretrained:{weights}", _imagenet_stats())
+    return _spec(model, eager, labels, geometry, f"pretrained:{weights}", _stats(arch))
 
 
 def pretrained_cache_path(weights: WeightsEnum) -> Path:
@@ -151,14 +126,14 @@ def _checkpoint_spec(model: str, options: SourceOptions) -> ModelSpec:
         )
     if options.checkpoint is None or options.classes is None:
         raise ExportError("--weights checkpoint needs --checkpoint FILE and --classes FILE")
+    arch = get_arch(model, options.arch)
     labels = read_labels(options.classes, model)
     state = read_state_dict(options.checkpoint)
-    _check_class_count(model, state, labels, options.checkpoint, options.classes)
-    geometry = _geometry(model, options.arch, options)
-    eager = _build(model, options.arch, len(labels), geometry.input_size)
+    _check_class_count(arch, state, labels, options.checkpoint, options.classes)
+    geometry = _geometry(model, arch, options)
+    eager = arch.build(len(labels), geometry.input_size)
     _load_into(eager, state, f"checkpoint {options.checkpoint} (for --arch {options.arch} {model})")
-    stats = (list(DEMO_MEAN), list(DEMO_STD)) if options.arch == "demo" else _imagenet_stats()
-    return _spec(model, eager, labels, geometry, f"checkpoint:{options.checkpoint.name}", stats)
+    return _spec(model, eager, labels, geometry, f"checkpoint:{options.checkpoint.name}", _stats(arch))
 
 
 def read_labels(path: Path, model: str) -> tuple[str, ...]:
@@ -176,10 +151,10 @@ def read_labels(path: Path, model: str) -> tuple[str, ...]:
         raise ExportError(f"class-names file {path} is empty")
     if "" in labels:
         raise ExportError(f"class-names file {path}: line {labels.index('') + 1} is empty")
-    if model in BACKGROUND and labels[0] != BACKGROUND[model]:
+    background = TASKS[model].background
+    if background is not None and labels[0] != background:
         raise ExportError(
-            f"class-names file {path}: line 1 must be {BACKGROUND[model]!r} (the {model}'s class 0), "
-            f"found {labels[0]!r}"
+            f"class-names file {path}: line 1 must be {background!r} (the {model}'s class 0), found {labels[0]!r}"
         )
     return labels
 
@@ -206,14 +181,15 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
 
 
 def _check_class_count(
-    model: str, state: dict[str, torch.Tensor], labels: Sequence[str], checkpoint: Path, classes: Path
+    arch: Architecture, state: dict[str, torch.Tensor], labels: Sequence[str], checkpoint: Path, classes: Path
 ) -> None:
-    key = CLASS_COUNT_KEY[model]
+    model, key = arch.model, arch.class_count_key
     if key not in state:
         raise ExportError(f"checkpoint {checkpoint} is not a {model} state dict (it has no {key!r})")
     outputs = state[key].shape[0]
     if outputs != len(labels):
-        background = f", {BACKGROUND[model]!r} first" if model in BACKGROUND else ""
+        first = TASKS[model].background
+        background = f", {first!r} first" if first is not None else ""
         raise ExportError(
             f"class-names file {classes} lists {len(labels)} names but checkpoint {checkpoint} predicts "
             f"{outputs} classes: give one name per class{background}"
@@ -230,21 +206,24 @@ def _demo_specs(models: Sequence[str], options: SourceOptions) -> list[ModelSpec
     stats = (list(meta["mean"]), list(meta["std"]))
     specs = []
     for model in models:
+        task, arch = TASKS[model], get_arch(model, "demo")
         classes = tuple(meta["classes"])
-        labels = (BACKGROUND[model], *classes) if model in BACKGROUND else classes
+        labels = (task.background, *classes) if task.background is not None else classes
         size = options.input_size or int(meta["image_size"][model])
         geometry = (
-            _classifier_geometry(size, size, options) if model == "classifier" else _Geometry(size, None)
+            _classifier_geometry(size, size, options)
+            if task.preprocess == "resize_center_crop"
+            else _Geometry(size, None)
         )
-        _check_size(model, "demo", geometry.input_size)
+        _check_size(model, geometry.input_size)
         checkpoint = demo_dir / f"{model}.pt"
         state = read_state_dict(checkpoint)
-        _check_class_count(model, state, labels, checkpoint, demo_dir / "meta.json")
-        eager = _build(model, "demo", len(labels), geometry.input_size)
-        if model == "detector" and "detector_score_threshold" in meta:
-            eager.roi_heads.score_thresh = float(meta["detector_score_threshold"])
+        _check_class_count(arch, state, labels, checkpoint, demo_dir / "meta.json")
+        eager = arch.build(len(labels), geometry.input_size)
+        if task.tune_demo is not None:
+            task.tune_demo(eager, meta)
         _load_into(eager, state, f"demo checkpoint {checkpoint}")
-        specs.append(_spec(model, eager, labels, geometry, "demo", stats))
+        specs.append(_spec(model, eager, labels, geometry, "demo", stats))  # training's own statistics
     return specs
 
 
@@ -269,23 +248,20 @@ def _ensure_demo(demo_dir: Path) -> None:
 # --- shared -----------------------------------------------------------------------------------
 
 
-def _geometry(model: str, arch: str, options: SourceOptions) -> _Geometry:
+def _geometry(model: str, arch: Architecture, options: SourceOptions) -> _Geometry:
     """Input side (and the classifier's resize side) from the weights' own numbers, or overrides."""
-    if model == "classifier":
-        if arch == "resnet50":
-            transforms = ResNet50_Weights.IMAGENET1K_V2.transforms()
-            crop, resize = transforms.crop_size[0], transforms.resize_size[0]
-        else:
-            crop = resize = _demo_defaults()["classifier_size"]
-        geometry = _classifier_geometry(crop, resize, options)
-    elif arch == "fasterrcnn_resnet50_fpn_v2":
-        # The size torchvision's Faster R-CNN resizes to by default (the COCO weights' scale).
-        default = inspect.signature(FasterRCNN).parameters["min_size"].default
-        geometry = _Geometry(options.input_size or default, None)
+    size, resize = arch.default_size()
+    if TASKS[model].preprocess == "resize_center_crop":
+        geometry = _classifier_geometry(size, resize or size, options)
     else:
-        geometry = _Geometry(options.input_size or _demo_defaults()["scene_size"], None)
-    _check_size(model, arch, geometry.input_size)
+        geometry = _Geometry(options.input_size or size, None)
+    _check_size(model, geometry.input_size)
     return geometry
+
+
+def _stats(arch: Architecture) -> tuple[list[float], list[float]]:
+    """The normalisation `arch`'s weights were trained with."""
+    return (list(DEMO_MEAN), list(DEMO_STD)) if arch.normalisation == "demo" else _imagenet_stats()
 
 
 def _classifier_geometry(crop: int, resize: int, options: SourceOptions) -> _Geometry:
@@ -299,41 +275,12 @@ def _classifier_geometry(crop: int, resize: int, options: SourceOptions) -> _Geo
     return _Geometry(size, resize_size)
 
 
-def _demo_defaults() -> dict[str, int]:
-    from training.train import DemoConfig
-
-    config = DemoConfig()
-    return {"classifier_size": config.classifier_size, "scene_size": config.scene_size}
-
-
-def _check_size(model: str, arch: str, size: int) -> None:
+def _check_size(model: str, size: int) -> None:
     if size < 32:
         raise ExportError(f"input size {size} is too small: use at least 32 px")
-    if model == "segmenter":
-        divisor = UNet.STRIDE
-        if size % divisor:
-            raise ExportError(f"the segmenter's input size must be a multiple of {divisor}, got {size}")
-
-
-def _build(model: str, arch: str, num_labels: int, input_size: int) -> nn.Module:
-    """A randomly initialised eager model of `arch` predicting `num_labels` classes."""
-    if model == "classifier":
-        return (
-            resnet50(weights=None, num_classes=num_labels)
-            if arch == "resnet50"
-            else build_demo_classifier(num_labels)
-        )
-    if model == "detector":
-        if arch == "fasterrcnn_resnet50_fpn_v2":
-            return fasterrcnn_resnet50_fpn_v2(
-                weights=None,
-                weights_backbone=None,
-                num_classes=num_labels,
-                min_size=input_size,
-                max_size=input_size,
-            )
-        return build_demo_detector(num_labels - 1, input_size)
-    return build_demo_segmenter(num_labels)
+    multiple = TASKS[model].input_multiple
+    if size % multiple:
+        raise ExportError(f"the {model}'s input size must be a multiple of {multiple}, got {size}")
 
 
 def _load_into(model: nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
@@ -362,14 +309,10 @@ def _spec(
     weights: str,
     stats: tuple[list[float], list[float]],
 ) -> ModelSpec:
-    if model == "classifier":
-        module: nn.Module = ClassifierWrapper(eager, *stats)
-    elif model == "detector":
-        module = DetectorWrapper(eager)
-    else:
-        if len(labels) > 256:
-            raise ExportError(f"the segmenter's MASK is uint8: at most 256 classes, got {len(labels)}")
-        module = SegmenterWrapper(eager, *stats)
+    task = TASKS[model]
+    if task.max_labels is not None and len(labels) > task.max_labels:
+        raise ExportError(f"the {model}'s outputs carry at most {task.max_labels} classes, got {len(labels)}")
+    module = task.wrap(eager, stats)
     return ModelSpec(model, module.eval(), labels, geometry.input_size, weights, geometry.resize_size)
 
 

@@ -12,8 +12,10 @@ import torch
 from torch import nn
 from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
 
-from export.spec import MAX_DETECTIONS
 from service.backends.torchscript import quiet_jit
+
+# K: the detector's fixed number of output rows (rows past COUNT are zero).
+MAX_DETECTIONS = 100
 
 
 class Normalize(nn.Module):

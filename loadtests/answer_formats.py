@@ -75,7 +75,7 @@ def measure(client: Any, case: Case, repeats: int) -> dict[str, float]:
     import msgpack
 
     from service.answer_formats import encode_msgpack
-    from service.handlers import HANDLERS
+    from tasks import HANDLERS
 
     files = [
         ("files", (f"{i}.png", scene_png(i, case.side, case.tiles), "image/png")) for i in range(case.images)

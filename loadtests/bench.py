@@ -35,6 +35,7 @@ from typing import Any
 
 import torch
 
+import tasks
 from loadtests import report
 from loadtests.baselines.pipeline import ModelPipeline
 from loadtests.images import DEFAULT_SIZES, EncodedImage, make_image_mix, parse_sizes
@@ -64,7 +65,7 @@ VARIANTS: dict[str, dict[str, str]] = {
 BASELINES = ("handwritten", "litserve")
 SYSTEMS = (*VARIANTS, *BASELINES)
 DEFAULT_SYSTEMS = ("embedded", "embedded-deployments", "triton", "handwritten", "litserve")
-MODELS = ("classifier", "detector", "segmenter")
+MODELS = tasks.MODELS
 ROOT = Path(__file__).resolve().parents[1]
 
 

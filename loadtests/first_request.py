@@ -17,7 +17,9 @@ import sys
 import time
 from pathlib import Path
 
-MODELS = {"classifier": "/classify", "detector": "/detect", "segmenter": "/segment"}
+from tasks import TASKS
+
+MODELS = {model: task.endpoint for model, task in TASKS.items()}
 
 
 def measure(model: str, warm_up: bool, repository: Path) -> dict[str, float]:

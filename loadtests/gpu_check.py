@@ -44,7 +44,6 @@ from torchvision.models.detection import FasterRCNN_ResNet50_FPN_V2_Weights, fas
 
 from export.__main__ import main as export_main
 from export.sources import SourceOptions, load_specs
-from export.spec import BACKGROUND, MODELS
 from loadtests.baselines.pipeline import ModelPipeline
 from loadtests.bench import batch_sizes
 from loadtests.images import DEFAULT_SIZES, EncodedImage, make_image_mix
@@ -53,6 +52,7 @@ from service.backends.torchscript import TorchScriptModel, load_torchscript
 from service.contract import load_contract
 from service.pipeline import TaskPipeline
 from service.settings import Settings
+from tasks import MODELS, TASKS
 from training.models import build_demo_segmenter
 from training.shapes import CLASSES, make_scene
 
@@ -267,7 +267,7 @@ def random_checkpoint(model: str, work: Path, input_size: int | None) -> SourceO
         )
         module = fasterrcnn_resnet50_fpn_v2(weights=None, weights_backbone=None, num_classes=len(labels))
     else:
-        arch, labels = "demo", [BACKGROUND[model], *CLASSES]
+        arch, labels = "demo", [TASKS[model].background, *CLASSES]
         module = build_demo_segmenter(len(labels))
         with torch.no_grad():
             # A fresh U-Net's head bias picks one class everywhere (as in tests/export): let pixels speak.

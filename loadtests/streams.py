@@ -34,10 +34,11 @@ from websockets.asyncio.client import ClientConnection, connect
 
 from support.ports import free_port
 from support.process import start_server
+from tasks import TASKS
 from training.shapes import make_scene
 
 ROOT = Path(__file__).resolve().parents[1]
-MODELS = {"classifier": "/classify", "detector": "/detect", "segmenter": "/segment"}
+MODELS = {model: task.endpoint for model, task in TASKS.items()}
 
 
 def make_app() -> FastAPI:

@@ -39,8 +39,7 @@ from service.backends.embedded import EmbeddedBackend, LocalBackend, model_deplo
 from service.backends.torchscript import latest_version
 from service.contract import load_contract
 from service.errors import CLIENT_CLOSED, ERROR_KINDS, ERROR_RESPONSES, ApiError, install_error_handlers
-from service.handlers import HANDLERS, Handler
-from service.handlers.common import Geometry
+from service.handlers.common import Geometry, Handler
 from service.images import ImageError, configure_pillow
 from service.inputs import ImageInputs, read_images
 from service.metrics import GatewayMetrics
@@ -52,6 +51,7 @@ from service.settings import Settings
 from service.streams import install_streams
 from service.timing import BatchTiming, Timings, stage
 from service.video import answer_video, is_video_request
+from tasks import HANDLERS
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

@@ -50,11 +50,12 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from tritonclient.utils import deserialize_bytes_tensor, serialize_byte_tensor
 
 from service.errors import ApiError, describe_validation_errors
-from service.handlers import HANDLERS, Handler
+from service.handlers.common import Handler
 from service.inputs import ImageInputs, check_images, read_body
 from service.routes_demo import check_carried_images
 from service.settings import Settings
 from service.timing import Timings, stage
+from tasks import HANDLERS
 
 if TYPE_CHECKING:
     from service.app import Answerer

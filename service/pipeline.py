@@ -14,10 +14,10 @@ import numpy as np
 from pydantic import BaseModel
 
 from service.contract import ModelContract, load_contract
-from service.handlers import HANDLERS, Handler
-from service.handlers.common import Geometry, at_full_size
+from service.handlers.common import Geometry, Handler, at_full_size
 from service.images import decode_image_reduced
 from service.settings import Settings
+from tasks import HANDLERS
 
 Prepared = tuple[np.ndarray, Geometry]
 

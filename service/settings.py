@@ -15,10 +15,16 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 log = logging.getLogger(__name__)
 
-ModelName = Literal["classifier", "detector", "segmenter"]
 ImageFormat = Literal["JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF"]
 
 _MIB = 1024 * 1024
+
+
+def _registered_models() -> tuple[str, ...]:
+    """The models of the task registry (imported when settings are built: it loads torch)."""
+    from tasks import MODELS
+
+    return MODELS
 
 
 def _split_csv(value: object) -> object:
@@ -57,7 +63,9 @@ class Settings(BaseSettings):
     # which models, served how
     backend: Literal["embedded", "triton"] = "embedded"
     model_repository: Path = Path("model_repository")
-    models: Annotated[tuple[ModelName, ...], NoDecode] = ("classifier", "detector", "segmenter")
+    models: Annotated[tuple[str, ...], NoDecode] = Field(
+        default_factory=lambda: _registered_models(), description="models to serve, from tasks.MODELS"
+    )
     device: Literal["cpu", "cuda", "auto"] = "auto"
     # Embedded backend: "ingress" runs the models inside the gateway replica (one process from socket
     # to model: the fast path on one machine); "deployment" makes each model a Serve deployment of its
@@ -181,6 +189,15 @@ class Settings(BaseSettings):
         if not value:
             raise ValueError("must name at least one entry")
         return tuple(dict.fromkeys(value))
+
+    @field_validator("models")
+    @classmethod
+    def _registered(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        known = _registered_models()
+        unknown = [name for name in value if name not in known]
+        if unknown:
+            raise ValueError(f"unknown model {', '.join(unknown)}: choose from {', '.join(known)}")
+        return value
 
     @field_validator("model_repository")
     @classmethod

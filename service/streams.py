@@ -40,11 +40,12 @@ from pydantic import BaseModel, ConfigDict, SerializeAsAny, ValidationError
 from service.annotate import MEDIA_TYPES, annotate_result, draw_detections, encode_image, fit_image
 from service.backends.base import BackendTimeout, BackendUnavailable
 from service.errors import ApiError, describe_validation_errors
-from service.handlers import HANDLERS, Handler
+from service.handlers.common import Handler
 from service.images import RENDER_MAX_PIXELS, decode_image_for_display, decoded_pixels
 from service.schemas import DetectionResult
 from service.settings import Settings
 from service.tracking import DetectionTracker, TrackedDetectionResult
+from tasks import HANDLERS
 
 if TYPE_CHECKING:  # service.app imports this module
     from service.app import Answerer

@@ -20,12 +20,33 @@ from service.__main__ import haproxy_log_sink, make_private_dir, ray_environment
 from service.settings import Settings
 from support.ports import free_port, reserved_free_port
 from support.waiting import wait_for
+from tasks import MODELS
 
 # tests/client and tests/oip import these from here.
 wait_until = wait_for
 __all__ = ["free_port", "reserved_free_port", "wait_until"]
 
 ROOT = Path(__file__).resolve().parents[1]
+
+# The two tiers. The in-process tier (HTTP contract, handlers, export, images, errors) runs the app
+# on TestClient or a uvicorn thread with real TorchScript models in the pytest process. The live
+# tier needs real servers: Ray Serve (any test whose fixtures reach `ray_session`), tritonserver,
+# Prometheus, HAProxy, a browser, several nodes, or the service started as a process.
+# `pytest -m "not live"` (`make test-inprocess`) runs the first alone.
+LIVE_FIXTURES = {"ray_session", "tiny_triton", "cpu_triton", "ops_triton", "prometheus", "browser", "keyed_server"}
+LIVE_PATHS = (
+    "tests/browser/", "tests/ops/", "tests/scale/", "tests/security/", "tests/triton/", "tests/client/",
+    "tests/loadtests/test_bench.py", "tests/loadtests/test_locust.py", "tests/loadtests/test_streams_bench.py",
+    "tests/service/test_haproxy_ingress.py", "tests/service/test_haproxy_launcher.py",
+    "tests/video/test_flood_memory.py",
+)  # fmt: skip
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        path = Path(item.path).resolve().relative_to(ROOT).as_posix()
+        if LIVE_FIXTURES.intersection(getattr(item, "fixturenames", ())) or path.startswith(LIVE_PATHS):
+            item.add_marker(pytest.mark.live)
 
 
 # The session's Ray runs as `python -m service` runs it by default: Serve's throughput mode with
@@ -60,7 +81,6 @@ def ray_environment_applied(**extra: str) -> Iterator[None]:
 # call deployment handles synchronously; the replicas run fully in throughput mode.
 with ray_environment_applied(RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP="1"):
     import ray.serve._private.constants  # noqa: F401  (reads the Serve variables now)
-MODELS = ("classifier", "detector", "segmenter")
 
 # Logical CPUs for the test Ray: enough for every deployment the suite creates at once
 # (scheduling units, not cores; the replicas share the machine's real cores).

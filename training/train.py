@@ -19,6 +19,7 @@ import torchvision
 from torch import nn
 from tqdm import tqdm
 
+from tasks import TASKS
 from training import evaluate
 from training.data import (
     ClassificationSet,
@@ -44,7 +45,8 @@ from training.shapes import CLASSES
 
 log = logging.getLogger(__name__)
 
-MODELS = ("classifier", "detector", "segmenter")
+# The demo trains a model for every registered task (a new task brings its trainer here too).
+MODELS = tuple(TASKS)
 CHECKPOINTS = tuple(f"{name}.pt" for name in MODELS)
 
 

@@ -19,6 +19,7 @@ from fastapi import FastAPI, HTTPException, UploadFile
 from loadtests.baselines.pipeline import ModelPipeline
 from service.images import ImageError
 from service.settings import Settings
+from tasks import MODELS
 
 
 def create_app(settings: Settings, model: str) -> FastAPI:
@@ -48,7 +49,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--model", default="classifier", choices=["classifier", "detector", "segmenter"])
+    parser.add_argument("--model", default="classifier", choices=MODELS)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8100)
     args = parser.parse_args()

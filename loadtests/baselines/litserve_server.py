@@ -16,10 +16,10 @@ import torch
 from fastapi import HTTPException, Request
 
 from loadtests.baselines.pipeline import ModelPipeline
-from service.handlers import HANDLERS
 from service.handlers.common import Geometry
 from service.images import ImageError
 from service.settings import Settings
+from tasks import HANDLERS, MODELS
 
 Prepared = tuple[np.ndarray, Geometry]
 Answer = tuple[dict[str, np.ndarray], Geometry]
@@ -75,7 +75,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--model", default="classifier", choices=["classifier", "detector", "segmenter"])
+    parser.add_argument("--model", default="classifier", choices=MODELS)
     parser.add_argument("--port", type=int, default=8200)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO)

@@ -1,12 +1,9 @@
-"""One handler per task, keyed by the model it runs; add a task by adding a handler here."""
+"""Per-task pre/post-processing: one `Handler` per task (`service/handlers/<task>.py`).
 
-from __future__ import annotations
+Handlers are registered with their tasks in `tasks/` (`tasks.HANDLERS`), not here, so that a task
+is added in one place.
+"""
 
-from service.handlers.classify import ClassifyHandler
 from service.handlers.common import Handler
-from service.handlers.detect import DetectHandler
-from service.handlers.segment import SegmentHandler
 
-HANDLERS: dict[str, Handler] = {h.model: h for h in (ClassifyHandler(), DetectHandler(), SegmentHandler())}
-
-__all__ = ["HANDLERS", "Handler"]
+__all__ = ["Handler"]

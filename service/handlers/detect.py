@@ -6,7 +6,14 @@ import numpy as np
 
 from service.contract import ModelContract
 from service.handlers.common import Geometry, Handler, boxes_to_original, label_of
-from service.schemas import DetectOptions, DetectRequest, DetectResponse, Detection, DetectionResult, ImageSize
+from service.schemas import (
+    Detection,
+    DetectionResult,
+    DetectOptions,
+    DetectRequest,
+    DetectResponse,
+    ImageSize,
+)
 
 
 class DetectHandler(Handler[DetectOptions, DetectionResult]):

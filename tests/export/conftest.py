@@ -10,17 +10,12 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from tasks import MODELS, TASKS, get_arch
 from tests.export.support import run_export
-from training.models import build_demo_classifier, build_demo_detector, build_demo_segmenter
 from training.shapes import CLASSES
-from training.train import DemoConfig
 
 # A checkpoint of a demo architecture exports at the demo's training sizes unless told otherwise.
-SIZES = {
-    "classifier": DemoConfig().classifier_size,
-    "detector": DemoConfig().scene_size,
-    "segmenter": DemoConfig().scene_size,
-}
+SIZES = {model: get_arch(model, "demo").default_size()[0] for model in MODELS}
 # A long queue delay lets the CPU Triton test see concurrent requests merged into one batch.
 QUEUE_DELAY_US = 200_000
 BATCHING = (
@@ -54,8 +49,8 @@ class Exported:
 
 
 def _labels_for(model: str) -> tuple[str, ...]:
-    background = {"detector": ("__background__",), "segmenter": ("background",)}.get(model, ())
-    return (*background, *CLASSES)
+    background = TASKS[model].background
+    return (*CLASSES,) if background is None else (background, *CLASSES)
 
 
 @pytest.fixture(scope="session")
@@ -63,11 +58,7 @@ def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Checkpoin
     """classifier.pt and detector.pt (torch.save) and segmenter.safetensors, seeded random init."""
     root = tmp_path_factory.mktemp("checkpoints")
     torch.manual_seed(1234)
-    models = {
-        "classifier": build_demo_classifier(len(CLASSES)),
-        "detector": build_demo_detector(len(CLASSES), SIZES["detector"]),
-        "segmenter": build_demo_segmenter(len(CLASSES) + 1),
-    }
+    models = {model: get_arch(model, "demo").build(len(_labels_for(model)), SIZES[model]) for model in MODELS}
     with torch.no_grad():
         # A fresh U-Net's logits are tiny and its head's bias picks one class everywhere; a mask
         # of one class could not show that MASK is the per-pixel argmax, so let the pixels speak.

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tasks import MODELS
 from tests.export.conftest import Checkpoint, Exported
 from tests.export.support import run_export
 
@@ -71,7 +72,7 @@ def test_missing_checkpoint(checkpoints: dict[str, Checkpoint], tmp_path: Path) 
     assert_nothing_written(tmp_path / "repo", tmp_path / "cpu" / "repo")
 
 
-@pytest.mark.parametrize("model", ["classifier", "detector", "segmenter"])
+@pytest.mark.parametrize("model", MODELS)
 def test_class_count_not_matching_the_checkpoint(
     checkpoints: dict[str, Checkpoint], model: str, tmp_path: Path
 ) -> None:

@@ -20,6 +20,7 @@ from stack.triton import TritonServer, start_tritonserver
 from support.ports import free_ports
 from support.triton_metrics import triton_metric
 from support.waiting import wait_for
+from tasks import MODELS
 from tests.export.conftest import Exported
 from tests.export.support import assert_classifier_matches, assert_detector_matches, assert_segmenter_matches
 from training.shapes import make_scene
@@ -55,7 +56,7 @@ def infer(server: TritonServer, model: str, images: np.ndarray) -> list[torch.Te
     return [torch.from_numpy(result.as_numpy(name).copy()) for name in names]
 
 
-@pytest.mark.parametrize("model", ["classifier", "detector", "segmenter"])
+@pytest.mark.parametrize("model", MODELS)
 def test_concurrent_requests_answer_like_the_eager_model(
     cpu_server: TritonServer, exported: Exported, model: str, tmp_path: Path
 ) -> None:

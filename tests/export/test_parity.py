@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from service.contract import load_contract
+from tasks import MODELS
 from tests.export.conftest import QUEUE_DELAY_US, SIZES, Exported
 from tests.export.support import (
     assert_classifier_matches,
@@ -22,7 +23,6 @@ from tests.export.support import (
 )
 from training.shapes import make_scene
 
-MODELS = ("classifier", "detector", "segmenter")
 ASSERT_MATCHES = {
     "classifier": assert_classifier_matches,
     "detector": assert_detector_matches,

@@ -11,8 +11,7 @@ import pytest
 from service.backends.embedded import LocalBackend
 from service.contract import load_contract
 from service.settings import Settings
-
-MODELS = ("classifier", "detector", "segmenter")
+from tasks import MODELS
 
 
 @pytest.mark.parametrize("repository_name", ["model_repository", "build/triton_cpu_repository"])

@@ -16,9 +16,8 @@ from torch import nn
 
 from export.wrappers import ClassifierWrapper, script
 from loadtests.gpu_check import TOLERANCES, check_parity, detector_checks
+from tasks import MODELS
 from tests.conftest import ROOT
-
-MODELS = ("classifier", "detector", "segmenter")
 
 
 def test_dry_run_writes_parity_and_throughput_for_every_model(tmp_path: Path) -> None:

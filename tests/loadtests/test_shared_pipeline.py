@@ -10,10 +10,10 @@ import pytest
 from PIL import Image
 
 from loadtests.baselines.pipeline import ModelPipeline
-from service.handlers import HANDLERS
 from service.images import decode_image
 from service.pipeline import TaskPipeline
 from service.settings import Settings
+from tasks import HANDLERS, MODELS
 from training.shapes import make_scene
 
 
@@ -25,7 +25,7 @@ def big_jpeg() -> bytes:
     return buffer.getvalue()
 
 
-@pytest.mark.parametrize("model", ["classifier", "detector", "segmenter"])
+@pytest.mark.parametrize("model", MODELS)
 def test_baselines_prepare_exactly_what_the_gateway_prepares(model_repository: Path, model: str) -> None:
     settings = Settings(model_repository=model_repository)
     baseline = ModelPipeline.load(settings, model)

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from tasks import MODELS
 from tests.conftest import ROOT
 
 
@@ -30,7 +31,7 @@ def test_streams_bench_prints_a_row_per_model_and_writes_json(model_repository: 
         command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240, check=False
     )
     assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
-    for model in ("classifier", "detector", "segmenter"):
+    for model in MODELS:
         assert f"| {model} |" in done.stdout, done.stdout
     results = json.loads(out.read_text())["results"]
     for model, measured in results.items():

@@ -15,6 +15,7 @@ import tritonclient.http as triton_http
 from tritonclient.utils import InferenceServerException
 
 from service.contract import load_contract
+from tasks import MODELS
 from tests.oip.conftest import KEY, encoded, scene
 from training.shapes import CLASSES, make_scene
 
@@ -73,7 +74,7 @@ def test_server_health_and_metadata(client: triton_http.InferenceServerClient) -
     assert metadata["name"] == "cvserve" and "binary_tensor_data" in metadata["extensions"]
 
 
-@pytest.mark.parametrize("model", ["classifier", "detector", "segmenter"])
+@pytest.mark.parametrize("model", MODELS)
 def test_model_metadata_comes_from_the_repository_contract(
     client: triton_http.InferenceServerClient, http: httpx.Client, model_repository: Path, model: str
 ) -> None:

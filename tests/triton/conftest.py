@@ -10,6 +10,7 @@ import pytest
 
 from stack.triton import TritonServer, start_tritonserver
 from support.ports import free_ports
+from tasks import MODELS
 from tests.triton.tiny_models import write_tiny_repository
 
 
@@ -32,7 +33,6 @@ def tiny_triton(tiny_repository: Path, tmp_path_factory: pytest.TempPathFactory)
 
 
 ROOT = Path(__file__).resolve().parents[2]
-MODELS = ("classifier", "detector", "segmenter")
 # Three python-backend stubs importing torch at once take a while on a busy 2-core machine.
 MODEL_LOAD_TIMEOUT_S = 300.0
 
