@@ -85,7 +85,14 @@ def _endpoint_of(scope: Scope) -> str:
     if root and path.startswith(root):
         path = path[len(root) :]
     path = path.rstrip("/") or "/"
-    return path if path in ENDPOINTS else "other"
+    if path in ENDPOINTS:
+        return path
+    if path == "/v2" or path.startswith("/v2/"):  # the Open Inference Protocol: inference per model, the rest as one
+        parts = path.split("/")  # "", "v2", "models", NAME, ["versions", V,] "infer"
+        if len(parts) in (5, 7) and parts[2] == "models" and parts[-1] == "infer" and parts[3] in HANDLERS:
+            return f"/v2/models/{parts[3]}/infer"
+        return "/v2"
+    return "other"
 
 
 class MetricsMiddleware:
