@@ -13,11 +13,13 @@ from pathlib import Path
 
 import httpx
 import pytest
+from websockets.sync.client import connect
 
 from stack.prometheus import PrometheusServer
 from stack.triton import TritonServer
 from support.waiting import wait_for
 from tests.ops.conftest import has_finite_value, png_image, scalar, triton_infer
+from tests.video.clips import encode_video, jpeg, moving_shapes
 
 DASHBOARD = Path(__file__).resolve().parents[2] / "deploy" / "grafana" / "dashboards" / "cvserve.json"
 
@@ -33,6 +35,10 @@ REQUIRED_METRICS = {
     "ray_cvserve_images_per_request_sum",
     "ray_cvserve_in_flight_requests",
     "ray_cvserve_stage_seconds_sum",
+    "ray_cvserve_streams_open",
+    "ray_cvserve_stream_frames_total",
+    "ray_cvserve_stream_dropped_frames_total",
+    "ray_cvserve_video_frames_total",
     "nv_inference_queue_duration_us",
     "nv_inference_compute_infer_duration_us",
     "nv_inference_count",
@@ -147,6 +153,22 @@ def _gateway_round(url: str, images: int, errors: int) -> None:
             ).status_code in (400, 415)
 
 
+def _video_round(url: str, frames: int) -> None:
+    """One WebSocket stream flooded with `frames` frames (most are dropped as stale), and one video upload."""
+    images = [jpeg(frame) for frame in moving_shapes(10, width=640, height=480).frames]
+    with connect("ws://" + url.removeprefix("http://") + "/stream/detect", open_timeout=30, max_size=None) as ws:
+        assert json.loads(ws.recv(30))["type"] == "ready"
+        for index in range(frames):  # far faster than the model answers
+            ws.send(images[index % len(images)])
+        answer = json.loads(ws.recv(30))
+        while answer["frame"] != frames - 1:
+            answer = json.loads(ws.recv(30))
+    assert answer["stats"]["dropped_stale"] > 0, answer["stats"]
+    video = encode_video(moving_shapes(6).frames, "webm")
+    response = httpx.post(f"{url}/detect", content=video, headers={"content-type": "video/webm"}, timeout=120)
+    assert response.status_code == 200, response.text
+
+
 @pytest.fixture(scope="module")
 def gateway_traffic(prometheus: PrometheusServer, embedded_gateway: str) -> None:
     """Good and bad requests on every endpoint, visible in Prometheus as rates.
@@ -157,13 +179,19 @@ def gateway_traffic(prometheus: PrometheusServer, embedded_gateway: str) -> None
     totals = {
         **{e: f'sum(ray_cvserve_requests_total{{endpoint="{e}", status="200"}})' for e in ENDPOINTS},
         **{k: f'sum(ray_cvserve_errors_total{{endpoint="/classify", kind="{k}"}})' for k in BAD_REQUESTS},
+        **{
+            name: f'sum(ray_cvserve_{name}_total{{endpoint="/detect"}})'
+            for name in ("stream_frames", "stream_dropped_frames", "video_frames")
+        },
     }
     _gateway_round(embedded_gateway, images=1, errors=1)
+    _video_round(embedded_gateway, frames=60)
     first = {
         name: wait_for(lambda q=query: scalar(prometheus, q), 60, f"{query} never reached Prometheus")
         for name, query in totals.items()
     }
     _gateway_round(embedded_gateway, images=3, errors=2)
+    _video_round(embedded_gateway, frames=60)
     for name, query in totals.items():
         wait_for(lambda q=query, n=name: (scalar(prometheus, q) or 0) > first[n], 60, f"{query} did not grow")
 

@@ -159,11 +159,19 @@ def test_rays_token_and_haproxys_files_are_private(running: RunningGateway) -> N
         command = haproxy.cmdline()
         config = Path(command[command.index("-f") + 1])
         assert config.is_relative_to(private_dir), command
-        text = config.read_text()
-        assert re.search(rf"stats socket {re.escape(str(private_dir))}/\S+ mode 600 ", text), text
+
+        def hardened(config: Path = config) -> str | None:
+            text = config.read_text()
+            return text if re.search(rf"stats socket {re.escape(str(private_dir))}/\S+ mode 600 ", text) else None
+
+        # Ray rewrites the config when routes change and then starts HAProxy through the launcher, which
+        # hardens it before HAProxy reads it: a read in between sees Ray's own text for a moment.
+        text = wait_for(hardened, 15, lambda config=config: config.read_text())
         assert "timeout client 3600s" not in text and "timeout client 35s" in text
         assert "timeout http-request 10s" in text
         assert f"log {private_dir}/log.sock " in text  # not UDP: no datagram socket on every interface
+    sockets = list(private_dir.glob("*/admin.sock"))
+    assert sockets and all(stat.S_IMODE(sock.stat().st_mode) == 0o600 for sock in sockets), sockets  # as HAProxy made it
     stderr = "".join(
         path.read_text(errors="replace") for path in private_dir.glob("*/admin.sock.*.stderr.log")
     )
