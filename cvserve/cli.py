@@ -3,6 +3,8 @@
   cvserve detect street.png --annotate boxes.png
   cvserve classify cat.jpg --top-k 3 --json
   cvserve segment a.png b.png --polygons --polygon-tolerance 2
+  cvserve models            (what the gateway serves)
+  cvserve ready             (exit 0 once it answers, 1 while it warms up or its backend is down)
 
 The gateway is --url (default: $CVSERVE_URL, else http://127.0.0.1:8000); the API key --api-key or
 $CVSERVE_API_KEY. Exit status: 0 answered, 1 the gateway refused or could not be reached, 2 bad usage.
@@ -34,16 +36,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="cvserve", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument(
-        "files", nargs="+", type=Path, metavar="FILE", help="image files (JPEG, PNG, WebP, ...)"
-    )
-    common.add_argument(
+    server = argparse.ArgumentParser(add_help=False)
+    server.add_argument(
         "--url", help="the gateway's base URL (default: $CVSERVE_URL or http://127.0.0.1:8000)"
     )
-    common.add_argument("--api-key", help="the gateway's API key (default: $CVSERVE_API_KEY)")
-    common.add_argument(
+    server.add_argument("--api-key", help="the gateway's API key (default: $CVSERVE_API_KEY)")
+    server.add_argument(
         "--timeout", type=float, default=60.0, help="seconds to wait for each answer (default 60)"
+    )
+    common = argparse.ArgumentParser(add_help=False, parents=[server])
+    common.add_argument(
+        "files", nargs="+", type=Path, metavar="FILE", help="image files (JPEG, PNG, WebP, ...)"
     )
     common.add_argument("--batch", type=int, default=8, help="images per request (default 8)")
     common.add_argument(
@@ -75,7 +78,28 @@ def build_parser() -> argparse.ArgumentParser:
     segment.add_argument(
         "--polygon-tolerance", type=float, help="polygon simplification in pixels (default 1)"
     )
+    models = tasks.add_parser("models", parents=[server], help="the models the gateway serves")
+    models.add_argument("--json", action="store_true", help="print the gateway's JSON answer")
+    tasks.add_parser("ready", parents=[server], help="whether the gateway is ready (exit 0) or not (exit 1)")
     return parser
+
+
+def describe(args: argparse.Namespace) -> tuple[list[str], int]:
+    """`cvserve models` and `cvserve ready`: lines to print and the exit status."""
+    with Client(args.url, api_key=args.api_key, timeout=args.timeout) as client:
+        if args.task == "ready":
+            ready = client.ready()
+            return [
+                f"{'ready' if ready.ready else 'not ready'} ({ready.backend} backend)"
+            ], 0 if ready.ready else 1
+        answer = client.models()
+    if args.json:
+        return [answer.model_dump_json()], 0
+    return [
+        f"{m.name:<12} {m.task:<15} {m.endpoint:<10} {m.input_size.width}x{m.input_size.height}  "
+        f"{len(m.labels)} labels  {m.backend}, weights {m.weights}, batches up to {m.max_batch_size}"
+        for m in answer.models
+    ], 0
 
 
 def task_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -153,6 +177,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `cvserve` command."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.task in ("models", "ready"):
+        try:
+            lines, status = describe(args)
+        except CvserveError as error:
+            print(f"cvserve: {error}", file=sys.stderr)
+            return 1
+        print("\n".join(lines))
+        return status
     if args.batch < 1:
         parser.error("--batch must be at least 1")
     missing = [str(f) for f in args.files if not f.is_file()]

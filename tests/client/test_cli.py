@@ -100,3 +100,23 @@ def test_the_api_key_from_the_flag_or_the_environment(keyed_url: str, tmp_path: 
     for args, env in (((path, "--api-key", KEY), None), ((path,), {"CVSERVE_API_KEY": KEY})):
         done = cvserve("classify", *args, "--top-k", "1", url=keyed_url, env=env)
         assert done.returncode == 0 and done.stdout.split()[2] == label, done.stdout + done.stderr
+
+
+def test_models_and_ready_describe_the_gateway(embedded_gateway: str) -> None:
+    listed = cvserve("models", url=embedded_gateway)
+    assert listed.returncode == 0, listed.stderr
+    served = httpx.get(f"{embedded_gateway}/models", timeout=30).json()["models"]
+    lines = listed.stdout.splitlines()
+    assert [line.split()[:3] for line in lines] == [[m["name"], m["task"], m["endpoint"]] for m in served]
+    assert all(f"{len(m['labels'])} labels" in line for m, line in zip(served, lines, strict=True))
+    as_json = cvserve("models", "--json", url=embedded_gateway)
+    assert as_json.returncode == 0 and json.loads(as_json.stdout)["models"] == served
+    ready = cvserve("ready", url=embedded_gateway)
+    assert (ready.returncode, ready.stdout.strip()) == (0, "ready (embedded backend)")
+
+
+def test_ready_exits_1_when_nothing_answers() -> None:
+    from support.ports import free_port
+
+    done = cvserve("ready", "--timeout", "5", url=f"http://127.0.0.1:{free_port()}")
+    assert done.returncode == 1 and done.stderr.startswith("cvserve: ") and "Traceback" not in done.stderr
