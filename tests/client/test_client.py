@@ -68,6 +68,35 @@ def test_sync_and_async_answers_equal_the_raw_http_answer(
         assert getattr(client, method)(given, **options).model_dump(mode="json") == single, type(given)
 
 
+MSGPACK_CASES = [*CASES[:2], ("/segment", "segment", {"return_polygons": True, "return_png": True})]
+
+
+@pytest.mark.parametrize(("endpoint", "method", "options"), MSGPACK_CASES, ids=[c[1] for c in MSGPACK_CASES])
+def test_msgpack_answers_are_the_same_models(
+    embedded_gateway: str, endpoint: str, method: str, options: dict
+) -> None:
+    scenes = [make_scene(SEED + 10 + i, 128, 1, 3).image for i in range(2)]
+    expected = raw(embedded_gateway, endpoint, [png(s) for s in scenes], **options)
+    seen: list[str] = []
+
+    def record(response: httpx.Response) -> None:
+        seen.append(response.headers["content-type"])
+
+    with Client(embedded_gateway, timeout=120, answers="msgpack") as packed:
+        packed._http.event_hooks["response"].append(record)  # what actually came over the wire
+        assert getattr(packed, method)(scenes, **options).model_dump(mode="json") == expected
+        assert packed.models().models  # non-task calls stay JSON
+    assert seen == ["application/msgpack", "application/json"]
+
+    async def via_async() -> dict:
+        async with AsyncClient(embedded_gateway, timeout=120, answers="msgpack") as session:
+            return (await getattr(session, method)(scenes, **options)).model_dump(mode="json")
+
+    assert asyncio.run(via_async()) == expected
+    with pytest.raises(ValueError, match="answers must be"):
+        Client(embedded_gateway, answers="xml")  # type: ignore[arg-type]
+
+
 def test_known_scenes_get_their_known_classes_and_boxes(client: Client) -> None:
     images, labels = zip(*(single_shape(SEED + 100 + i) for i in range(8)), strict=True)
     said = [r.predictions[0].label for r in client.classify(list(images), top_k=1).results]
