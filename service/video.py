@@ -40,6 +40,7 @@ from service.pipeline import TaskPipeline
 from service.schemas import DetectionResult
 from service.settings import Settings
 from service.streams import draw_result
+from service.timing import Timings, stage
 from service.tracking import DetectionTracker
 
 if TYPE_CHECKING:  # service.app imports this module
@@ -116,9 +117,11 @@ async def answer_video(
             "invalid_request",
             "annotate: for a video, ask for the drawn video with Accept: video/webm or video/mp4",
         )
+    timings = Timings() if settings.stage_timings else None
     try:
         async with asyncio.timeout(settings.body_timeout_s):
-            body = await read_body(request, settings.video_max_bytes)
+            with stage(timings, "read"):
+                body = await read_body(request, settings.video_max_bytes)
     except TimeoutError as error:
         raise ApiError(
             408, "body_timeout", f"the request body did not arrive within {settings.body_timeout_s:g} s"
@@ -128,8 +131,8 @@ async def answer_video(
         ticket = answerer.admission.admit(len(body), FRAMES_PER_BATCH * reader.width * reader.height)
         try:
             async with asyncio.timeout(settings.video_timeout_s):
-                return await _answer_frames(
-                    answerer, handler, pipeline, reader, options, _wanted_video(request)
+                response = await _answer_frames(
+                    answerer, handler, pipeline, reader, options, _wanted_video(request), timings
                 )
         except TimeoutError as error:
             raise BackendTimeout(
@@ -139,6 +142,10 @@ async def answer_video(
             ticket.release()
     finally:
         await asyncio.to_thread(reader.close)
+    if timings is not None:  # the whole video's stages: summed over its frames, as Server-Timing
+        response.headers["Server-Timing"] = timings.header()
+        answerer.metrics.observe_stages(handler.endpoint, timings)
+    return response
 
 
 async def _answer_frames(
@@ -148,33 +155,44 @@ async def _answer_frames(
     reader: VideoReader,
     options: BaseModel,
     wanted: str | None,
+    timings: Timings | None = None,
 ) -> Response:
+    """Frames a few at a time: decode, preprocess (threads), the model, postprocess and tracking, drawing."""
     settings: Settings = answerer.settings
     tracker = DetectionTracker(reader.fps) if handler.model == "detector" else None
     writer = VideoWriter(wanted, reader.fps, reader.width, reader.height) if wanted else None
     answered: list[VideoFrameResult] = []
     try:
-        while chunk := await asyncio.to_thread(reader.read, FRAMES_PER_BATCH):
-            prepared = await asyncio.gather(
-                *(asyncio.to_thread(_prepare, pipeline, image) for image, _ in chunk)
-            )
-            outputs = await answerer.backend.infer_many(handler.model, [tensor for tensor, _ in prepared])
-            for output in outputs:
-                check_outputs(pipeline.contract, output)  # MalformedAnswer: 503
-            results = [
-                pipeline.answer(out, geometry, options) for out, (_, geometry) in zip(outputs, prepared)
-            ]
+        while True:
+            with stage(timings, "decode"):
+                chunk = await asyncio.to_thread(reader.read, FRAMES_PER_BATCH)
+            if not chunk:
+                break
+            with stage(timings, "preprocess"):
+                prepared = await asyncio.gather(
+                    *(asyncio.to_thread(_prepare, pipeline, image) for image, _ in chunk)
+                )
+            with stage(timings, "model"):  # the backend's queue included
+                outputs = await answerer.backend.infer_many(handler.model, [tensor for tensor, _ in prepared])
+            with stage(timings, "postprocess"):
+                for output in outputs:
+                    check_outputs(pipeline.contract, output)  # MalformedAnswer: 503
+                results = [
+                    pipeline.answer(out, geometry, options) for out, (_, geometry) in zip(outputs, prepared)
+                ]
+                if tracker is not None:
+                    results = [tracker.update(r) if isinstance(r, DetectionResult) else r for r in results]
             for (image, time_s), result in zip(chunk, results):
-                if tracker is not None and isinstance(result, DetectionResult):
-                    result = tracker.update(result)
                 answered.append(VideoFrameResult(index=len(answered), time_s=round(time_s, 4), result=result))
                 if writer is not None:
-                    await asyncio.to_thread(writer.write, image, result)
+                    with stage(timings, "encode"):
+                        await asyncio.to_thread(writer.write, image, result)
                     if writer.size > settings.max_response_bytes:
                         raise _too_large(settings)
             answerer.metrics.video_frames.inc(len(chunk), tags={"endpoint": handler.endpoint})
         if writer is not None:
-            video = await asyncio.to_thread(writer.finish)
+            with stage(timings, "encode"):
+                video = await asyncio.to_thread(writer.finish)
             if len(video) > settings.max_response_bytes:
                 raise _too_large(settings)
             return Response(video, media_type=wanted, headers={"X-Video-Frames": str(len(answered))})
@@ -198,7 +216,9 @@ async def _answer_frames(
         video=info,
         frames=answered,
     )
-    return Response(response.model_dump_json(), media_type="application/json")
+    with stage(timings, "encode"):
+        body = response.model_dump_json()
+    return Response(body, media_type="application/json")
 
 
 def _prepare(pipeline: TaskPipeline, image: np.ndarray) -> tuple[np.ndarray, Geometry]:

@@ -145,3 +145,22 @@ def test_openapi_lists_the_video_bodies(detect_client: TestClient) -> None:
     spec = detect_client.get("/openapi.json").json()
     for endpoint in ("/classify", "/detect", "/segment"):
         assert {"video/mp4", "video/webm"} <= set(spec["paths"][endpoint]["post"]["requestBody"]["content"])
+
+
+def test_a_video_answer_says_where_its_time_went(
+    detect_client: TestClient, gateway: Gateway, videos: dict[str, bytes]
+) -> None:
+    from tests.service.test_stage_timings import parse
+
+    response = post_video(detect_client, "/detect", videos["webm"], "webm")
+    assert response.status_code == 200, response.text[:300]
+    durations, _ = parse(response.headers["server-timing"])
+    stages = ("read", "decode", "preprocess", "model", "postprocess", "encode")
+    assert list(durations) == [*stages, "total"] and all(durations[s] > 0 for s in stages), durations
+    assert (
+        sum(durations[s] for s in stages) <= durations["total"] * 1.01 + 0.5
+    )  # sequential stages of one request
+    drawn = post_video(detect_client, "/detect", videos["webm"], "webm", Accept="video/webm")
+    assert drawn.status_code == 200 and "encode;dur=" in drawn.headers["server-timing"]
+    with gateway(stage_timings=False) as quiet:
+        assert "server-timing" not in post_video(quiet, "/detect", videos["webm"], "webm").headers
