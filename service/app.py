@@ -50,6 +50,7 @@ from service.schemas import HealthResponse, ImageSize, ModelInfo, ModelsResponse
 from service.settings import Settings
 from service.streams import install_streams
 from service.timing import BatchTiming, Timings, stage
+from service.tracing import Tracing, TracingMiddleware
 from service.video import answer_video, is_video_request
 from tasks import HANDLERS
 
@@ -190,10 +191,13 @@ class Answerer:
     against admission (`service.admission`: requests, bytes and pixels in flight), so slow uploads
     hold nothing; the request's share is held until the threads working on its images are done."""
 
-    def __init__(self, settings: Settings, backend: Backend, metrics: GatewayMetrics) -> None:
+    def __init__(
+        self, settings: Settings, backend: Backend, metrics: GatewayMetrics, tracing: Tracing | None = None
+    ) -> None:
         self.settings = settings
         self.backend = backend
         self.metrics = metrics
+        self.tracing = tracing  # None: tracing off
         self.pipelines = {m: TaskPipeline.load(settings, m) for m in settings.models}
         self.versions = {m: latest_version(settings.model_repository, m) for m in settings.models}
         # Decode/preprocess/postprocess threads: as many as cores (Pillow and torch release the GIL).
@@ -216,7 +220,8 @@ class Answerer:
             return await answer_video(self, handler, request, query_options)
         pipeline = self.pipeline(handler)
         settings = self.settings
-        timings = Timings() if settings.stage_timings else None
+        # The stage spans of a trace are made from the same timings as Server-Timing.
+        timings = Timings() if settings.stage_timings or self.tracing is not None else None
         with stage(timings, "read"):
             inputs = await self.in_body_time(
                 read_images(
@@ -240,9 +245,19 @@ class Answerer:
         if not isinstance(answer, Response):
             with stage(timings, "encode"):
                 answer = encode_answer(request, answer)  # JSON, or MessagePack when Accept asks for it
-        if timings is not None:
+        if timings is not None and settings.stage_timings:
             answer.headers["Server-Timing"] = timings.header()
             self.metrics.observe_stages(handler.endpoint, timings)
+        if timings is not None and self.tracing is not None:
+            self.tracing.record_stages(
+                timings,
+                {
+                    "cvserve.endpoint": handler.endpoint,
+                    "cvserve.model": handler.model,
+                    "cvserve.backend": settings.backend,
+                    "cvserve.images": len(inputs.blobs),
+                },
+            )
         return answer
 
     async def in_body_time(self, reading: Awaitable[T]) -> T:
@@ -333,6 +348,8 @@ class Answerer:
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+        if self.tracing is not None:
+            self.tracing.shutdown()
 
 
 REQUEST_TIMEOUT_HEADER = "x-request-timeout"
@@ -430,13 +447,17 @@ def create_api(settings: Settings, backend: Backend) -> FastAPI:
     """The gateway's HTTP API over `backend`: task routes generated from the handlers, health, demo page."""
     api = FastAPI(title="cvserve", version="0.1.0", description=DESCRIPTION)
     metrics = GatewayMetrics()
-    answerer = Answerer(settings, backend, metrics)
+    tracing = Tracing.from_settings(settings)  # None unless CVSERVE_TRACING
+    answerer = Answerer(settings, backend, metrics, tracing)
     api.state.answerer = answerer
     api.state.metrics = metrics
+    api.state.tracing = tracing
     install_error_handlers(api)
     install_demo(api)
     install_streams(api)  # /stream/<task>: WebSocket frame streams (service/streams.py)
     api.add_middleware(MetricsMiddleware, metrics=metrics)
+    if tracing is not None:
+        api.add_middleware(TracingMiddleware, tracing=tracing)  # outermost: the request's span covers the rest
 
     # Every inference route sits behind the API key when one is set: a new task cannot forget it.
     guarded = [Depends(api_key_dependency(settings))] if settings.api_key is not None else []

@@ -121,6 +121,16 @@ class Settings(BaseSettings):
         description="time each request's stages (read, decode, preprocess, queue, model, postprocess, encode): "
         "a Server-Timing response header and the cvserve_stage_seconds histogram",
     )
+    # OpenTelemetry traces (service/tracing.py): off by default, and then no tracer exists at all
+    tracing: bool = Field(
+        False,
+        description="one span per request (a child of the client's W3C traceparent) with a child span per "
+        "stage, exported over OTLP/HTTP to otlp_endpoint; the Triton backend passes the context on",
+    )
+    otlp_endpoint: str = Field(
+        "http://127.0.0.1:4318/v1/traces", description="OTLP/HTTP traces URL spans are sent to (tracing=true)"
+    )
+    tracing_service_name: str = Field("cvserve-gateway", min_length=1, description="service.name of the spans")
     request_timeout_s: float = Field(30.0, gt=0.0, description="deadline of a whole request; past it: 504")
     retry_after_s: int = Field(1, ge=0, description="Retry-After (seconds) of 503s for a full gateway or Serve queue")
 
@@ -212,6 +222,13 @@ class Settings(BaseSettings):
             return value
         if value != "localhost":
             ipaddress.ip_address(value)  # ValueError: not an address
+        return value
+
+    @field_validator("otlp_endpoint")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        if not value.startswith(("http://", "https://")):
+            raise ValueError(f"otlp_endpoint must be an http(s) URL (http://127.0.0.1:4318/v1/traces), got {value!r}")
         return value
 
     @field_validator("api_key")

@@ -117,7 +117,7 @@ async def answer_video(
             "invalid_request",
             "annotate: for a video, ask for the drawn video with Accept: video/webm or video/mp4",
         )
-    timings = Timings() if settings.stage_timings else None
+    timings = Timings() if settings.stage_timings or answerer.tracing is not None else None
     try:
         async with asyncio.timeout(settings.body_timeout_s):
             with stage(timings, "read"):
@@ -142,9 +142,18 @@ async def answer_video(
             ticket.release()
     finally:
         await asyncio.to_thread(reader.close)
-    if timings is not None:  # the whole video's stages: summed over its frames, as Server-Timing
+    if timings is not None and settings.stage_timings:  # the whole video's stages, summed over its frames
         response.headers["Server-Timing"] = timings.header()
         answerer.metrics.observe_stages(handler.endpoint, timings)
+    if timings is not None and answerer.tracing is not None:
+        answerer.tracing.record_stages(
+            timings,
+            {
+                "cvserve.endpoint": handler.endpoint,
+                "cvserve.model": handler.model,
+                "cvserve.backend": settings.backend,
+            },
+        )
     return response
 
 

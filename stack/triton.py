@@ -2,7 +2,8 @@
 
 `start_tritonserver(...)` starts it in its own process group, logs to a file and waits until it
 is ready; `python -m stack.triton --repository build/triton_cpu_repository` runs it in the
-foreground (Ctrl-C stops it).
+foreground (Ctrl-C stops it). With `trace_url` (`--trace-url`) it sends OpenTelemetry spans of
+every request there over OTLP/HTTP, as children of the caller's `traceparent` when one comes along.
 """
 
 from __future__ import annotations
@@ -72,6 +73,20 @@ def prepare_backend_directory(target: Path) -> Path:
     return target
 
 
+def trace_flags(url: str, rate: int = 1) -> list[str]:
+    """tritonserver flags that export OpenTelemetry spans (timestamps of each request) to `url` (OTLP/HTTP).
+
+    Triton traces every request that carries a trace context, and one in `rate` of the others; it
+    sends spans every half second (its default is 5 s)."""
+    return [
+        "--trace-config=mode=opentelemetry",
+        f"--trace-config=opentelemetry,url={url}",
+        "--trace-config=opentelemetry,bsp_schedule_delay=500",
+        f"--trace-config=rate={rate}",
+        "--trace-config=level=TIMESTAMPS",
+    ]
+
+
 def server_command(
     repository: Path,
     http_port: int,
@@ -80,8 +95,10 @@ def server_command(
     backend_directory: Path,
     admin_token: str,
     log_verbose: int = 0,
+    trace_url: str | None = None,
 ) -> list[str]:
-    """The tritonserver command line: static repository, strict configs, exit on load errors."""
+    """The tritonserver command line: static repository, strict configs, exit on load errors; traces
+    to `trace_url` if given."""
     restriction = f"{','.join(RESTRICTED_APIS)}:{ADMIN_HEADER}={admin_token}"
     return [
         str(tritonserver_binary()),
@@ -106,6 +123,7 @@ def server_command(
         "--exit-timeout-secs=5",
         f"--log-verbose={log_verbose}",
         *TRITON_KEEPALIVE_FLAGS,
+        *(trace_flags(trace_url) if trace_url else ()),
     ]
 
 
@@ -171,10 +189,12 @@ def start_tritonserver(
     wait: bool = True,
     ready_timeout_s: float = 120.0,
     log_verbose: int = 0,
+    trace_url: str | None = None,
 ) -> TritonServer:
     """Start tritonserver on `repository`; by default return once it reports ready.
 
-    `work_dir` holds the backend directory and `tritonserver.log` (a fresh temp dir if None).
+    `work_dir` holds the backend directory and `tritonserver.log` (a fresh temp dir if None);
+    `trace_url` (an OTLP/HTTP traces URL) switches its OpenTelemetry tracing on.
     """
     repository = Path(repository).resolve()
     if not repository.is_dir():
@@ -183,7 +203,9 @@ def start_tritonserver(
     work.mkdir(parents=True, exist_ok=True)
     backends = prepare_backend_directory(work / "backends")
     token = admin_token or secrets.token_urlsafe(24)
-    command = server_command(repository, http_port, grpc_port, metrics_port, backends, token, log_verbose)
+    command = server_command(
+        repository, http_port, grpc_port, metrics_port, backends, token, log_verbose, trace_url=trace_url
+    )
     log_path = work / "tritonserver.log"
     log.info("starting tritonserver (http %d, grpc %d, metrics %d), log %s", http_port, grpc_port,
              metrics_port, log_path)
@@ -209,12 +231,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--metrics-port", type=int, default=8012)
     parser.add_argument("--work-dir", type=Path, default=Path("build/tritonserver"))
     parser.add_argument("--log-verbose", type=int, default=0)
+    parser.add_argument("--trace-url", help="OTLP/HTTP traces URL, e.g. http://127.0.0.1:4318/v1/traces")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
 
     server = start_tritonserver(
         args.repository, args.http_port, args.grpc_port, args.metrics_port,
-        work_dir=args.work_dir, log_verbose=args.log_verbose,
+        work_dir=args.work_dir, log_verbose=args.log_verbose, trace_url=args.trace_url,
     )
     log.info("tritonserver ready: http %s grpc %s metrics %s", server.http_url, server.grpc_url,
              server.metrics_url)

@@ -25,6 +25,7 @@ from service.backends.base import Backend, BackendTimeout, BackendUnavailable
 from service.contract import ModelContract, load_contract
 from service.metrics import LATENCY_BOUNDARIES
 from service.settings import Settings
+from service.tracing import inject_headers
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +70,7 @@ class TritonBackend(Backend):
         self._url = settings.triton_url
         self._protocol = settings.triton_protocol
         self._timeout_s = float(settings.request_timeout_s)
+        self._propagate = settings.tracing  # pass each request's trace context on to Triton
         self._contracts: dict[str, ModelContract] = {
             name: load_contract(settings.model_repository, name) for name in (models or settings.models)
         }
@@ -124,11 +126,16 @@ class TritonBackend(Backend):
             raise BackendUnavailable(f"Triton is not answering; model {model} cannot answer now")
         started = time.perf_counter()
         self._in_flight += 1
+        headers = inject_headers() if self._propagate else None  # gRPC metadata or HTTP headers
         try:
             if self._protocol == "grpc":
-                call = client.infer(model, inputs, outputs=outputs, client_timeout=self._timeout_s)
+                call = client.infer(
+                    model, inputs, outputs=outputs, client_timeout=self._timeout_s, headers=headers
+                )
             else:
-                call = asyncio.wait_for(client.infer(model, inputs, outputs=outputs), self._timeout_s)
+                call = asyncio.wait_for(
+                    client.infer(model, inputs, outputs=outputs, headers=headers), self._timeout_s
+                )
             result = await _unless(call, frozen)
         except _Frozen as error:
             raise BackendUnavailable(f"Triton stopped answering; model {model} cannot answer now") from error
