@@ -67,8 +67,10 @@ class Gateway(HttpServer):
     stop_timeout_s: ClassVar[float] = 15.0
 
 
-def gateway_environment(ports: Ports, model_repository: Path) -> dict[str, str]:
-    """This environment plus the CVSERVE_* settings of the compose gateway, on loopback."""
+def gateway_environment(ports: Ports, model_repository: Path, trace_url: str | None = None) -> dict[str, str]:
+    """This environment plus the CVSERVE_* settings of the compose gateway, on loopback (tracing to
+    `trace_url` when given)."""
+    tracing = {"CVSERVE_TRACING": "true", "CVSERVE_OTLP_ENDPOINT": trace_url} if trace_url else {}
     return {
         **os.environ,
         "CVSERVE_BACKEND": "triton",
@@ -78,14 +80,14 @@ def gateway_environment(ports: Ports, model_repository: Path) -> dict[str, str]:
         "CVSERVE_HOST": "127.0.0.1",
         "CVSERVE_PORT": str(ports.gateway),
         "CVSERVE_RAY_METRICS_PORT": str(ports.ray_metrics),
+        **tracing,
     }
 
 
-def start_gateway(ports: Ports, model_repository: Path, log_path: Path) -> Gateway:
+def start_gateway(ports: Ports, model_repository: Path, log_path: Path, trace_url: str | None = None) -> Gateway:
     """Start `python -m service` in Triton mode; return without waiting for readiness."""
-    process = spawn(
-        [sys.executable, "-m", "service"], log_path, cwd=ROOT, env=gateway_environment(ports, model_repository)
-    )
+    environment = gateway_environment(ports, model_repository, trace_url)
+    process = spawn([sys.executable, "-m", "service"], log_path, cwd=ROOT, env=environment)
     return Gateway(process=process, log_path=log_path, port=ports.gateway)
 
 
@@ -114,8 +116,16 @@ def _announce(
     log.info("\n".join(lines))
 
 
-def run(ports: Ports, repository: Path, model_repository: Path, logs: Path, ready_timeout_s: float) -> int:
-    """Start the three services in dependency order, wait for a signal or a death, stop them all."""
+def run(
+    ports: Ports,
+    repository: Path,
+    model_repository: Path,
+    logs: Path,
+    ready_timeout_s: float,
+    trace_url: str | None = None,
+) -> int:
+    """Start the three services in dependency order, wait for a signal or a death, stop them all.
+    With `trace_url`, tritonserver and the gateway send OpenTelemetry spans there (OTLP/HTTP)."""
     for path, hint in ((repository, "build/triton_cpu_repository"), (model_repository, "model_repository")):
         if not any(path.glob("*/config.pbtxt")):
             log.error("%s has no models: run `make models` first (it writes %s)", path, hint)
@@ -145,6 +155,7 @@ def run(ports: Ports, repository: Path, model_repository: Path, logs: Path, read
             ports.triton_metrics,
             work_dir=logs / "tritonserver",
             wait=False,
+            trace_url=trace_url,
         )
         prometheus = start_prometheus(
             render_config(prometheus_targets(ports), scrape_interval="5s"),
@@ -153,7 +164,7 @@ def run(ports: Ports, repository: Path, model_repository: Path, logs: Path, read
         )
         triton.wait_ready(ready_timeout_s)
         log.info("starting the gateway (Triton mode), log %s", logs / "gateway.log")
-        gateway = start_gateway(ports, model_repository, logs / "gateway.log")
+        gateway = start_gateway(ports, model_repository, logs / "gateway.log", trace_url)
         gateway.wait_ready(ready_timeout_s)
         _announce(ports, triton, gateway, prometheus, logs)
         while not stop.wait(1.0):
@@ -198,6 +209,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--logs", type=Path, default=ROOT / "build" / "stack")
     parser.add_argument("--ready-timeout", type=float, default=300.0, help="seconds each service may take")
+    parser.add_argument(
+        "--trace-url",
+        help="send OpenTelemetry traces of the gateway and tritonserver to this OTLP/HTTP URL "
+        "(e.g. http://127.0.0.1:4318/v1/traces); off by default",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     ports = Ports(**{name: getattr(args, name) for name in vars(defaults)})
@@ -207,6 +223,7 @@ def main(argv: list[str] | None = None) -> int:
         args.model_repository.resolve(),
         args.logs.resolve(),
         args.ready_timeout,
+        args.trace_url,
     )
 
 

@@ -1,9 +1,11 @@
 """`python -m stack` end to end: Triton on CPU, the gateway in Triton mode and Prometheus come up
-from the repository's own config, count real traffic, and all stop on Ctrl-C."""
+from the repository's own config, count real traffic, trace it (`--trace-url`, to a real OTLP/HTTP
+receiver) through the real gateway (HAProxy, Ray Serve) into Triton, and all stop on Ctrl-C."""
 
 from __future__ import annotations
 
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -17,6 +19,7 @@ import pytest
 
 from stack import __main__ as stack_main
 from stack.prometheus import PrometheusAPI
+from support.otlp import OtlpReceiver
 from support.ports import free_ports
 from support.triton_metrics import triton_metric
 from support.waiting import wait_for
@@ -38,7 +41,15 @@ class RunningStack:
 
 
 @pytest.fixture(scope="module")
-def stack(model_repository: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningStack]:
+def receiver() -> Iterator[OtlpReceiver]:
+    with OtlpReceiver() as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def stack(
+    model_repository: Path, tmp_path_factory: pytest.TempPathFactory, receiver: OtlpReceiver
+) -> Iterator[RunningStack]:
     """`python -m stack` on free ports; CVSERVE_TEST_CPU_REPOSITORY overrides build/triton_cpu_repository."""
     cpu_repository = Path(
         os.environ.get("CVSERVE_TEST_CPU_REPOSITORY", ROOT / "build" / "triton_cpu_repository")
@@ -59,6 +70,7 @@ def stack(model_repository: Path, tmp_path_factory: pytest.TempPathFactory) -> I
                 f"--repository={cpu_repository}",
                 f"--model-repository={model_repository}",
                 f"--logs={logs}",
+                f"--trace-url={receiver.url}",
             ],
             cwd=ROOT,
             stdout=out,
@@ -88,7 +100,10 @@ def test_stack_serves_requests_and_prometheus_counts_them(stack: RunningStack) -
     prometheus = PrometheusAPI(stack.ports.prometheus)
     # Triton counts its model_warmup runs (each batch size, at load) too: the traffic is what comes on top.
     warmed_up = triton_metric(
-        f"http://127.0.0.1:{stack.ports.triton_metrics}/metrics", "nv_inference_count", "classifier", default=0.0
+        f"http://127.0.0.1:{stack.ports.triton_metrics}/metrics",
+        "nv_inference_count",
+        "classifier",
+        default=0.0,
     )
     image = png_image()
     for _ in range(N_REQUESTS):
@@ -115,6 +130,32 @@ def test_stack_serves_requests_and_prometheus_counts_them(stack: RunningStack) -
         "triton": "up",
         "prometheus": "up",
     }
+
+
+def test_a_request_is_one_trace_through_the_gateway_and_triton(
+    stack: RunningStack, receiver: OtlpReceiver
+) -> None:
+    trace_id, client_span = secrets.token_hex(16), secrets.token_hex(8)
+    response = httpx.post(
+        f"http://127.0.0.1:{stack.ports.gateway}/detect",
+        content=png_image(),
+        headers={"content-type": "image/png", "traceparent": f"00-{trace_id}-{client_span}-01"},
+        timeout=120,
+    )
+    assert response.status_code == 200, response.text
+
+    def both(spans: list) -> bool:
+        names = {(span.service, span.name) for span in spans if span.trace_id == trace_id}
+        return {("cvserve-gateway", "POST /detect"), ("triton-inference-server", "InferRequest")} <= names
+
+    receiver.wait_for_spans(both, timeout_s=30, what=f"the gateway's and Triton's spans of trace {trace_id}")
+    spans = {(span.service, span.name): span for span in receiver.trace(trace_id)}
+    request = spans[("cvserve-gateway", "POST /detect")]
+    assert request.parent_span_id == client_span and request.attributes["cvserve.backend"] == "triton"
+    assert spans[("triton-inference-server", "InferRequest")].parent_span_id == request.span_id
+    assert ("cvserve-gateway", "model") in spans and spans[
+        ("cvserve-gateway", "model")
+    ].parent_span_id == request.span_id
 
 
 def test_the_stack_listens_on_loopback_only(stack: RunningStack) -> None:
