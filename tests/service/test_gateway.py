@@ -99,3 +99,48 @@ def test_metrics_are_exported(client: httpx.Client, ray_metrics_port: int) -> No
         return all(re.search(pattern, text) for pattern in wanted)
 
     wait_for(exported, 60, f"not all of {wanted} at {url}", interval_s=1.0)
+
+
+# ---- one request's header and the dashboard's series agree ----
+
+STAGE_SERIES = re.compile(r"^ray_cvserve_stage_seconds_(sum|count)\{([^}]*)\} (\S+)$", re.MULTILINE)
+
+
+def stage_totals(metrics_url: str, endpoint: str) -> dict[str, list[float]]:
+    """stage -> [seconds, observations] of `cvserve_stage_seconds` for `endpoint`, summed over replicas."""
+    totals: dict[str, list[float]] = {}
+    for kind, labels, value in STAGE_SERIES.findall(httpx.get(metrics_url, timeout=5).text):
+        tags = dict(re.findall(r'(\w+)="([^"]*)"', labels))
+        if tags.get("endpoint") == endpoint:
+            totals.setdefault(tags["stage"], [0.0, 0.0])[kind == "count"] += float(value)
+    return totals
+
+
+def test_server_timing_and_the_stage_histograms_agree(client: httpx.Client, ray_metrics_port: int) -> None:
+    """The dashboard's "where a request's time goes" reads `cvserve_stage_seconds`: over a few requests,
+    its sums grow by what their Server-Timing headers said (Ray exports sums from bucket midpoints)."""
+    from tests.service.test_stage_timings import parse
+
+    url = f"http://127.0.0.1:{ray_metrics_port}/metrics"
+    before = stage_totals(url, "/segment")
+    said: dict[str, float] = {}
+    requests = 8
+    for seed in range(requests):
+        response = client.post("/segment", content=sample(seed=seed, model="segmenter").data, headers=PNG)
+        assert response.status_code == 200
+        durations, _ = parse(response.headers["server-timing"])
+        for stage, ms in durations.items():
+            if stage != "total":
+                said[stage] = said.get(stage, 0.0) + ms / 1000
+
+    def grown() -> dict[str, list[float]] | None:
+        now = stage_totals(url, "/segment")
+        counted = now.get("model", [0.0, 0.0])[1] - before.get("model", [0.0, 0.0])[1]
+        return now if counted >= requests else None
+
+    after = wait_for(grown, 60, "the stage histograms to count the requests", interval_s=1.0)
+    assert set(said) <= set(after), (said, after)
+    for stage, seconds in said.items():
+        recorded = after[stage][0] - before.get(stage, [0.0, 0.0])[0]
+        assert after[stage][1] - before.get(stage, [0.0, 0.0])[1] == requests, stage
+        assert recorded == pytest.approx(seconds, rel=0.25, abs=0.002 * requests), (stage, recorded, seconds)
