@@ -175,7 +175,8 @@ def test_losing_the_worker_degrades_to_the_head(cluster: LocalCluster, gateway_u
     try:
         wait_for(lambda: len(calls) >= 20, 60, "traffic before the kill")
         killed_at = time.monotonic()
-        worker.kill()
+        worker.kill()  # SIGKILLs the node's processes until none is left: the node dies over this span
+        dead_at = time.monotonic()
         with lock:
             before_after = len(calls)
         # Keep the load on until 60 more calls finished and the head saw the worker die.
@@ -190,10 +191,11 @@ def test_losing_the_worker_degrades_to_the_head(cluster: LocalCluster, gateway_u
             thread.join(timeout=60)
 
     failed = [call for call in calls if not call.ok]
-    in_flight = [call for call in failed if call.started <= killed_at <= call.finished]
+    # In flight while the node died: started before its last process was gone, finished after the kill began.
+    in_flight = [call for call in failed if call.started <= dead_at and call.finished >= killed_at]
     assert failed == in_flight, f"calls failed that started after the kill: {[c.detail for c in failed]}"
-    assert len(in_flight) <= CONCURRENCY
-    after_kill = [call for call in calls if call.started > killed_at]
+    assert len(in_flight) <= 2 * CONCURRENCY, f"{len(in_flight)} calls failed, {dead_at - killed_at:.2f} s kill"
+    after_kill = [call for call in calls if call.started > dead_at]
     assert len(after_kill) >= 60 and all(call.ok for call in after_kill)
     # Serve drops the dead replica; its replacement cannot be placed (no model_slot left), so only the
     # head's replica runs, and it keeps answering.
