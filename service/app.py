@@ -220,8 +220,7 @@ class Answerer:
             return await answer_video(self, handler, request, query_options)
         pipeline = self.pipeline(handler)
         settings = self.settings
-        # The stage spans of a trace are made from the same timings as Server-Timing.
-        timings = Timings() if settings.stage_timings or self.tracing is not None else None
+        timings = self.timings()  # a trace's stage spans are made from the same timings as Server-Timing
         with stage(timings, "read"):
             inputs = await self.in_body_time(
                 read_images(
@@ -245,20 +244,33 @@ class Answerer:
         if not isinstance(answer, Response):
             with stage(timings, "encode"):
                 answer = encode_answer(request, answer)  # JSON, or MessagePack when Accept asks for it
-        if timings is not None and settings.stage_timings:
-            answer.headers["Server-Timing"] = timings.header()
+        self.report_stages(handler, answer, timings, {"cvserve.images": len(inputs.blobs)})
+        return answer
+
+    def timings(self) -> Timings | None:
+        """A new request's `Timings`, or None when neither the header nor a trace wants them."""
+        return Timings() if self.settings.stage_timings or self.tracing is not None else None
+
+    def report_stages(
+        self, handler: Handler, response: Response, timings: Timings | None, attributes: dict[str, str | int]
+    ) -> None:
+        """Where a finished request's time went, to each place that wants it: `Server-Timing` and the stage
+        histograms (stage_timings), and its trace's stage spans (tracing), with `attributes` on its span."""
+        if timings is None:
+            return
+        if self.settings.stage_timings:
+            response.headers["Server-Timing"] = timings.header()
             self.metrics.observe_stages(handler.endpoint, timings)
-        if timings is not None and self.tracing is not None:
+        if self.tracing is not None:
             self.tracing.record_stages(
                 timings,
                 {
                     "cvserve.endpoint": handler.endpoint,
                     "cvserve.model": handler.model,
-                    "cvserve.backend": settings.backend,
-                    "cvserve.images": len(inputs.blobs),
+                    "cvserve.backend": self.settings.backend,
+                    **attributes,
                 },
             )
-        return answer
 
     async def in_body_time(self, reading: Awaitable[T]) -> T:
         """Await `reading` (the request body, parsed) within `body_timeout_s` (408 body_timeout past it)."""

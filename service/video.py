@@ -117,7 +117,7 @@ async def answer_video(
             "invalid_request",
             "annotate: for a video, ask for the drawn video with Accept: video/webm or video/mp4",
         )
-    timings = Timings() if settings.stage_timings or answerer.tracing is not None else None
+    timings = answerer.timings()  # the whole video's stages, summed over its frames
     try:
         async with asyncio.timeout(settings.body_timeout_s):
             with stage(timings, "read"):
@@ -142,18 +142,7 @@ async def answer_video(
             ticket.release()
     finally:
         await asyncio.to_thread(reader.close)
-    if timings is not None and settings.stage_timings:  # the whole video's stages, summed over its frames
-        response.headers["Server-Timing"] = timings.header()
-        answerer.metrics.observe_stages(handler.endpoint, timings)
-    if timings is not None and answerer.tracing is not None:
-        answerer.tracing.record_stages(
-            timings,
-            {
-                "cvserve.endpoint": handler.endpoint,
-                "cvserve.model": handler.model,
-                "cvserve.backend": settings.backend,
-            },
-        )
+    answerer.report_stages(handler, response, timings, {})
     return response
 
 
