@@ -30,10 +30,11 @@ from ray.serve.config import BackpressureConfig
 from ray.serve.deployment import Deployment
 from ray.serve.handle import DeploymentHandle
 from starlette.requests import ClientDisconnect
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from service.admission import Admission, Limits, Ticket
 from service.answer_formats import encode_answer
+from service.asgi import ResponseStatus, route_path
 from service.backends.base import Backend, BackendTimeout, MalformedAnswer, check_outputs
 from service.backends.embedded import EmbeddedBackend, LocalBackend, model_deployments
 from service.backends.torchscript import latest_version
@@ -81,11 +82,7 @@ _SUMMARIES = {"/classify": "Top-k classes per image.", "/detect": "Boxes (xyxy, 
 
 def _endpoint_of(scope: Scope) -> str:
     """The route a request is for, as a bounded metric tag (`other` for unknown paths)."""
-    path = scope.get("path", "")
-    root = scope.get("root_path", "")
-    if root and path.startswith(root):
-        path = path[len(root) :]
-    path = path.rstrip("/") or "/"
+    path = route_path(scope)
     if path in ENDPOINTS:
         return path
     if path == "/v2" or path.startswith("/v2/"):  # the Open Inference Protocol: inference per model, the rest as one
@@ -108,24 +105,18 @@ class MetricsMiddleware:
             await self.app(scope, receive, send)
             return
         endpoint = _endpoint_of(scope)
-        status = 500  # stays 500 if an unhandled exception escapes
-
-        async def send_status(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
+        status = ResponseStatus(send)
         started = time.perf_counter()
         self.metrics.request_started(endpoint)
         try:
-            await self.app(scope, receive, send_status)
+            await self.app(scope, receive, status)
         except asyncio.CancelledError:  # Serve cancels a request whose client went away
-            status = CLIENT_CLOSED
+            status.code = CLIENT_CLOSED
             raise
         finally:
-            kind = ERROR_KINDS.get(status, "other") if status >= 400 else None
-            self.metrics.request_finished(endpoint, status, time.perf_counter() - started, kind)
+            code = status.code
+            kind = ERROR_KINDS.get(code, "other") if code >= 400 else None
+            self.metrics.request_finished(endpoint, code, time.perf_counter() - started, kind)
 
 
 def _image_body_openapi(body_model: type[BaseModel]) -> dict[str, Any]:

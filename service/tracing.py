@@ -21,8 +21,9 @@ from typing import TYPE_CHECKING
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
+from service.asgi import ResponseStatus, route_path
 from service.errors import CLIENT_CLOSED
 from service.timing import STAGES, Timings
 
@@ -120,14 +121,6 @@ def _client_context(scope: Scope) -> dict[str, str]:
     }
 
 
-def _path(scope: Scope) -> str:
-    """The request's path below the app's root path (Serve's route prefix), without a trailing slash."""
-    path, root = scope.get("path", ""), scope.get("root_path", "")
-    if root and path.startswith(root):
-        path = path[len(root) :]
-    return path.rstrip("/") or "/"
-
-
 class TracingMiddleware:
     """One server span per HTTP request but the probes, current while the app answers it (plain ASGI)."""
 
@@ -136,7 +129,7 @@ class TracingMiddleware:
         self.tracer = tracing.tracer
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or _path(scope) in UNTRACED_PATHS:
+        if scope["type"] != "http" or route_path(scope) in UNTRACED_PATHS:
             await self.app(scope, receive, send)
             return
         carrier = _client_context(scope)
@@ -148,27 +141,20 @@ class TracingMiddleware:
             kind=SpanKind.SERVER,
             attributes={"http.request.method": method, "url.path": scope.get("path", "")},
         )
-        status = 500  # stays 500 if an unhandled exception escapes
-
-        async def send_status(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
+        status = ResponseStatus(send)
         try:
             with trace.use_span(span, record_exception=True, set_status_on_exception=False):
-                await self.app(scope, receive, send_status)
+                await self.app(scope, receive, status)
         except BaseException as error:
             if not isinstance(error, Exception):  # cancelled: the client went away (Serve cancels it)
-                status = CLIENT_CLOSED
+                status.code = CLIENT_CLOSED
             raise
         finally:
             route = getattr(scope.get("route"), "path", None)  # the matched route's template (FastAPI)
             if route:
                 span.update_name(f"{method} {route}")
                 span.set_attribute("http.route", route)
-            span.set_attribute("http.response.status_code", status)
-            if status >= 500:
+            span.set_attribute("http.response.status_code", status.code)
+            if status.code >= 500:
                 span.set_status(Status(StatusCode.ERROR))
             span.end()
