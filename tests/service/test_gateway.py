@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import time
 from collections import Counter
 from collections.abc import Iterator
 
@@ -116,13 +117,25 @@ def stage_totals(metrics_url: str, endpoint: str) -> dict[str, list[float]]:
     return totals
 
 
+def settled_stage_totals(metrics_url: str, endpoint: str) -> dict[str, list[float]]:
+    """`stage_totals` once two reads a few of Ray's report intervals (2 s in the suite) apart agree."""
+    last = stage_totals(metrics_url, endpoint)
+    for _ in range(10):
+        time.sleep(5)
+        now = stage_totals(metrics_url, endpoint)
+        if now == last:
+            return now
+        last = now
+    raise AssertionError(f"{endpoint}'s stage histograms kept changing: {last}")
+
+
 def test_server_timing_and_the_stage_histograms_agree(client: httpx.Client, ray_metrics_port: int) -> None:
     """The dashboard's "where a request's time goes" reads `cvserve_stage_seconds`: over a few requests,
     its sums grow by what their Server-Timing headers said (Ray exports sums from bucket midpoints)."""
     from tests.service.test_stage_timings import parse
 
     url = f"http://127.0.0.1:{ray_metrics_port}/metrics"
-    before = stage_totals(url, "/segment")
+    before = settled_stage_totals(url, "/segment")  # earlier tests' requests exported, none pending
     said: dict[str, float] = {}
     requests = 8
     for seed in range(requests):
