@@ -15,6 +15,7 @@ from collections.abc import Iterator
 
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 from ray import serve
 
 from support.waiting import wait_for
@@ -104,16 +105,17 @@ def test_metrics_are_exported(client: httpx.Client, ray_metrics_port: int) -> No
 
 # ---- one request's header and the dashboard's series agree ----
 
-STAGE_SERIES = re.compile(r"^ray_cvserve_stage_seconds_(sum|count)\{([^}]*)\} (\S+)$", re.MULTILINE)
-
 
 def stage_totals(metrics_url: str, endpoint: str) -> dict[str, list[float]]:
     """stage -> [seconds, observations] of `cvserve_stage_seconds` for `endpoint`, summed over replicas."""
     totals: dict[str, list[float]] = {}
-    for kind, labels, value in STAGE_SERIES.findall(httpx.get(metrics_url, timeout=5).text):
-        tags = dict(re.findall(r'(\w+)="([^"]*)"', labels))
-        if tags.get("endpoint") == endpoint:
-            totals.setdefault(tags["stage"], [0.0, 0.0])[kind == "count"] += float(value)
+    for family in text_string_to_metric_families(httpx.get(metrics_url, timeout=5).text):
+        if family.name != "ray_cvserve_stage_seconds":
+            continue
+        for series in family.samples:
+            kind = series.name.removeprefix(family.name)
+            if kind in ("_sum", "_count") and series.labels.get("endpoint") == endpoint:
+                totals.setdefault(series.labels["stage"], [0.0, 0.0])[kind == "_count"] += series.value
     return totals
 
 
