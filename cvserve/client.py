@@ -202,15 +202,20 @@ def _raise_for_error(response: httpx.Response) -> None:
     raise GatewayError(response.status_code, code, message, retry_after_s(response))
 
 
-def _parse(response: httpx.Response, model: type[BaseModel]) -> Any:
-    """The body of a successful answer as `model` (a malformed one is a `GatewayError` too)."""
-    _raise_for_error(response)
+def _validated(response: httpx.Response, model: type[BaseModel], body: Any = None) -> Any:
+    """`body` (else the response's JSON) as `model`; a malformed answer is a `GatewayError` too."""
     try:
-        return model.model_validate_json(response.content)
+        return model.model_validate_json(response.content) if body is None else model.model_validate(body)
     except ValidationError as error:
         raise GatewayError(
             response.status_code, "unexpected_answer", f"not a {model.__name__}: {error}"
         ) from error
+
+
+def _parse(response: httpx.Response, model: type[BaseModel]) -> Any:
+    """The body of a successful answer as `model` (a malformed one is a `GatewayError` too)."""
+    _raise_for_error(response)
+    return _validated(response, model)
 
 
 def _parse_ready(response: httpx.Response) -> ReadyResponse:
@@ -244,12 +249,7 @@ def _parse_task(response: httpx.Response, model: type[ResponseT], annotate: Imag
     _raise_for_error(response)
     body = _msgpack_body(response) if is_msgpack else response.json()
     if annotate is None:
-        try:
-            return model.model_validate(body)
-        except ValidationError as error:
-            raise GatewayError(
-                response.status_code, "unexpected_answer", f"not a {model.__name__}: {error}"
-            ) from error
+        return _validated(response, model, body)
     images = [_annotated_image(result, response.status_code) for result in body["results"]]
     media_type = "image/jpeg" if annotate == "jpeg" else "image/png"
     return AnnotatedAnswer(response=model.model_validate(body), images=images, media_type=media_type)
