@@ -69,13 +69,15 @@ class Gateway(HttpServer):
 
 def gateway_environment(ports: Ports, model_repository: Path, trace_url: str | None = None) -> dict[str, str]:
     """This environment plus the CVSERVE_* settings of the compose gateway, on loopback (tracing to
-    `trace_url` when given)."""
+    `trace_url` when given, then over Triton's HTTP port as deploy/env.example says: its gRPC frontend
+    drops some calls' trace context, `service.backends.triton.GRPC_TRACE_CONTEXT_WARNING`)."""
     tracing = {"CVSERVE_TRACING": "true", "CVSERVE_OTLP_ENDPOINT": trace_url} if trace_url else {}
+    protocol, port = ("http", ports.triton_http) if trace_url else ("grpc", ports.triton_grpc)
     return {
         **os.environ,
         "CVSERVE_BACKEND": "triton",
-        "CVSERVE_TRITON_URL": f"127.0.0.1:{ports.triton_grpc}",
-        "CVSERVE_TRITON_PROTOCOL": "grpc",
+        "CVSERVE_TRITON_URL": f"127.0.0.1:{port}",
+        "CVSERVE_TRITON_PROTOCOL": protocol,
         "CVSERVE_MODEL_REPOSITORY": str(model_repository),
         "CVSERVE_HOST": "127.0.0.1",
         "CVSERVE_PORT": str(ports.gateway),

@@ -216,11 +216,23 @@ def test_triton_accepts_the_gateways_keepalive_pings(compose) -> None:
         assert flag in local, flag
 
 
+def _default(value: str) -> str:
+    """What compose makes of `${VAR:-default}` when VAR is unset (a plain value as it is)."""
+    match = re.fullmatch(r"\$\{[A-Z_]+:-(.*)\}", value)
+    return match.group(1) if match else value
+
+
 def test_gateway_uses_triton_backend_from_env(compose) -> None:
     gateway = compose["services"]["gateway"]
     env = gateway["environment"]
     assert env["CVSERVE_BACKEND"] == "triton"
-    assert env["CVSERVE_TRITON_URL"].startswith("tritonserver:")
+    # gRPC to Triton's gRPC port unless .env says otherwise (HTTP with tracing, deploy/env.example).
+    assert (_default(env["CVSERVE_TRITON_URL"]), _default(env["CVSERVE_TRITON_PROTOCOL"])) == (
+        "tritonserver:8001",
+        "grpc",
+    )
+    example = (ROOT / "deploy/env.example").read_text()
+    assert "# CVSERVE_TRITON_PROTOCOL=http\n# CVSERVE_TRITON_URL=tritonserver:8000\n" in example
     assert gateway["depends_on"]["tritonserver"]["condition"] == "service_healthy"
     mounts = [
         v
