@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from tasks import MODELS, TASKS, get_arch
-from tests.export.support import run_export
+from tests.export.support import export_in_process
 from training.shapes import CLASSES
 
 # A checkpoint of a demo architecture exports at the demo's training sizes unless told otherwise.
@@ -81,11 +81,11 @@ def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Checkpoin
 
 @pytest.fixture(scope="session")
 def exported(checkpoints: dict[str, Checkpoint], tmp_path_factory: pytest.TempPathFactory) -> Exported:
-    """Run `python -m export <model> --weights checkpoint` for each model into fresh repositories."""
+    """Export each model with `--weights checkpoint` (export's main, in process) into fresh repositories."""
     root = tmp_path_factory.mktemp("exported")
     out, cpu_out = root / "model_repository", root / "build" / "triton_cpu_repository"
     for name, checkpoint in checkpoints.items():
-        done = run_export(
+        done = export_in_process(
             name,
             "--weights",
             "checkpoint",

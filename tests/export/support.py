@@ -6,7 +6,11 @@ same state dicts, never through export's own wrappers, so a wrapper bug cannot h
 
 from __future__ import annotations
 
+import contextlib
+import io
+import logging
 import os
+import signal
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -42,11 +46,38 @@ def run_export(
     """`python -m export ARGS` from the repository root, as a user runs it."""
     return subprocess.run(
         [sys.executable, "-m", "export", *args],
+        check=False,
         cwd=ROOT,
         env={**os.environ, **(env or {})},
         capture_output=True,
         text=True,
         timeout=timeout,
+    )
+
+
+def export_in_process(*args: str) -> subprocess.CompletedProcess[str]:
+    """`export.__main__.main(ARGS)` in this process, answered as `run_export` answers: its exit status
+    and what it wrote to stdout and stderr. It spares the ~5 s a fresh interpreter spends importing
+    torch; `run_export`'s callers (tests/export/test_pretrained.py) keep the real `python -m export`
+    process, its one stderr line and its exit status covered."""
+    from export.__main__ import main
+
+    stdout, stderr = io.StringIO(), io.StringIO()
+    sigterm = signal.getsignal(signal.SIGTERM)  # main() makes SIGTERM unwind like Ctrl-C
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level  # main()'s basicConfig must not outlive the call
+    try:
+        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+            try:
+                status = main(list(args))
+            except SystemExit as exit_:  # argparse's usage errors (status 2)
+                status = exit_.code if isinstance(exit_.code, int) else 1
+    finally:
+        signal.signal(signal.SIGTERM, sigterm)
+        root.handlers[:] = handlers
+        root.setLevel(level)
+    return subprocess.CompletedProcess(
+        ["python", "-m", "export", *args], status, stdout.getvalue(), stderr.getvalue()
     )
 
 
@@ -64,6 +95,7 @@ def run_in_fresh_process(model_pt: Path, image: torch.Tensor, work: Path) -> lis
             str(work / "input.pt"),
             str(work / "out.pt"),
         ],
+        check=False,
         cwd=work,
         capture_output=True,
         text=True,

@@ -1,10 +1,12 @@
-"""Bad input to `python -m export`: one clear line on stderr, non-zero exit, nothing half-written."""
+"""Bad input to `python -m export` (its main(), in this process): one clear line on stderr, non-zero exit,
+nothing half-written."""
 
 from __future__ import annotations
 
 import hashlib
 import os
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -12,10 +14,10 @@ import torch
 
 from tasks import MODELS
 from tests.export.conftest import Checkpoint, Exported
-from tests.export.support import run_export
+from tests.export.support import export_in_process
 
 
-def assert_clean_failure(done, *expected: str) -> str:  # noqa: ANN001 (CompletedProcess)
+def assert_clean_failure(done: subprocess.CompletedProcess[str], *expected: str) -> str:
     """Non-zero exit, exactly one stderr line that says `expected`, no traceback."""
     assert done.returncode != 0, done.stdout
     lines = done.stderr.strip().splitlines()
@@ -51,14 +53,14 @@ def targets(tmp_path: Path) -> list[str]:
 
 
 def test_unknown_model(tmp_path: Path) -> None:
-    done = run_export("resnet9000", "--weights", "demo", *targets(tmp_path))
+    done = export_in_process("resnet9000", "--weights", "demo", *targets(tmp_path))
     assert_clean_failure(done, "invalid choice", "resnet9000")
     assert_nothing_written(tmp_path / "repo", tmp_path / "cpu" / "repo")
 
 
 def test_missing_checkpoint(checkpoints: dict[str, Checkpoint], tmp_path: Path) -> None:
     missing = tmp_path / "nowhere.pt"
-    done = run_export(
+    done = export_in_process(
         "classifier",
         "--weights",
         "checkpoint",
@@ -79,7 +81,7 @@ def test_class_count_not_matching_the_checkpoint(
     checkpoint = checkpoints[model]
     classes = tmp_path / "classes.txt"
     classes.write_text("\n".join(checkpoint.labels[:-1]) + "\n")  # one name short
-    done = run_export(
+    done = export_in_process(
         model,
         "--weights",
         "checkpoint",
@@ -102,7 +104,7 @@ def test_detector_classes_must_start_with_background(
     checkpoint = checkpoints["detector"]
     classes = tmp_path / "classes.txt"
     classes.write_text("\n".join([*checkpoint.labels[1:], "extra"]) + "\n")
-    done = run_export(
+    done = export_in_process(
         "detector",
         "--weights",
         "checkpoint",
@@ -117,7 +119,7 @@ def test_detector_classes_must_start_with_background(
 
 
 def test_checkpoint_of_another_architecture(checkpoints: dict[str, Checkpoint], tmp_path: Path) -> None:
-    done = run_export(
+    done = export_in_process(
         "classifier",
         "--weights",
         "checkpoint",
@@ -136,7 +138,7 @@ def test_checkpoint_of_another_architecture(checkpoints: dict[str, Checkpoint], 
 def test_unreadable_checkpoint(checkpoints: dict[str, Checkpoint], tmp_path: Path) -> None:
     garbage = tmp_path / "garbage.pt"
     garbage.write_bytes(b"not a checkpoint")
-    done = run_export(
+    done = export_in_process(
         "classifier",
         "--weights",
         "checkpoint",
@@ -154,7 +156,7 @@ def test_output_below_a_regular_file(checkpoints: dict[str, Checkpoint], tmp_pat
     blocker = tmp_path / "blocker"
     blocker.write_text("a file where a directory should be")
     checkpoint = checkpoints["classifier"]
-    done = run_export(
+    done = export_in_process(
         "classifier",
         "--weights",
         "checkpoint",
@@ -179,7 +181,7 @@ def test_output_in_a_read_only_directory(checkpoints: dict[str, Checkpoint], tmp
     locked.chmod(0o555)
     checkpoint = checkpoints["classifier"]
     try:
-        done = run_export(
+        done = export_in_process(
             "classifier",
             "--weights",
             "checkpoint",
@@ -210,7 +212,7 @@ def test_failed_export_leaves_an_existing_repository_untouched(
     state["fc.weight"], state["fc.bias"] = state["fc.weight"][:-1], state["fc.bias"][:-1]
     smaller = tmp_path / "smaller.pt"
     torch.save(state, smaller)
-    done = run_export(
+    done = export_in_process(
         "classifier",
         "--weights",
         "checkpoint",
@@ -229,19 +231,19 @@ def test_failed_export_leaves_an_existing_repository_untouched(
 
 
 def test_pretrained_segmenter_does_not_exist(tmp_path: Path) -> None:
-    done = run_export("segmenter", "--weights", "pretrained", *targets(tmp_path))
+    done = export_in_process("segmenter", "--weights", "pretrained", *targets(tmp_path))
     assert_clean_failure(done, "no pretrained", "U-Net")
     assert_nothing_written(tmp_path / "repo", tmp_path / "cpu" / "repo")
 
 
 def test_checkpoint_source_needs_one_model(tmp_path: Path) -> None:
-    done = run_export("all", "--weights", "checkpoint", *targets(tmp_path))
+    done = export_in_process("all", "--weights", "checkpoint", *targets(tmp_path))
     assert_clean_failure(done, "one model at a time")
     assert_nothing_written(tmp_path / "repo", tmp_path / "cpu" / "repo")
 
 
 def test_both_repositories_in_one_directory(tmp_path: Path) -> None:
-    done = run_export(
+    done = export_in_process(
         "all", "--weights", "demo", "--out", str(tmp_path / "repo"), "--cpu-out", str(tmp_path / "repo")
     )
     assert_clean_failure(done, "two directories")

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from service.contract import load_contract
 from tests.export.conftest import Checkpoint
-from tests.export.support import run_export
+from tests.export.support import export_in_process
 from training.models import DEMO_MEAN, DEMO_STD
 from training.shapes import CLASSES
 
@@ -46,7 +46,7 @@ def fake_demo_dir(root: Path, checkpoints: dict[str, Checkpoint], passed: bool) 
 def test_demo_export_of_all_models(checkpoints: dict[str, Checkpoint], tmp_path: Path) -> None:
     demo = fake_demo_dir(tmp_path, checkpoints, passed=True)
     out, cpu_out = tmp_path / "repo", tmp_path / "cpu"
-    done = run_export(
+    done = export_in_process(
         "all", "--weights", "demo", "--demo-dir", str(demo), "--out", str(out), "--cpu-out", str(cpu_out)
     )
     assert done.returncode == 0, done.stderr
@@ -62,7 +62,7 @@ def test_demo_export_of_all_models(checkpoints: dict[str, Checkpoint], tmp_path:
 def test_demo_that_missed_its_bars_is_refused(checkpoints: dict[str, Checkpoint], tmp_path: Path) -> None:
     demo = fake_demo_dir(tmp_path, checkpoints, passed=False)
     out, cpu_out = tmp_path / "repo", tmp_path / "cpu"
-    done = run_export(
+    done = export_in_process(
         "all", "--weights", "demo", "--demo-dir", str(demo), "--out", str(out), "--cpu-out", str(cpu_out)
     )
     assert done.returncode == 1
