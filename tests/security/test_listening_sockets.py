@@ -1,15 +1,20 @@
-"""`python -m service` listens on loopback only, in both ingress modes (issue 18, network surface).
+"""`python -m service` as users start it, in both ingress modes: it listens on loopback only (issue
+18, network surface), and answers as the default path does.
 
 Each gateway runs as users start it (its own local Ray, free ports); every socket of its whole
 process tree (Ray's GCS, raylet, workers, agents, Serve's proxy and replicas, HAProxy) is read
 with psutil. A socket off loopback passes only if it refuses a call without Ray's token, checked
-through loopback; nothing is ever sent to a network address.
+through loopback; nothing is ever sent to a network address. The same two gateways (HAProxy sends
+requests straight to the gateway replica's own HTTP server; Serve's Python proxy) must give the
+answers and error answers of the session's gateway, which the rest of the suite tests.
 """
 
 from __future__ import annotations
 
+import io
 import os
 import re
+import socket
 import stat
 import subprocess
 import sys
@@ -17,8 +22,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import httpx
 import psutil
 import pytest
+from PIL import Image
 
 from stack.__main__ import Gateway
 from support.ports import free_port, reserved_free_port
@@ -26,9 +33,17 @@ from support.process import spawn
 from support.waiting import wait_for
 from tests.conftest import ROOT
 from tests.security.listeners import Listener, listeners, rejects_unauthenticated_grpc, session_members
+from training.shapes import make_scene
 
 # Serve drains a direct-ingress replica for 30 s before it exits (haproxy mode).
 STOP_TIMEOUT_S = 90
+MODELS = "classifier,detector"  # /segment is disabled
+
+
+def png(seed: int, size: int) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(make_scene(seed, size, 1, 3).image).save(buffer, "PNG")
+    return buffer.getvalue()
 
 
 @dataclass
@@ -74,7 +89,7 @@ def running(
         "RAY_ADDRESS": "local",  # its own Ray, not the test session's
         "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT": str(free_port()),  # haproxy mode's fallback proxy, else 8500
         "CVSERVE_INGRESS": ingress,
-        "CVSERVE_MODELS": "classifier",
+        "CVSERVE_MODELS": MODELS,
         "CVSERVE_MODEL_REPOSITORY": str(model_repository),
         "CVSERVE_DEVICE": "cpu",
     }
@@ -199,4 +214,62 @@ def test_a_network_address_without_an_api_key_refuses_to_start(model_repository:
     )
     assert done.returncode != 0
     assert "CVSERVE_API_KEY" in done.stderr and "CVSERVE_ALLOW_ANONYMOUS" in done.stderr, done.stderr
+    assert "Started a local Ray" not in done.stderr, "Ray must not start for a refused configuration"
+
+
+@pytest.mark.parametrize("endpoint", ["/classify", "/detect"])
+def test_each_ingress_gives_the_default_paths_answers(
+    running: RunningGateway, embedded_gateway: str, endpoint: str
+) -> None:
+    files = [("files", (f"{i}.png", png(4242 + i, 200), "image/png")) for i in range(4)]
+    served = httpx.post(running.gateway.url + endpoint, files=files, timeout=60)
+    default = httpx.post(embedded_gateway + endpoint, files=files, timeout=60)
+    assert served.status_code == default.status_code == 200, (served.text, default.text)
+    served_results, default_results = served.json()["results"], default.json()["results"]
+    assert len(served_results) == 4
+    if endpoint == "/classify":
+        for a, b in zip(served_results, default_results, strict=True):
+            assert [p["label"] for p in a["predictions"]] == [p["label"] for p in b["predictions"]]
+            assert [p["score"] for p in a["predictions"]] == pytest.approx(
+                [p["score"] for p in b["predictions"]], abs=1e-4
+            )
+    else:
+        for a, b in zip(served_results, default_results, strict=True):
+            assert [d["label"] for d in a["detections"]] == [d["label"] for d in b["detections"]]
+            for da, db in zip(a["detections"], b["detections"], strict=True):
+                assert da["box"] == pytest.approx(db["box"], abs=0.5)
+
+
+def test_each_ingress_keeps_the_error_contract(running: RunningGateway) -> None:
+    url, image = running.gateway.url, {"Content-Type": "image/png"}
+    bad = httpx.post(url + "/classify", content=b"not an image", headers=image, timeout=30)
+    assert bad.status_code == 400 and bad.json()["error"]["code"] == "undecodable_image", bad.text
+    wrong_type = httpx.post(url + "/classify", content=b"x", headers={"Content-Type": "text/plain"}, timeout=30)
+    assert wrong_type.status_code == 415 and wrong_type.json()["error"]["code"] == "unsupported_media_type"
+    disabled = httpx.post(url + "/segment", content=png(1, 64), headers=image, timeout=30)
+    assert disabled.status_code == 404 and disabled.json()["error"]["code"] == "model_disabled"
+    ok = httpx.post(url + "/classify", content=png(7, 64), headers=image, timeout=30)
+    assert ok.status_code == 200, ok.text
+
+
+def test_haproxy_ports_in_use_are_refused_up_front(model_repository: Path) -> None:
+    """A gateway whose HAProxy stats port is taken exits at once with a clear message (no Ray started)."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        stats_port = taken.getsockname()[1]
+        env = {
+            **{name: value for name, value in os.environ.items() if not name.startswith(("CVSERVE_", "RAY_"))},
+            "PYTHONPATH": str(ROOT),
+            "CVSERVE_INGRESS": "haproxy",
+            "CVSERVE_MODEL_REPOSITORY": str(model_repository),
+            "CVSERVE_PORT": str(free_port()),
+            "CVSERVE_RAY_METRICS_PORT": str(free_port()),
+            "CVSERVE_HAPROXY_STATS_PORT": str(stats_port),
+        }
+        done = subprocess.run(
+            [sys.executable, "-m", "service"], env=env, capture_output=True, text=True, timeout=120, check=False
+        )
+    assert done.returncode != 0
+    assert f"port {stats_port} is in use" in done.stderr and "CVSERVE_HAPROXY_STATS_PORT" in done.stderr, done.stderr
     assert "Started a local Ray" not in done.stderr, "Ray must not start for a refused configuration"
