@@ -150,10 +150,11 @@ def _cli(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_cli_help_names_its_options() -> None:
-    result = _cli("--help")
-    assert result.returncode == 0
+    from training.__main__ import get_args_parser
+
+    text = get_args_parser().format_help()  # what --help prints (the process is tested below)
     for option in ("--out", "--seed", "--force", "--device", "--threads"):
-        assert option in result.stdout
+        assert option in text
 
 
 def test_cli_refuses_an_unusable_device(tmp_path: Path) -> None:
