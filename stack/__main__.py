@@ -126,7 +126,7 @@ def run(
     ready_timeout_s: float,
     trace_url: str | None = None,
 ) -> int:
-    """Start the three services in dependency order, wait for a signal or a death, stop them all.
+    """Start the three services together, wait for a signal or a death, stop them all.
     With `trace_url`, tritonserver and the gateway send OpenTelemetry spans there (OTLP/HTTP)."""
     for path, hint in ((repository, "build/triton_cpu_repository"), (model_repository, "model_repository")):
         if not any(path.glob("*/config.pbtxt")):
@@ -164,9 +164,11 @@ def run(
             ports.prometheus,
             logs / "prometheus",
         )
-        triton.wait_ready(ready_timeout_s)
+        # The gateway starts Ray and Serve while Triton loads its models (it answers 503 until Triton
+        # is ready, so it is ready only after Triton; compose waits for Triton's healthcheck instead).
         log.info("starting the gateway (Triton mode), log %s", logs / "gateway.log")
         gateway = start_gateway(ports, model_repository, logs / "gateway.log", trace_url)
+        triton.wait_ready(ready_timeout_s)
         gateway.wait_ready(ready_timeout_s)
         _announce(ports, triton, gateway, prometheus, logs)
         while not stop.wait(1.0):
