@@ -40,6 +40,11 @@ STOP_TIMEOUT_S = 90
 MODELS = "classifier,detector"  # /segment is disabled
 
 
+def users_environment() -> dict[str, str]:
+    """This environment without the suite's CVSERVE_* and RAY_* settings, as a user's shell has it."""
+    return {name: value for name, value in os.environ.items() if not name.startswith(("CVSERVE_", "RAY_"))}
+
+
 def png(seed: int, size: int) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(make_scene(seed, size, 1, 3).image).save(buffer, "PNG")
@@ -83,7 +88,7 @@ def running(
         "CVSERVE_HAPROXY_METRICS_PORT": reserved_free_port(),
     }
     env = {
-        **{name: value for name, value in os.environ.items() if not name.startswith(("CVSERVE_", "RAY_"))},
+        **users_environment(),
         **{name: str(port) for name, port in ports.items()},
         "PYTHONPATH": str(ROOT),
         "RAY_ADDRESS": "local",  # its own Ray, not the test session's
@@ -259,7 +264,7 @@ def test_haproxy_ports_in_use_are_refused_up_front(model_repository: Path) -> No
         taken.listen()
         stats_port = taken.getsockname()[1]
         env = {
-            **{name: value for name, value in os.environ.items() if not name.startswith(("CVSERVE_", "RAY_"))},
+            **users_environment(),
             "PYTHONPATH": str(ROOT),
             "CVSERVE_INGRESS": "haproxy",
             "CVSERVE_MODEL_REPOSITORY": str(model_repository),
