@@ -4,7 +4,7 @@ encode them in the gateway and to decode them in a client, for large segmentatio
 One run: build the API over the embedded backend in this process (`create_api` + `LocalBackend`, what
 `make serve` runs in its replica), send each case's images once per format through the real routes, check
 that both answers carry the same document, then time the server's encoding (`model_dump_json` vs
-`service.answer_formats.encode_msgpack`, on the response object rebuilt from the answer) and the client's
+`service.core.answers.encode_msgpack`, on the response object rebuilt from the answer) and the client's
 decoding (`json.loads` vs `msgpack.unpackb`), medians of repeated runs. Prints a Markdown section.
 Run: `python -m loadtests.answer_formats` (about a minute on 2 cores).
 """
@@ -74,7 +74,7 @@ def measure(client: Any, case: Case, repeats: int) -> dict[str, float]:
     """Bytes, server encode ms and client decode ms of one case's answer in both formats."""
     import msgpack
 
-    from service.answer_formats import encode_msgpack
+    from service.core.answers import encode_msgpack
     from tasks import HANDLERS
 
     files = [
@@ -145,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     from fastapi.testclient import TestClient
 
     from service.app import create_api
-    from service.backends.embedded import LocalBackend
+    from service.backends.local import LocalBackend
     from service.settings import Settings
 
     settings = Settings(

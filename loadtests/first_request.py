@@ -28,7 +28,7 @@ def measure(model: str, warm_up: bool, repository: Path) -> dict[str, float]:
     from PIL import Image
 
     from service.app import create_api
-    from service.backends.embedded import LocalBackend
+    from service.backends.local import LocalBackend
     from service.settings import Settings
     from training.shapes import make_scene
 

@@ -50,7 +50,7 @@ from loadtests.images import DEFAULT_SIZES, EncodedImage, make_image_mix
 from loadtests.inprocess import measure_model, measure_pipeline
 from service.backends.torchscript import TorchScriptModel, load_torchscript
 from service.contract import load_contract
-from service.pipeline import TaskPipeline
+from service.core.pipeline import TaskPipeline
 from service.settings import Settings
 from tasks import MODELS, TASKS
 from training.models import build_demo_segmenter

@@ -93,7 +93,7 @@ async def drive(app: Any, endpoint: str, images: list[Any], concurrency: int, du
 async def run(args: argparse.Namespace) -> str:
     from loadtests.images import make_image_mix
     from service.app import create_api
-    from service.backends.embedded import LocalBackend
+    from service.backends.local import LocalBackend
     from service.settings import Settings
 
     endpoint = ENDPOINTS[args.model]

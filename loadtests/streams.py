@@ -44,7 +44,7 @@ MODELS = {model: task.endpoint for model, task in TASKS.items()}
 def make_app() -> FastAPI:
     """`uvicorn --factory loadtests.streams:make_app`: the API over the embedded backend, settings from CVSERVE_*."""
     from service.app import create_api
-    from service.backends.embedded import LocalBackend
+    from service.backends.local import LocalBackend
     from service.settings import Settings
 
     settings = Settings()

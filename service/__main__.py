@@ -26,7 +26,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from service import haproxy_launcher
+from service.deploy import haproxy as haproxy_launcher
 from service.settings import Settings, is_loopback
 
 log = logging.getLogger("service")
@@ -168,7 +168,7 @@ def serve_until_signal(settings: Settings, private_dir: Path) -> None:
     import ray
     from ray import serve
 
-    from service.app import build_app
+    from service.deploy.serve import build_app
 
     try:
         app = build_app(settings)

@@ -13,7 +13,7 @@ class _Options(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     annotate: Literal["png", "jpeg"] | None = Field(
-        None, description="Also draw the answer on the image (see service/routes_demo.py for the response shape)."
+        None, description="Also draw the answer on the image (see service/surfaces/demo.py for the response shape)."
     )
 
 

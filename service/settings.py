@@ -121,7 +121,7 @@ class Settings(BaseSettings):
         description="time each request's stages (read, decode, preprocess, queue, model, postprocess, encode): "
         "a Server-Timing response header and the cvserve_stage_seconds histogram",
     )
-    # OpenTelemetry traces (service/tracing.py): off by default, and then no tracer exists at all
+    # OpenTelemetry traces (service/telemetry/tracing.py): off by default, and then no tracer exists at all
     tracing: bool = Field(
         False,
         description="one span per request (a child of the client's W3C traceparent) with a child span per "
@@ -155,7 +155,7 @@ class Settings(BaseSettings):
     )
     allowed_formats: Annotated[tuple[ImageFormat, ...], NoDecode] = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF")
 
-    # video: WebSocket frame streams (service/streams.py) and video files (service/video.py)
+    # video: WebSocket frame streams (service/surfaces/streams.py) and video files (service/surfaces/video.py)
     stream_max_streams: int = Field(
         16, ge=1, description="WebSocket streams one ingress replica serves at once; past it: close 1013"
     )

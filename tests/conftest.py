@@ -178,7 +178,7 @@ def deploy(serve_url: str) -> Deploy:
 @pytest.fixture(scope="session")
 def embedded_gateway(deploy: Deploy, model_repository: Path) -> str:
     """Base URL of the gateway with the embedded backend over the exported models."""
-    from service.app import build_app
+    from service.deploy.serve import build_app
     from service.settings import Settings
 
     settings = Settings(

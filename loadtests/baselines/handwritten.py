@@ -17,7 +17,7 @@ import uvicorn
 from fastapi import FastAPI, HTTPException, UploadFile
 
 from loadtests.baselines.pipeline import ModelPipeline
-from service.images import ImageError
+from service.imaging.images import ImageError
 from service.settings import Settings
 from tasks import MODELS
 

@@ -17,7 +17,7 @@ from fastapi import HTTPException, Request
 
 from loadtests.baselines.pipeline import ModelPipeline
 from service.handlers.common import Geometry
-from service.images import ImageError
+from service.imaging.images import ImageError
 from service.settings import Settings
 from tasks import HANDLERS, MODELS
 

@@ -1,4 +1,4 @@
-"""The gateway's own pipeline (`service.pipeline.TaskPipeline`) around the gateway's own model runner.
+"""The gateway's own pipeline (`service.core.pipeline.TaskPipeline`) around the gateway's own model runner.
 
 Baselines and the in-process measurement run exactly this object, the one the gateway runs, so the
 benchmark compares serving machinery, not different image code (reduced JPEG decoding included).
@@ -13,7 +13,7 @@ import numpy as np
 
 from service.backends.torchscript import TorchScriptModel
 from service.handlers.common import Geometry
-from service.pipeline import Prepared, TaskPipeline
+from service.core.pipeline import Prepared, TaskPipeline
 from service.settings import Settings
 
 

@@ -17,15 +17,14 @@ import grpc
 import numpy as np
 import tritonclient.grpc.aio as grpc_aio
 import tritonclient.http.aio as http_aio
-from ray.util.metrics import Histogram
 from tritonclient.grpc import MAX_GRPC_MESSAGE_SIZE
 from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
 from service.backends.base import Backend, BackendTimeout, BackendUnavailable
 from service.contract import ModelContract, load_contract
-from service.metrics import LATENCY_BOUNDARIES
+from service.telemetry.metrics import LATENCY_BOUNDARIES, Instruments
 from service.settings import Settings
-from service.tracing import inject_headers
+from service.telemetry.tracing import inject_headers
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +75,9 @@ class TritonBackend(Backend):
     Serves `settings.models` unless `models` names others (tests use tiny models).
     """
 
-    def __init__(self, settings: Settings, models: Sequence[str] | None = None) -> None:
+    def __init__(
+        self, settings: Settings, models: Sequence[str] | None = None, instruments: Instruments | None = None
+    ) -> None:
         self._url = settings.triton_url
         self._protocol = settings.triton_protocol
         self._timeout_s = float(settings.request_timeout_s)
@@ -92,7 +93,7 @@ class TritonBackend(Backend):
         self._last_answer = time.monotonic()
         self._frozen: asyncio.Event | None = None  # set while Triton is found frozen (watchdog)
         self._watchdog: asyncio.Task[None] | None = None
-        self._latency = Histogram(
+        self._latency = (instruments or Instruments.prometheus()).histogram(
             "cvserve_model_latency_seconds",
             description="Time for one batch through the model.",  # here: one call, Triton batches
             boundaries=LATENCY_BOUNDARIES,

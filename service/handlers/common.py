@@ -7,8 +7,9 @@ image (`postprocess`). The gateway does decode → preprocess → backend.infer 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from typing import ClassVar, Generic, TypeVar
+from typing import Any, ClassVar, Generic, Protocol, TypeVar
 
 import numpy as np
 import torch
@@ -43,7 +44,7 @@ class Geometry:
 
 def at_full_size(geometry: Geometry, width: int, height: int) -> Geometry:
     """The same mapping, for answers about the full `width`×`height` image when the model input was
-    made from a reduced decode of it (see `service.images.decode_image_reduced`)."""
+    made from a reduced decode of it (see `service.imaging.images.decode_image_reduced`)."""
     if (width, height) == (geometry.width, geometry.height):
         return geometry
     return replace(
@@ -141,6 +142,31 @@ def label_of(labels: tuple[str, ...], index: int) -> str:
     return labels[index] if 0 <= index < len(labels) else str(index)
 
 
+TABLE_TYPES = {"FP32": np.dtype("<f4"), "INT32": np.dtype("<i4"), "BYTES": np.dtype(object)}
+
+
+@dataclass(frozen=True)
+class TableSpec:
+    """One typed tensor of a task's answers as a table (the Open Inference Protocol's outputs beside `RESULT`);
+    the first dimension is the request's images, -1 a size that varies."""
+
+    name: str
+    datatype: str  # BYTES | FP32 | INT32
+    shape: tuple[int, ...]
+
+
+def padded(rows: Sequence[Sequence[Any]], fill: Any, datatype: str, tail: tuple[int, ...] = ()) -> np.ndarray:
+    """Rows of different lengths as one [n, longest, *tail] array, short rows padded with `fill`."""
+    longest = max((len(row) for row in rows), default=0)
+    array = np.full((len(rows), longest, *tail), fill, dtype=TABLE_TYPES[datatype])
+    for i, row in enumerate(rows):
+        if row:
+            array[i, : len(row)] = (
+                row if datatype != "BYTES" else np.array(row, dtype=object).reshape(len(row), *tail)
+            )
+    return array
+
+
 class Handler(Generic[OptionsT, ResultT]):
     """One task: which model and options it uses, and how to get to and from that model."""
 
@@ -150,6 +176,7 @@ class Handler(Generic[OptionsT, ResultT]):
     options: ClassVar[type[BaseModel]]
     request: ClassVar[type[BaseModel]]
     response: ClassVar[type[BaseModel]]
+    tables: ClassVar[tuple[TableSpec, ...]] = ()  # typed outputs of `table`, in order
 
     def preprocess(self, image: np.ndarray, contract: ModelContract) -> tuple[np.ndarray, Geometry]:
         """Turn one RGB image into the model's `[3,H,W]` uint8 input and its geometry."""
@@ -160,3 +187,22 @@ class Handler(Generic[OptionsT, ResultT]):
     ) -> ResultT:
         """Turn one image's model outputs into its answer in original-image terms."""
         raise NotImplementedError
+
+    def table(self, results: list[ResultT]) -> dict[str, np.ndarray]:
+        """The results of one request as the typed tensors `tables` names (none by default)."""
+        return {}
+
+    def tracker(self, fps: float) -> Tracker | None:
+        """A tracker of this task's results across one stream's or video's frames (None: not tracked)."""
+        return None
+
+    def draw(self, image: np.ndarray, result: ResultT) -> np.ndarray:
+        """`result` drawn on `image` (the original, or a scaled-down copy of it)."""
+        raise NotImplementedError
+
+
+class Tracker(Protocol):
+    """Gives a task's results identities across the frames of one stream or video."""
+
+    def update(self, result: Any) -> Any:
+        """`result` of the next frame, with what tracking adds (ids)."""

@@ -5,7 +5,9 @@ from __future__ import annotations
 import numpy as np
 
 from service.contract import ModelContract
-from service.handlers.common import Geometry, Handler, boxes_to_original, label_of
+from service.handlers.common import Geometry, Handler, TableSpec, boxes_to_original, label_of, padded
+from service.imaging.annotate import draw_detection_result
+from service.imaging.tracking import DetectionTracker, TrackedDetectionResult
 from service.schemas import (
     Detection,
     DetectionResult,
@@ -23,6 +25,9 @@ class DetectHandler(Handler[DetectOptions, DetectionResult]):
     options = DetectOptions
     request = DetectRequest
     response = DetectResponse
+    tables = (TableSpec("BOXES", "FP32", (-1, -1, 4)), TableSpec("SCORES", "FP32", (-1, -1)),
+              TableSpec("LABELS", "BYTES", (-1, -1)), TableSpec("CLASS_IDS", "INT32", (-1, -1)),
+              TableSpec("COUNT", "INT32", (-1,)))  # fmt: skip
 
     def postprocess(
         self, outputs: dict[str, np.ndarray], geometry: Geometry, options: DetectOptions, contract: ModelContract
@@ -45,3 +50,25 @@ class DetectHandler(Handler[DetectOptions, DetectionResult]):
             for i, box in zip(keep, mapped)
         ]
         return DetectionResult(image=ImageSize(width=geometry.width, height=geometry.height), detections=detections)
+
+    def tracker(self, fps: float) -> DetectionTracker:
+        """ByteTrack ids across the frames (`service.imaging.tracking`)."""
+        return DetectionTracker(fps)
+
+    def draw(self, image: np.ndarray, result: DetectionResult) -> np.ndarray:
+        """Boxes with labels and scores; tracked detections also with their track id."""
+        if not isinstance(result, TrackedDetectionResult):
+            return draw_detection_result(image, result)
+        labels = [d.label if d.track_id is None else f"{d.label} #{d.track_id}" for d in result.detections]
+        return draw_detection_result(image, result, labels)
+
+    def table(self, results: list[DetectionResult]) -> dict[str, np.ndarray]:
+        """Per image, its detections padded to the batch's largest count, and `COUNT`."""
+        rows = [result.detections for result in results]
+        return {
+            "BOXES": padded([[d.box for d in row] for row in rows], 0.0, "FP32", (4,)),
+            "SCORES": padded([[d.score for d in row] for row in rows], 0.0, "FP32"),
+            "LABELS": padded([[d.label.encode() for d in row] for row in rows], b"", "BYTES"),
+            "CLASS_IDS": padded([[d.class_id for d in row] for row in rows], -1, "INT32"),
+            "COUNT": np.array([len(row) for row in rows], dtype="<i4"),
+        }

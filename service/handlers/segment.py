@@ -1,5 +1,5 @@
 """/segment: the segmenter's class-index `MASK` → original-size COCO RLEs (pycocotools), fractions, and
-optionally polygons (`service.polygons`) and a palette PNG."""
+optionally polygons (`service.imaging.polygons`) and a palette PNG."""
 
 from __future__ import annotations
 
@@ -13,11 +13,11 @@ from pycocotools import mask as mask_utils
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as F
 
-from service.annotate import class_color
+from service.imaging.annotate import class_color, draw_segmentation
 from service.contract import ModelContract
 from service.handlers.common import Geometry, Handler, label_of
-from service.images import RENDER_MAX_PIXELS, fit_size
-from service.polygons import class_polygons
+from service.imaging.images import RENDER_MAX_PIXELS, fit_size
+from service.imaging.polygons import class_polygons
 from service.schemas import (
     RLE,
     ImageSize,
@@ -112,3 +112,6 @@ class SegmentHandler(Handler[SegmentOptions, SegmentationResult]):
     def _png_mask(mask: np.ndarray, geometry: Geometry) -> np.ndarray:
         """The mask for `return_png`: at original size, or scaled down to `RENDER_MAX_PIXELS` for larger images."""
         return mask_to_original(mask, geometry, fit_size(geometry.width, geometry.height, RENDER_MAX_PIXELS))
+
+    def draw(self, image: np.ndarray, result: SegmentationResult) -> np.ndarray:
+        return draw_segmentation(image, result)

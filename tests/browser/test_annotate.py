@@ -1,4 +1,4 @@
-"""Unit tests for service.annotate: drawing lands where the answer is, nowhere else, at the same size."""
+"""Unit tests for service.imaging.annotate: drawing lands where the answer is, nowhere else, at the same size."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ import pytest
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from service import annotate
+from service.imaging import annotate
+from tasks import HANDLERS
 from service.schemas import (
     RLE,
     ClassificationResult,
@@ -123,7 +124,7 @@ def test_encode_refuses_unknown_formats_and_non_rgb(scene) -> None:
         annotate.encode_image(scene.image[..., 0], "png")
 
 
-def test_annotate_result_draws_each_task_from_its_api_result(scene) -> None:
+def test_each_handler_draws_its_tasks_api_result(scene) -> None:
     height, width = scene.mask.shape
     size = ImageSize(width=width, height=height)
     ids = [int(c) for c in scene.labels]
@@ -149,13 +150,13 @@ def test_annotate_result_draws_each_task_from_its_api_result(scene) -> None:
     top = ClassificationResult(image=size, predictions=[ClassScore(class_id=0, label="circle", score=0.9)])
 
     assert np.array_equal(
-        annotate.annotate_result(scene.image, detections),
+        HANDLERS["detector"].draw(scene.image, detections),
         annotate.draw_detections(scene.image, scene.boxes, ids, [NAMES[c] for c in ids], [0.8] * len(ids)),
     )
     assert np.array_equal(
-        annotate.annotate_result(scene.image, segmentation),
+        HANDLERS["segmenter"].draw(scene.image, segmentation),
         annotate.draw_mask(scene.image, scene.mask, NAME_OF),
     )
     assert np.array_equal(
-        annotate.annotate_result(scene.image, top), annotate.draw_top_k(scene.image, ["circle"], [0.9])
+        HANDLERS["classifier"].draw(scene.image, top), annotate.draw_top_k(scene.image, ["circle"], [0.9])
     )

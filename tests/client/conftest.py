@@ -23,7 +23,7 @@ from PIL import Image
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.app import create_api
-from service.backends.embedded import LocalBackend
+from service.backends.local import LocalBackend
 from service.settings import Settings
 from tests.conftest import free_port, wait_until
 from training.shapes import CLASSES, make_scene

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from service.backends.embedded import LocalBackend
+from service.backends.local import LocalBackend
 from service.contract import load_contract
 from service.settings import Settings
 from tasks import MODELS

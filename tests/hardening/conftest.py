@@ -47,7 +47,7 @@ def client(embedded_gateway: str) -> Iterator[httpx.Client]:
 def strict_gateway(deploy: Deploy, model_repository: Path) -> str:
     """A gateway with small limits (body, pixels per image and per request, images, answer bytes),
     PNG/JPEG only and an API key."""
-    from service.app import build_app
+    from service.deploy.serve import build_app
 
     settings = small_settings(
         model_repository,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from service.errors import ERROR_KINDS
+from service.core.errors import ERROR_KINDS
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -19,7 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from service.images import (
+from service.imaging.images import (
     READABLE_FORMATS,
     ImageError,
     decode_image,

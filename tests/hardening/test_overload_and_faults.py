@@ -41,7 +41,7 @@ IMAGE = payloads.encode(payloads.noise(96, 64))
 @pytest.fixture(scope="module")
 def overload_gateway(deploy: Deploy, model_repository: Path) -> str:
     """One ingress admitting 3 requests at once in front of one detector deployment replica batching 2."""
-    from service.app import build_app
+    from service.deploy.serve import build_app
 
     settings = small_settings(
         model_repository,
@@ -137,7 +137,7 @@ def test_request_past_its_deadline_is_504(
     """A gateway with a 1 ms deadline (sharing the overload app's model replica) answers 504, then /health."""
     from ray import serve
 
-    from service.app import Gateway
+    from service.deploy.serve import Gateway
 
     settings = small_settings(model_repository, models=(MODEL,), model_placement="deployment", request_timeout_s=0.001)
     models = {MODEL: serve.get_deployment_handle(MODEL, app_name=APP)}

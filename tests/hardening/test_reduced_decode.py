@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from service.handlers.common import at_full_size, boxes_to_original, letterbox, resize_center_crop
-from service.images import decode_image, decode_image_reduced
+from service.imaging.images import decode_image, decode_image_reduced
 from tests.hardening import payloads
 
 BIG = np.zeros((3000, 4000, 3), np.uint8)

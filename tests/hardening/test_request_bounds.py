@@ -20,9 +20,9 @@ import pytest
 from PIL import Image
 
 from loadtests.soak import replica_processes
-from service.annotate import annotate_result
 from service.handlers.segment import encode_rle
-from service.images import RENDER_MAX_PIXELS, fit_size
+from tasks import HANDLERS
+from service.imaging.images import RENDER_MAX_PIXELS, fit_size
 from service.schemas import Detection, DetectionResult, ImageSize, Segment, SegmentationResult
 from support.assertions import assert_error
 from tests.hardening import payloads
@@ -137,14 +137,14 @@ def test_a_result_is_drawn_scaled_onto_a_smaller_copy() -> None:
     full = ImageSize(width=400, height=200)
     box = Detection(box=[100.0, 50.0, 300.0, 150.0], class_id=1, label="circle", score=0.9)
     copy = np.zeros((100, 200, 3), np.uint8)
-    drawn = annotate_result(copy, DetectionResult(image=full, detections=[box]))
+    drawn = HANDLERS["detector"].draw(copy, DetectionResult(image=full, detections=[box]))
     outline = np.argwhere(drawn.any(axis=2))
     assert outline.min(axis=0).tolist()[1] == 50 and outline.max(axis=0).tolist()[1] <= 151
     mask = np.zeros((200, 400), np.uint8)
     mask[100:, 200:] = 1  # bottom-right quarter of the full image
     segment = Segment(class_id=1, label="circle", pixel_fraction=0.25, rle=encode_rle(mask == 1))
     result = SegmentationResult(image=full, class_fractions={"circle": 0.25}, segments=[segment])
-    tinted = annotate_result(copy, result).any(axis=2)
+    tinted = HANDLERS["segmenter"].draw(copy, result).any(axis=2)
     assert tinted[60:, 110:].all() and not tinted[60:, :90].any()  # the legend sits at the top left
 
 

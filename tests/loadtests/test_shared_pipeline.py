@@ -10,8 +10,8 @@ import pytest
 from PIL import Image
 
 from loadtests.baselines.pipeline import ModelPipeline
-from service.images import decode_image
-from service.pipeline import TaskPipeline
+from service.imaging.images import decode_image
+from service.core.pipeline import TaskPipeline
 from service.settings import Settings
 from tasks import HANDLERS, MODELS
 from training.shapes import make_scene

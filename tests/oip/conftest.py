@@ -17,7 +17,7 @@ from fastapi import FastAPI
 from PIL import Image
 
 from service.app import create_api
-from service.backends.embedded import LocalBackend
+from service.backends.local import LocalBackend
 from service.settings import Settings
 from tests.conftest import free_port, wait_until
 from training.shapes import CLASSES, Scene, make_scene

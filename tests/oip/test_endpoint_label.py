@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from service.app import _endpoint_of
+from service.app import endpoint_tag
+from service.telemetry.asgi import route_path
+from tasks import HANDLERS
 
 
 @pytest.mark.parametrize(
@@ -24,5 +26,5 @@ from service.app import _endpoint_of
     ],
 )
 def test_oip_paths_are_tagged(path: str, tag: str) -> None:
-    assert _endpoint_of({"path": path}) == tag
-    assert _endpoint_of({"path": "/gw" + path, "root_path": "/gw"}) == tag  # behind a Serve route prefix
+    assert endpoint_tag(route_path({"path": path}), HANDLERS) == tag
+    assert endpoint_tag(route_path({"path": "/gw" + path, "root_path": "/gw"}), HANDLERS) == tag  # behind a route prefix

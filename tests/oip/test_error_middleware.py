@@ -7,8 +7,8 @@ from fastapi import FastAPI
 from fastapi.responses import JSONResponse, StreamingResponse
 from fastapi.testclient import TestClient
 
-from service.errors import install_error_handlers
-from service.oip import OipErrors
+from service.core.errors import install_error_handlers
+from service.surfaces.oip import OipErrors
 
 
 def app() -> FastAPI:

@@ -20,7 +20,7 @@ import pytest
 from tritonclient.utils import serialize_byte_tensor
 
 from service.app import create_api
-from service.backends.embedded import LocalBackend
+from service.backends.local import LocalBackend
 from tests.oip.conftest import KEY, encoded, keyed_settings, scene, serving
 
 MAX_BODY = 256 * 1024

@@ -90,7 +90,7 @@ def png_image(seed: int = 0, size: tuple[int, int] = (96, 120)) -> bytes:
 @pytest.fixture(scope="session")
 def replicated_gateway(deploy: Deploy, model_repository: Path) -> str:
     """Base URL of an embedded-backend gateway serving the classifier with 2 ingress and 2 model replicas."""
-    from service.app import build_app
+    from service.deploy.serve import build_app
     from service.settings import Settings
 
     settings = Settings(

@@ -167,7 +167,7 @@ def test_serve_config_v2_is_the_generated_triton_config() -> None:
     rayservice = _find("RayService", "cvserve")
     embedded = yaml.safe_load(rayservice["spec"]["serveConfigV2"])
     generated = yaml.safe_load((REPO_ROOT / "deploy" / "serve" / "cvserve-triton.yaml").read_text())
-    assert embedded == generated, "run `python -m service.serve_config write`"
+    assert embedded == generated, "run `python -m service.deploy.serve_config write`"
     ServeDeploySchema.model_validate(embedded)
     (application,) = embedded["applications"]
     host, port = application["args"]["triton_url"].split(":")

@@ -13,8 +13,8 @@ from ray.serve._private.api import call_user_app_builder_with_args_if_necessary
 from ray.serve._private.build_app import build_app as build_serve_app
 from ray.serve.schema import ServeDeploySchema
 
-from service import serve_config
-from service.serve_config import PROFILES, RAYSERVICE_PATH, app_builder, build_config, render
+from service.deploy import serve_config
+from service.deploy.serve_config import PROFILES, RAYSERVICE_PATH, app_builder, build_config, render
 
 from .cluster import REPO_ROOT
 
@@ -28,7 +28,7 @@ def _load(path: Path) -> dict[str, Any]:
 @pytest.mark.parametrize("path", CONFIG_FILES, ids=str)
 def test_committed_config_is_what_the_code_generates(path: Path, model_repository: Path) -> None:
     expected = render(build_config(PROFILES[path], model_repository), PROFILES[path])
-    assert (REPO_ROOT / path).read_text() == expected, f"{path} is stale: run `python -m service.serve_config write`"
+    assert (REPO_ROOT / path).read_text() == expected, f"{path} is stale: run `python -m service.deploy.serve_config write`"
 
 
 @pytest.mark.parametrize("path", CONFIG_FILES, ids=str)

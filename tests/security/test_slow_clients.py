@@ -27,7 +27,7 @@ from PIL import Image
 
 from service.__main__ import HAPROXY_HEADER_TIMEOUT_S
 from service.app import create_api
-from service.backends.embedded import LocalBackend
+from service.backends.local import LocalBackend
 from service.settings import Settings
 from support.ports import free_port
 from support.waiting import wait_for

@@ -14,10 +14,10 @@ import torch
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from service.admission import Admission, Limits
+from service.core.admission import Admission, Limits
 from service.app import create_api
-from service.backends.embedded import LocalBackend
-from service.errors import ApiError
+from service.backends.local import LocalBackend
+from service.core.errors import ApiError
 from service.settings import Settings
 from training.shapes import make_scene
 

@@ -19,7 +19,7 @@ import uvicorn
 from PIL import Image
 
 from service.app import create_api
-from service.backends.embedded import LocalBackend
+from service.backends.local import LocalBackend
 from service.settings import Settings
 from support.ports import free_port
 from support.waiting import wait_for

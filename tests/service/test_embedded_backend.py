@@ -14,7 +14,7 @@ import pytest
 from ray.serve.exceptions import BackPressureError
 
 from service.backends.base import BackendTimeout, BackendUnavailable
-from service.backends.embedded import EmbeddedBackend
+from service.deploy.models import EmbeddedBackend
 
 IMAGE = np.zeros((3, 4, 4), dtype=np.uint8)
 

@@ -7,8 +7,8 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
 from service.backends.base import BackendTimeout, BackendUnavailable
-from service.errors import ApiError, install_error_handlers
-from service.images import ImageTooLarge
+from service.core.errors import ApiError, install_error_handlers
+from service.imaging.images import ImageTooLarge
 
 SECRET = "tritonserver said: CUDA error at /opt/secret/path.cc:42"
 

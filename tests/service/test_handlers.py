@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from service import annotate
+from service.imaging import annotate
 from service.contract import ModelContract, TensorSpec
 from service.handlers.common import boxes_to_original, letterbox, resize_center_crop
 from service.handlers.segment import encode_rle, mask_to_original

@@ -1,4 +1,4 @@
-"""service/haproxy_launcher.py against the config that the installed Ray Serve really writes.
+"""service/deploy/haproxy.py against the config that the installed Ray Serve really writes.
 
 The config comes from Ray's own generator (a private API, on purpose: when an upgrade changes the
 template, these tests say whether the launcher still catches every monitoring bind), and the real
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from service import haproxy_launcher
+from service.deploy import haproxy as haproxy_launcher
 
 MONITOR_PORTS = (8404, 9101)
 

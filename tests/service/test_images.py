@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from service import images
-from service.images import (
+from service.imaging import images
+from service.imaging.images import (
     ImageError,
     ImageTooLarge,
     UndecodableImage,

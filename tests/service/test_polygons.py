@@ -15,8 +15,8 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 from service.app import create_api
-from service.backends.embedded import LocalBackend
-from service.polygons import MAX_VERTICES_PER_CLASS, class_polygons
+from service.backends.local import LocalBackend
+from service.imaging.polygons import MAX_VERTICES_PER_CLASS, class_polygons
 from service.schemas import Polygon
 from service.settings import Settings
 from training.shapes import make_scene

@@ -22,10 +22,10 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from service.app import create_api
-from service.backends.embedded import LocalBackend
+from service.backends.local import LocalBackend
 from service.settings import Settings
 from service.timing import STAGES
-from service.tracing import Tracing
+from service.telemetry.tracing import Tracing
 from support.otlp import OtlpReceiver, ReceivedSpan
 from tests.service.test_stage_timings import parse
 from training.shapes import make_scene

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from service.app import build_app
+from service.deploy.serve import build_app
 from service.settings import Settings
 from stack.triton import TritonServer, start_tritonserver
 from support.assertions import box_iou

@@ -11,7 +11,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from service.app import create_api
-from service.backends.embedded import LocalBackend
+from service.backends.local import LocalBackend
 from service.settings import Settings
 from tests.video.clips import Clip, moving_shapes
 

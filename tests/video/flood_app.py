@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import FastAPI
 
 from service.app import create_api
-from service.backends.embedded import LocalBackend
+from service.backends.local import LocalBackend
 from service.settings import Settings
 
 

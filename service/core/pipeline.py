@@ -15,7 +15,7 @@ from pydantic import BaseModel
 
 from service.contract import ModelContract, load_contract
 from service.handlers.common import Geometry, Handler, at_full_size
-from service.images import decode_image_reduced
+from service.imaging.images import decode_image_reduced
 from service.settings import Settings
 from tasks import HANDLERS
 
@@ -32,9 +32,11 @@ class TaskPipeline:
     settings: Settings
 
     @classmethod
-    def load(cls, settings: Settings, model: str) -> TaskPipeline:
-        """Read `<settings.model_repository>/<model>`'s contract (config.pbtxt, labels)."""
-        return cls(model, load_contract(settings.model_repository, model), HANDLERS[model], settings)
+    def load(cls, settings: Settings, model: str, handler: Handler[Any, Any] | None = None) -> TaskPipeline:
+        """Read `<settings.model_repository>/<model>`'s contract (config.pbtxt, labels); the registry's
+        handler for `model` unless `handler` is given."""
+        handler = handler if handler is not None else HANDLERS[model]
+        return cls(model, load_contract(settings.model_repository, model), handler, settings)
 
     @property
     def endpoint(self) -> str:

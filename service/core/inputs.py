@@ -27,8 +27,8 @@ from starlette.exceptions import HTTPException
 from starlette.formparsers import MultiPartException
 from starlette.types import Message
 
-from service.errors import ApiError, describe_validation_errors
-from service.images import READABLE_FORMATS, request_pixels
+from service.core.errors import ApiError, describe_validation_errors
+from service.imaging.images import READABLE_FORMATS, request_pixels
 from service.settings import Settings
 
 FILE_FIELDS = ("file", "files")

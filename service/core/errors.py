@@ -16,28 +16,11 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from service.backends.base import BackendTimeout, BackendUnavailable
-from service.images import ImageError
+from service.imaging.images import ImageError
 from service.schemas import ErrorResponse
+from service.telemetry.metrics import CLIENT_CLOSED, ERROR_KINDS
 
 log = logging.getLogger(__name__)
-
-# HTTP status → `kind` tag of cvserve_errors (docs/ARCHITECTURE.md)
-ERROR_KINDS = {
-    400: "bad_request",
-    401: "unauthorized",
-    404: "not_found",
-    405: "method_not_allowed",
-    408: "body_timeout",
-    413: "too_large",
-    415: "unsupported_media",
-    422: "invalid_request",
-    499: "client_closed",
-    500: "internal",
-    503: "unavailable",
-    504: "timeout",
-}
-
-CLIENT_CLOSED = 499  # nginx's status for "the client closed the connection first": recorded, never sent
 
 # for the routes' `responses=` so /docs shows the error shape
 ERROR_RESPONSES: dict[int | str, dict[str, object]] = {

@@ -21,7 +21,7 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as F
 from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
 
-from service.images import fit_size
+from service.imaging.images import fit_size
 from service.schemas import ClassificationResult, DetectionResult, SegmentationResult
 
 ImageFormat = Literal["png", "jpeg"]
@@ -54,33 +54,38 @@ def fit_image(image: np.ndarray, max_pixels: int) -> np.ndarray:
     return np.ascontiguousarray(resized.permute(1, 2, 0).numpy())
 
 
-def annotate_result(
-    image: np.ndarray, result: ClassificationResult | DetectionResult | SegmentationResult
+def draw_classification(image: np.ndarray, result: ClassificationResult) -> np.ndarray:
+    """The top-k classes and scores written on `image`."""
+    return draw_top_k(image, [p.label for p in result.predictions], [p.score for p in result.predictions])
+
+
+def draw_detection_result(
+    image: np.ndarray, result: DetectionResult, labels: Sequence[str] | None = None
 ) -> np.ndarray:
-    """Draw one image's answer from an API result, whichever task produced it. `image` may be a
-    scaled-down copy of the image the result is about: boxes and masks are scaled to it."""
-    if isinstance(result, ClassificationResult):
-        return draw_top_k(image, [p.label for p in result.predictions], [p.score for p in result.predictions])
+    """`result`'s boxes on `image`, which may be a scaled-down copy of the image it is about; `labels`
+    replace the detections' own (a tracker adds ids)."""
     height, width = image.shape[:2]
-    if isinstance(result, DetectionResult):
-        found = result.detections
-        scale = np.array([width, height, width, height], np.float32) / np.array(
-            [result.image.width, result.image.height] * 2, np.float32
-        )
-        return draw_detections(
-            image,
-            np.array([d.box for d in found], dtype=np.float32).reshape(-1, 4) * scale,
-            [d.class_id for d in found],
-            [d.label for d in found],
-            [d.score for d in found],
-        )
-    if isinstance(result, SegmentationResult):
-        mask = np.zeros((height, width), dtype=np.int32)
-        for segment in result.segments:
-            rle = {"size": segment.rle.size, "counts": segment.rle.counts.encode()}
-            mask[_nearest(mask_utils.decode(rle), height, width).astype(bool)] = segment.class_id
-        return draw_mask(image, mask, {s.class_id: s.label for s in result.segments})
-    raise TypeError(f"cannot annotate a {type(result).__name__}")
+    found = result.detections
+    scale = np.array([width, height, width, height], np.float32) / np.array(
+        [result.image.width, result.image.height] * 2, np.float32
+    )
+    return draw_detections(
+        image,
+        np.array([d.box for d in found], dtype=np.float32).reshape(-1, 4) * scale,
+        [d.class_id for d in found],
+        list(labels) if labels is not None else [d.label for d in found],
+        [d.score for d in found],
+    )
+
+
+def draw_segmentation(image: np.ndarray, result: SegmentationResult) -> np.ndarray:
+    """`result`'s masks in class colours on `image` (its RLEs scaled to it)."""
+    height, width = image.shape[:2]
+    mask = np.zeros((height, width), dtype=np.int32)
+    for segment in result.segments:
+        rle = {"size": segment.rle.size, "counts": segment.rle.counts.encode()}
+        mask[_nearest(mask_utils.decode(rle), height, width).astype(bool)] = segment.class_id
+    return draw_mask(image, mask, {s.class_id: s.label for s in result.segments})
 
 
 def _nearest(mask: np.ndarray, height: int, width: int) -> np.ndarray:

@@ -5,7 +5,7 @@ message per answered frame, from the same path a POST takes (`Answerer.answer_im
 decode, the backend's batcher, postprocess), so frames of all streams batch together.
 
 * Options: the task's query parameters (`score_threshold=0.6`, `annotate=jpeg`, ...); `/stream/detect`
-  also takes `track=true|false` (default true: ByteTrack ids, `service.tracking`).
+  also takes `track=true|false` (default true: ByteTrack ids, `service.imaging.tracking`).
 * Latest frame wins: a stream holds at most one frame waiting. A frame that arrives while the model
   still works on an earlier one replaces the waiting frame, which is dropped unanswered ('stale').
 * Rate cap: a stream starts at most `stream_max_fps` frames a second; a frame that comes sooner waits
@@ -28,27 +28,22 @@ import asyncio
 import base64
 import contextlib
 import logging
-import secrets
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
-import numpy as np
 from fastapi import FastAPI, WebSocket, WebSocketDisconnect
 from pydantic import BaseModel, ConfigDict, SerializeAsAny, ValidationError
 
-from service.annotate import MEDIA_TYPES, annotate_result, draw_detections, encode_image, fit_image
 from service.backends.base import BackendTimeout, BackendUnavailable
-from service.errors import ApiError, describe_validation_errors
-from service.handlers.common import Handler
-from service.images import RENDER_MAX_PIXELS, decode_image_for_display, decoded_pixels
-from service.schemas import DetectionResult
+from service.core.answerer import Answerer
+from service.core.errors import ApiError, describe_validation_errors
+from service.core.inputs import ImageInputs
+from service.handlers.common import Handler, Tracker
+from service.imaging.annotate import MEDIA_TYPES, encode_image, fit_image
+from service.imaging.images import RENDER_MAX_PIXELS, decode_image_for_display, decoded_pixels
 from service.settings import Settings
-from service.tracking import DetectionTracker, TrackedDetectionResult
-from tasks import HANDLERS
-
-if TYPE_CHECKING:  # service.app imports this module
-    from service.app import Answerer
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +52,6 @@ SUBPROTOCOL = "cvserve"
 KEY_SUBPROTOCOL_PREFIX = "cvserve.key."
 # Close codes: 1013 is the standard "try again later"; 44xx mirror the HTTP status of the same refusal.
 CLOSE_UNAUTHORIZED, CLOSE_MODEL_DISABLED, CLOSE_INVALID, CLOSE_TOO_MANY_STREAMS = 4401, 4404, 4422, 1013
-_BAD_KEY_DELAY_S = 0.25
 _REASON_BYTES = 123  # a close reason's limit in the WebSocket protocol
 # What sending to or reading from a socket whose client left raises (Starlette: RuntimeError after a close)
 _GONE = (WebSocketDisconnect, RuntimeError, OSError)
@@ -154,15 +148,15 @@ class FramePacer:
         self._next = time.monotonic() + self.interval
 
 
-def install_streams(api: FastAPI) -> None:
-    """Add `/stream/<task>` WebSocket routes over `api.state.answerer` (one per handler)."""
-    for handler in HANDLERS.values():
-        _stream_route(api, handler)
+def install_streams(api: FastAPI, answerer: Answerer, handlers: Iterable[Handler]) -> None:
+    """Add `/stream/<task>` WebSocket routes over `answerer` (one per handler)."""
+    for handler in handlers:
+        _stream_route(api, answerer, handler)
 
 
-def _stream_route(api: FastAPI, handler: Handler) -> None:
+def _stream_route(api: FastAPI, answerer: Answerer, handler: Handler) -> None:
     async def stream(websocket: WebSocket) -> None:
-        await FrameStream(websocket, api.state.answerer, handler).run()
+        await FrameStream(websocket, answerer, handler).run()
 
     api.add_api_websocket_route(STREAM_PREFIX + handler.endpoint, stream, name=f"stream_{handler.task}")
 
@@ -204,7 +198,7 @@ class FrameStream:
         self.slot = LatestFrame()
         self.pacer = FramePacer(self.settings.stream_max_fps)
         self._pacing = False  # the worker holds a frame back for the rate cap
-        self.tracker: DetectionTracker | None = None
+        self.tracker: Tracker | None = None
         self._send_lock = asyncio.Lock()
         self._closing: asyncio.Future[None] | None = None
 
@@ -253,12 +247,10 @@ class FrameStream:
     async def _admit(self) -> BaseModel | None:
         """The task's options, or None after closing the socket with the reason it is refused."""
         settings, websocket = self.settings, self.websocket
-        if settings.api_key is not None:
-            expected = settings.api_key.get_secret_value().encode()
-            if not secrets.compare_digest(_key_given(websocket).encode(), expected):
-                await asyncio.sleep(_BAD_KEY_DELAY_S)  # slows guessing
-                await websocket.close(CLOSE_UNAUTHORIZED, "unauthorized: missing or wrong API key")
-                return None
+        client = websocket.client.host if websocket.client else "unknown"
+        if not await self.answerer.keys.verify(_key_given(websocket), client):  # the HTTP routes' check
+            await websocket.close(CLOSE_UNAUTHORIZED, "unauthorized: missing or wrong API key")
+            return None
         if self.handler.model not in self.answerer.pipelines:
             await websocket.close(
                 CLOSE_MODEL_DISABLED, f"model_disabled: model {self.handler.model} is not enabled"
@@ -270,8 +262,9 @@ class FrameStream:
         try:
             options = self.handler.options.model_validate(query)
             stream_options = StreamOptions.model_validate(stream_query)
-            if stream_query and self.handler.model != "detector":
-                raise ValueError("track is an option of /stream/detect only")
+            tracker = self.handler.tracker(settings.stream_max_fps)
+            if stream_query and tracker is None:
+                raise ValueError(f"track is an option of streams whose task tracks, not {self.handler.endpoint}")
         except ValidationError as error:
             await websocket.close(
                 CLOSE_INVALID, _reason("invalid_request: " + describe_validation_errors(error.errors()))
@@ -286,8 +279,8 @@ class FrameStream:
                 f"too_many_streams: {settings.stream_max_streams} streams are open, the limit; retry later",
             )
             return None
-        if self.handler.model == "detector" and stream_options.track:
-            self.tracker = DetectionTracker(settings.stream_max_fps)
+        if stream_options.track:
+            self.tracker = tracker
         return options
 
     async def _receive(self) -> None:
@@ -345,30 +338,23 @@ class FrameStream:
             ))  # fmt: skip
 
     async def _answer(self, frame: _Frame, options: BaseModel) -> tuple[BaseModel, str | None]:
-        """One frame's result (tracked on /stream/detect) and, when asked, its drawing as a data URL."""
+        """One frame's result (tracked where the task tracks) and, when asked, its drawing as a data URL."""
         answerer, settings = self.answerer, self.settings
         pipeline = answerer.pipeline(self.handler)
-        pixels = await asyncio.to_thread(
-            decoded_pixels, frame.data, settings.allowed_formats, pipeline.min_side
-        )
-        ticket = answerer.admission.admit(len(frame.data), pixels)  # frames share the gateway's limits
-        try:
-            async with asyncio.timeout(settings.request_timeout_s):
-                response = await answerer.answer_images(self.handler, [frame.data], options, ticket)
-                result: BaseModel = response.results[0]  # type: ignore[attr-defined]
-                if self.tracker is not None and isinstance(result, DetectionResult):
-                    result = self.tracker.update(result)
-                fmt = getattr(options, "annotate", None)
-                if fmt is None:
-                    return result, None
-                drawn = await asyncio.to_thread(draw_frame, frame.data, result, fmt, settings)
-                return result, f"data:{MEDIA_TYPES[fmt]};base64,{base64.b64encode(drawn).decode('ascii')}"
-        except TimeoutError as error:
-            raise BackendTimeout(
-                f"the frame was not answered within {settings.request_timeout_s:g} s"
-            ) from error
-        finally:
-            ticket.release()
+        pixels = await asyncio.to_thread(decoded_pixels, frame.data, settings.allowed_formats, pipeline.min_side)
+
+        async def finish(response: BaseModel) -> tuple[BaseModel, str | None]:
+            result: BaseModel = response.results[0]  # type: ignore[attr-defined]
+            if self.tracker is not None:
+                result = self.tracker.update(result)
+            fmt = getattr(options, "annotate", None)
+            if fmt is None:
+                return result, None
+            drawn = await asyncio.to_thread(draw_frame, self.handler, frame.data, result, fmt, settings)
+            return result, f"data:{MEDIA_TYPES[fmt]};base64,{base64.b64encode(drawn).decode('ascii')}"
+
+        # frames share the gateway's admission limits and deadline with every other request
+        return await answerer.answer_admitted(self.handler, ImageInputs([frame.data], pixels=pixels), options, finish)
 
     def _dropped(self, reason: str) -> None:
         if reason == "rate":
@@ -386,28 +372,12 @@ class FrameStream:
             await self.websocket.send_text(message.model_dump_json())
 
 
-def draw_frame(data: bytes, result: BaseModel, fmt: Literal["png", "jpeg"], settings: Settings) -> bytes:
-    """`result` drawn on the frame `data` (tracked detections labelled with their track id), encoded."""
+def draw_frame(
+    handler: Handler, data: bytes, result: BaseModel, fmt: Literal["png", "jpeg"], settings: Settings
+) -> bytes:
+    """`result` drawn on the frame `data` by its task's handler (tracked detections with their ids), encoded."""
     image = fit_image(
         decode_image_for_display(data, settings.max_pixels, settings.allowed_formats, RENDER_MAX_PIXELS),
         RENDER_MAX_PIXELS,
     )
-    return encode_image(draw_result(image, result), fmt)
-
-
-def draw_result(image: np.ndarray, result: BaseModel) -> np.ndarray:
-    """Draw one frame's result on `image` (which may be a scaled-down copy of the frame)."""
-    if not isinstance(result, TrackedDetectionResult):
-        return annotate_result(image, result)  # type: ignore[arg-type]
-    height, width = image.shape[:2]
-    scale = np.array([width, height] * 2, np.float32) / np.array(
-        [result.image.width, result.image.height] * 2, np.float32
-    )
-    found = result.detections
-    return draw_detections(
-        image,
-        np.array([d.box for d in found], dtype=np.float32).reshape(-1, 4) * scale,
-        [d.class_id for d in found],
-        [d.label if d.track_id is None else f"{d.label} #{d.track_id}" for d in found],
-        [d.score for d in found],
-    )
+    return encode_image(handler.draw(image, result), fmt)

@@ -22,29 +22,23 @@ import io
 import logging
 from collections.abc import Iterator
 from fractions import Fraction
-from typing import TYPE_CHECKING
 
 import av
 import numpy as np
 from fastapi import Request, Response
 from pydantic import BaseModel, Field, SerializeAsAny
 
-from service.annotate import fit_image
-from service.backends.base import BackendTimeout, check_outputs
-from service.errors import ApiError
-from service.handlers import Handler
-from service.handlers.common import Geometry, at_full_size
-from service.images import RENDER_MAX_PIXELS, fit_size
-from service.inputs import read_body
-from service.pipeline import TaskPipeline
-from service.schemas import DetectionResult
+from service.backends.base import BackendTimeout
+from service.core.accept import preferred
+from service.core.answerer import Answerer
+from service.core.errors import ApiError
+from service.core.inputs import read_body
+from service.core.pipeline import TaskPipeline
+from service.handlers.common import Geometry, Handler
+from service.imaging.annotate import fit_image
+from service.imaging.images import RENDER_MAX_PIXELS, fit_size
 from service.settings import Settings
-from service.streams import draw_result
 from service.timing import Timings, stage
-from service.tracking import DetectionTracker
-
-if TYPE_CHECKING:  # service.app imports this module
-    from service.app import Answerer
 
 log = logging.getLogger(__name__)
 
@@ -92,9 +86,8 @@ def _media_type(header: str) -> str:
 
 
 def _wanted_video(request: Request) -> str | None:
-    """The annotated video's media type if the Accept header asks for one."""
-    accepted = [_media_type(part) for part in request.headers.get("accept", "").split(",")]
-    return next((media for media in accepted if media in ENCODERS), None)
+    """The annotated video's media type if the Accept header asks for one (with q > 0)."""
+    return preferred(request.headers, ENCODERS)
 
 
 async def answer_video(
@@ -118,14 +111,8 @@ async def answer_video(
             "annotate: for a video, ask for the drawn video with Accept: video/webm or video/mp4",
         )
     timings = answerer.timings()  # the whole video's stages, summed over its frames
-    try:
-        async with asyncio.timeout(settings.body_timeout_s):
-            with stage(timings, "read"):
-                body = await read_body(request, settings.video_max_bytes)
-    except TimeoutError as error:
-        raise ApiError(
-            408, "body_timeout", f"the request body did not arrive within {settings.body_timeout_s:g} s"
-        ) from error
+    with stage(timings, "read"):
+        body = await answerer.in_body_time(read_body(request, settings.video_max_bytes))
     reader = await asyncio.to_thread(VideoReader, body, demuxer, settings)
     try:
         ticket = answerer.admission.admit(len(body), FRAMES_PER_BATCH * reader.width * reader.height)
@@ -157,8 +144,8 @@ async def _answer_frames(
 ) -> Response:
     """Frames a few at a time: decode, preprocess (threads), the model, postprocess and tracking, drawing."""
     settings: Settings = answerer.settings
-    tracker = DetectionTracker(reader.fps) if handler.model == "detector" else None
-    writer = VideoWriter(wanted, reader.fps, reader.width, reader.height) if wanted else None
+    tracker = handler.tracker(reader.fps)
+    writer = VideoWriter(handler, wanted, reader.fps, reader.width, reader.height) if wanted else None
     answered: list[VideoFrameResult] = []
     try:
         while True:
@@ -170,16 +157,14 @@ async def _answer_frames(
                 prepared = await asyncio.gather(
                     *(asyncio.to_thread(_prepare, pipeline, image) for image, _ in chunk)
                 )
-            with stage(timings, "model"):  # the backend's queue included
-                outputs = await answerer.backend.infer_many(handler.model, [tensor for tensor, _ in prepared])
+            with stage(timings, "model"):  # the backend's queue included; a malformed answer flips /ready
+                outputs = await answerer.infer(pipeline, [tensor for tensor, _ in prepared])
             with stage(timings, "postprocess"):
-                for output in outputs:
-                    check_outputs(pipeline.contract, output)  # MalformedAnswer: 503
                 results = [
                     pipeline.answer(out, geometry, options) for out, (_, geometry) in zip(outputs, prepared)
                 ]
                 if tracker is not None:
-                    results = [tracker.update(r) if isinstance(r, DetectionResult) else r for r in results]
+                    results = [tracker.update(r) for r in results]
             for (image, time_s), result in zip(chunk, results):
                 answered.append(VideoFrameResult(index=len(answered), time_s=round(time_s, 4), result=result))
                 if writer is not None:
@@ -220,8 +205,7 @@ async def _answer_frames(
 
 
 def _prepare(pipeline: TaskPipeline, image: np.ndarray) -> tuple[np.ndarray, Geometry]:
-    tensor, geometry = pipeline.handler.preprocess(image, pipeline.contract)
-    return tensor, at_full_size(geometry, image.shape[1], image.shape[0])
+    return pipeline.preprocess(image, (image.shape[1], image.shape[0]))
 
 
 def _too_large(settings: Settings) -> ApiError:
@@ -255,6 +239,13 @@ class VideoReader:
             if not self._container.streams.video:
                 raise _undecodable("no video stream")
             stream = self._container.streams.video[0]
+            if stream.codec_context is None:  # FFmpeg found the stream but has no decoder for its codec
+                raise ApiError(
+                    415,
+                    "unsupported_media_type",
+                    f"the video's codec ({getattr(stream, 'codec_tag', None) or 'unknown'}) cannot be decoded here; "
+                    "send H.264, VP8, VP9 or AV1",
+                )
             self.width, self.height = int(stream.codec_context.width), int(stream.codec_context.height)
             self.codec = stream.codec_context.name
             rate = stream.average_rate or stream.guessed_rate
@@ -322,7 +313,8 @@ class VideoReader:
 class VideoWriter:
     """Encodes drawn frames into a WebM (VP8) or MP4 (H.264) in memory, at most 4 MP a frame."""
 
-    def __init__(self, media_type: str, fps: float, width: int, height: int) -> None:
+    def __init__(self, handler: Handler, media_type: str, fps: float, width: int, height: int) -> None:
+        self._handler = handler  # draws each frame's result
         muxer, encoder, encoder_options = ENCODERS[media_type]
         fitted_width, fitted_height = fit_size(width, height, RENDER_MAX_PIXELS)
         self.width, self.height = (
@@ -344,7 +336,7 @@ class VideoWriter:
 
     def write(self, image: np.ndarray, result: BaseModel) -> None:
         """Draw `result` on the frame `image` and encode it."""
-        drawn = draw_result(fit_image(image, RENDER_MAX_PIXELS), result)[: self.height, : self.width]
+        drawn = self._handler.draw(fit_image(image, RENDER_MAX_PIXELS), result)[: self.height, : self.width]
         frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(drawn), format="rgb24")
         for packet in self._stream.encode(frame):
             self._container.mux(packet)

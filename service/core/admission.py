@@ -11,7 +11,7 @@ import threading
 from concurrent.futures import Future
 from dataclasses import dataclass
 
-from service.errors import ApiError
+from service.core.errors import ApiError
 
 
 @dataclass(frozen=True)

@@ -38,27 +38,23 @@ import math
 import struct
 import time
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 from fastapi import APIRouter, FastAPI, Request, Response
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
-from tritonclient.utils import deserialize_bytes_tensor, serialize_byte_tensor
 
-from service.errors import ApiError, describe_validation_errors
-from service.handlers.common import Handler
-from service.inputs import ImageInputs, check_images, read_body
-from service.routes_demo import check_carried_images
-from service.settings import Settings
+from service.core.answerer import Answerer
+from service.core.errors import ApiError, describe_validation_errors
+from service.core.inputs import ImageInputs, check_images, read_body
+from service.core.pipeline import TaskPipeline
+from service.handlers.common import TABLE_TYPES, Handler
+from service.surfaces.demo import check_carried_images
 from service.timing import Timings, stage
-from tasks import HANDLERS
-
-if TYPE_CHECKING:
-    from service.app import Answerer
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +62,6 @@ PREFIX = "/v2"
 HEADER_LENGTH = "Inference-Header-Content-Length"
 IMAGE, RESULT = "IMAGE", "RESULT"
 EXTENSIONS = ("binary_tensor_data", "parameters", "model_configuration")
-_READY_CACHE_S = 1.0
 _MAX_HEADER_COMMAS = 256  # beyond one per JSON-mode image: a real request header has a few dozen
 
 # ---- the protocol's request ----
@@ -117,67 +112,15 @@ class TensorSpec:
         return {"name": self.name, "datatype": self.datatype, "shape": list(self.shape)}
 
 
-_NUMPY_TYPES = {"FP32": np.dtype("<f4"), "INT32": np.dtype("<i4"), "BYTES": np.dtype(object)}
+_NUMPY_TYPES = TABLE_TYPES
 _CONFIG_TYPES = {"FP32": "TYPE_FP32", "INT32": "TYPE_INT32", "BYTES": "TYPE_STRING"}
 INPUT_SPEC = TensorSpec(IMAGE, "BYTES", (-1,))
 RESULT_SPEC = TensorSpec(RESULT, "BYTES", (-1,))
-OUTPUT_SPECS: dict[str, tuple[TensorSpec, ...]] = {
-    "classification": (
-        RESULT_SPEC,
-        TensorSpec("LABELS", "BYTES", (-1, -1)),
-        TensorSpec("SCORES", "FP32", (-1, -1)),
-        TensorSpec("CLASS_IDS", "INT32", (-1, -1)),
-    ),
-    "detection": (
-        RESULT_SPEC,
-        TensorSpec("BOXES", "FP32", (-1, -1, 4)),
-        TensorSpec("SCORES", "FP32", (-1, -1)),
-        TensorSpec("LABELS", "BYTES", (-1, -1)),
-        TensorSpec("CLASS_IDS", "INT32", (-1, -1)),
-        TensorSpec("COUNT", "INT32", (-1,)),
-    ),
-    "segmentation": (RESULT_SPEC,),
-}
 
 
-def _padded(
-    rows: Sequence[Sequence[Any]], fill: Any, datatype: str, tail: tuple[int, ...] = ()
-) -> np.ndarray:
-    """Rows of different lengths as one [n, longest, *tail] array, short rows padded with `fill`."""
-    longest = max((len(row) for row in rows), default=0)
-    array = np.full((len(rows), longest, *tail), fill, dtype=_NUMPY_TYPES[datatype])
-    for i, row in enumerate(rows):
-        if row:
-            array[i, : len(row)] = (
-                row if datatype != "BYTES" else np.array(row, dtype=object).reshape(len(row), *tail)
-            )
-    return array
-
-
-def _classification_tensors(results: Sequence[Any]) -> dict[str, np.ndarray]:
-    rows = [result.predictions for result in results]
-    return {
-        "LABELS": _padded([[p.label.encode() for p in row] for row in rows], b"", "BYTES"),
-        "SCORES": _padded([[p.score for p in row] for row in rows], 0.0, "FP32"),
-        "CLASS_IDS": _padded([[p.class_id for p in row] for row in rows], -1, "INT32"),
-    }
-
-
-def _detection_tensors(results: Sequence[Any]) -> dict[str, np.ndarray]:
-    rows = [result.detections for result in results]
-    return {
-        "BOXES": _padded([[d.box for d in row] for row in rows], 0.0, "FP32", (4,)),
-        "SCORES": _padded([[d.score for d in row] for row in rows], 0.0, "FP32"),
-        "LABELS": _padded([[d.label.encode() for d in row] for row in rows], b"", "BYTES"),
-        "CLASS_IDS": _padded([[d.class_id for d in row] for row in rows], -1, "INT32"),
-        "COUNT": np.array([len(row) for row in rows], dtype="<i4"),
-    }
-
-
-_TYPED_TENSORS: dict[str, Callable[[Sequence[Any]], dict[str, np.ndarray]]] = {
-    "classification": _classification_tensors,
-    "detection": _detection_tensors,
-}
+def output_specs(handler: Handler) -> tuple[TensorSpec, ...]:
+    """The task's OIP outputs: `RESULT` (the task route's result per image), then the handler's tables."""
+    return (RESULT_SPEC, *(TensorSpec(spec.name, spec.datatype, spec.shape) for spec in handler.tables))
 
 
 def output_tensors(handler: Handler, response: BaseModel) -> dict[str, np.ndarray]:
@@ -186,9 +129,7 @@ def output_tensors(handler: Handler, response: BaseModel) -> dict[str, np.ndarra
     tensors = {
         RESULT: np.array([result.model_dump_json().encode() for result in results] or [], dtype=object)
     }
-    typed = _TYPED_TENSORS.get(handler.task)
-    if typed is not None:
-        tensors.update(typed(results))
+    tensors.update(handler.table(results))
     return tensors
 
 
@@ -288,7 +229,12 @@ def _bytes_elements(data: memoryview, expected: int) -> list[bytes]:
         raise ApiError(
             400, "bad_request", f"input {IMAGE}: the binary data does not hold {expected} elements"
         )
-    return [bytes(element) for element in deserialize_bytes_tensor(data)]
+    elements, offset = [], 0
+    while offset < len(data):
+        (length,) = struct.unpack_from("<I", data, offset)
+        elements.append(bytes(data[offset + 4 : offset + 4 + length]))
+        offset += 4 + length
+    return elements
 
 
 def _base64_elements(data: list[str | list[str]]) -> list[bytes]:
@@ -362,7 +308,7 @@ def task_options(handler: Handler, parameters: dict[str, Scalar] | None) -> Base
 
 def _chosen_outputs(handler: Handler, request: InferenceRequest) -> list[tuple[TensorSpec, bool]]:
     """The outputs to send, in order, and whether each goes as binary data."""
-    specs = {spec.name: spec for spec in OUTPUT_SPECS[handler.task]}
+    specs = {spec.name: spec for spec in output_specs(handler)}
     binary_default = (request.parameters or {}).get("binary_data_output", False)
     if not isinstance(binary_default, bool):
         raise ApiError(400, "bad_request", "parameter binary_data_output must be true or false")
@@ -390,8 +336,12 @@ def _chosen_outputs(handler: Handler, request: InferenceRequest) -> list[tuple[T
 
 def _binary_data(spec: TensorSpec, values: np.ndarray) -> bytes:
     if spec.datatype == "BYTES":
-        return serialize_byte_tensor(values).item() if values.size else b""
+        return b"".join(struct.pack("<I", len(v)) + v for v in (_as_bytes(value) for value in values.ravel()))
     return np.ascontiguousarray(values, dtype=_NUMPY_TYPES[spec.datatype]).tobytes()
+
+
+def _as_bytes(value: Any) -> bytes:
+    return value if isinstance(value, bytes) else str(value).encode()
 
 
 def _json_data(spec: TensorSpec, values: np.ndarray) -> list[Any]:
@@ -511,26 +461,27 @@ def _server_metadata() -> dict[str, Any]:
     return {"name": "cvserve", "version": "0.1.0", "extensions": list(EXTENSIONS)}
 
 
-def install_oip(api: FastAPI, answerer: Answerer, settings: Settings, guarded: list[Any]) -> None:
-    """Add the `/v2` routes over `answerer` (inference behind `guarded`, the API key dependency) and their errors."""
-    from service.app import request_deadline, unless_gone  # service.app imports this module
+def oip_endpoint(path: str, handlers: Mapping[str, Handler]) -> str:
+    """A `/v2` path as a bounded metric tag: inference per model (versions folded), the rest as `/v2`."""
+    parts = path.split("/")  # "", "v2", "models", NAME, ["versions", V,] "infer"
+    if len(parts) in (5, 7) and parts[2] == "models" and parts[-1] == "infer" and parts[3] in handlers:
+        return f"{PREFIX}/models/{parts[3]}/infer"
+    return PREFIX
 
+
+def install_oip(api: FastAPI, answerer: Answerer, guarded: list[Any]) -> None:
+    """Add the `/v2` routes over `answerer` (inference behind `guarded`, the API key dependency) and their errors."""
+    settings = answerer.settings
+    handlers = answerer.handlers
     api.add_middleware(OipErrors)
     open_routes = APIRouter(prefix=PREFIX, tags=["Open Inference Protocol"])
     inference = APIRouter(prefix=PREFIX, tags=["Open Inference Protocol"], dependencies=guarded)
-    checked: list[tuple[float, bool]] = []  # the last readiness check; probes within a second reuse it
-
-    async def server_ready() -> bool:
-        now = time.monotonic()
-        if not checked or now - checked[0][0] >= _READY_CACHE_S:
-            checked[:] = [(now, await answerer.backend.ready())]
-        return checked[0][1] and not answerer.malformed
 
     def handler_of(model: str, version: str | None) -> Handler:
-        handler = HANDLERS.get(model)
+        handler = handlers.get(model)
         if handler is None:
             raise ApiError(
-                404, "model_not_found", f"no model {model}; the gateway serves {', '.join(HANDLERS)}"
+                404, "model_not_found", f"no model {model}; the gateway serves {', '.join(handlers)}"
             )
         answerer.pipeline(handler)  # 404 model_disabled
         served = answerer.versions[model]
@@ -547,7 +498,7 @@ def install_oip(api: FastAPI, answerer: Answerer, settings: Settings, guarded: l
             "versions": [answerer.versions[model]],
             "platform": "cvserve",
             "inputs": [INPUT_SPEC.metadata()],
-            "outputs": [spec.metadata() for spec in OUTPUT_SPECS[handler.task]],
+            "outputs": [spec.metadata() for spec in output_specs(handler)],
             "parameters": {  # what the contract says, and the options the request's parameters take
                 "task": contract.task,
                 "endpoint": handler.endpoint,
@@ -577,21 +528,20 @@ def install_oip(api: FastAPI, answerer: Answerer, settings: Settings, guarded: l
             "backend": settings.backend,
             "max_batch_size": 0,  # IMAGE's first dimension is the batch: up to max_images_per_request images
             "input": [tensor(INPUT_SPEC)],
-            "output": [tensor(spec) for spec in OUTPUT_SPECS[handler.task]],
+            "output": [tensor(spec) for spec in output_specs(handler)],
             "parameters": {key: {"string_value": value} for key, value in contract.parameters.items()},
         }
 
     async def model_ready(model: str, version: str | None) -> JSONResponse:
         handler_of(model, version)
-        ready = model not in answerer.malformed and await server_ready()
+        ready = await answerer.ready(model)
         return JSONResponse({"name": model, "ready": ready}, status_code=200 if ready else 503)
 
     async def infer(request: Request, model: str, version: str | None) -> Response:
         handler = handler_of(model, version)
-        pipeline = answerer.pipeline(handler)
-        timings = Timings() if settings.stage_timings else None
+        oip_requests: list[InferenceRequest] = []
 
-        async def read() -> tuple[InferenceRequest, ImageInputs]:
+        async def read(pipeline: TaskPipeline) -> tuple[ImageInputs, BaseModel]:
             body = await read_body(request, settings.max_body_bytes)
             oip_request, blobs = await asyncio.to_thread(
                 read_infer_request,
@@ -608,29 +558,19 @@ def install_oip(api: FastAPI, answerer: Answerer, settings: Settings, guarded: l
                 allowed_formats=settings.allowed_formats,
                 min_side=pipeline.min_side,
             )
-            return oip_request, ImageInputs(blobs, pixels=pixels)
+            oip_requests.append(oip_request)
+            return ImageInputs(blobs, pixels=pixels), task_options(handler, oip_request.parameters)
 
-        with stage(timings, "read"):
-            oip_request, inputs = await answerer.in_body_time(read())
-        options = task_options(handler, oip_request.parameters)
-
-        async def finish(response: BaseModel) -> Response:
+        async def encode(
+            response: BaseModel, inputs: ImageInputs, options: BaseModel, timings: Timings | None
+        ) -> Response:
             check_carried_images(response, settings)
             with stage(timings, "encode"):
                 return await asyncio.to_thread(
-                    encode_infer_response, handler, answerer.versions[model], oip_request, response
+                    encode_infer_response, handler, answerer.versions[model], oip_requests[0], response
                 )
 
-        deadline_s = request_deadline(
-            request, settings.request_timeout_s
-        )  # X-Request-Timeout, as on the task routes
-        answer = await unless_gone(
-            request, answerer.answer_admitted(handler, inputs, options, finish, timings, deadline_s)
-        )
-        if timings is not None:
-            answer.headers["Server-Timing"] = timings.header()
-            answerer.metrics.observe_stages(handler.endpoint, timings)
-        return answer
+        return await answerer.answer_request(request, handler, read, encode)
 
     @open_routes.get("", summary="Server metadata")
     async def server_metadata() -> dict[str, Any]:
@@ -645,12 +585,12 @@ def install_oip(api: FastAPI, answerer: Answerer, settings: Settings, guarded: l
     @open_routes.get("/health/ready", summary="Server readiness")
     async def ready() -> JSONResponse:
         """Every enabled model can answer now (503 otherwise); checked at most once a second."""
-        is_ready = await server_ready()
+        is_ready = await answerer.ready()
         return JSONResponse({"ready": is_ready}, status_code=200 if is_ready else 503)
 
     @open_routes.get("/models/{model}", summary="Model metadata")
     async def model_metadata(model: str) -> dict[str, Any]:
-        """The model's input and outputs (see service/oip.py), labels and options."""
+        """The model's input and outputs (see service/surfaces/oip.py), labels and options."""
         return metadata(model, None)
 
     @open_routes.get("/models/{model}/versions/{version}", summary="Model metadata (one version)")
@@ -689,7 +629,7 @@ def install_oip(api: FastAPI, answerer: Answerer, settings: Settings, guarded: l
 
     @inference.post("/models/{model}/infer", summary="Inference", openapi_extra=body_doc)
     async def model_infer(request: Request, model: str) -> Response:
-        """Answer the images of input IMAGE with the task's outputs (see service/oip.py)."""
+        """Answer the images of input IMAGE with the task's outputs (see service/surfaces/oip.py)."""
         return await infer(request, model, None)
 
     @inference.post(

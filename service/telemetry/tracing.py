@@ -23,8 +23,8 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from service.asgi import ResponseStatus, route_path
-from service.errors import CLIENT_CLOSED
+from service.telemetry.asgi import ResponseStatus, route_path
+from service.telemetry.metrics import CLIENT_CLOSED
 from service.timing import STAGES, Timings
 
 if TYPE_CHECKING:

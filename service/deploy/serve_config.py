@@ -1,9 +1,9 @@
 """Serve config files for `serve deploy` / `serve run` / KubeRay, generated from the application code.
 
 A Serve config overrides deployments by name, so its names and options must match what
-`service.app.build_app` builds. Like Ray's `serve build`, this module builds the application from a
+`service.deploy.serve.build_app` builds. Like Ray's `serve build`, this module builds the application from a
 profile's settings and writes each deployment's options as the code sets them; it adds only what
-`Settings` cannot express: autoscaling and Ray custom resources. `python -m service.serve_config check`
+`Settings` cannot express: autoscaling and Ray custom resources. `python -m service.deploy.serve_config check`
 fails when a committed file no longer matches the code; `write` regenerates them (and the RayService's
 embedded copy).
 
@@ -26,12 +26,12 @@ from ray.serve import Application
 from ray.serve.deployment import Deployment, deployment_to_schema
 from ray.serve.schema import ServeDeploySchema
 
-from service.app import build_app, serve_deployments
+from service.deploy.serve import build_app, serve_deployments
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
 
-IMPORT_PATH = "service.serve_config:app_builder"
+IMPORT_PATH = "service.deploy.serve_config:app_builder"
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RAYSERVICE_PATH = Path("deploy/k8s/rayservice.yaml")
 
@@ -181,8 +181,8 @@ def render(config: Mapping[str, Any], profile: Profile) -> str:
     """The YAML text of a generated config, with a header saying where it comes from."""
     header = (
         f"# Serve config: {profile.description}.\n"
-        "# Generated from service/app.py by `python -m service.serve_config write`; edit the profile in\n"
-        "# service/serve_config.py, not this file. Deploy: serve deploy <this file> -a http://<head>:8265\n"
+        "# Generated from service/app.py by `python -m service.deploy.serve_config write`; edit the profile in\n"
+        "# service/deploy/serve_config.py, not this file. Deploy: serve deploy <this file> -a http://<head>:8265\n"
     )
     return header + yaml.safe_dump(dict(config), sort_keys=False, default_flow_style=False)
 
@@ -222,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
     stale = [path for path, text in expected.items() if not (args.root / path).is_file() or (args.root / path).read_text() != text]
     if args.command == "check":
         for path in stale:
-            log.error("%s does not match the application code: run `python -m service.serve_config write`", path)
+            log.error("%s does not match the application code: run `python -m service.deploy.serve_config write`", path)
         return 1 if stale else 0
     for path in stale:
         (args.root / path).parent.mkdir(parents=True, exist_ok=True)

@@ -8,7 +8,7 @@
   const $ = (id) => document.getElementById(id);
   const MAX_FPS = 15;
   const HISTORY = 300;  // answers kept in cvserveLive.history
-  // service/annotate.py's palette (Kelly's colours), indexed by class id, so boxes match the drawn images
+  // service/imaging/annotate.py's palette (Kelly's colours), indexed by class id, so boxes match the drawn images
   const PALETTE = ["#ffb300", "#803e75", "#ff6800", "#a6bdd7", "#c10020", "#cea262", "#817066", "#007d34",
     "#f6768e", "#00538a", "#ff7a5c", "#53377a", "#ff8e00", "#b32851", "#f4c800", "#7f180d", "#93aa00",
     "#593315", "#f13a13", "#232c16", "#00b4c8", "#78dc78"];

@@ -1,10 +1,12 @@
-"""Embedded backend: TorchScript in-process, batched by `BatchedModel`, in one of two placements.
+"""Embedded backend, in process: TorchScript batched by `BatchedModel` (no Ray here).
+
+Two placements use it:
 
 * `model_placement="ingress"` (the default): every model lives inside the gateway replica
   (`LocalBackend`); requests batch in that process, so between the socket and the model there is
   one process and no copy of an image through Ray's object store.
-* `model_placement="deployment"`: one Serve deployment per model (`ModelDeployment`) that the
-  gateway calls through handles (`EmbeddedBackend`), for clusters where models scale, or sit on
+* `model_placement="deployment"`: one Serve deployment per model (`service.deploy.models`) that
+  holds a `BatchedModel` and that the gateway calls through handles, for clusters where models scale, or sit on
   GPUs, apart from the HTTP front (deploy/serve/cvserve.yaml).
 """
 
@@ -21,32 +23,16 @@ from typing import Any
 
 import numpy as np
 import torch
-from ray import serve
-from ray.exceptions import ActorUnavailableError, RayActorError
-from ray.serve.deployment import Deployment
-from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
-from ray.serve.handle import DeploymentHandle, DeploymentResponse
-
-from service.backends.base import Backend, BackendTimeout, BackendUnavailable
+from service.backends.base import Backend
 from service.backends.torchscript import TorchScriptModel
-from service.metrics import ModelMetrics
+from service.telemetry.metrics import Instruments, ModelMetrics
 from service.settings import Settings
 from service.timing import BatchTiming
 
 log = logging.getLogger(__name__)
 
-_READY_TIMEOUT_S = 2.0
-_UNAVAILABLE = (
-    BackPressureError,
-    DeploymentUnavailableError,
-    ReplicaUnavailableError,
-    RayActorError,
-    ActorUnavailableError,
-)
-
-
 def model_device(settings: Settings) -> str:
-    """Where the embedded models run ("auto" is resolved by `service.app.resolve_device` before)."""
+    """Where the embedded models run ("auto" is resolved by `service.deploy.serve.resolve_device` before)."""
     return "cuda" if settings.device == "cuda" else "cpu"
 
 
@@ -79,10 +65,17 @@ class BatchedModel:
     up (deadline, disconnect) are dropped before their image is batched.
     """
 
-    def __init__(self, model: TorchScriptModel, max_batch_size: int, batch_wait_timeout_s: float, backend: str) -> None:
+    def __init__(
+        self,
+        model: TorchScriptModel,
+        max_batch_size: int,
+        batch_wait_timeout_s: float,
+        backend: str,
+        instruments: Instruments | None = None,
+    ) -> None:
         self.model = model
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"model-{model.name}")
-        self._metrics = ModelMetrics(model.name, backend)
+        self._metrics = ModelMetrics(model.name, backend, instruments or Instruments.prometheus())
         self.batch_sizes: Counter[int] = Counter()
         self.dropped = 0  # images whose callers gave up before they were batched
         self.configure(max_batch_size, batch_wait_timeout_s)
@@ -189,7 +182,7 @@ class BatchedModel:
 class LocalBackend(Backend):
     """`Backend` over models loaded in this process (the gateway replica); see `service.backends.base`."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, instruments: Instruments | None = None) -> None:
         device = model_device(settings)
         if device == "cpu":
             torch.set_num_threads(settings.torch_threads)
@@ -197,7 +190,9 @@ class LocalBackend(Backend):
         for name in settings.models:
             model = TorchScriptModel(settings.model_repository, name, device)
             warm_up(model, settings)
-            self._models[name] = BatchedModel(model, settings.max_batch_size, settings.batch_wait_timeout_s, "embedded")
+            self._models[name] = BatchedModel(
+                model, settings.max_batch_size, settings.batch_wait_timeout_s, "embedded", instruments
+            )
             log.info("model %s v%s loaded on %s in the gateway replica", name, model.version, device)
 
     async def infer(self, model: str, image: np.ndarray) -> dict[str, np.ndarray]:
@@ -235,88 +230,3 @@ class LocalBackend(Backend):
     async def close(self) -> None:
         for model in self._models.values():
             model.close()
-
-
-@serve.deployment
-class ModelDeployment:
-    """One model's replica (`model_placement="deployment"`): loads the model once, infers in batches."""
-
-    def __init__(self, model: str, settings: Settings) -> None:
-        device = model_device(settings)
-        if device == "cpu":
-            torch.set_num_threads(settings.torch_threads)
-        loaded = TorchScriptModel(settings.model_repository, model, device)
-        warm_up(loaded, settings)
-        self._model = BatchedModel(loaded, settings.max_batch_size, settings.batch_wait_timeout_s, "embedded")
-        log.info("model %s v%s loaded on %s", model, loaded.version, device)
-
-    def reconfigure(self, config: dict[str, Any]) -> None:
-        """Apply batch settings from `user_config` without redeploying."""
-        self._model.configure(int(config["max_batch_size"]), float(config["batch_wait_timeout_s"]))
-
-    async def infer(self, image: np.ndarray) -> dict[str, np.ndarray]:
-        """Run one `[3,H,W]` uint8 image in the next batch; return its outputs."""
-        return await self._model.infer(image)
-
-    def batch_sizes(self) -> dict[int, int]:
-        """How many batches of each size this replica has run (lets tests observe batching)."""
-        return dict(self._model.batch_sizes)
-
-    def ready(self) -> bool:
-        """The model is loaded (the constructor finished)."""
-        return True
-
-
-def model_deployments(settings: Settings) -> dict[str, Deployment]:
-    """`ModelDeployment`s with their options, one per enabled model (bind each with `(model, settings)`)."""
-    batch_config = {"max_batch_size": settings.max_batch_size, "batch_wait_timeout_s": settings.batch_wait_timeout_s}
-    actor_options: dict[str, float] = {"num_cpus": settings.model_num_cpus}
-    if settings.device == "cuda":
-        actor_options["num_gpus"] = settings.model_num_gpus
-    return {
-        model: ModelDeployment.options(
-            name=model,
-            num_replicas=settings.model_replicas,
-            max_ongoing_requests=settings.model_max_ongoing_requests,
-            max_queued_requests=settings.max_queued_requests,
-            user_config=batch_config,
-            ray_actor_options=actor_options,
-        )
-        for model in settings.models
-    }
-
-
-class EmbeddedBackend(Backend):
-    """`Backend` over the model deployments' handles (see `service.backends.base.Backend`)."""
-
-    def __init__(self, handles: Mapping[str, DeploymentHandle], request_timeout_s: float) -> None:
-        self._handles = dict(handles)
-        self._timeout_s = request_timeout_s
-
-    async def infer(self, model: str, image: np.ndarray) -> dict[str, np.ndarray]:
-        """Send one `[3,H,W]` image to `model`'s deployment, which batches it with concurrent ones."""
-        response: DeploymentResponse = self._handles[model].infer.remote(image)
-        try:
-            return await asyncio.wait_for(_await(response), self._timeout_s)
-        except TimeoutError as error:
-            response.cancel()
-            raise BackendTimeout(f"model {model} did not answer within {self._timeout_s:g} s") from error
-        except _UNAVAILABLE as error:
-            log.warning("model %s unavailable: %r", model, error)
-            raise BackendUnavailable(f"model {model} cannot answer now; retry shortly") from error
-
-    async def ready(self) -> bool:
-        """Whether every model deployment answers its readiness call quickly (never raises)."""
-        try:
-            calls = [_await(handle.ready.remote()) for handle in self._handles.values()]
-            return all(await asyncio.wait_for(asyncio.gather(*calls), _READY_TIMEOUT_S))
-        except Exception as error:  # noqa: BLE001  any failure means "not ready"; the reason goes to the log
-            log.warning("embedded models not ready: %r", error)
-            return False
-
-    async def close(self) -> None:
-        """Nothing to release: Serve owns the deployments."""
-
-
-async def _await(response: DeploymentResponse) -> Any:
-    return await response

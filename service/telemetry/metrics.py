@@ -1,17 +1,98 @@
 """Prometheus metrics of the gateway (names and tags as in docs/ARCHITECTURE.md).
 
-Created with `ray.util.metrics` inside each replica, so Ray's metrics agent exports and sums
-them across replicas (Ray prefixes the names with `ray_`). Build these in a replica, never at
-import time.
+The metrics are made by an `Instruments`: under Ray Serve, `ray.util.metrics` inside each replica
+(`RAY_INSTRUMENTS` in `service.deploy.models`), so Ray's metrics agent exports and sums them across
+replicas (Ray prefixes the names with `ray_`); anywhere else (plain uvicorn, tests), prometheus_client
+in a registry of the app's own, served at the app's `/metrics`. Build these per app or replica,
+never at import time.
 """
 
 from __future__ import annotations
 
 from collections import Counter as Tally
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
 
-from ray.util.metrics import Counter, Gauge, Histogram
+import prometheus_client
 
 from service.timing import Timings
+
+
+class Instrument(Protocol):
+    """What the gateway calls on a metric (the `ray.util.metrics` API): each kind uses its own method."""
+
+    def inc(self, value: float = 1.0, tags: Mapping[str, str] | None = None) -> None: ...
+    def set(self, value: float, tags: Mapping[str, str] | None = None) -> None: ...
+    def observe(self, value: float, tags: Mapping[str, str] | None = None) -> None: ...
+
+
+class _Prometheus:
+    """A prometheus_client metric behind the `ray.util.metrics` call shape (`tags=` instead of `labels()`)."""
+
+    def __init__(self, metric: Any) -> None:
+        self._metric = metric
+
+    def _child(self, tags: Mapping[str, str] | None) -> Any:
+        return self._metric.labels(**tags) if tags else self._metric
+
+    def inc(self, value: float = 1.0, tags: Mapping[str, str] | None = None) -> None:
+        self._child(tags).inc(value)
+
+    def set(self, value: float, tags: Mapping[str, str] | None = None) -> None:
+        self._child(tags).set(value)
+
+    def observe(self, value: float, tags: Mapping[str, str] | None = None) -> None:
+        self._child(tags).observe(value)
+
+
+@dataclass(frozen=True)
+class Instruments:
+    """Makers of counters, gauges and histograms: `ray.util.metrics` under Serve, prometheus_client elsewhere."""
+
+    counter: Callable[..., Instrument]  # (name, description=, tag_keys=)
+    gauge: Callable[..., Instrument]  # (name, description=, tag_keys=)
+    histogram: Callable[..., Instrument]  # (name, description=, boundaries=, tag_keys=)
+    registry: prometheus_client.CollectorRegistry | None = field(default=None, compare=False)  # None: Ray exports
+
+    @classmethod
+    def prometheus(cls) -> Instruments:
+        """prometheus_client metrics in a new registry (so several apps can live in one process)."""
+        registry = prometheus_client.CollectorRegistry()
+
+        def counter(name: str, description: str = "", tag_keys: Sequence[str] = ()) -> Instrument:
+            return _Prometheus(prometheus_client.Counter(name, description, tag_keys, registry=registry))
+
+        def gauge(name: str, description: str = "", tag_keys: Sequence[str] = ()) -> Instrument:
+            return _Prometheus(prometheus_client.Gauge(name, description, tag_keys, registry=registry))
+
+        def histogram(
+            name: str, description: str = "", boundaries: Sequence[float] = (), tag_keys: Sequence[str] = ()
+        ) -> Instrument:
+            buckets = (*boundaries, float("inf"))
+            return _Prometheus(
+                prometheus_client.Histogram(name, description, tag_keys, registry=registry, buckets=buckets)
+            )
+
+        return cls(counter, gauge, histogram, registry)
+
+# HTTP status → `kind` tag of cvserve_errors (docs/ARCHITECTURE.md)
+ERROR_KINDS = {
+    400: "bad_request",
+    401: "unauthorized",
+    404: "not_found",
+    405: "method_not_allowed",
+    408: "body_timeout",
+    413: "too_large",
+    415: "unsupported_media",
+    422: "invalid_request",
+    499: "client_closed",
+    500: "internal",
+    503: "unavailable",
+    504: "timeout",
+}
+
+CLIENT_CLOSED = 499  # nginx's status for "the client closed the connection first": recorded, never sent
 
 LATENCY_BOUNDARIES = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]
 # Stages last from 0.1 ms to seconds, and Ray's _sum is made of bucket midpoints: finer buckets keep the
@@ -28,7 +109,8 @@ COUNT_BOUNDARIES = [n + 0.5 for n in range(33)] + [48.5, 64.5, 128.5, 256.5]
 class GatewayMetrics:
     """Per-request metrics recorded by the ingress."""
 
-    def __init__(self) -> None:
+    def __init__(self, instruments: Instruments) -> None:
+        Counter, Gauge, Histogram = instruments.counter, instruments.gauge, instruments.histogram  # noqa: N806
         self.requests = Counter(
             "cvserve_requests", description="HTTP requests answered.", tag_keys=("endpoint", "status")
         )
@@ -127,7 +209,8 @@ class GatewayMetrics:
 class ModelMetrics:
     """Per-batch metrics recorded by an embedded model replica."""
 
-    def __init__(self, model: str, backend: str) -> None:
+    def __init__(self, model: str, backend: str, instruments: Instruments) -> None:
+        Histogram = instruments.histogram  # noqa: N806
         self._tags = {"model": model}
         self._latency_tags = {"model": model, "backend": backend}
         self.batch_size = Histogram(

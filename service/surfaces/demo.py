@@ -1,7 +1,7 @@
 """The browser demo page and annotated-image answers, wired into the gateway by two calls.
 
 Annotated answers: `annotate=png|jpeg` (query or JSON body) or an `Accept: image/png|image/jpeg`
-header asks for the answer drawn on the image (`service.annotate`).
+header asks for the answer drawn on the image (`service.imaging.annotate`).
 * One image, and the client did not name `application/json` in Accept: the body is the PNG/JPEG.
 * Otherwise (several images, or JSON asked for): the usual JSON, each result carrying
   `annotated_image` as a `data:image/...;base64,` URL (what the demo page uses).
@@ -22,9 +22,11 @@ from fastapi.responses import FileResponse, JSONResponse, RedirectResponse
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel
 
-from service.annotate import MEDIA_TYPES, ImageFormat, annotate_result, encode_image, fit_image
-from service.errors import ApiError
-from service.images import RENDER_MAX_PIXELS, decode_image_for_display
+from service.handlers.common import Handler
+from service.imaging.annotate import MEDIA_TYPES, ImageFormat, encode_image, fit_image
+from service.core.accept import accepted, preferred
+from service.core.errors import ApiError
+from service.imaging.images import RENDER_MAX_PIXELS, decode_image_for_display
 from service.settings import Settings
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
@@ -45,40 +47,31 @@ async def _index(request: Request) -> Response:
     return FileResponse(STATIC_DIR / "index.html", media_type="text/html")
 
 
-def _accepted_media_types(request: Request) -> list[str]:
-    """Media types the Accept header names with q > 0, in the order given."""
-    accepted = []
-    for item in request.headers.get("accept", "").split(","):
-        media_type, *params = (part.strip() for part in item.split(";"))
-        q = next((p.partition("=")[2] for p in params if p.startswith("q=")), "1")
-        try:
-            weight = float(q)
-        except ValueError:
-            weight = 1.0
-        if media_type and weight > 0:
-            accepted.append(media_type.lower())
-    return accepted
-
-
 def requested_format(request: Request, options: BaseModel) -> ImageFormat | None:
     """The annotated-image format asked for: the `annotate` option first, then the Accept header."""
     chosen: ImageFormat | None = getattr(options, "annotate", None)
     if chosen is not None:
         return chosen
-    accepted = _accepted_media_types(request)
-    return next((_FORMAT_OF_MEDIA_TYPE[m] for m in accepted if m in _FORMAT_OF_MEDIA_TYPE), None)
+    media = preferred(request.headers, _FORMAT_OF_MEDIA_TYPE)
+    return _FORMAT_OF_MEDIA_TYPE[media] if media is not None else None
 
 
 async def annotated_or_json(
-    request: Request, response: BaseModel, blobs: Sequence[bytes], options: BaseModel, settings: Settings
+    request: Request,
+    handler: Handler,
+    response: BaseModel,
+    blobs: Sequence[bytes],
+    options: BaseModel,
+    settings: Settings,
 ) -> BaseModel | Response:
-    """Return `response` as it is, or with its answers drawn on the images when a client asks."""
+    """Return `response` as it is, or with its answers drawn on the images (by the task's handler) when a
+    client asks."""
     fmt = requested_format(request, options)
     carried = check_carried_images(response, settings)
     if fmt is None:
         return response
-    as_json = len(blobs) != 1 or "application/json" in _accepted_media_types(request)
-    images = await asyncio.to_thread(_draw_all, response, blobs, fmt, settings, carried, as_json)
+    as_json = len(blobs) != 1 or "application/json" in accepted(request.headers)
+    images = await asyncio.to_thread(_draw_all, handler, response, blobs, fmt, settings, carried, as_json)
     if not as_json:
         return Response(images[0], media_type=MEDIA_TYPES[fmt])
     body = response.model_dump(mode="json")
@@ -97,6 +90,7 @@ def check_carried_images(response: BaseModel, settings: Settings) -> int:
 
 
 def _draw_all(
+    handler: Handler,
     response: BaseModel,
     blobs: Sequence[bytes],
     fmt: ImageFormat,
@@ -113,7 +107,7 @@ def _draw_all(
         image = decode_image_for_display(
             blob, settings.max_pixels, settings.allowed_formats, RENDER_MAX_PIXELS
         )
-        encoded = encode_image(annotate_result(fit_image(image, RENDER_MAX_PIXELS), result), fmt)
+        encoded = encode_image(handler.draw(fit_image(image, RENDER_MAX_PIXELS), result), fmt)
         total += 4 * -(-len(encoded) // 3) if as_json else len(encoded)
         if total > settings.max_response_bytes:
             raise _too_large(settings)

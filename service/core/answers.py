@@ -16,32 +16,17 @@ import msgpack
 from fastapi import Request, Response
 from pydantic import BaseModel
 
+from service.core.accept import accept_weights
+
 MSGPACK = "application/msgpack"
 MSGPACK_MEDIA_TYPES = frozenset({MSGPACK, "application/x-msgpack", "application/vnd.msgpack"})
 # Result fields that are base64 text in JSON and raw bytes in MessagePack.
 BASE64_FIELDS = ("png",)
 
 
-def accept_weights(request: Request) -> dict[str, float]:
-    """Each media type the Accept header names, with its q weight (the highest when named twice)."""
-    weights: dict[str, float] = {}
-    for item in request.headers.get("accept", "").split(","):
-        media_type, *params = (part.strip() for part in item.split(";"))
-        if not media_type:
-            continue
-        q = next((p.partition("=")[2] for p in params if p.replace(" ", "").startswith("q=")), "1")
-        try:
-            weight = min(max(float(q), 0.0), 1.0)
-        except ValueError:
-            weight = 1.0
-        media_type = media_type.lower()
-        weights[media_type] = max(weight, weights.get(media_type, 0.0))
-    return weights
-
-
 def wants_msgpack(request: Request) -> bool:
     """True when Accept names a MessagePack type (q > 0) at least as highly as application/json."""
-    weights = accept_weights(request)
+    weights = accept_weights(request.headers)
     msgpack_q = max((weights.get(m, 0.0) for m in MSGPACK_MEDIA_TYPES), default=0.0)
     return msgpack_q > 0 and msgpack_q >= weights.get("application/json", 0.0)
 
