@@ -17,17 +17,20 @@ import torch
 from torch import nn
 from torchvision.models import ResNet50_Weights, WeightsEnum
 
+from export import archs as _torchvision_archs  # noqa: F401  (registers torchvision's architectures)
 from export.errors import ExportError
 from export.spec import ModelSpec
-from tasks import TASKS, Architecture, get_arch, list_archs
+from export.wrappers import WRAPPERS
+from tasks import MODELS, TASKS, Architecture, get_arch, list_archs
+from training import archs as _demo_archs  # noqa: F401  (registers the demo architectures)
 from training.models import DEMO_MEAN, DEMO_STD
 
 log = logging.getLogger(__name__)
 
 WEIGHT_SOURCES = ("demo", "pretrained", "checkpoint")
 # Architectures a checkpoint may be for ("demo" is training/models.py's builder for that model),
-# as registered by the task modules (tasks/*.py, `register_arch`).
-ARCHITECTURES: dict[str, tuple[str, ...]] = {model: list_archs(model) for model in TASKS}
+# as registered by export.archs and training.archs (`register_arch`).
+ARCHITECTURES: dict[str, tuple[str, ...]] = {model: list_archs(model) for model in MODELS}
 DEMO_FILES = ("classifier.pt", "detector.pt", "segmenter.pt", "meta.json", "report.json")
 
 
@@ -220,8 +223,8 @@ def _demo_specs(models: Sequence[str], options: SourceOptions) -> list[ModelSpec
         state = read_state_dict(checkpoint)
         _check_class_count(arch, state, labels, checkpoint, demo_dir / "meta.json")
         eager = arch.build(len(labels), geometry.input_size)
-        if task.tune_demo is not None:
-            task.tune_demo(eager, meta)
+        if arch.tune is not None:
+            arch.tune(eager, meta)
         _load_into(eager, state, f"demo checkpoint {checkpoint}")
         specs.append(_spec(model, eager, labels, geometry, "demo", stats))  # training's own statistics
     return specs
@@ -312,7 +315,10 @@ def _spec(
     task = TASKS[model]
     if task.max_labels is not None and len(labels) > task.max_labels:
         raise ExportError(f"the {model}'s outputs carry at most {task.max_labels} classes, got {len(labels)}")
-    module = task.wrap(eager, stats)
+    wrap = WRAPPERS.get(model)
+    if wrap is None:
+        raise ExportError(f"no export wrapper is registered for the {model} (export.wrappers.register_wrapper)")
+    module = wrap(eager, stats)
     return ModelSpec(model, module.eval(), labels, geometry.input_size, weights, geometry.resize_size)
 
 

@@ -6,16 +6,30 @@ every server (libtorch backend, python backend, embedded) computes exactly the s
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
 from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
 
 from service.backends.torchscript import quiet_jit
+from tasks.base import Stats
+from tasks.detection import MAX_DETECTIONS  # K: the detector's fixed number of output rows
 
-# K: the detector's fixed number of output rows (rows past COUNT are zero).
-MAX_DETECTIONS = 100
+Wrap = Callable[[nn.Module, Stats], nn.Module]  # eager model -> uint8 [B,3,H,W] in, the contract's outputs out
+WRAPPERS: dict[str, Wrap] = {}  # model name -> how export wraps its eager model
+
+
+def register_wrapper(model: str) -> Callable[[Wrap], Wrap]:
+    """Decorator: `wrap` gives `model`'s eager networks their contract's I/O (registered per task)."""
+
+    def register(wrap: Wrap) -> Wrap:
+        if model in WRAPPERS:
+            raise ValueError(f"a wrapper for the {model} is registered twice")
+        WRAPPERS[model] = wrap
+        return wrap
+
+    return register
 
 
 class Normalize(nn.Module):
@@ -89,6 +103,21 @@ class DetectorWrapper(nn.Module):
             labels[i, :n] = detection["labels"][order]
             count[i, 0] = n
         return boxes, scores, labels, count
+
+
+@register_wrapper("classifier")
+def wrap_classifier(model: nn.Module, stats: Stats) -> nn.Module:
+    return ClassifierWrapper(model, *stats)
+
+
+@register_wrapper("detector")
+def wrap_detector(model: nn.Module, stats: Stats) -> nn.Module:
+    return DetectorWrapper(model)  # Faster R-CNN normalises inside its own transform
+
+
+@register_wrapper("segmenter")
+def wrap_segmenter(model: nn.Module, stats: Stats) -> nn.Module:
+    return SegmenterWrapper(model, *stats)
 
 
 def script(module: nn.Module) -> torch.jit.ScriptModule:

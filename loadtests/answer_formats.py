@@ -75,7 +75,7 @@ def measure(client: Any, case: Case, repeats: int) -> dict[str, float]:
     import msgpack
 
     from service.core.answers import encode_msgpack
-    from tasks import HANDLERS
+    from service.handlers import HANDLERS
 
     files = [
         ("files", (f"{i}.png", scene_png(i, case.side, case.tiles), "image/png")) for i in range(case.images)

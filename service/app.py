@@ -29,7 +29,7 @@ from service.surfaces.tasks import SERVICE_ENDPOINTS, install_service_routes, in
 from service.telemetry.asgi import MetricsMiddleware
 from service.telemetry.metrics import GatewayMetrics, Instruments
 from service.telemetry.tracing import Tracing, TracingMiddleware
-from tasks import HANDLERS
+from service.handlers import HANDLERS
 
 DESCRIPTION = """Classify, detect and segment images.
 

@@ -20,11 +20,18 @@ ImageFormat = Literal["JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF"]
 _MIB = 1024 * 1024
 
 
-def _registered_models() -> tuple[str, ...]:
-    """The models of the task registry (imported when settings are built: it loads torch)."""
+def _builtin_models() -> tuple[str, ...]:
+    """The built-in tasks' models, the default (imported when settings are built: it loads torch)."""
     from tasks import MODELS
 
     return MODELS
+
+
+def _registered_models() -> tuple[str, ...]:
+    """Every model of the task registry as it is now (a task registered later is known too)."""
+    from tasks import TASKS
+
+    return tuple(TASKS)
 
 
 def _split_csv(value: object) -> object:
@@ -64,7 +71,7 @@ class Settings(BaseSettings):
     backend: Literal["embedded", "triton"] = "embedded"
     model_repository: Path = Path("model_repository")
     models: Annotated[tuple[str, ...], NoDecode] = Field(
-        default_factory=lambda: _registered_models(), description="models to serve, from tasks.MODELS"
+        default_factory=lambda: _builtin_models(), description="models to serve, from tasks.TASKS"
     )
     device: Literal["cpu", "cuda", "auto"] = "auto"
     # Embedded backend: "ingress" runs the models inside the gateway replica (one process from socket

@@ -1,21 +1,28 @@
-"""The task registry: one `Task` per task; add a task with its module and one line below.
+"""The task registry: one `Task` per task. Importing `tasks` registers the built-in three.
 
-`TASKS` maps model names to tasks in serving order; `MODELS` is that order; `HANDLERS` the
-gateway's per-model handlers. See docs/ARCHITECTURE.md ("Adding a task").
+`TASKS` maps model names to tasks in serving order (tasks registered later, a plugin's or a test's,
+are added to it); `MODELS` is the built-in models' order. See docs/ARCHITECTURE.md ("Adding a task").
 """
 
 from __future__ import annotations
 
-from service.handlers.common import Handler
 from tasks import classification, detection, segmentation
-from tasks.base import Architecture, Task, TensorSpec, get_arch, list_archs, register_arch, registry
+from tasks.base import (
+    TASKS,
+    Architecture,
+    Task,
+    TensorSpec,
+    get_arch,
+    list_archs,
+    register_arch,
+    register_task,
+    registry,
+    unregister_task,
+)
 
-TASKS: dict[str, Task] = registry(classification.TASK, detection.TASK, segmentation.TASK)
-MODELS: tuple[str, ...] = tuple(TASKS)
-HANDLERS: dict[str, Handler] = {model: task.handler for model, task in TASKS.items()}
+MODELS: tuple[str, ...] = (classification.TASK.model, detection.TASK.model, segmentation.TASK.model)
 
 __all__ = [
-    "HANDLERS",
     "MODELS",
     "TASKS",
     "Architecture",
@@ -24,4 +31,7 @@ __all__ = [
     "get_arch",
     "list_archs",
     "register_arch",
+    "register_task",
+    "registry",
+    "unregister_task",
 ]

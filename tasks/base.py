@@ -1,13 +1,12 @@
-"""What a task is, and the architecture registry export builds models from.
+"""The task registry, the floor of the house: what a task is, and the architectures of its model.
 
-A `Task` is everything about one task in one object: its gateway handler (name, endpoint,
-options, request/response schemas, pre/postprocess, rendering), its model's I/O contract
-(`outputs`, the labelled output, the class-0 name), how export wraps an eager model for that
-contract, and the architectures registered for it. Training, export, the gateway's routes, the
-bench and the tests read `tasks.TASKS`; nothing else lists tasks.
-
-Architectures are registered the way torchvision registers its models (`@register_model`,
-`get_model`): `@register_arch(model, name, ...)` on a builder, `get_arch(model, name)` to look one up.
+A `Task` is one task's name, endpoint and model I/O contract (`outputs`, the labelled output, the
+class-0 name, input rules). This package imports nothing of the project: the parts of a task that
+live in other layers register themselves, keyed by the task's model name, the way torchvision's
+models register with `register_model`: the gateway's handler (`service.handlers.register_handler`),
+export's wrapper (`export.wrappers.register_wrapper`) and the architectures (`register_arch` here,
+called by `training.archs` for the demo models and `export.archs` for torchvision's). A new task is
+one module that registers its parts (tests/service/test_new_task.py defines one inside a test).
 """
 
 from __future__ import annotations
@@ -21,8 +20,6 @@ from torch import nn
 
 if TYPE_CHECKING:
     from torchvision.models import WeightsEnum
-
-    from service.handlers.common import Handler
 
 Builder = Callable[
     [int, int], nn.Module
@@ -50,6 +47,7 @@ class Architecture:
     normalisation: Literal["demo", "imagenet"]  # the statistics its weights were trained with
     default_size: Callable[[], tuple[int, int | None]]  # (input side, resize side or None) of its weights
     pretrained: WeightsEnum | None = None  # torchvision's weights for it, if any
+    tune: Callable[[nn.Module, dict], None] | None = None  # adjust a demo model from training's meta.json
 
 
 _ARCHITECTURES: dict[str, dict[str, Architecture]] = {}
@@ -63,6 +61,7 @@ def register_arch(
     normalisation: Literal["demo", "imagenet"],
     default_size: Callable[[], tuple[int, int | None]],
     pretrained: WeightsEnum | None = None,
+    tune: Callable[[nn.Module, dict], None] | None = None,
 ) -> Callable[[Builder], Builder]:
     """Decorator: register `build` as architecture `name` of `model` (torchvision's `register_model` style)."""
 
@@ -71,7 +70,7 @@ def register_arch(
         if name in archs:
             raise ValueError(f"architecture {name!r} of the {model} is registered twice")
         archs[name] = Architecture(
-            model, name, build, class_count_key, normalisation, default_size, pretrained
+            model, name, build, class_count_key, normalisation, default_size, pretrained, tune
         )
         return build
 
@@ -95,34 +94,20 @@ def list_archs(model: str) -> tuple[str, ...]:
 
 @dataclass(frozen=True)
 class Task:
-    """One task: the gateway's handler plus its model's contract and export recipe."""
+    """One task: its name and route, and its model's I/O contract."""
 
-    handler: Handler = field(repr=False)  # name, endpoint, options, schemas, pre/postprocess, rendering
+    name: str  # classification | detection | segmentation | ...
+    model: str  # the model's name in the repository: classifier | detector | segmenter | ...
+    endpoint: str  # the gateway's route: /classify | ...
     preprocess: Literal["resize_center_crop", "letterbox"]  # how the gateway fits images to the input
     labelled_output: str  # the output whose config.pbtxt entry points at labels.txt
     outputs: Callable[
         [int, int], tuple[TensorSpec, ...]
     ]  # (labels, input side) -> outputs, in forward()'s order
-    wrap: Callable[[nn.Module, Stats], nn.Module]  # eager model -> uint8 [B,3,H,W] in, the outputs above out
     background: str | None = None  # labels.txt line 0 when class 0 means "nothing here"
     pretrained_arch: str | None = None  # the architecture torchvision's pretrained weights are for
     input_multiple: int = 1  # the input side must be a multiple of this
     max_labels: int | None = None  # most classes the outputs can carry
-    tune_demo: Callable[[nn.Module, dict], None] | None = (
-        None  # adjust a demo model from training's meta.json
-    )
-
-    @property
-    def model(self) -> str:
-        return self.handler.model
-
-    @property
-    def name(self) -> str:
-        return self.handler.task
-
-    @property
-    def endpoint(self) -> str:
-        return self.handler.endpoint
 
     @property
     def architectures(self) -> tuple[str, ...]:
@@ -131,6 +116,9 @@ class Task:
     def inputs(self, input_size: int) -> tuple[TensorSpec, ...]:
         """Every task's model takes one uint8 RGB image, batched: conversion lives in the graph."""
         return (TensorSpec("IMAGE", torch.uint8, (3, input_size, input_size)),)
+
+
+TASKS: dict[str, Task] = {}  # model name -> task, in registration order
 
 
 def registry(*tasks: Task) -> dict[str, Task]:
@@ -144,7 +132,17 @@ def registry(*tasks: Task) -> dict[str, Task]:
         names = [spec.name for spec in task.outputs(2, 64)]
         if task.labelled_output not in names:
             raise ValueError(f"{task.model}: labelled output {task.labelled_output!r} is not one of {names}")
-        if not list_archs(task.model):
-            raise ValueError(f"{task.model}: no architecture registered")
         by_model[task.model] = task
     return by_model
+
+
+def register_task(task: Task) -> Task:
+    """Add `task` to `TASKS` (refused if its model or endpoint is taken, or its contract is inconsistent)."""
+    TASKS.update(registry(*TASKS.values(), task))
+    return task
+
+
+def unregister_task(model: str) -> None:
+    """Take a task (and its architectures) out of the registry again (tests that add one)."""
+    TASKS.pop(model, None)
+    _ARCHITECTURES.pop(model, None)

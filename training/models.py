@@ -16,6 +16,8 @@ from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
+from tasks.segmentation import STRIDE as SEGMENTER_STRIDE
+
 # Demo models see RGB in [0, 1] normalised with ImageNet statistics (Faster R-CNN's transform
 # does this itself; export must do it for the classifier and the segmenter).
 DEMO_MEAN = (0.485, 0.456, 0.406)
@@ -89,7 +91,7 @@ class UNet(nn.Module):
     pixel but cost 30% of each training step; spent on more steps instead, it buys more.)
     """
 
-    STRIDE = 32  # the deepest stage's stride: input sides must be multiples of it
+    STRIDE = SEGMENTER_STRIDE  # the deepest stage's stride: input sides must be multiples of it
 
     def __init__(self, num_classes: int, encoder: nn.Module | None = None) -> None:
         super().__init__()

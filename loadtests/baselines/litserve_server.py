@@ -19,7 +19,8 @@ from loadtests.baselines.pipeline import ModelPipeline
 from service.handlers.common import Geometry
 from service.imaging.images import ImageError
 from service.settings import Settings
-from tasks import HANDLERS, MODELS
+from service.handlers import HANDLERS
+from tasks import MODELS
 
 Prepared = tuple[np.ndarray, Geometry]
 Answer = tuple[dict[str, np.ndarray], Geometry]

@@ -17,7 +17,7 @@ from service.contract import ModelContract, load_contract
 from service.handlers.common import Geometry, Handler, at_full_size
 from service.imaging.images import decode_image_reduced
 from service.settings import Settings
-from tasks import HANDLERS
+from service.handlers import HANDLERS
 
 Prepared = tuple[np.ndarray, Geometry]
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from service.contract import ModelContract
+from service.handlers.registry import register_handler
 from service.handlers.common import Geometry, Handler, TableSpec, label_of, padded
 from service.imaging.annotate import draw_classification
 from service.schemas import (
@@ -50,3 +51,6 @@ class ClassifyHandler(Handler[ClassifyOptions, ClassificationResult]):
             "SCORES": padded([[p.score for p in row] for row in rows], 0.0, "FP32"),
             "CLASS_IDS": padded([[p.class_id for p in row] for row in rows], -1, "INT32"),
         }
+
+
+register_handler(ClassifyHandler())

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from service.contract import ModelContract
+from service.handlers.registry import register_handler
 from service.handlers.common import Geometry, Handler, TableSpec, boxes_to_original, label_of, padded
 from service.imaging.annotate import draw_detection_result
 from service.imaging.tracking import DetectionTracker, TrackedDetectionResult
@@ -72,3 +73,6 @@ class DetectHandler(Handler[DetectOptions, DetectionResult]):
             "CLASS_IDS": padded([[d.class_id for d in row] for row in rows], -1, "INT32"),
             "COUNT": np.array([len(row) for row in rows], dtype="<i4"),
         }
+
+
+register_handler(DetectHandler())

@@ -15,6 +15,7 @@ from torchvision.transforms.v2 import functional as F
 
 from service.imaging.annotate import class_color, draw_segmentation
 from service.contract import ModelContract
+from service.handlers.registry import register_handler
 from service.handlers.common import Geometry, Handler, label_of
 from service.imaging.images import RENDER_MAX_PIXELS, fit_size
 from service.imaging.polygons import class_polygons
@@ -115,3 +116,6 @@ class SegmentHandler(Handler[SegmentOptions, SegmentationResult]):
 
     def draw(self, image: np.ndarray, result: SegmentationResult) -> np.ndarray:
         return draw_segmentation(image, result)
+
+
+register_handler(SegmentHandler())

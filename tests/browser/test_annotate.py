@@ -10,7 +10,7 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 from service.imaging import annotate
-from tasks import HANDLERS
+from service.handlers import HANDLERS
 from service.schemas import (
     RLE,
     ClassificationResult,

@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from export.sources import ARCHITECTURES  # noqa: F401  (importing export registers every architecture)
 from tasks import MODELS, TASKS, get_arch
 from tests.export.support import export_in_process
 from training.shapes import CLASSES

@@ -14,7 +14,8 @@ import pytest
 from export.errors import ExportError
 from export.sources import ARCHITECTURES, SourceOptions, load_specs
 from service.app import endpoint_tag
-from tasks import HANDLERS, MODELS, TASKS, get_arch, list_archs, register_arch
+from service.handlers import HANDLERS
+from tasks import MODELS, TASKS, get_arch, list_archs, register_arch
 from tasks.base import registry
 from tests.export.conftest import Checkpoint
 from training.train import MODELS as TRAINED
@@ -75,11 +76,33 @@ def test_inconsistent_tasks_are_refused() -> None:
         registry(classifier, classifier)
     with pytest.raises(ValueError, match="labelled output 'NOPE'"):
         registry(dataclasses.replace(detector, labelled_output="NOPE"))
-    elsewhere = dataclasses.replace(
-        detector, handler=classifier.handler
-    )  # same model and endpoint as the classifier
-    with pytest.raises(ValueError, match="two tasks"):
-        registry(classifier, elsewhere)
+    elsewhere = dataclasses.replace(detector, model="other")  # the detector's endpoint again
+    with pytest.raises(ValueError, match="two tasks on the endpoint"):
+        registry(detector, elsewhere)
+
+
+def test_a_handler_must_match_its_registered_task() -> None:
+    from service.handlers import register_handler
+    from service.handlers.detect import DetectHandler
+
+    with pytest.raises(ValueError, match="registered twice"):
+        register_handler(DetectHandler())
+
+    class Stray(DetectHandler):
+        endpoint = "/elsewhere"
+
+    with pytest.raises(ValueError, match="the task registry says detection at /detect"):
+        register_handler(Stray())
+
+
+def test_the_registry_is_the_floor() -> None:
+    """tasks/ imports nothing of the project; the other layers register their parts into it."""
+    import subprocess
+    import sys
+
+    code = "import sys, tasks; print(sorted(m for m in sys.modules if m.split('.')[0] in {'service', 'export', 'training'}))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert done.stdout.strip() == "[]"
 
 
 def test_the_segmenters_input_side_rule_comes_from_its_task(

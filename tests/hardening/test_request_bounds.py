@@ -21,7 +21,7 @@ from PIL import Image
 
 from loadtests.soak import replica_processes
 from service.handlers.segment import encode_rle
-from tasks import HANDLERS
+from service.handlers import HANDLERS
 from service.imaging.images import RENDER_MAX_PIXELS, fit_size
 from service.schemas import Detection, DetectionResult, ImageSize, Segment, SegmentationResult
 from support.assertions import assert_error

@@ -13,7 +13,8 @@ from loadtests.baselines.pipeline import ModelPipeline
 from service.imaging.images import decode_image
 from service.core.pipeline import TaskPipeline
 from service.settings import Settings
-from tasks import HANDLERS, MODELS
+from service.handlers import HANDLERS
+from tasks import MODELS
 from training.shapes import make_scene
 
 

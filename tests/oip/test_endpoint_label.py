@@ -6,7 +6,7 @@ import pytest
 
 from service.app import endpoint_tag
 from service.telemetry.asgi import route_path
-from tasks import HANDLERS
+from service.handlers import HANDLERS
 
 
 @pytest.mark.parametrize(

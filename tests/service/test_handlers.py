@@ -15,7 +15,7 @@ from service.contract import ModelContract, TensorSpec
 from service.handlers.common import boxes_to_original, letterbox, resize_center_crop
 from service.handlers.segment import encode_rle, mask_to_original
 from service.schemas import ClassifyOptions, DetectOptions, SegmentOptions
-from tasks import HANDLERS
+from service.handlers import HANDLERS
 
 
 def contract(task: str, size: tuple[int, int], labels: tuple[str, ...], **params: str) -> ModelContract:
