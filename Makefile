@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
 MODELS := model_repository/.complete
 
-.PHONY: setup models serve test test-inprocess stack bench bench-quick loadtest system-deps clean
+.PHONY: setup models serve serve-uvicorn test test-inprocess stack bench bench-quick loadtest system-deps clean
 HOST ?= http://127.0.0.1:8000
 
 $(INSTALLED): pyproject.toml
@@ -32,6 +32,10 @@ system-deps:
 ## serve: start the gateway with the embedded backend on http://127.0.0.1:8000
 serve: $(MODELS)
 	$(PY) -m service
+
+## serve-uvicorn: the same app under plain uvicorn, no Ray (one process; metrics at /metrics)
+serve-uvicorn: $(MODELS)
+	$(PY) -m uvicorn --factory service.app:from_environment --host 127.0.0.1 --port 8000
 
 ## test: the whole suite against real servers
 test: $(MODELS) system-deps

@@ -7,6 +7,7 @@ trace and never fail the request; with tracing off nothing is set up and nothing
 
 from __future__ import annotations
 
+import base64
 import io
 import itertools
 import secrets
@@ -275,5 +276,24 @@ def test_a_video_request_is_traced_like_its_server_timing(traced: Traced) -> Non
     durations_ms, _ = parse(response.headers["Server-Timing"])
     stages = stage_spans(spans, request)
     assert set(stages) == {"read", "decode", "preprocess", "model", "postprocess", "encode"}
+    for name, span in stages.items():
+        assert span.duration_s * 1000 == pytest.approx(durations_ms[name], abs=TOLERANCE_MS), name
+
+
+def test_an_oip_inference_request_gets_the_same_stage_spans(traced: Traced) -> None:
+    """/v2 infer runs through the same request core as the task routes: stage spans and Server-Timing too."""
+    header, trace_id, client_span_id = traceparent()
+    infer = {"inputs": [{"name": "IMAGE", "shape": [1], "datatype": "BYTES",
+                         "data": [base64.b64encode(png(3)).decode()]}]}  # fmt: skip
+    response, spans = traced.spans_of_next_request(
+        "/v2/models/detector/infer", json=infer, headers={"traceparent": header}
+    )
+    assert response.status_code == 200, response.text
+    request = server_span(spans)
+    assert request.trace_id == trace_id and request.parent_span_id == client_span_id
+    assert request.attributes["cvserve.endpoint"] == "/detect" and request.attributes["cvserve.images"] == 1
+    stages = stage_spans(spans, request)
+    assert set(stages) == set(STAGES)
+    durations_ms, _ = parse(response.headers["Server-Timing"])
     for name, span in stages.items():
         assert span.duration_s * 1000 == pytest.approx(durations_ms[name], abs=TOLERANCE_MS), name
