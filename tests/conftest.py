@@ -37,7 +37,7 @@ LIVE_FIXTURES = {"ray_session", "tiny_triton", "cpu_triton", "ops_triton", "prom
 LIVE_PATHS = (
     "tests/browser/", "tests/ops/", "tests/scale/", "tests/security/", "tests/triton/", "tests/client/",
     "tests/loadtests/test_bench.py", "tests/loadtests/test_locust.py", "tests/loadtests/test_streams_bench.py",
-    "tests/service/test_haproxy_launcher.py", "tests/service/test_uvicorn_app.py",
+    "tests/service/deploy/test_haproxy.py", "tests/service/test_uvicorn_app.py",
     "tests/video/test_flood_memory.py",
 )  # fmt: skip
 

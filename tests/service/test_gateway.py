@@ -134,7 +134,7 @@ def settled_stage_totals(metrics_url: str, endpoint: str) -> dict[str, list[floa
 def test_server_timing_and_the_stage_histograms_agree(client: httpx.Client, ray_metrics_port: int) -> None:
     """The dashboard's "where a request's time goes" reads `cvserve_stage_seconds`: over a few requests,
     its sums grow by what their Server-Timing headers said (Ray exports sums from bucket midpoints)."""
-    from tests.service.test_stage_timings import parse
+    from tests.service.telemetry.test_stage_timings import parse
 
     url = f"http://127.0.0.1:{ray_metrics_port}/metrics"
     before = settled_stage_totals(url, "/segment")  # earlier tests' requests exported, none pending

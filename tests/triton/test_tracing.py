@@ -23,7 +23,7 @@ from service.settings import Settings
 from stack.triton import TritonServer, start_tritonserver
 from support.otlp import OtlpReceiver, ReceivedSpan
 from support.ports import free_ports
-from tests.service.test_stage_timings import parse
+from tests.service.telemetry.test_stage_timings import parse
 from tests.triton.conftest import MODEL_LOAD_TIMEOUT_S
 from training.shapes import make_scene
 

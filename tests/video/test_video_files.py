@@ -150,7 +150,7 @@ def test_openapi_lists_the_video_bodies(detect_client: TestClient) -> None:
 def test_a_video_answer_says_where_its_time_went(
     detect_client: TestClient, gateway: Gateway, videos: dict[str, bytes]
 ) -> None:
-    from tests.service.test_stage_timings import parse
+    from tests.service.telemetry.test_stage_timings import parse
 
     response = post_video(detect_client, "/detect", videos["webm"], "webm")
     assert response.status_code == 200, response.text[:300]

@@ -28,7 +28,7 @@ from service.settings import Settings
 from service.timing import STAGES
 from service.telemetry.tracing import Tracing
 from support.otlp import OtlpReceiver, ReceivedSpan
-from tests.service.test_stage_timings import parse
+from tests.service.telemetry.test_stage_timings import parse
 from training.shapes import make_scene
 
 SERVICE = "cvserve-test-gateway"
