@@ -32,7 +32,7 @@ from service.settings import Settings
 log = logging.getLogger(__name__)
 
 IMPORT_PATH = "service.deploy.serve_config:app_builder"
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 RAYSERVICE_PATH = Path("deploy/k8s/rayservice.yaml")
 
 
