@@ -57,21 +57,32 @@ class Instruments:
 
     @classmethod
     def prometheus(cls) -> Instruments:
-        """prometheus_client metrics in a new registry (so several apps can live in one process)."""
+        """prometheus_client metrics in a new registry (so several apps can live in one process).
+
+        As with `ray.util.metrics`, asking twice for one name (one per model, say) gives the same
+        metric; prometheus_client alone would refuse the second as a duplicate time series.
+        """
         registry = prometheus_client.CollectorRegistry()
+        made: dict[str, _Prometheus] = {}
+
+        def once(name: str, make: Callable[[], Any]) -> Instrument:
+            if name not in made:
+                made[name] = _Prometheus(make())
+            return made[name]
 
         def counter(name: str, description: str = "", tag_keys: Sequence[str] = ()) -> Instrument:
-            return _Prometheus(prometheus_client.Counter(name, description, tag_keys, registry=registry))
+            return once(name, lambda: prometheus_client.Counter(name, description, tag_keys, registry=registry))
 
         def gauge(name: str, description: str = "", tag_keys: Sequence[str] = ()) -> Instrument:
-            return _Prometheus(prometheus_client.Gauge(name, description, tag_keys, registry=registry))
+            return once(name, lambda: prometheus_client.Gauge(name, description, tag_keys, registry=registry))
 
         def histogram(
             name: str, description: str = "", boundaries: Sequence[float] = (), tag_keys: Sequence[str] = ()
         ) -> Instrument:
             buckets = (*boundaries, float("inf"))
-            return _Prometheus(
-                prometheus_client.Histogram(name, description, tag_keys, registry=registry, buckets=buckets)
+            return once(
+                name,
+                lambda: prometheus_client.Histogram(name, description, tag_keys, registry=registry, buckets=buckets),
             )
 
         return cls(counter, gauge, histogram, registry)
