@@ -50,7 +50,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.core.answerer import Answerer
 from service.core.errors import ApiError, describe_validation_errors
-from service.core.inputs import ImageInputs, check_images, read_body
+from service.core.inputs import ImageInputs, byte_count, check_images, read_body
 from service.core.pipeline import TaskPipeline
 from service.handlers.common import TABLE_TYPES, Handler
 from service.surfaces.demo import check_carried_images
@@ -164,13 +164,14 @@ def _split(body: bytes, header_length: str | None) -> tuple[bytes, memoryview]:
     """The JSON header and the binary tensor data after it."""
     if header_length is None:
         return body, memoryview(b"")
-    if not header_length.isdigit() or int(header_length) > len(body):
+    cut = byte_count(header_length)
+    if cut is None or cut > len(body):
         raise ApiError(
             400,
             "bad_request",
-            f"{HEADER_LENGTH} must be the byte length of the JSON header, at most the body's {len(body)} bytes",
+            f"{HEADER_LENGTH} must be the byte length of the JSON header in ASCII digits, at most the body's "
+            f"{len(body)} bytes",
         )
-    cut = int(header_length)
     return body[:cut], memoryview(body)[cut:]
 
 

@@ -96,6 +96,8 @@ INFER = "/v2/models/detector/infer"
 MALFORMED: list[tuple[str, dict[str, Any], int, str]] = [
     ("header length not a number", {"content": b"{}", "headers": {LENGTH: "abc"}}, 400, "bad_request"),
     ("header length past the body", {"content": b"{}", "headers": {LENGTH: "99"}}, 400, "bad_request"),
+    ("header length a superscript digit", {"content": b"{}", "headers": {LENGTH: "²".encode("latin-1")}}, 400, "bad_request"),
+    ("header length of 5000 digits", {"content": b"{}", "headers": {LENGTH: "9" * 5000}}, 400, "bad_request"),
     ("header not JSON", {"content": b"{inputs: ["}, 400, "bad_request"),
     ("JSON not an object", {"content": b"[1, 2]"}, 400, "bad_request"),
     ("unknown field", request_body([], url="http://x"), 400, "bad_request"),
