@@ -12,7 +12,7 @@ from starlette.requests import Request
 from service.core.errors import ApiError
 from service.core.inputs import byte_count, read_body
 
-NOT_COUNTS = ["²", "1²", "¹²³", "٣", "١٢", "12a", "-1", "+1", " 1", "1 ", "1_0", "0x10", "", "1.0", "１２"]
+NOT_COUNTS = ["²", "1²", "¹²³", "٣", "١٢", "１２", "12a", "-1", "+1", " 1", "1 ", "1_0", "0x10", "", "1.0"]
 
 
 @pytest.mark.parametrize("text", NOT_COUNTS)
