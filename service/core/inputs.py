@@ -49,6 +49,18 @@ RASTER_MEDIA_TYPES = frozenset(
     }
 )
 DEFAULT_MAX_REQUEST_PIXELS: int = Settings.model_fields["max_request_pixels"].default
+_COUNT_DIGITS = 18  # a byte count of more digits is past every limit (and int() refuses over 4300 digits)
+
+
+def byte_count(text: str) -> int | None:
+    """A header's byte count (Content-Length and the like), or None if it is not ASCII digits.
+
+    `str.isdigit` also takes '¹²³' (and other scripts' digits), which `int` then refuses; counts of more
+    than 18 digits come back as 10**18, past any limit."""
+    if not (text.isascii() and text.isdigit()):
+        return None
+    digits = text.lstrip("0") or "0"
+    return int(digits) if len(digits) <= _COUNT_DIGITS else 10**_COUNT_DIGITS
 
 
 @dataclass
@@ -64,11 +76,12 @@ async def read_body(request: Request, max_bytes: int) -> bytes:
     """Read the whole body, refusing (413) as soon as it exceeds `max_bytes`."""
     declared = request.headers.get("content-length")
     if declared is not None:
-        if not declared.isdigit():
+        size = byte_count(declared)
+        if size is None:
             raise ApiError(400, "bad_request", "Content-Length is not a number")
-        if int(declared) > max_bytes:
+        if size > max_bytes:
             raise ApiError(
-                413, "body_too_large", f"request body is {declared} bytes; the limit is {max_bytes}"
+                413, "body_too_large", f"request body is {size} bytes or more; the limit is {max_bytes}"
             )
     chunks: list[bytes] = []
     size = 0

@@ -11,7 +11,8 @@ BYTES, shape `[n]`: one encoded image file (JPEG, PNG, ...) per element, at most
 `Inference-Header-Content-Length` bytes, then each element as a 4-byte little-endian length and its
 bytes) or, in a plain JSON request, as base64 strings. The request's `parameters` are the task's
 options (`top_k`, `score_threshold`, `max_detections`, `return_png`, `return_polygons`,
-`polygon_tolerance`; `annotate` is for the task routes only). Outputs, all with the images as the first
+`polygon_tolerance`; `annotate` is for the task routes only). A request may name its model in `model_name`
+(KServe's Python client does); it must be the URL's model. Outputs, all with the images as the first
 dimension (`RESULT` for every task, typed tensors where the answer is a table):
 
 * `RESULT` BYTES `[n]`: per image, the same JSON document the task route gives in `results[i]`.
@@ -50,7 +51,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.core.answerer import Answerer
 from service.core.errors import ApiError, describe_validation_errors
-from service.core.inputs import ImageInputs, check_images, read_body
+from service.core.inputs import ImageInputs, byte_count, check_images, read_body
 from service.core.pipeline import TaskPipeline
 from service.handlers.common import TABLE_TYPES, Handler
 from service.surfaces.demo import check_carried_images
@@ -92,6 +93,9 @@ class InferenceRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     id: str | None = None
+    model_name: str | None = Field(
+        None, description="The model the request is for (KServe's client sends it); the URL's model if given."
+    )
     parameters: dict[str, Scalar] | None = Field(
         None, description="The task's options, and binary_data_output."
     )
@@ -164,13 +168,14 @@ def _split(body: bytes, header_length: str | None) -> tuple[bytes, memoryview]:
     """The JSON header and the binary tensor data after it."""
     if header_length is None:
         return body, memoryview(b"")
-    if not header_length.isdigit() or int(header_length) > len(body):
+    cut = byte_count(header_length)
+    if cut is None or cut > len(body):
         raise ApiError(
             400,
             "bad_request",
-            f"{HEADER_LENGTH} must be the byte length of the JSON header, at most the body's {len(body)} bytes",
+            f"{HEADER_LENGTH} must be the byte length of the JSON header in ASCII digits, at most the body's "
+            f"{len(body)} bytes",
         )
-    cut = int(header_length)
     return body[:cut], memoryview(body)[cut:]
 
 
@@ -251,11 +256,23 @@ def _base64_elements(data: list[str | list[str]]) -> list[bytes]:
 
 
 def read_infer_request(
-    body: bytes, header_length: str | None, encoding: str, max_bytes: int, max_images: int
+    body: bytes,
+    header_length: str | None,
+    encoding: str,
+    max_bytes: int,
+    max_images: int,
+    model: str | None = None,
 ) -> tuple[InferenceRequest, list[bytes]]:
-    """The inference request and its images, in order (runs in a worker thread: decompression and parsing)."""
+    """The inference request for `model` and its images, in order (runs in a worker thread: decompression
+    and parsing)."""
     header, binary = _split(_decompressed(body, encoding, max_bytes), header_length)
     request = _parse_header(header, max_images)
+    if model is not None and request.model_name is not None and request.model_name != model:
+        raise ApiError(
+            400,
+            "bad_request",
+            f"the request's model_name {request.model_name[:64]!r} is not {model}, the model of its URL",
+        )
     parts = _binary_parts(request, binary)
     images: list[bytes] | None = None
     for tensor, part in zip(request.inputs, parts, strict=True):
@@ -550,6 +567,7 @@ def install_oip(api: FastAPI, answerer: Answerer, guarded: list[Any]) -> None:
                 request.headers.get("content-encoding", "").strip().lower(),
                 settings.max_body_bytes,
                 settings.max_images_per_request,
+                model,
             )
             pixels = await check_images(
                 blobs,

@@ -11,8 +11,9 @@ Bounded before and while decoding (docs/ERRORS.md): the body by `video_max_bytes
 body_too_large), frames by `video_max_frames` (413 too_many_frames), duration by
 `video_max_duration_s` (413 video_too_long), frame size by `video_max_frame_pixels` (413
 frame_too_large), the whole request by `video_timeout_s` (504); a body FFmpeg cannot read is 400
-undecodable_video. The header's frame count and duration are checked before the first frame is
-decoded; the decoded frames are counted too, since a header may lie.
+undecodable_video, a video stream in a codec it has no decoder for 415 unsupported_media_type. The
+header's frame count and duration are checked before the first frame is decoded; the decoded frames
+are counted too, since a header may lie.
 """
 
 from __future__ import annotations
@@ -240,11 +241,10 @@ class VideoReader:
                 raise _undecodable("no video stream")
             stream = self._container.streams.video[0]
             if stream.codec_context is None:  # FFmpeg found the stream but has no decoder for its codec
-                raise ApiError(
+                raise ApiError(  # (PyAV then knows no name or tag of the codec either)
                     415,
                     "unsupported_media_type",
-                    f"the video's codec ({getattr(stream, 'codec_tag', None) or 'unknown'}) cannot be decoded here; "
-                    "send H.264, VP8, VP9 or AV1",
+                    "the video's codec cannot be decoded here; send H.264, VP8, VP9 or AV1",
                 )
             self.width, self.height = int(stream.codec_context.width), int(stream.codec_context.height)
             self.codec = stream.codec_context.name

@@ -60,3 +60,19 @@ def strict_gateway(deploy: Deploy, model_repository: Path) -> str:
         api_key=API_KEY,
     )
     return deploy(build_app(settings), "hardening-strict", "/hardening-strict")
+
+
+@pytest.fixture(scope="session")
+def inprocess_gateway(model_repository: Path) -> Iterator[str]:
+    """`host:port` of the API over the real detector under uvicorn in a thread (no Ray), for the surfaces'
+    fuzz tests: OIP, video files and streams. Streams are not rate-capped (the fuzzers send in lock step)
+    and a video has at most 16 frames, so a mutated header cannot make one example slow."""
+    from service.app import create_api
+    from service.backends.local import LocalBackend
+    from tests.oip.conftest import serving
+
+    settings = small_settings(
+        model_repository, models=("detector",), stream_max_fps=1000.0, video_max_frames=16
+    )
+    with serving(create_api(settings, LocalBackend(settings))) as url:
+        yield url

@@ -1,21 +1,21 @@
 """Fuzzing with hypothesis over image bytes and request headers: whatever arrives, never a 5xx.
 
-Two bounded runs: the decoder alone (fast, many examples: only `ImageError` may escape it) and the
-running gateway (the whole path: parsers, header sizes, decode, annotate; each answer must be a
-2xx or a documented 4xx JSON error). Inputs are mutations of valid files in every accepted format
-(EXIF, 16-bit, palette, animated, TIFF compressions) plus plain random bytes.
+Two runs of a fixed number of examples: the decoder alone (fast, many examples: only `ImageError` may
+escape it) and the running gateway (the whole path: parsers, header sizes, decode, annotate; each answer
+must be a 2xx or a documented 4xx JSON error). Inputs are mutations of valid files in every accepted format
+(EXIF, 16-bit, palette, animated, TIFF compressions) plus plain random bytes. Failures are kept in the
+committed replay database and replayed first (tests/hardening/fuzzing.py).
 """
 
 from __future__ import annotations
 
 import base64
-import time
 import warnings
 
 import httpx
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 from PIL import Image
 
@@ -27,10 +27,11 @@ from service.imaging.images import (
     request_pixels,
 )
 from tests.hardening import payloads
+from tests.hardening.fuzzing import fuzz_settings, mutated
 from tests.hardening.test_bad_inputs import assert_serves
 
-DECODER_BUDGET_S = 20
-GATEWAY_BUDGET_S = 45  # both runs together stay within a minute
+DECODER_EXAMPLES = 2000
+GATEWAY_EXAMPLES = 400
 
 
 def _seeds() -> list[bytes]:
@@ -62,24 +63,9 @@ def _seeds() -> list[bytes]:
 SEEDS = _seeds()
 
 
-@st.composite
-def image_bytes(draw: st.DrawFn) -> bytes:
+def image_bytes() -> st.SearchStrategy[bytes]:
     """A valid file with a few bytes overwritten, inserted or deleted (and maybe cut short), or random bytes."""
-    if draw(st.integers(0, 9)) == 0:
-        return draw(st.binary(max_size=512))
-    data = bytearray(draw(st.sampled_from(SEEDS)))
-    for _ in range(draw(st.integers(0, 6))):
-        at = draw(st.integers(0, len(data)))
-        kind = draw(st.sampled_from(["set", "insert", "delete"]))
-        if kind == "set" and at < len(data):
-            data[at] = draw(st.integers(0, 255))
-        elif kind == "insert":
-            data[at:at] = draw(st.binary(min_size=1, max_size=8))
-        else:
-            del data[at : at + draw(st.integers(1, 16))]
-    if draw(st.booleans()) and draw(st.booleans()):
-        data = data[: draw(st.integers(0, len(data)))]
-    return bytes(data)
+    return mutated(SEEDS)
 
 
 CONTENT_TYPES = st.one_of(
@@ -124,11 +110,9 @@ QUERIES = st.sampled_from(
 )
 
 
-@settings(max_examples=3000, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+@fuzz_settings(max_examples=DECODER_EXAMPLES)
 @given(data=image_bytes(), min_side=st.sampled_from([None, 8, 64]))
-def _decode_everything(data: bytes, min_side: int | None, stop_at: float) -> None:
-    if time.monotonic() > stop_at:
-        return
+def test_decoder_raises_only_image_errors(data: bytes, min_side: int | None) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for decode in (
@@ -142,12 +126,6 @@ def _decode_everything(data: bytes, min_side: int | None, stop_at: float) -> Non
         request_pixels([data], READABLE_FORMATS, min_side)  # never raises
 
 
-def test_decoder_raises_only_image_errors() -> None:
-    started = time.monotonic()
-    _decode_everything(stop_at=started + DECODER_BUDGET_S)
-    assert time.monotonic() - started < DECODER_BUDGET_S + 10
-
-
 @pytest.fixture(scope="module")
 def fuzz_client(embedded_gateway: str) -> httpx.Client:
     with httpx.Client(base_url=embedded_gateway, timeout=60) as session:
@@ -155,11 +133,9 @@ def fuzz_client(embedded_gateway: str) -> httpx.Client:
 
 
 def test_gateway_never_answers_5xx(fuzz_client: httpx.Client) -> None:
-    started = time.monotonic()
-    stop_at = started + GATEWAY_BUDGET_S
     seen: dict[int, int] = {}
 
-    @settings(max_examples=400, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+    @fuzz_settings(max_examples=GATEWAY_EXAMPLES)
     @given(
         data=image_bytes(),
         style=st.sampled_from(["raw", "multipart", "json"]),
@@ -171,8 +147,6 @@ def test_gateway_never_answers_5xx(fuzz_client: httpx.Client) -> None:
     def one_request(
         data: bytes, style: str, endpoint: str, content_type: str, accept: str | None, query: str
     ) -> None:
-        if time.monotonic() > stop_at:
-            return
         headers = {"Accept": accept} if accept else {}
         if style == "raw":
             kwargs: dict = {"content": data, "headers": {**headers, "Content-Type": content_type}}
@@ -190,8 +164,5 @@ def test_gateway_never_answers_5xx(fuzz_client: httpx.Client) -> None:
             assert set(response.json()) == {"error"}, response.text[:300]
 
     one_request()
-    print(
-        f"gateway fuzz: {sum(seen.values())} requests in {time.monotonic() - started:.0f} s, statuses {seen}"
-    )
-    assert sum(seen.values()) >= 20, seen  # the run did exercise the gateway
+    print(f"gateway fuzz: {sum(seen.values())} requests, statuses {dict(sorted(seen.items()))}")
     assert_serves(fuzz_client, "/detect")

@@ -96,9 +96,12 @@ INFER = "/v2/models/detector/infer"
 MALFORMED: list[tuple[str, dict[str, Any], int, str]] = [
     ("header length not a number", {"content": b"{}", "headers": {LENGTH: "abc"}}, 400, "bad_request"),
     ("header length past the body", {"content": b"{}", "headers": {LENGTH: "99"}}, 400, "bad_request"),
+    ("header length a superscript digit", {"content": b"{}", "headers": {LENGTH: "²".encode("latin-1")}}, 400, "bad_request"),
+    ("header length of 5000 digits", {"content": b"{}", "headers": {LENGTH: "9" * 5000}}, 400, "bad_request"),
     ("header not JSON", {"content": b"{inputs: ["}, 400, "bad_request"),
     ("JSON not an object", {"content": b"[1, 2]"}, 400, "bad_request"),
     ("unknown field", request_body([], url="http://x"), 400, "bad_request"),
+    ("model_name of another model", infer_kwargs([jpeg()], model_name="classifier"), 400, "bad_request"),
     ("no inputs", request_body([]), 400, "bad_request"),
     ("unknown input", request_body([image_input([jpeg()], name="INPUT0")[0]], image_input([jpeg()])[1]), 400, "bad_request"),
     ("FP32 input", request_body([image_input([jpeg()], datatype="FP32")[0]], image_input([jpeg()])[1]), 400, "bad_request"),
@@ -177,7 +180,9 @@ def test_a_slow_body_is_408_after_body_timeout(limited: httpx.Client) -> None:
 
 
 def test_valid_requests_are_answered_after_the_refusals(limited: httpx.Client) -> None:
-    response = limited.post(INFER, **infer_kwargs([jpeg(3)], outputs=[{"name": "COUNT"}, {"name": "RESULT"}]))
+    outputs = [{"name": "COUNT"}, {"name": "RESULT"}]
+    # model_name, as KServe's client sends it, may name the URL's model
+    response = limited.post(INFER, **infer_kwargs([jpeg(3)], model_name="detector", outputs=outputs))
     assert response.status_code == 200, response.text
     assert response.headers["content-type"] == "application/json" and LENGTH not in response.headers
     assert "model;dur=" in response.headers["server-timing"]  # stage timings, as on the task routes

@@ -110,6 +110,15 @@ def encode_video(frames: Sequence[np.ndarray], container: str, fps: int = 10) ->
     return buffer.getvalue()
 
 
+def without_decoder(data: bytes, container: str) -> bytes:
+    """`data` (from `encode_video`) with its video codec renamed to one FFmpeg has no decoder for: in MP4 the
+    sample entry `avc1` becomes `evc1` (MPEG-5 EVC, known to FFmpeg, not decodable without libxevd); in WebM
+    the track's CodecID `V_VP8` becomes `V_EVC` (unknown to FFmpeg). Same length: every size stays right."""
+    old, new = {"mp4": (b"avc1", b"evc1"), "webm": (b"V_VP8", b"V_EVC")}[container]
+    at = data.rindex(old)  # in MP4 the last one: `avc1` is also a compatible brand in `ftyp`
+    return data[:at] + new + data[at + len(old) :]
+
+
 def decode_video(data: bytes) -> list[np.ndarray]:
     with av.open(io.BytesIO(data)) as source:
         return [frame.to_ndarray(format="rgb24") for frame in source.decode(video=0)]

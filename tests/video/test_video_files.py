@@ -6,7 +6,15 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from tests.video.clips import Clip, decode_video, dominant_share, encode_video, matched_tracks, one_big_shape
+from tests.video.clips import (
+    Clip,
+    decode_video,
+    dominant_share,
+    encode_video,
+    matched_tracks,
+    one_big_shape,
+    without_decoder,
+)
 from tests.video.conftest import KEY, Gateway
 
 MIN_TRACKED_SHARE = 0.9
@@ -124,6 +132,20 @@ def test_bad_videos_are_4xx_with_their_code(detect_client: TestClient, videos: d
         "/detect?annotate=png", content=videos["webm"], headers={"Content-Type": "video/webm"}
     )
     assert annotated.status_code == 422 and "Accept: video/webm" in annotated.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("container", CONTAINERS)
+def test_a_video_codec_without_a_decoder_is_415(
+    detect_client: TestClient, videos: dict[str, bytes], container: str
+) -> None:
+    """FFmpeg finds the video stream but has no decoder for its codec (PyAV: `codec_context` is None)."""
+    data = without_decoder(videos[container], container)
+    for accept in ("application/json", f"video/{container}"):
+        response = post_video(detect_client, "/detect", data, container, Accept=accept)
+        assert response.status_code == 415, response.text
+        error = response.json()["error"]
+        assert error["code"] == "unsupported_media_type" and "H.264, VP8" in error["message"], error
+    assert post_video(detect_client, "/detect", videos[container], container).status_code == 200
 
 
 def test_a_cut_webm_answers_the_frames_it_has(detect_client: TestClient, videos: dict[str, bytes]) -> None:
