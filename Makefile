@@ -5,6 +5,12 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
 MODELS := model_repository/.complete
+# KServe's unmodified SDK for tests/oip/test_kserve_client.py, in a folder of its own: kserve 0.21 pins
+# psutil<6, which the suite outgrew; the test puts this folder on its subprocess's PYTHONPATH only.
+KSERVE := .kserve
+KSERVE_SDK := kserve==0.21.0 aiohttp_retry==2.9.1 cloudevents==1.13.0 deprecation==2.1.0 durationpy==0.11 \
+	grpc_interceptor==0.15.4 grpcio_tools==1.81.1 kubernetes==37.0.1 oauthlib==4.0.1 orjson==3.13.0 \
+	pandas==2.3.3 pyjwt==2.15.1 pytz==2026.6 requests_oauthlib==2.0.0 tabulate==0.10.0 timing_asgi==0.3.2
 
 .PHONY: setup models serve serve-uvicorn test test-inprocess stack bench bench-quick loadtest system-deps clean
 HOST ?= http://127.0.0.1:8000
@@ -13,6 +19,7 @@ $(INSTALLED): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[dev]'
+	rm -rf $(KSERVE) && $(PY) -m pip install -q --no-deps --target $(KSERVE) $(KSERVE_SDK)
 	touch $@
 
 ## setup: create the virtual environment with every dependency
