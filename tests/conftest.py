@@ -15,10 +15,12 @@ from pathlib import Path
 
 import httpx
 import pytest
+import torch
 
 from service.__main__ import haproxy_log_sink, make_private_dir, ray_environment
 from service.settings import Settings
 from support.ports import free_port, reserved_free_port, reserved_free_ports
+from support.threads import torch_threads_kept
 from support.waiting import wait_for
 from tasks import MODELS
 
@@ -90,6 +92,24 @@ with ray_environment_applied(RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP="1"):
 # Logical CPUs for the test Ray: enough for every deployment the suite creates at once
 # (scheduling units, not cores; the replicas share the machine's real cores).
 RAY_NUM_CPUS = 16
+
+
+# In-process backends (`LocalBackend`) set torch's thread count for the whole process. A test gives
+# back the count it started with; a module, the count the session started with (a session- or
+# package-scoped backend built during the module included), so later tests run on every core again.
+SESSION_TORCH_THREADS = torch.get_num_threads()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _torch_threads_per_module() -> Iterator[None]:
+    with torch_threads_kept(SESSION_TORCH_THREADS):
+        yield
+
+
+@pytest.fixture(autouse=True)
+def _torch_threads_per_test() -> Iterator[None]:
+    with torch_threads_kept():
+        yield
 
 
 @pytest.fixture(scope="session")
