@@ -49,10 +49,10 @@ def _copy_atomically(source: Path, target: Path) -> None:
 
 
 def restore(cache: Path, key: str, out: Path, checkpoints: Sequence[str]) -> bool:
-    """Copy the cached `checkpoints` and records of `key` into `out` if `cache` has them; return whether it did.
+    """Copy the cached `checkpoints` and records of `key` into `out` if `cache` has them; say if it did.
 
-    The records go last and replace any old ones only then, so an interrupted copy leaves `out`
-    without a complete run of `key` (the next run trains or restores again), never with a mixed one.
+    `out`'s old records go first and the new ones are copied last, so an interrupted copy leaves `out`
+    without a complete run (the next run restores or trains again), never with a mixed one.
     """
     entry = entry_dir(cache, key)
     names = (*checkpoints, *RECORD_FILES)

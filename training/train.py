@@ -324,7 +324,8 @@ def run(
     key = training_key(config, device, threads)
     if not force:
         if (report := cached_report(out, key)) is not None:
-            log.info("%s holds models of training key %s already; not retraining (--force retrains)", out, key)
+            log.info("%s holds models of training key %s already; not retraining (--force retrains)",
+                     out, key)
             if cache is not None:
                 training_cache.store(out, cache, key, CHECKPOINTS)
             return report

@@ -38,7 +38,9 @@ def test_the_key_is_the_same_for_an_identical_tree(tree: Path) -> None:
     assert _key(tree) == training_key(TINY, CPU, 2), "the copy keys like the clone itself"
 
 
-@pytest.mark.parametrize("name", ["train.py", "shapes.py", "data.py", "models.py", "evaluate.py", "__main__.py"])
+@pytest.mark.parametrize(
+    "name", ["train.py", "shapes.py", "data.py", "models.py", "evaluate.py", "__main__.py"]
+)
 def test_editing_training_code_changes_the_key(tree: Path, name: str) -> None:
     before = _key(tree)
     with (tree / "training" / name).open("a") as source:
@@ -177,7 +179,9 @@ def test_an_interrupted_restore_is_not_taken_for_a_run(
     assert cached_report(out, key) is None
 
 
-def test_without_a_cache_nothing_is_written_outside_the_output(trained: tuple[Path, dict], tmp_path: Path) -> None:
+def test_without_a_cache_nothing_is_written_outside_the_output(
+    trained: tuple[Path, dict], tmp_path: Path
+) -> None:
     cache = tmp_path / "cache"
     run(TINY, _clone_of(trained, tmp_path), CPU, threads=2)
     assert not cache.exists()
