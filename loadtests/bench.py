@@ -42,7 +42,7 @@ from loadtests.images import DEFAULT_SIZES, EncodedImage, make_image_mix, parse_
 from loadtests.inprocess import RawResult, measure_model, measure_pipeline
 from loadtests.loadgen import LoadResult, RequestBuilder, closed_loop, open_loop
 from service.settings import Settings
-from support.ports import free_port, free_ports, reserved_free_port
+from support.ports import free_port, free_ports, reserved_free_ports
 from support.process import HttpServer, start_server
 
 log = logging.getLogger("loadtests.bench")
@@ -214,9 +214,11 @@ class Run:
         port = free_port()
         env = dict(VARIANTS[system])
         if env.get("CVSERVE_INGRESS", Settings.model_fields["ingress"].default) == "haproxy":
+            stats, metrics, fallback = reserved_free_ports(3)
             env |= {
-                "CVSERVE_HAPROXY_STATS_PORT": str(reserved_free_port()),
-                "CVSERVE_HAPROXY_METRICS_PORT": str(reserved_free_port()),
+                "CVSERVE_HAPROXY_STATS_PORT": str(stats),
+                "CVSERVE_HAPROXY_METRICS_PORT": str(metrics),
+                "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT": str(fallback),  # Ray's default: 8500
             }
         with contextlib.ExitStack() as stack:
             if env["CVSERVE_BACKEND"] == "triton":

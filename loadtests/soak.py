@@ -29,7 +29,7 @@ from pathlib import Path
 
 import psutil
 
-from support.ports import free_port
+from support.ports import free_port, reserved_free_ports
 from support.process import HttpServer, start_server
 
 log = logging.getLogger("loadtests.soak")
@@ -209,6 +209,11 @@ def per_replica(samples: list[Sample], warmup_s: float) -> dict[str, tuple[float
     return by_title
 
 
+LATE_PORTS = (
+    "CVSERVE_HAPROXY_STATS_PORT", "CVSERVE_HAPROXY_METRICS_PORT", "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT",
+)
+
+
 def soak(args: argparse.Namespace) -> Verdict:
     """Start the gateway, load it, sample memory, stop everything; return the verdict."""
     args.out.mkdir(parents=True, exist_ok=True)
@@ -217,6 +222,8 @@ def soak(args: argparse.Namespace) -> Verdict:
         **os.environ,
         "CVSERVE_PORT": str(port),
         "CVSERVE_RAY_METRICS_PORT": str(free_port()),
+        # bound once Ray runs, so from the reserved range; the last is Ray's fallback proxy (default 8500)
+        **dict(zip(LATE_PORTS, map(str, reserved_free_ports(len(LATE_PORTS))), strict=True)),
         "CVSERVE_BACKEND": "embedded",
         "CVSERVE_DEVICE": os.environ.get("CVSERVE_DEVICE", "cpu"),
     }

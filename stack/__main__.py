@@ -42,6 +42,9 @@ class Ports:
     triton_grpc: int = 8011
     triton_metrics: int = 8012
     prometheus: int = 9090
+    haproxy_stats: int = 8404  # the gateway's HAProxy (ingress=haproxy, the default)
+    haproxy_metrics: int = 9101
+    serve_fallback: int = 8500  # Ray Serve's fallback HTTP proxy beside HAProxy (Ray's default port)
 
     def busy(self) -> list[str]:
         """Names and ports that something else already listens on."""
@@ -82,6 +85,9 @@ def gateway_environment(ports: Ports, model_repository: Path, trace_url: str | N
         "CVSERVE_HOST": "127.0.0.1",
         "CVSERVE_PORT": str(ports.gateway),
         "CVSERVE_RAY_METRICS_PORT": str(ports.ray_metrics),
+        "CVSERVE_HAPROXY_STATS_PORT": str(ports.haproxy_stats),
+        "CVSERVE_HAPROXY_METRICS_PORT": str(ports.haproxy_metrics),
+        "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT": str(ports.serve_fallback),
         **tracing,
     }
 

@@ -26,13 +26,24 @@ def free_port() -> int:
     return port
 
 
-def reserved_free_port() -> int:
-    """A free loopback port from `RESERVED_RANGE`: chosen now, it is still free when HAProxy binds it later."""
-    for port in random.Random().sample(RESERVED_RANGE, 200):
-        with socket.socket() as sock:
+def reserved_free_ports(count: int) -> list[int]:
+    """`count` distinct free loopback ports from `RESERVED_RANGE` (all held open together while picking):
+    chosen now, they are still free when HAProxy binds them later."""
+    with ExitStack() as stack:
+        ports: list[int] = []
+        for port in random.Random().sample(RESERVED_RANGE, 200 + count):
+            sock = stack.enter_context(socket.socket())
             try:
                 sock.bind(("127.0.0.1", port))
             except OSError:
                 continue
-            return port
-    raise RuntimeError(f"no free port in {RESERVED_RANGE.start}-{RESERVED_RANGE.stop - 1}")
+            ports.append(port)
+            if len(ports) == count:
+                return ports
+    raise RuntimeError(f"not {count} free ports in {RESERVED_RANGE.start}-{RESERVED_RANGE.stop - 1}")
+
+
+def reserved_free_port() -> int:
+    """A free loopback port from `RESERVED_RANGE` (see `reserved_free_ports`)."""
+    (port,) = reserved_free_ports(1)
+    return port

@@ -15,10 +15,12 @@ from pathlib import Path
 
 import httpx
 import pytest
+import torch
 
 from service.__main__ import haproxy_log_sink, make_private_dir, ray_environment
 from service.settings import Settings
-from support.ports import free_port, reserved_free_port
+from support.ports import free_port, reserved_free_port, reserved_free_ports
+from support.threads import torch_threads_kept
 from support.waiting import wait_for
 from tasks import MODELS
 
@@ -54,11 +56,16 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 # Ray reads these variables when it is imported (here, for this process) and when `ray.init`
 # starts its processes (in `ray_session`); in between they are taken back out of the environment,
 # so servers that tests start themselves get only what their own settings ask for.
+# Every port it takes is free: HAProxy's and Serve's fallback proxy's (Ray's default 8500) too.
+_HAPROXY_STATS_PORT, _HAPROXY_METRICS_PORT, _FALLBACK_PROXY_PORT = reserved_free_ports(3)
 _SERVE_SETTINGS = Settings(
-    ingress="haproxy", haproxy_stats_port=reserved_free_port(), haproxy_metrics_port=reserved_free_port()
+    ingress="haproxy", haproxy_stats_port=_HAPROXY_STATS_PORT, haproxy_metrics_port=_HAPROXY_METRICS_PORT
 )
 _PRIVATE_DIR = make_private_dir(_SERVE_SETTINGS)
-RAY_ENVIRONMENT = ray_environment(_SERVE_SETTINGS, _PRIVATE_DIR)
+RAY_ENVIRONMENT = {
+    **ray_environment(_SERVE_SETTINGS, _PRIVATE_DIR),
+    "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT": str(_FALLBACK_PROXY_PORT),
+}
 
 
 @contextmanager
@@ -85,6 +92,24 @@ with ray_environment_applied(RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP="1"):
 # Logical CPUs for the test Ray: enough for every deployment the suite creates at once
 # (scheduling units, not cores; the replicas share the machine's real cores).
 RAY_NUM_CPUS = 16
+
+
+# In-process backends (`LocalBackend`) set torch's thread count for the whole process. A test gives
+# back the count it started with; a module, the count the session started with (a session- or
+# package-scoped backend built during the module included), so later tests run on every core again.
+SESSION_TORCH_THREADS = torch.get_num_threads()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _torch_threads_per_module() -> Iterator[None]:
+    with torch_threads_kept(SESSION_TORCH_THREADS):
+        yield
+
+
+@pytest.fixture(autouse=True)
+def _torch_threads_per_test() -> Iterator[None]:
+    with torch_threads_kept():
+        yield
 
 
 @pytest.fixture(scope="session")

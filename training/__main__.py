@@ -2,21 +2,25 @@
 
 Writes state dicts to OUT/{classifier,detector,segmenter}.pt, OUT/meta.json (classes, input sizes,
 normalisation) and OUT/report.json (held-out quality against the bars, seconds per model).
-A run whose config and code match the saved one reuses it; --force retrains.
+A run whose training key (config, code, library versions, device; `training.train.training_key`)
+matches the one in OUT, or in the cache outside the clone, reuses it; --force retrains.
+The cache is $CVSERVE_CACHE, else $XDG_CACHE_HOME/cvserve, else ~/.cache/cvserve (`training.cache`).
 Exits 1 when a model misses its quality bar.
 
-    python -m training [--out artifacts/demo] [--seed 0] [--device cpu|cuda] [--force]
+    python -m training [--out artifacts/demo] [--seed 0] [--device cpu|cuda] [--force] [--no-cache]
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
 import torch
 
+from training.cache import default_cache_dir
 from training.train import DemoConfig, run
 
 
@@ -34,8 +38,15 @@ def get_args_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--threads", type=int, default=2, help="CPU threads for torch (default 2)")
     parser.add_argument(
-        "--force", action="store_true", help="retrain even if OUT holds results for this config"
+        "--force", action="store_true", help="retrain even if OUT or the cache holds results for this key"
     )
+    parser.add_argument(
+        "--cache",
+        type=Path,
+        default=default_cache_dir(os.environ),
+        help="directory of trained models shared by clones (default: %(default)s)",
+    )
+    parser.add_argument("--no-cache", action="store_true", help="neither read nor write the cache")
     return parser
 
 
@@ -49,7 +60,8 @@ def main(argv: list[str] | None = None) -> int:
         torch.empty(0, device=device)
     except (RuntimeError, AssertionError) as exc:
         parser.error(f"device {args.device!r} is not usable here: {exc}")
-    report = run(DemoConfig(seed=args.seed), args.out, device, args.threads, force=args.force)
+    cache = None if args.no_cache else args.cache
+    report = run(DemoConfig(seed=args.seed), args.out, device, args.threads, force=args.force, cache=cache)
     for name, model in report["models"].items():
         verdict = "ok" if model["passed"] else "MISSED"
         logging.info(

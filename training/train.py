@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import random
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -20,6 +21,7 @@ from torch import nn
 from tqdm import tqdm
 
 from tasks import TASKS
+from training import cache as training_cache
 from training import evaluate
 from training.data import (
     ClassificationSet,
@@ -61,7 +63,7 @@ class StepConfig:
 
 @dataclass(frozen=True)
 class DemoConfig:
-    """Everything that decides the trained weights; its hash keys the cache."""
+    """The training recipe; with the code and `key_inputs` it decides the weights (`training_key`)."""
 
     seed: int = 0
     classifier_size: int = 64
@@ -87,12 +89,53 @@ class DemoConfig:
         }
 
 
-def config_hash(config: DemoConfig) -> str:
-    """Hash of the config, the training code and the torch versions: equal hashes mean equal training."""
-    digest = hashlib.sha256(json.dumps(asdict(config), sort_keys=True).encode())
-    for source in sorted(Path(__file__).parent.glob("*.py")):
-        digest.update(source.name.encode() + source.read_bytes())
-    digest.update(f"{torch.__version__} {torchvision.__version__}".encode())
+# Files of training/ that move results around rather than decide them: editing them retrains nothing.
+NOT_IN_KEY = frozenset({"cache.py"})
+
+
+def key_inputs(config: DemoConfig, device: torch.device, threads: int) -> dict[str, object]:
+    """Everything besides training/'s code that decides the trained weights and their report.
+
+    The config (seeds, sizes, steps), the models trained (one per registered task), the libraries
+    that compute them (torch, torchvision; numpy and Pillow draw the scenes; torchmetrics scores
+    them), Python, and the hardware path: device, CPU threads (they change float sums), the CPU's
+    vector instructions and whether bfloat16 autocast runs.
+    """
+    import PIL
+    import torchmetrics
+
+    hardware = (
+        torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else torch.backends.cpu.get_cpu_capability()
+    )
+    return {
+        "config": asdict(config),
+        "models": list(MODELS),
+        "versions": {
+            "python": f"{sys.version_info.major}.{sys.version_info.minor}",
+            "torch": torch.__version__,
+            "torchvision": torchvision.__version__,
+            "numpy": np.__version__,
+            "pillow": PIL.__version__,
+            "torchmetrics": torchmetrics.__version__,
+        },
+        "device": device.type,
+        "hardware": hardware,
+        "threads": threads,
+        "bf16_autocast": config.bf16 and native_bf16(device),
+    }
+
+
+def training_key(
+    config: DemoConfig, device: torch.device, threads: int, sources: Path = Path(__file__).parent
+) -> str:
+    """Hash of `key_inputs` and of the training code in `sources` (training/ without `NOT_IN_KEY`):
+    equal keys mean equal training, so a run with this key can be reused instead of trained."""
+    digest = hashlib.sha256(json.dumps(key_inputs(config, device, threads), sort_keys=True).encode())
+    for source in sorted(sources.glob("*.py")):
+        if source.name not in NOT_IN_KEY:
+            digest.update(source.name.encode() + b"\0" + source.read_bytes())
     return digest.hexdigest()[:16]
 
 
@@ -241,15 +284,15 @@ def _write_json(data: dict, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def cached_report(out: Path, digest: str) -> dict | None:
-    """The saved report if `out` holds complete results of the training config `digest`, else None."""
+def cached_report(out: Path, key: str) -> dict | None:
+    """The saved report if `out` holds complete results of training key `key`, else None."""
     try:
         meta = json.loads((out / "meta.json").read_text())
         report = json.loads((out / "report.json").read_text())
     except (OSError, ValueError):
         return None
     complete = all((out / name).is_file() for name in CHECKPOINTS)
-    if complete and meta.get("config_hash") == digest and report.get("config_hash") == digest:
+    if complete and meta.get("training_key") == key and report.get("training_key") == key:
         return report
     return None
 
@@ -267,12 +310,29 @@ class _Clock:
         }
 
 
-def run(config: DemoConfig, out: Path, device: torch.device, threads: int, force: bool = False) -> dict:
-    """Train and evaluate all three models into `out` (or reuse a complete cached run); return the report."""
-    digest = config_hash(config)
-    if not force and (report := cached_report(out, digest)) is not None:
-        log.info("%s holds models for config %s already; not retraining (--force retrains)", out, digest)
-        return report
+def run(
+    config: DemoConfig,
+    out: Path,
+    device: torch.device,
+    threads: int,
+    force: bool = False,
+    cache: Path | None = None,
+) -> dict:
+    """Train and evaluate all three models into `out` and return the report, unless `out` or the
+    `cache` directory (`training.cache`) already holds a complete run of the same training key.
+    A run trained here, or found in `out` only, is stored in `cache` too."""
+    key = training_key(config, device, threads)
+    if not force:
+        if (report := cached_report(out, key)) is not None:
+            log.info("%s holds models of training key %s already; not retraining (--force retrains)",
+                     out, key)
+            if cache is not None:
+                training_cache.store(out, cache, key, CHECKPOINTS)
+            return report
+        if cache is not None and training_cache.restore(cache, key, out, CHECKPOINTS):
+            if (report := cached_report(out, key)) is not None:
+                return report
+            log.warning("the cache entry of %s in %s is not a complete run: training", key, cache)
 
     out.mkdir(parents=True, exist_ok=True)
     for stale in ("meta.json", "report.json"):  # the old run stops counting as complete from here on
@@ -355,7 +415,7 @@ def run(config: DemoConfig, out: Path, device: torch.device, threads: int, force
         "threads": threads,
         "bf16_autocast": bf16,
         "torch": torch.__version__,
-        "config_hash": digest,
+        "training_key": key,
     }
     meta = {
         "classes": list(CLASSES),
@@ -368,8 +428,10 @@ def run(config: DemoConfig, out: Path, device: torch.device, threads: int, force
         "std": list(DEMO_STD),
         "detector_score_threshold": detector.roi_heads.score_thresh,
         "config": asdict(config),
-        "config_hash": digest,
+        "training_key": key,
     }
     _write_json(report, out / "report.json")
     _write_json(meta, out / "meta.json")
+    if cache is not None:
+        training_cache.store(out, cache, key, CHECKPOINTS)
     return report

@@ -25,11 +25,14 @@ from service.handlers import HANDLERS
 from service.imaging.images import RENDER_MAX_PIXELS, fit_size
 from service.schemas import Detection, DetectionResult, ImageSize, Segment, SegmentationResult
 from support.assertions import assert_error
+from support.seeds import fresh_seeds
 from tests.hardening import payloads
 from tests.hardening.conftest import API_KEY, STRICT_MAX_RESPONSE_BYTES
 from tests.hardening.test_bad_inputs import PNG, assert_serves
+from training.shapes import make_scene
 
 SIDE = 6300  # 39.7 MP: under max_pixels (40 MP) alone, 16 of them ten times the request budget (64 MP)
+SCENE_SIDE = 2600  # 6.8 MP: its PNG mask is drawn on a smaller copy
 MIB = 2**20
 # Peak RSS of the session gateway's replica (models inside it) during the heavy requests below.
 # Measured on 2 shared cores: 1429 -> 1769 MiB, and 1683 -> 2072 MiB in CI once more of the suite had run
@@ -126,10 +129,19 @@ def test_drawings_and_png_masks_of_a_large_image_are_at_most_4_mp(
     drawn = client.post("/detect?annotate=png&score_threshold=0", content=big_png16, headers=PNG)
     assert drawn.status_code == 200, drawn.text[:300]
     assert Image.open(io.BytesIO(drawn.content)).size == expected
-    result = client.post("/segment?return_png=true", content=big_png16, headers=PNG).json()["results"][0]
-    assert result["image"] == {"width": SIDE, "height": SIDE}
-    assert all(s["rle"]["size"] == [SIDE, SIDE] for s in result["segments"])  # the answer stays full size
-    assert Image.open(io.BytesIO(base64.b64decode(result["png"]))).size == expected
+    # The mask of a scene of shapes (a ramp has none to segment) stretched past 4 MP.
+    scene = make_scene(fresh_seeds(1)[0], 128, 2, 4).image
+    buffer = io.BytesIO()
+    Image.fromarray(scene).resize((SCENE_SIDE, SCENE_SIDE), Image.NEAREST).save(buffer, "PNG")
+    response = client.post("/segment?return_png=true", content=buffer.getvalue(), headers=PNG)
+    assert response.status_code == 200, response.text[:300]
+    result = response.json()["results"][0]
+    assert result["image"] == {"width": SCENE_SIDE, "height": SCENE_SIDE}
+    assert result["segments"], "no segments: nothing to check the size of"
+    assert all(s["rle"]["size"] == [SCENE_SIDE, SCENE_SIDE] for s in result["segments"])  # full size
+    assert Image.open(io.BytesIO(base64.b64decode(result["png"]))).size == fit_size(
+        SCENE_SIDE, SCENE_SIDE, RENDER_MAX_PIXELS
+    )
 
 
 def test_a_result_is_drawn_scaled_onto_a_smaller_copy() -> None:

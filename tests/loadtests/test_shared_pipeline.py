@@ -7,9 +7,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from fastapi.testclient import TestClient
 from PIL import Image
 
 from loadtests.baselines.pipeline import ModelPipeline
+from service.app import create_api
+from service.backends.local import LocalBackend
 from service.imaging.images import decode_image
 from service.core.pipeline import TaskPipeline
 from service.settings import Settings
@@ -42,14 +45,27 @@ def test_baselines_prepare_exactly_what_the_gateway_prepares(model_repository: P
     assert full.shape == tensor.shape and not np.array_equal(full, tensor)
 
 
-def test_baseline_answers_are_the_pipelines_answers(model_repository: Path) -> None:
-    settings = Settings(model_repository=model_repository)
+def test_baseline_answers_are_the_gateways_answers(model_repository: Path) -> None:
+    """The baseline's whole path (prepare, its own forward pass, answer) and the gateway's HTTP answer
+    (request decoding, batching backend, handler) to the same JPEG agree."""
+    settings = Settings(model_repository=model_repository, models=("detector",), device="cpu")
+    data = big_jpeg()
     baseline = ModelPipeline.load(settings, "detector")
-    tensor, geometry = baseline.prepare(big_jpeg())
+    tensor, geometry = baseline.prepare(data)
     (outputs,) = baseline.infer([tensor])
     answer = baseline.answer(outputs, geometry)
-    assert answer == baseline.pipeline.answer(outputs, geometry).model_dump()
-    assert answer["detections"], "the detector found none of the scene's shapes"
-    for detection in answer["detections"]:  # boxes are in full-size pixels
-        x0, y0, x1, y1 = detection["box"]
+    with TestClient(create_api(settings, LocalBackend(settings))) as client:
+        response = client.post("/detect", content=data, headers={"Content-Type": "image/jpeg"})
+    assert response.status_code == 200, response.text
+    (served,) = response.json()["results"]
+
+    assert answer["detections"], "the detector found none of the scene's shapes: nothing to compare"
+    assert served["image"] == answer["image"] == {"width": 1280, "height": 960}
+    assert [(d["class_id"], d["label"]) for d in served["detections"]] == [
+        (d["class_id"], d["label"]) for d in answer["detections"]
+    ]
+    for ours, theirs in zip(answer["detections"], served["detections"], strict=True):
+        assert ours["box"] == pytest.approx(theirs["box"], abs=1e-2)
+        assert ours["score"] == pytest.approx(theirs["score"], abs=1e-4)
+        x0, y0, x1, y1 = ours["box"]  # in full-size pixels
         assert 0 <= x0 < x1 <= 1280 and 0 <= y0 < y1 <= 960

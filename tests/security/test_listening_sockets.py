@@ -28,7 +28,7 @@ import pytest
 from PIL import Image
 
 from stack.__main__ import Gateway
-from support.ports import free_port, reserved_free_port
+from support.ports import free_port, reserved_free_port, reserved_free_ports
 from support.process import spawn
 from support.waiting import wait_for
 from tests.conftest import ROOT
@@ -81,11 +81,12 @@ def running(
     request: pytest.FixtureRequest, model_repository: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[RunningGateway]:
     ingress = request.param
+    stats_port, metrics_port = reserved_free_ports(2)
     ports = {
         "CVSERVE_PORT": free_port(),
         "CVSERVE_RAY_METRICS_PORT": free_port(),
-        "CVSERVE_HAPROXY_STATS_PORT": reserved_free_port(),
-        "CVSERVE_HAPROXY_METRICS_PORT": reserved_free_port(),
+        "CVSERVE_HAPROXY_STATS_PORT": stats_port,
+        "CVSERVE_HAPROXY_METRICS_PORT": metrics_port,
     }
     env = {
         **users_environment(),
@@ -234,12 +235,14 @@ def test_each_ingress_gives_the_default_paths_answers(
     assert len(served_results) == 4
     if endpoint == "/classify":
         for a, b in zip(served_results, default_results, strict=True):
+            assert b["predictions"], "no predictions: nothing to compare"
             assert [p["label"] for p in a["predictions"]] == [p["label"] for p in b["predictions"]]
             assert [p["score"] for p in a["predictions"]] == pytest.approx(
                 [p["score"] for p in b["predictions"]], abs=1e-4
             )
     else:
-        for a, b in zip(served_results, default_results, strict=True):
+        for i, (a, b) in enumerate(zip(served_results, default_results, strict=True)):
+            assert b["detections"], f"image {i}: no detections on a scene of shapes, nothing to compare"
             assert [d["label"] for d in a["detections"]] == [d["label"] for d in b["detections"]]
             for da, db in zip(a["detections"], b["detections"], strict=True):
                 assert da["box"] == pytest.approx(db["box"], abs=0.5)
@@ -271,6 +274,7 @@ def test_haproxy_ports_in_use_are_refused_up_front(model_repository: Path) -> No
             "CVSERVE_PORT": str(free_port()),
             "CVSERVE_RAY_METRICS_PORT": str(free_port()),
             "CVSERVE_HAPROXY_STATS_PORT": str(stats_port),
+            "CVSERVE_HAPROXY_METRICS_PORT": str(reserved_free_port()),  # not 9101: a running gateway has it
         }
         done = subprocess.run(
             [sys.executable, "-m", "service"], env=env, capture_output=True, text=True, timeout=120, check=False

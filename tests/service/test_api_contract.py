@@ -24,6 +24,7 @@ from service.backends.local import LocalBackend
 from service.contract import load_contract
 from service.settings import Settings
 from support.assertions import assert_error, box_iou
+from support.seeds import fresh_seeds
 from tasks import TASKS
 from training.shapes import CLASSES, make_scene
 
@@ -50,8 +51,11 @@ def sample(
     width: int = SCENE, height: int = SCENE, fmt: str = "PNG", seed: int = 0, model: str = "classifier"
 ) -> Sample:
     """A classifier sample has one large shape; the detector's and segmenter's, one to three at scene scale
-    (what each demo model was trained on)."""
-    scene = make_scene(seed, SCENE, 1, 1) if model == "classifier" else make_scene(seed, SCENE, 1, 3)
+    (what each demo model was trained on). `seed` picks one of `support.seeds.fresh_seeds`: a scene no
+    model was trained or evaluated on (training's own low seeds would let memorisation pass)."""
+    (scene_seed,) = fresh_seeds(1, offset=seed)
+    shapes = 1 if model == "classifier" else 3
+    scene = make_scene(scene_seed, SCENE, 1, shapes)
     canvas = np.full((height, width, 3), 127, np.uint8)
     mask = np.zeros((height, width), np.uint8)
     left, top = (width - SCENE) // 2, (height - SCENE) // 2  # the classifier's centre crop keeps the scene

@@ -14,14 +14,17 @@ from PIL import Image
 from service.app import create_api
 from service.backends.local import LocalBackend
 from service.settings import Settings
+from support.seeds import fresh_seeds
 from training.shapes import CLASSES, make_scene
 
 KEY = "k" * 24
 
 
 def png(seed: int) -> tuple[bytes, str]:
-    """A one-shape scene as PNG, and the shape's class name."""
-    scene = make_scene(seed, 96, 1, 1)
+    """A one-shape scene as PNG, and the shape's class name: `fresh_seeds` number `seed`, a scene the
+    classifier never saw (its training seeds draw the same shape, only at another size)."""
+    (scene_seed,) = fresh_seeds(1, offset=seed)
+    scene = make_scene(scene_seed, 96, 1, 1)
     buffer = io.BytesIO()
     Image.fromarray(scene.image).save(buffer, "PNG")
     return buffer.getvalue(), CLASSES[int(scene.labels[0]) - 1]

@@ -11,11 +11,13 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from support.assertions import box_iou
-from support.ports import RESERVED_RANGE, free_port, free_ports, reserved_free_port
+from support.ports import RESERVED_RANGE, free_port, free_ports, reserved_free_port, reserved_free_ports
 from support.process import HttpServer, ManagedProcess, ready_or_ended, spawn, start_server
 from support.seeds import FRESH_SEED_BASE, fresh_seeds
+from support.threads import torch_threads_kept
 from support.waiting import wait_for
 from training.data import EVAL_SEED_BASE, eval_seeds, train_seeds
 from training.train import DemoConfig
@@ -157,3 +159,24 @@ def test_box_iou_of_lists_and_arrays(a: list[float], b: list[float], expected: f
     for left, right in ((a, b), (np.array(a, float), b), (a, np.array(b, np.float32))):
         assert box_iou(left, right) == pytest.approx(expected)
         assert isinstance(box_iou(left, right), float)
+
+
+def test_reserved_free_ports_are_distinct_bindable_and_reserved() -> None:
+    ports = reserved_free_ports(4)
+    assert len(set(ports)) == 4 and all(port in RESERVED_RANGE for port in ports)
+    for port in ports:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", port))
+
+
+def test_torch_threads_kept_gives_back_the_thread_count() -> None:
+    before = torch.get_num_threads()
+    with torch_threads_kept():
+        torch.set_num_threads(1)  # what an in-process backend does
+    assert torch.get_num_threads() == before
+    try:
+        with torch_threads_kept(restore_to=1):
+            pass
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)

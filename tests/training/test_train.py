@@ -110,7 +110,7 @@ def test_run_saves_loadable_models_then_reuses_them(tmp_path: Path) -> None:
     meta = json.loads((out / "meta.json").read_text())
     assert meta["classes"] == list(CLASSES)
     assert meta["image_size"] == {"classifier": 64, "detector": 128, "segmenter": 128}
-    assert meta["config_hash"] == report["config_hash"]
+    assert meta["training_key"] == report["training_key"]
     builders = {
         "classifier": build_demo_classifier(len(CLASSES)),
         "detector": build_demo_detector(len(CLASSES), meta["image_size"]["detector"]),
@@ -127,10 +127,10 @@ def test_run_saves_loadable_models_then_reuses_them(tmp_path: Path) -> None:
 
     forced = run(TINY, out, CPU, threads=2, force=True)
     assert (out / "classifier.pt").stat().st_mtime_ns != stamps["classifier.pt"]
-    assert forced["config_hash"] == report["config_hash"]
+    assert forced["training_key"] == report["training_key"]
 
     other = run(DemoConfig(**{**TINY.__dict__, "seed": 1}), out, CPU, threads=2)
-    assert other["config_hash"] != report["config_hash"], "another config retrains"
+    assert other["training_key"] != report["training_key"], "another config retrains"
 
 
 def test_incomplete_output_is_not_taken_for_a_cached_run(tmp_path: Path) -> None:
