@@ -107,6 +107,15 @@ def run_in_fresh_process(model_pt: Path, image: torch.Tensor, work: Path) -> lis
     return result["outputs"]
 
 
+def run_onnx(model_onnx: Path, image: torch.Tensor) -> list[torch.Tensor]:
+    """Outputs of `model_onnx` on `image` in a bare ONNX Runtime session (CPU), in the file's output order."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(model_onnx), providers=["CPUExecutionProvider"])
+    (name,) = [tensor.name for tensor in session.get_inputs()]
+    return [torch.from_numpy(output) for output in session.run(None, {name: image.numpy()})]
+
+
 def normalise(
     image: torch.Tensor, mean: Sequence[float] = DEMO_MEAN, std: Sequence[float] = DEMO_STD
 ) -> torch.Tensor:
