@@ -21,7 +21,6 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
-from torchvision.ops import box_iou
 
 from export.repository import Batching, OnnxOptions, model_config
 from export.spec import ModelSpec
@@ -30,7 +29,7 @@ from service.backends.torchscript import TorchScriptModel
 from service.contract import load_contract
 from tasks import MODELS
 from tests.export.conftest import SIZES, Exported
-from tests.export.support import relative_error, run_onnx
+from tests.export.support import assert_detections_agree, run_onnx
 from tests.export.test_parity import ASSERT_MATCHES, fresh_images
 
 
@@ -68,21 +67,6 @@ def test_onnx_runtime_answers_what_torchscript_answers(
         assert len(np.unique(expected["MASK"])) > 1, "a one-class mask cannot show the masks agree"
     else:
         assert_detections_agree(expected, actual)
-
-
-def assert_detections_agree(expected: dict[str, np.ndarray], actual: dict[str, np.ndarray]) -> None:
-    assert np.array_equal(actual["COUNT"], expected["COUNT"])
-    assert int(expected["COUNT"].sum()) > 0, "no detections at all: the comparison would prove nothing"
-    for i, (n,) in enumerate(expected["COUNT"]):
-        assert not actual["BOXES"][i, n:].any() and not actual["SCORES"][i, n:].any()
-        assert not actual["LABELS"][i, n:].any()
-        if n == 0:
-            continue
-        iou = box_iou(torch.from_numpy(expected["BOXES"][i, :n]), torch.from_numpy(actual["BOXES"][i, :n]))
-        iou[torch.from_numpy(expected["LABELS"][i, :n][:, None] != actual["LABELS"][i, :n][None, :])] = 0
-        assert float(iou.max(dim=1).values.min()) >= 0.99
-        scores = torch.from_numpy(actual["SCORES"][i, :n]), torch.from_numpy(expected["SCORES"][i, :n])
-        assert relative_error(*scores) <= 1e-4
 
 
 @pytest.mark.parametrize("model", MODELS)
