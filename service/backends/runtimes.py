@@ -23,10 +23,12 @@ log = logging.getLogger(__name__)
 Runtime = Literal["torchscript", "onnxruntime"]
 
 # `runtime="auto"` on CPU: the faster runtime per model, measured in one run of `python -m
-# loadtests.runtimes` (decode + model + postprocess per image, batch 1 and 8; loadtests/RESULTS.md).
+# loadtests.runtimes` (decode + model + postprocess images/s, ONNX Runtime over TorchScript, batch 1 / 8:
+# classifier 2.32x / 1.06x, detector 2.19x / 1.29x, segmenter 1.56x / 1.34x; 2 shared cores, spread
+# between rounds up to 78 %: loadtests/RESULTS.md). A model whose figures differ gets its own entry.
 CPU_DEFAULTS: dict[str, Runtime] = {
     "classifier": "onnxruntime",
-    "detector": "torchscript",
+    "detector": "onnxruntime",
     "segmenter": "onnxruntime",
 }
 
