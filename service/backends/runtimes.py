@@ -23,12 +23,14 @@ log = logging.getLogger(__name__)
 Runtime = Literal["torchscript", "onnxruntime"]
 
 # `runtime="auto"` on CPU: the faster runtime per model, measured in one run of `python -m
-# loadtests.runtimes` (decode + model + postprocess images/s, ONNX Runtime over TorchScript, batch 1 / 8:
-# classifier 2.32x / 1.06x, detector 2.19x / 1.29x, segmenter 1.56x / 1.34x; 2 shared cores, spread
-# between rounds up to 78 %: loadtests/RESULTS.md). A model whose figures differ gets its own entry.
+# loadtests.runtimes` (loadtests/runtimes-2026-12-04.json; decode + model + postprocess images/s, ONNX
+# Runtime over TorchScript at batch 1 / 8: classifier 1.96x / 1.25x, segmenter 1.60x / 1.27x, detector
+# 1.13x / 0.87x; 2 shared cores, spread between rounds 6-72 %, loadtests/RESULTS.md). The detector stays
+# on TorchScript: its ONNX graph loops the one-image model over the batch, so it gains nothing from batches,
+# and batches are what a loaded gateway runs.
 CPU_DEFAULTS: dict[str, Runtime] = {
     "classifier": "onnxruntime",
-    "detector": "onnxruntime",
+    "detector": "torchscript",
     "segmenter": "onnxruntime",
 }
 
