@@ -62,7 +62,7 @@ bench: $(MODELS)
 
 ## bench-quick: every system and model at one load level (a few minutes), to compare a change side by side
 bench-quick: $(MODELS)
-	OMP_WAIT_POLICY=PASSIVE $(PY) -m loadtests.bench --quick --systems embedded,embedded-proxy,embedded-deployments,triton,handwritten,litserve
+	OMP_WAIT_POLICY=PASSIVE $(PY) -m loadtests.bench --quick --systems embedded,embedded-proxy,embedded-deployments,embedded-onnxruntime,triton,handwritten,litserve,litserve-onnxruntime
 
 ## loadtest: 60 s of headless Locust against a running gateway (HOST=...), reports in loadtests/out/
 loadtest: $(INSTALLED)

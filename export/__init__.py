@@ -1,1 +1,1 @@
-"""Export trained models to TorchScript inside Triton model repositories (`python -m export`)."""
+"""Export trained models to TorchScript and ONNX inside Triton model repositories (`python -m export`)."""

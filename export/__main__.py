@@ -1,4 +1,9 @@
-"""Export models to TorchScript in Triton model repositories (libtorch/GPU and python-backend/CPU).
+"""Export models to TorchScript and ONNX in Triton model repositories (libtorch/GPU, python-backend/CPU,
+onnxruntime/GPU).
+
+Each model gets <out>/<model>/1/model.pt and, beside it, model.onnx (the same uint8-in contract and
+dynamic batch, for ONNX Runtime); --cpu-out serves the same model.pt with Triton's python backend and
+--onnx-out the same model.onnx with Triton's onnxruntime backend.
 
 Models: classifier, detector, segmenter, or all.
 Weight sources (--weights):
@@ -26,7 +31,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from export.errors import ExportError
-from export.repository import Batching, staged, write_model
+from export.repository import Batching, OnnxOptions, staged, write_model
 from export.sources import ARCHITECTURES, WEIGHT_SOURCES, SourceOptions, load_specs
 from export.spec import MODELS
 
@@ -86,6 +91,19 @@ def get_args_parser() -> argparse.ArgumentParser:
         help="python-backend repository serving the same model.pt (default: %(default)s)",
     )
     parser.add_argument(
+        "--onnx-out",
+        type=Path,
+        metavar="DIR",
+        help="onnxruntime-backend repository serving the same model.onnx (default: triton_onnx_repository "
+        "beside --cpu-out)",
+    )
+    parser.add_argument(
+        "--onnx-tensorrt",
+        action="store_true",
+        help="--onnx-out's configs ask ONNX Runtime for TensorRT as GPU execution accelerator (FP32; Triton "
+        "builds an engine per model at load time) instead of its CUDA provider alone",
+    )
+    parser.add_argument(
         "--input-size",
         type=int,
         metavar="PX",
@@ -125,14 +143,18 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> None:
-    """Load the chosen weights, script each model and write both repositories (all or nothing)."""
+    """Load the chosen weights, script and ONNX-export each model, write the three repositories (all or
+    nothing)."""
     models = list(MODELS) if args.model == "all" else [args.model]
     batching = Batching(args.max_batch_size, tuple(args.preferred_batch_sizes), args.max_queue_delay_us)
     batching.check()
+    onnx_out = onnx_repository(args)
     if args.out.resolve() == args.cpu_out.resolve():
         raise ExportError(
             f"--out and --cpu-out are both {args.out}: the two repositories need two directories"
         )
+    if onnx_out.resolve() in (args.out.resolve(), args.cpu_out.resolve()):
+        raise ExportError(f"--onnx-out {onnx_out} is --out or --cpu-out: each repository needs its own directory")
     options = SourceOptions(
         weights=args.weights,
         arch=args.arch,
@@ -143,9 +165,14 @@ def run(args: argparse.Namespace) -> None:
         resize_size=args.resize_size,
     )
     # Staging first: an unwritable output fails in a second, not after loading and scripting.
-    with staged([args.out, args.cpu_out]) as (gpu, cpu):
+    with staged([args.out, args.cpu_out, onnx_out]) as (gpu, cpu, onnx):
         for spec in load_specs(models, options):
-            write_model(spec, gpu, cpu, batching)
+            write_model(spec, gpu, cpu, onnx, batching, OnnxOptions(tensorrt=args.onnx_tensorrt))
+
+
+def onnx_repository(args: argparse.Namespace) -> Path:
+    """--onnx-out, or triton_onnx_repository beside --cpu-out (build/ by default)."""
+    return args.onnx_out if args.onnx_out is not None else args.cpu_out.parent / "triton_onnx_repository"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -168,11 +195,12 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.write(f"export: error: {exc.strerror or exc}{where}\n")
         return 1
     log.info(
-        "exported %s (%s weights) to %s and %s in %.1fs",
+        "exported %s (%s weights) to %s, %s and %s in %.1fs",
         args.model,
         args.weights,
         args.out,
         args.cpu_out,
+        onnx_repository(args),
         time.monotonic() - started,
     )
     return 0

@@ -1,4 +1,5 @@
-"""Write Triton model repositories: the libtorch (GPU) one and its python-backend (CPU) twin.
+"""Write Triton model repositories: the libtorch (GPU) one, its python-backend (CPU) twin, and the
+ONNX Runtime variant (`onnxruntime_onnx`, GPU) serving the model.onnx written beside each model.pt.
 
 Everything is built in staging directories next to the targets and moved in per model only
 once every model is complete, so a failure never leaves a half-written model behind.
@@ -20,6 +21,7 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
 from export.errors import ExportError
+from export.onnx_export import ONNX_FILE, write_onnx
 from export.spec import ModelSpec, TensorSpec
 from export.wrappers import save, script
 
@@ -68,10 +70,30 @@ class Batching:
             raise ExportError(f"--max-queue-delay-us must not be negative, got {self.max_queue_delay_us}")
 
 
-def model_config(spec: ModelSpec, batching: Batching, cpu: bool) -> model_config_pb2.ModelConfig:
-    """config.pbtxt of `spec`: libtorch on KIND_GPU, or the python backend on KIND_CPU."""
+@dataclass(frozen=True)
+class OnnxOptions:
+    """How the ONNX Runtime repository runs model.onnx on the GPU."""
+
+    # TensorRT as ONNX Runtime's GPU execution accelerator (Triton builds an engine per model at load;
+    # nodes TensorRT cannot take stay on CUDA). Off: ONNX Runtime's CUDA provider alone.
+    tensorrt: bool = False
+    tensorrt_precision: str = "FP32"  # FP16 is faster and changes answers: check parity before using it
+    tensorrt_workspace_bytes: int = 1 << 30
+
+
+def model_config(
+    spec: ModelSpec, batching: Batching, cpu: bool, onnx: OnnxOptions | None = None
+) -> model_config_pb2.ModelConfig:
+    """config.pbtxt of `spec`: libtorch on KIND_GPU, the python backend on KIND_CPU, or (`onnx` given)
+    ONNX Runtime on KIND_GPU, with TensorRT as its accelerator if `onnx.tensorrt`."""
     config = model_config_pb2.ModelConfig(name=spec.name, max_batch_size=batching.max_batch_size)
-    if cpu:
+    if onnx is not None:
+        config.platform = "onnxruntime_onnx"
+        if onnx.tensorrt:
+            accelerator = config.optimization.execution_accelerators.gpu_execution_accelerator.add(name="tensorrt")
+            accelerator.parameters["precision_mode"] = onnx.tensorrt_precision
+            accelerator.parameters["max_workspace_size_bytes"] = str(onnx.tensorrt_workspace_bytes)
+    elif cpu:
         config.backend = "python"
     else:
         config.platform = "pytorch_libtorch"
@@ -168,8 +190,11 @@ def staged(targets: Sequence[Path]) -> Iterator[list[Staging]]:
             staging.discard()
 
 
-def write_model(spec: ModelSpec, gpu: Staging, cpu: Staging, batching: Batching) -> None:
-    """Script `spec` once and write it into both staged repositories (model.pt shared)."""
+def write_model(
+    spec: ModelSpec, gpu: Staging, cpu: Staging, onnx: Staging, batching: Batching, onnx_options: OnnxOptions
+) -> None:
+    """Script `spec` once and export it to ONNX once; write the three staged repositories (model.pt shared
+    by the libtorch and python-backend ones, model.onnx beside model.pt and in the ONNX Runtime one)."""
     log.info(
         "scripting %s (%s, %d px, %d labels)", spec.name, spec.weights, spec.input_size, len(spec.labels)
     )
@@ -177,6 +202,12 @@ def write_model(spec: ModelSpec, gpu: Staging, cpu: Staging, batching: Batching)
     gpu_dir = gpu.model_dir(spec.name)
     _write_common(gpu_dir, spec, model_config(spec, batching, cpu=False))
     save(scripted, str(gpu_dir / VERSION / MODEL_FILE))
+    log.info("exporting %s to ONNX", spec.name)
+    write_onnx(spec, gpu_dir / VERSION / ONNX_FILE)
+
+    onnx_dir = onnx.model_dir(spec.name)
+    _write_common(onnx_dir, spec, model_config(spec, batching, cpu=False, onnx=onnx_options))
+    _link_or_copy(gpu_dir / VERSION / ONNX_FILE, onnx_dir / VERSION / ONNX_FILE)
 
     cpu_dir = cpu.model_dir(spec.name)
     _write_common(cpu_dir, spec, model_config(spec, batching, cpu=True))
@@ -191,7 +222,7 @@ def _write_common(model_dir: Path, spec: ModelSpec, config: model_config_pb2.Mod
 
 
 def _link_or_copy(source: Path, target: Path) -> None:
-    """Hard-link (same file system) or copy: both repositories serve the very same model.pt."""
+    """Hard-link (same file system) or copy: the repositories serve the very same model file."""
     try:
         os.link(source, target)
     except OSError:

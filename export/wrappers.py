@@ -105,6 +105,31 @@ class DetectorWrapper(nn.Module):
         return boxes, scores, labels, count
 
 
+class OneImageDetector(nn.Module):
+    """IMAGE uint8 [3,H,W] -> BOXES [K,4], SCORES [K], LABELS [K], COUNT [1]: one image of `DetectorWrapper`.
+
+    Written with tensor ops only (no Python ints from tensors, no in-place slices), so that tracing
+    it for ONNX keeps the number of detections data-dependent; export/onnx_export.py loops it over
+    the batch."""
+
+    def __init__(self, detector: DetectorWrapper) -> None:
+        super().__init__()
+        self.model = detector.model
+        self.max_detections = detector.max_detections
+
+    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        (detection,) = self.model([image.float().div(255.0)])
+        k = self.max_detections
+        order = torch.argsort(detection["scores"], descending=True)[:k]
+        boxes = torch.cat([detection["boxes"][order], torch.zeros((k, 4), device=image.device)])[:k]
+        scores = torch.cat([detection["scores"][order], torch.zeros((k,), device=image.device)])[:k]
+        labels = torch.cat(
+            [detection["labels"][order], torch.zeros((k,), dtype=torch.int64, device=image.device)]
+        )[:k]
+        count = torch.ones_like(order).sum().to(torch.int32).reshape(1)
+        return boxes, scores, labels, count
+
+
 @register_wrapper("classifier")
 def wrap_classifier(model: nn.Module, stats: Stats) -> nn.Module:
     return ClassifierWrapper(model, *stats)

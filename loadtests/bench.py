@@ -1,10 +1,12 @@
 """Throughput and tail latency of cvserve next to the in-process limit and two baselines, in one run.
 
-For each model, on one image mix, it measures (a) the TorchScript model alone at the service's
-batch sizes, and decode→model→postprocess in one process; (b) our gateway with the embedded
+For each model, on one image mix, it measures (a) the model alone (in the runtime `embedded`
+runs it: CVSERVE_RUNTIME, auto by default) at the service's batch sizes, and decode→model→postprocess in one process; (b) our gateway with the embedded
 backend and, where tritonserver and the CPU repository exist, with the Triton backend, each behind
-Serve's Python proxy and behind HAProxy (`embedded-haproxy`, `triton-haproxy`); (c) a
-hand-written FastAPI + torch server; (d) LitServe with batching. Every server is started here on
+Serve's Python proxy and behind HAProxy (`embedded-haproxy`, `triton-haproxy`), and with either
+runtime forced (`embedded-torchscript`, `embedded-onnxruntime`); (c) a hand-written FastAPI +
+torch server; (d) LitServe with batching over TorchScript, and over ONNX Runtime
+(`litserve-onnxruntime`). Every server is started here on
 a free loopback port, loaded closed-loop at several concurrencies and open-loop (Poisson) at half
 its saturation throughput, then stopped. Prints a table per model with ratios to (a) and (c);
 writes bench.json, bench.md (Markdown tables) and bench.png under --out. The gateway's settings
@@ -41,6 +43,7 @@ from loadtests.baselines.pipeline import ModelPipeline
 from loadtests.images import DEFAULT_SIZES, EncodedImage, make_image_mix, parse_sizes
 from loadtests.inprocess import RawResult, measure_model, measure_pipeline
 from loadtests.loadgen import LoadResult, RequestBuilder, closed_loop, open_loop
+from service.backends.runtimes import runtime_of
 from service.settings import Settings
 from support.ports import free_port, free_ports, reserved_free_ports
 from support.process import HttpServer, start_server
@@ -50,7 +53,8 @@ log = logging.getLogger("loadtests.bench")
 # Ours: "<backend>" is the configuration `make serve` starts (for Triton: the same with
 # CVSERVE_BACKEND=triton); a suffix changes one thing: "-proxy" / "-haproxy" the HTTP ingress,
 # "-deployments" puts each embedded model in a Serve deployment of its own (the design before the
-# models moved into the gateway replica).
+# models moved into the gateway replica), "-torchscript" / "-onnxruntime" the runtime of every model
+# (the default is CVSERVE_RUNTIME=auto: per model, the one measured faster).
 VARIANTS: dict[str, dict[str, str]] = {
     "embedded": {"CVSERVE_BACKEND": "embedded"},
     "embedded-proxy": {"CVSERVE_BACKEND": "embedded", "CVSERVE_INGRESS": "proxy"},
@@ -58,13 +62,24 @@ VARIANTS: dict[str, dict[str, str]] = {
     "embedded-deployments": {
         "CVSERVE_BACKEND": "embedded", "CVSERVE_INGRESS": "proxy", "CVSERVE_MODEL_PLACEMENT": "deployment",
     },
+    "embedded-torchscript": {"CVSERVE_BACKEND": "embedded", "CVSERVE_RUNTIME": "torchscript"},
+    "embedded-onnxruntime": {"CVSERVE_BACKEND": "embedded", "CVSERVE_RUNTIME": "onnxruntime"},
     "triton": {"CVSERVE_BACKEND": "triton"},
     "triton-proxy": {"CVSERVE_BACKEND": "triton", "CVSERVE_INGRESS": "proxy"},
     "triton-haproxy": {"CVSERVE_BACKEND": "triton", "CVSERVE_INGRESS": "haproxy"},
 }
-BASELINES = ("handwritten", "litserve")
+# The runtime each baseline runs: the hand-written server and LitServe keep TorchScript (the peers the
+# targets are measured against); litserve-onnxruntime is LitServe's figure over the same model.onnx.
+BASELINES: dict[str, str] = {
+    "handwritten": "torchscript",
+    "litserve": "torchscript",
+    "litserve-onnxruntime": "onnxruntime",
+}
 SYSTEMS = (*VARIANTS, *BASELINES)
-DEFAULT_SYSTEMS = ("embedded", "embedded-deployments", "triton", "handwritten", "litserve")
+DEFAULT_SYSTEMS = (
+    "embedded", "embedded-onnxruntime", "embedded-deployments", "triton", "handwritten", "litserve",
+    "litserve-onnxruntime",
+)  # fmt: skip
 MODELS = tasks.MODELS
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -205,7 +220,8 @@ class Run:
         port = free_port()
         module = "loadtests.baselines.handwritten" if system == "handwritten" else "loadtests.baselines.litserve_server"
         command = [sys.executable, "-m", module, "--model", model, "--port", str(port)]
-        with self.server(f"{model}-{system}", command, port, "/health", server_env(self.settings, model)) as server:
+        env = server_env(self.settings, model, CVSERVE_RUNTIME=BASELINES[system])
+        with self.server(f"{model}-{system}", command, port, "/health", env) as server:
             yield server.url
 
     @contextmanager
@@ -365,6 +381,7 @@ class Run:
             log.info("%s in-process model batch %2d again: %7.1f images/s", model, again.batch_size, again.images_per_s)
             result = {
                 "model": model,
+                "runtime": runtime_of(pipelines[model].model),  # (a)'s: the one `embedded` runs
                 "inprocess": [dataclasses.asdict(r) for r in raw[model]],
                 "inprocess_again": dataclasses.asdict(again),
                 "loads": [dataclasses.asdict(r) for r in loads[model]],
@@ -422,6 +439,7 @@ def main(argv: list[str] | None = None) -> int:
                 "ingress_replicas",
                 "ingress",
                 "model_placement",
+                "runtime",
             )
         },
         "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},

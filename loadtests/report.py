@@ -12,7 +12,8 @@ TARGET_VS_HANDWRITTEN = 1.5
 TARGET_VS_LITSERVE = 1.0
 TARGET_P99_OVER_P50 = 2.0
 OURS = (
-    "embedded", "embedded-proxy", "embedded-haproxy", "embedded-deployments", "triton", "triton-proxy", "triton-haproxy",
+    "embedded", "embedded-proxy", "embedded-haproxy", "embedded-deployments", "embedded-torchscript",
+    "embedded-onnxruntime", "triton", "triton-proxy", "triton-haproxy",
 )  # fmt: skip
 NOISY_DRIFT = 0.10  # (a) measured again at the end differs by more than this: the figures are noisy
 
@@ -119,11 +120,14 @@ LABELS = {
     "embedded-proxy": "(b) ours embedded, Serve proxy",
     "embedded-haproxy": "(b) ours embedded, haproxy",
     "embedded-deployments": "(b) ours, models as deployments (before)",
+    "embedded-torchscript": "(b) ours embedded, TorchScript",
+    "embedded-onnxruntime": "(b) ours embedded, ONNX Runtime",
     "triton": "(b) ours triton",
     "triton-proxy": "(b) ours triton, Serve proxy",
     "triton-haproxy": "(b) ours triton, haproxy",
     "handwritten": "(c) hand-written",
     "litserve": "(d) litserve",
+    "litserve-onnxruntime": "(d) litserve, ONNX Runtime",
 }
 COLUMNS = ("system", "load", "img/s", "p50 ms", "p95 ms", "p99 ms", "errors", "x(a)", "x(c)", "x(d)")
 
@@ -235,6 +239,9 @@ def _plot_model(ax: Any, run: dict[str, Any]) -> None:
         "triton-haproxy": "tab:pink",
         "handwritten": "tab:orange",
         "litserve": "tab:green",
+        "embedded-torchscript": "tab:blue",
+        "embedded-onnxruntime": "tab:red",
+        "litserve-onnxruntime": "tab:olive",
     }
     for system in dict.fromkeys(load["system"] for load in run["loads"]):
         closed = [l for l in run["loads"] if l["system"] == system and l["mode"] == "closed"]

@@ -78,9 +78,16 @@ class Settings(BaseSettings):
     # to model: the fast path on one machine); "deployment" makes each model a Serve deployment of its
     # own that the gateway calls through handles (models scale and sit on GPUs apart from the HTTP front).
     model_placement: Literal["ingress", "deployment"] = "ingress"
+    # Which file an embedded model runs: model.pt in TorchScript or model.onnx in ONNX Runtime (export writes
+    # both, same contract, same answers). "auto": per model, the one measured faster on CPU
+    # (service.backends.runtimes.CPU_DEFAULTS, loadtests/RESULTS.md); TorchScript on CUDA and for
+    # repositories exported before model.onnx existed. The Triton backend ignores it (its repository decides).
+    runtime: Literal["auto", "torchscript", "onnxruntime"] = "auto"
     # One intra-op thread: on CPU the replica decodes images in parallel with the model, and batching
     # (not intra-op threads) is what makes small models cheap per image (loadtests/RESULTS.md).
-    torch_threads: int = Field(1, ge=1, description="intra-op threads per CPU model replica")
+    torch_threads: int = Field(
+        1, ge=1, description="intra-op threads per CPU model replica (TorchScript's and ONNX Runtime's)"
+    )
 
     # batching and replicas (embedded backend)
     max_batch_size: int = Field(8, ge=1, le=256)

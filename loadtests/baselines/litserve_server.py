@@ -1,7 +1,9 @@
 """LitServe with batching on the same model and the same decode/preprocess/postprocess code.
 
 LitServe's request is JSON or a form, so the image arrives as multipart field `file`. Batch size
-and wait time are the gateway's (`CVSERVE_MAX_BATCH_SIZE`, `CVSERVE_BATCH_WAIT_TIMEOUT_S`).
+and wait time are the gateway's (`CVSERVE_MAX_BATCH_SIZE`, `CVSERVE_BATCH_WAIT_TIMEOUT_S`), and so is
+the runtime (`CVSERVE_RUNTIME`: the bench runs it over TorchScript, `litserve`, and over ONNX Runtime,
+`litserve-onnxruntime`).
 
     python -m loadtests.baselines.litserve_server --model classifier --port 8200
 """

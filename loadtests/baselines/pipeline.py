@@ -1,4 +1,5 @@
-"""The gateway's own pipeline (`service.core.pipeline.TaskPipeline`) around the gateway's own model runner.
+"""The gateway's own pipeline (`service.core.pipeline.TaskPipeline`) around the gateway's own model runner
+(TorchScript or ONNX Runtime, as `CVSERVE_RUNTIME` chooses for the gateway: `service.backends.runtimes`).
 
 Baselines and the in-process measurement run exactly this object, the one the gateway runs, so the
 benchmark compares serving machinery, not different image code (reduced JPEG decoding included).
@@ -11,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from service.backends.torchscript import TorchScriptModel
+from service.backends.runtimes import ModelRunner, load_model
 from service.handlers.common import Geometry
 from service.core.pipeline import Prepared, TaskPipeline
 from service.settings import Settings
@@ -22,12 +23,13 @@ class ModelPipeline:
     """One model in this process: decode/preprocess/postprocess as the gateway does, and its forward pass."""
 
     pipeline: TaskPipeline
-    model: TorchScriptModel
+    model: ModelRunner
 
     @classmethod
     def load(cls, settings: Settings, model: str) -> ModelPipeline:
-        """Read `<settings.model_repository>/<model>` (config.pbtxt, labels, latest model.pt) on CPU."""
-        return cls(TaskPipeline.load(settings, model), TorchScriptModel(settings.model_repository, model, "cpu"))
+        """Read `<settings.model_repository>/<model>` (config.pbtxt, labels, latest model.pt or model.onnx as
+        `settings.runtime` chooses) on CPU."""
+        return cls(TaskPipeline.load(settings, model), load_model(settings, model, "cpu"))
 
     @property
     def contract(self) -> Any:

@@ -1,4 +1,5 @@
-"""Embedded backend, in process: TorchScript batched by `BatchedModel` (no Ray here).
+"""Embedded backend, in process: TorchScript or ONNX Runtime (`settings.runtime`) batched by
+`BatchedModel` (no Ray here).
 
 Two placements use it:
 
@@ -23,8 +24,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from service.backends.base import Backend
-from service.backends.torchscript import TorchScriptModel
+
+from service.backends.base import Backend, BackendUnavailable
+from service.backends.runtimes import ModelRunner, load_model, runtime_of
 from service.telemetry.metrics import Instruments, ModelMetrics
 from service.settings import Settings
 from service.timing import BatchTiming
@@ -36,7 +38,7 @@ def model_device(settings: Settings) -> str:
     return "cuda" if settings.device == "cuda" else "cpu"
 
 
-def warm_up(model: TorchScriptModel, settings: Settings) -> None:
+def warm_up(model: ModelRunner, settings: Settings) -> None:
     """Run `model` at every batch size it will be asked for (or once, if settings say so)."""
     if settings.warm_up_batch_sizes:
         model.warm_up(range(1, settings.max_batch_size + 1), runs=2)
@@ -67,7 +69,7 @@ class BatchedModel:
 
     def __init__(
         self,
-        model: TorchScriptModel,
+        model: ModelRunner,
         max_batch_size: int,
         batch_wait_timeout_s: float,
         backend: str,
@@ -188,12 +190,14 @@ class LocalBackend(Backend):
             torch.set_num_threads(settings.torch_threads)
         self._models: dict[str, BatchedModel] = {}
         for name in settings.models:
-            model = TorchScriptModel(settings.model_repository, name, device)
+            model = load_model(settings, name, device)
             warm_up(model, settings)
             self._models[name] = BatchedModel(
                 model, settings.max_batch_size, settings.batch_wait_timeout_s, "embedded", instruments
             )
-            log.info("model %s v%s loaded on %s in the gateway replica", name, model.version, device)
+            log.info(
+                "model %s v%s loaded on %s in %s in the gateway replica", name, model.version, device, runtime_of(model)
+            )
 
     async def infer(self, model: str, image: np.ndarray) -> dict[str, np.ndarray]:
         """Queue one `[3,H,W]` image for `model`'s next batch; the caller's deadline bounds the wait."""
@@ -222,6 +226,10 @@ class LocalBackend(Backend):
     async def ready(self) -> bool:
         """The models were loaded and warmed up when this backend was built."""
         return True
+
+    def runtimes(self) -> dict[str, str]:
+        """The runtime each model runs in ("torchscript" or "onnxruntime")."""
+        return {name: runtime_of(batched.model) for name, batched in self._models.items()}
 
     def batch_sizes(self, model: str) -> dict[int, int]:
         """How many batches of each size `model` has run here (lets tests observe batching)."""

@@ -1,7 +1,8 @@
 """One exported TorchScript model in this process: load `model.pt` once, run uint8 batches through it.
 
 The embedded backend (in the gateway replica or in a model deployment), the benchmark's baselines
-and the in-process figures all run models through this class.
+and the in-process figures run models through this class, or through its ONNX Runtime twin
+(`service.backends.onnxruntime.OnnxRuntimeModel`) as `CVSERVE_RUNTIME` chooses (`service.backends.runtimes`).
 """
 
 from __future__ import annotations

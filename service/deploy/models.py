@@ -19,7 +19,7 @@ from ray.util import metrics as ray_metrics
 
 from service.backends.base import Backend, BackendTimeout, BackendUnavailable
 from service.backends.local import BatchedModel, model_device, warm_up
-from service.backends.torchscript import TorchScriptModel
+from service.backends.runtimes import load_model, runtime_of
 from service.settings import Settings
 from service.telemetry.metrics import Instruments
 
@@ -46,12 +46,12 @@ class ModelDeployment:
         device = model_device(settings)
         if device == "cpu":
             torch.set_num_threads(settings.torch_threads)
-        loaded = TorchScriptModel(settings.model_repository, model, device)
+        loaded = load_model(settings, model, device)
         warm_up(loaded, settings)
         self._model = BatchedModel(
             loaded, settings.max_batch_size, settings.batch_wait_timeout_s, "embedded", RAY_INSTRUMENTS
         )
-        log.info("model %s v%s loaded on %s", model, loaded.version, device)
+        log.info("model %s v%s loaded on %s in %s", model, loaded.version, device, runtime_of(loaded))
 
     def reconfigure(self, config: dict[str, Any]) -> None:
         """Apply batch settings from `user_config` without redeploying."""

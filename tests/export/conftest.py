@@ -42,11 +42,16 @@ class Checkpoint:
 
 @dataclass(frozen=True)
 class Exported:
-    """Both repositories written by one set of CLI runs."""
+    """The repositories written by one set of CLI runs."""
 
     out: Path
     cpu_out: Path
     checkpoints: dict[str, Checkpoint]
+
+    @property
+    def onnx_out(self) -> Path:
+        """The onnxruntime repository, which export puts beside --cpu-out unless told otherwise."""
+        return self.cpu_out.parent / "triton_onnx_repository"
 
 
 def _labels_for(model: str) -> tuple[str, ...]:

@@ -16,6 +16,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 from torchvision.ops import box_iou
@@ -107,6 +108,15 @@ def run_in_fresh_process(model_pt: Path, image: torch.Tensor, work: Path) -> lis
     return result["outputs"]
 
 
+def run_onnx(model_onnx: Path, image: torch.Tensor) -> list[torch.Tensor]:
+    """Outputs of `model_onnx` on `image` in a bare ONNX Runtime session (CPU), in the file's output order."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(model_onnx), providers=["CPUExecutionProvider"])
+    (name,) = [tensor.name for tensor in session.get_inputs()]
+    return [torch.from_numpy(output) for output in session.run(None, {name: image.numpy()})]
+
+
 def normalise(
     image: torch.Tensor, mean: Sequence[float] = DEMO_MEAN, std: Sequence[float] = DEMO_STD
 ) -> torch.Tensor:
@@ -181,3 +191,25 @@ def assert_detector_matches(
         iou[expected["labels"][:, None] != labels[i, :n][None, :]] = 0
         assert float(iou.max(dim=1).values.min()) >= 0.99
         assert relative_error(scores[i, :n], expected["scores"].sort(descending=True).values) <= 1e-4
+
+
+def assert_detections_agree(
+    expected: dict[str, np.ndarray], actual: dict[str, np.ndarray], min_matched: float = 1.0
+) -> None:
+    """Two runtimes' detector outputs (batch dim kept): the same COUNT per image, zero padding, and at least
+    `min_matched` of the expected boxes per image matched by a same-label box with IoU >= 0.99 whose
+    score is within 1e-4 relative."""
+    assert np.array_equal(actual["COUNT"], expected["COUNT"])
+    assert int(expected["COUNT"].sum()) > 0, "no detections at all: the comparison would prove nothing"
+    for i, (n,) in enumerate(expected["COUNT"]):
+        assert not actual["BOXES"][i, n:].any() and not actual["SCORES"][i, n:].any()
+        assert not actual["LABELS"][i, n:].any()
+        if n == 0:
+            continue
+        iou = box_iou(torch.from_numpy(expected["BOXES"][i, :n]), torch.from_numpy(actual["BOXES"][i, :n]))
+        iou[torch.from_numpy(expected["LABELS"][i, :n][:, None] != actual["LABELS"][i, :n][None, :])] = 0
+        best, match = iou.max(dim=1)
+        matched = best >= 0.99
+        assert float(matched.float().mean()) >= min_matched, f"image {i}: {int((~matched).sum())} of {n} unmatched"
+        scores = torch.from_numpy(actual["SCORES"][i, :n])[match[matched]], torch.from_numpy(expected["SCORES"][i, :n])[matched]
+        assert relative_error(*scores) <= 1e-4

@@ -72,7 +72,8 @@ def test_a_malformed_model_answer_is_503_and_not_ready(model_repository: Path, t
     for version in (repository / "classifier").iterdir():
         if version.is_dir():
             torch.jit.save(torch.jit.script(_WrongShape()), version / "model.pt")
-    settings = Settings(model_repository=repository, models=("classifier",), device="cpu")
+    # model.pt is the broken file: run it whatever CVSERVE_RUNTIME=auto would pick for the classifier
+    settings = Settings(model_repository=repository, models=("classifier",), device="cpu", runtime="torchscript")
     buffer = io.BytesIO()
     Image.fromarray(make_scene(3, 96, 1, 1).image).save(buffer, "PNG")
     with TestClient(create_api(settings, LocalBackend(settings))) as client:
