@@ -52,6 +52,9 @@ class Batching:
     # Triton runs each batch size this often before it reports the model ready (model_warmup): TorchScript
     # optimises a graph per input shape on its second run, so the first real request is not the slow one.
     warmup_runs: int = 2
+    # The batch sizes warmed up; None: every size 1..max_batch_size. With batch buckets
+    # (`service.buckets`), the buckets: the only sizes the embedded backend and Triton will run.
+    warmup_sizes: tuple[int, ...] | None = None
 
     def check(self) -> None:
         """Refuse settings Triton would reject at load time."""
@@ -64,6 +67,9 @@ class Batching:
             )
         if self.max_queue_size < 1:
             raise ExportError(f"max_queue_size must be at least 1, got {self.max_queue_size}")
+        bad_warmups = [size for size in self.warmup_sizes or () if not 1 <= size <= self.max_batch_size]
+        if bad_warmups:
+            raise ExportError(f"warm-up batch sizes {bad_warmups} must lie in 1..{self.max_batch_size}")
         if self.max_queue_delay_us < 0:
             raise ExportError(f"--max-queue-delay-us must not be negative, got {self.max_queue_delay_us}")
 
@@ -87,7 +93,7 @@ def model_config(spec: ModelSpec, batching: Batching, cpu: bool) -> dict[str, An
             ],
             "count": batching.warmup_runs,
         }
-        for size in (range(1, batching.max_batch_size + 1) if batching.warmup_runs else ())
+        for size in (batching.warmup_sizes or range(1, batching.max_batch_size + 1) if batching.warmup_runs else ())
     ]
     return {
         "name": spec.name,

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from export.wrappers import ClassifierWrapper, script
-from loadtests.gpu_check import TOLERANCES, check_parity, detector_checks
+from loadtests.gpu.parity import TOLERANCES, check_parity, detector_checks
 from tasks import MODELS
 from tests.conftest import ROOT
 
