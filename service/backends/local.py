@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from service.backends.base import Backend
+from service.backends.base import Backend, BackendUnavailable
 from service.backends.torchscript import TorchScriptModel
 from service.telemetry.metrics import Instruments, ModelMetrics
 from service.settings import Settings
@@ -187,12 +187,16 @@ class LocalBackend(Backend):
         if device == "cpu":
             torch.set_num_threads(settings.torch_threads)
         self._models: dict[str, BatchedModel] = {}
+        from service.backends.pipelined import PipelinedBatchedModel, batched_model  # it builds on this module
+
         for name in settings.models:
             model = TorchScriptModel(settings.model_repository, name, device)
-            warm_up(model, settings)
-            self._models[name] = BatchedModel(
-                model, settings.max_batch_size, settings.batch_wait_timeout_s, "embedded", instruments
-            )
+            batched = batched_model(model, settings.max_batch_size, settings.batch_wait_timeout_s, "embedded", instruments)
+            if isinstance(batched, PipelinedBatchedModel):
+                batched.runner.warm_up()  # every batch bucket, the only shapes it will run
+            else:
+                warm_up(model, settings)
+            self._models[name] = batched
             log.info("model %s v%s loaded on %s in the gateway replica", name, model.version, device)
 
     async def infer(self, model: str, image: np.ndarray) -> dict[str, np.ndarray]:
