@@ -106,8 +106,8 @@ DRY_RUN = Profile(
     decode={"sizes": [[80, 60], [120, 90]], "batch": 2, "duration_s": 0.2, "letterbox": 64},
     http={"servers": 2, "client_processes": 2, "concurrency": 4, "duration_s": 2.0,
           "models": ["classifier"], "image_size": [80, 60], "max_batch": 2},  # fmt: skip
-    budget_s=300.0,
-    timeouts={"environment": 60, "model": 150, "decode": 60, "http": 120, "onnx": 60},
+    budget_s=900.0,  # a shared 2-core machine takes about 3 minutes; the budget leaves room for a loaded one
+    timeouts={"environment": 120, "model": 300, "decode": 120, "http": 240, "onnx": 60},
     # One thread: two OpenMP threads spinning on two shared, busy cores run several times slower.
     cpu_threads=1,
 )
@@ -148,7 +148,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--http-models", metavar="LIST", help="models the HTTP step serves, comma-separated ('none' skips it)"
     )
-    parser.add_argument("--budget", type=float, metavar="S", help="seconds for the whole run (450; 300 dry)")
+    parser.add_argument("--budget", type=float, metavar="S", help="seconds for the whole run (450; 900 with --dry-run)")
     parser.add_argument(
         "--repository", type=Path, metavar="DIR",
         help="keep the exported model repositories here (default: a temporary directory, removed)",
@@ -276,11 +276,12 @@ def merge(results: dict[str, Any], name: str, result: dict[str, Any]) -> None:
 
 
 def passed(results: dict[str, Any]) -> bool:
-    """Every parity check passed and no step failed or timed out."""
+    """Every parity check passed, device decode stayed within its tolerance, no step failed or timed out."""
     parities = [*results.get("parity", {}).values(), *results.get("parity_fp16", {}).values()]
     steps_ok = all(step["status"] in ("ok", "skipped") for step in results["steps"])
     http_ok = results.get("http", {}).get("status") in (None, "ok", "skipped")
-    return steps_ok and http_ok and all(p["passed"] for p in parities)
+    decode_ok = results.get("decode", {}).get("passed", True)
+    return steps_ok and http_ok and decode_ok and all(p["passed"] for p in parities)
 
 
 def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import platform
 import statistics
@@ -23,6 +24,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+log = logging.getLogger("loadtests.gpu.steps")
 # Modules the check must never import: they are not on the GPU image (tests/loadtests/test_gpu_check.py
 # runs every step with them blocked).
 FORBIDDEN_MODULES = ("tritonclient", "ray")
@@ -310,26 +312,41 @@ def step_model(ctx: Context, model: str, size: int | None) -> dict[str, Any]:
     max_batch = profile["max_batch"][model]
     sizes = list(buckets_up_to(max_batch))
     source = weight_source(model, ctx.weights, Path(ctx.work) / "weights", size)
-    result: dict[str, Any] = {"model": model, "batch_sizes": sizes}
+    result: dict[str, Any] = {"model": model, "batch_sizes": sizes, "phase_s": {}}
+    clock = [time.monotonic()]
+
+    def phase(name: str) -> None:  # where the step's time went, in the JSON and the step's log
+        now = time.monotonic()
+        result["phase_s"][name] = round(now - clock[0], 1)
+        log.info("%s %s: %.1fs", model, name, now - clock[0])
+        clock[0] = now
+
     fp32_repo = ctx.repository("fp32", model, size)
     result["export"] = export_model(model, source, fp32_repo, max_batch, "fp32")
+    phase("export")
     spec = load_specs([model], source)[0]  # the same weights, as the eager model the export scripted
     input_size = spec.input_size
     images = parity_images(model, input_size, profile["parity_batch"]).to(device)
     scripted = load_torchscript(fp32_repo / model / "1" / "model.pt", device)
     result["parity"] = check_parity(model, spec.module.to(device), scripted, images, profile["warmup_calls"])
     del spec
+    phase("parity")
     result["throughput"] = measure_pipeline_rows(model, fp32_repo, device, sizes, profile)
+    phase("throughput")
     result["sweep"] = {"fp32": sweep(scripted, input_size, sizes, profile["sweep_s"], profile["warmup_calls"], device)}
+    phase("sweep")
     if profile.get("fp16"):
         fp16_repo = ctx.repository("fp16", model, size)
         result["export_fp16"] = export_model(model, source, fp16_repo, max_batch, "fp16")
+        phase("export_fp16")
         half = load_torchscript(fp16_repo / model / "1" / "model.pt", device)
         for _ in range(profile["warmup_calls"]):
             with torch.inference_mode():
                 half(images)
         result["parity_fp16"] = fp16_parity(model, scripted, half, images)
+        phase("parity_fp16")
         result["sweep"]["fp16"] = sweep(half, input_size, sizes, profile["sweep_s"], profile["warmup_calls"], device)
+        phase("sweep_fp16")
     if device.type == "cuda":
         result["max_memory_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
     return result
@@ -390,7 +407,6 @@ def run_step(name: str, ctx: Context) -> dict[str, Any]:
 
 def main(argv: list[str]) -> int:
     """python -m loadtests.gpu.steps STEP CONTEXT.json RESULT.json"""
-    import logging
     import warnings
 
     name, context_file, result_file = argv

@@ -41,7 +41,7 @@ def _reference(spec: ModelSpec, batching: Batching, cpu: bool) -> pb.ModelConfig
     config.instance_group.append(pb.ModelInstanceGroup(kind=kind, count=1))
     for key, value in spec.parameters.items():
         config.parameters[key].string_value = value
-    for size in range(1, batching.max_batch_size + 1) if batching.warmup_runs else ():
+    for size in (batching.warmup_sizes or range(1, batching.max_batch_size + 1)) if batching.warmup_runs else ():
         warmup = config.model_warmup.add(name=f"batch {size}", batch_size=size, count=batching.warmup_runs)
         for t in spec.inputs:
             warmup.inputs[t.name].CopyFrom(
@@ -56,7 +56,8 @@ def _specs() -> list[ModelSpec]:
     return [*specs, dataclasses.replace(specs[0], input_size=224, resize_size=232, weights="pretrained:IMAGENET1K_V2")]
 
 
-BATCHINGS = [Batching(), Batching(1, (1,), 0, warmup_runs=0), Batching(128, (1, 4, 8, 16, 32, 64, 128), 500)]
+BUCKETS = (1, 4, 8, 16, 32, 64, 128)
+BATCHINGS = [Batching(), Batching(1, (1,), 0, warmup_runs=0), Batching(128, BUCKETS, 500, warmup_sizes=BUCKETS)]
 
 
 @pytest.mark.parametrize("cpu", [False, True], ids=["libtorch", "python"])
@@ -80,6 +81,8 @@ def test_contracts_read_without_tritonclient_equal_triton_s_parse(tmp_path: Path
             assert contract == _contract_via_protobuf(tmp_path, spec.name)
             assert contract.config == reference
             assert contract.parameters == spec.parameters and contract.max_batch_size == batching.max_batch_size
+            warmups = [w.batch_size for w in contract.config.model_warmup]
+            assert warmups == list(batching.warmup_sizes or range(1, batching.max_batch_size + 1)) if batching.warmup_runs else not warmups
 
 
 def _contract_via_protobuf(repository: Path, model: str) -> ModelContract:
