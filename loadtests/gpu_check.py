@@ -104,7 +104,7 @@ DRY_RUN = Profile(
     image_sizes=((80, 60), (60, 80)),
     fp16=True,
     decode={"sizes": [[80, 60], [120, 90]], "batch": 2, "duration_s": 0.2, "letterbox": 64},
-    http={"servers": 2, "client_processes": 2, "concurrency": 4, "duration_s": 2.0,
+    http={"servers": 2, "client_processes": 2, "concurrency": 4, "duration_s": 4.0,
           "models": ["classifier"], "image_size": [80, 60], "max_batch": 2},  # fmt: skip
     budget_s=900.0,  # a shared 2-core machine takes about 3 minutes; the budget leaves room for a loaded one
     timeouts={"environment": 120, "model": 300, "decode": 120, "http": 240, "onnx": 60},
