@@ -44,6 +44,7 @@ log = logging.getLogger("loadtests.gpu_check")
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULT_FILE = "gpu_check.json"
+LOG_FILE = "gpu_check.log"  # every step's log, one after the other (a device run brings back few files)
 STUBS = ROOT / "loadtests" / "gpu" / "stubs"
 STEP_MIN_S = 10.0  # a step is skipped when less of the budget is left
 STOP_GRACE_S = 5.0  # a timed-out step's time to stop (SIGTERM, then SIGKILL)
@@ -87,10 +88,10 @@ GPU = Profile(
     image_sizes=((640, 480), (1280, 720), (1920, 1080)),
     fp16=True,
     decode={"sizes": [[640, 480], [1920, 1080]], "batch": 32, "duration_s": 2.0, "letterbox": 640},
-    http={"servers": 4, "client_processes": 4, "concurrency": 64, "duration_s": 15.0,
+    http={"servers": 4, "client_processes": 4, "concurrency": 64, "duration_s": 10.0,
           "models": ["classifier", "detector", "segmenter"], "image_size": [640, 480], "max_batch": 32},  # fmt: skip
     budget_s=450.0,
-    timeouts={"environment": 60, "model": 120, "decode": 60, "http": 120, "onnx": 60},
+    timeouts={"environment": 60, "model": 120, "decode": 60, "http": 150, "onnx": 60},
 )
 DRY_RUN = Profile(
     sizes=dict.fromkeys(MODELS, 64),
@@ -149,6 +150,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--http-models", metavar="LIST", help="models the HTTP step serves, comma-separated ('none' skips it)"
     )
     parser.add_argument("--budget", type=float, metavar="S", help="seconds for the whole run (450; 900 with --dry-run)")
+    parser.add_argument(
+        "--logs", type=Path, metavar="DIR",
+        help="each step's log (and the HTTP servers') (default: DIR/logs); DIR/gpu_check.log has them all",
+    )  # fmt: skip
     parser.add_argument(
         "--repository", type=Path, metavar="DIR",
         help="keep the exported model repositories here (default: a temporary directory, removed)",
@@ -217,10 +222,10 @@ def step_environment_variables(out: Path) -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": os.pathsep.join(paths), "PYTHONUNBUFFERED": "1", "CVSERVE_CHECK_OUT": str(out)}
 
 
-def run_step(name: str, context: Path, work: Path, out: Path, timeout_s: float, env: dict[str, str]) -> dict[str, Any]:
+def run_step(name: str, context: Path, work: Path, logs: Path, timeout_s: float, env: dict[str, str]) -> dict[str, Any]:
     """Run one step in its own process group for at most `timeout_s`; its JSON, or why there is none."""
     slug = name.replace(":", "-").replace("@", "-")
-    result_file, log_file = work / f"{slug}.json", out / "logs" / f"{slug}.log"
+    result_file, log_file = work / f"{slug}.json", logs / f"{slug}.log"
     log_file.parent.mkdir(parents=True, exist_ok=True)
     command = [sys.executable, "-m", "loadtests.gpu.steps", name, str(context), str(result_file)]
     started = time.monotonic()
@@ -236,11 +241,14 @@ def run_step(name: str, context: Path, work: Path, out: Path, timeout_s: float, 
         finally:
             _stop(process)
     entry["seconds"] = round(time.monotonic() - started, 1)
-    if returncode is None:
-        return entry | {"status": "timed out"}
+    if returncode is None:  # keep the phases it finished (a model step saves them as it goes)
+        partial = json.loads(result_file.read_text()) if result_file.is_file() else None
+        return entry | {"status": "timed out"} | ({"result": partial} if partial else {})
     if returncode != 0 or not result_file.is_file():
         tail = log_file.read_text(errors="replace").strip().splitlines()[-1:] if log_file.is_file() else []
-        return entry | {"status": "failed", "exit": returncode, "error": tail[0][-300:] if tail else ""}
+        partial = json.loads(result_file.read_text()) if result_file.is_file() else None
+        failed = {"status": "failed", "exit": returncode, "error": tail[0][-300:] if tail else ""}
+        return entry | failed | ({"result": partial} if partial else {})
     return entry | {"status": "ok", "result": json.loads(result_file.read_text())}
 
 
@@ -291,11 +299,15 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     device = check_device(args.dry_run)
     out: Path = args.out
     path = out / RESULT_FILE
+    logs: Path = args.logs or out / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    combined = out / LOG_FILE
+    combined.write_text("")
     repository_root = args.repository.resolve() if args.repository else work
     context = work / "context.json"
     context.write_text(json.dumps({
         "dry_run": args.dry_run, "device": device, "weights": args.weights, "work": str(repository_root),
-        "out": str(out), "profile": dataclasses.asdict(profile),
+        "out": str(out), "logs": str(logs), "profile": dataclasses.asdict(profile),
     }))  # fmt: skip
     results: dict[str, Any] = {
         "dry_run": args.dry_run,
@@ -318,7 +330,8 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         else:
             timeout_s = min(profile.timeouts[kind], left - STOP_GRACE_S)
             log.info("step %s (at most %.0fs)", name, timeout_s)
-            entry = run_step(name, context, work, out, timeout_s, env)
+            entry = run_step(name, context, work, logs, timeout_s, env)
+            _append_logs(combined, logs, name)
         if "result" in entry:
             merge(results, name, entry.pop("result"))
         log.info("step %s: %s in %ss", name, entry["status"], entry.get("seconds", 0))
@@ -327,6 +340,15 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         results["wall_s"] = round(time.monotonic() - started, 1)
         path.write_text(json.dumps(results, indent=2) + "\n")  # after every step: a killed run keeps its figures
     return results
+
+
+def _append_logs(combined: Path, logs: Path, name: str) -> None:
+    """Add the logs a step wrote (its own, and its servers') to the combined log."""
+    slug = name.replace(":", "-").replace("@", "-")
+    with open(combined, "a") as out:
+        for log_path in [logs / f"{slug}.log", *sorted(logs.glob(f"{slug}-*.log"))]:
+            if log_path.is_file():
+                out.write(f"===== {log_path.name}\n{log_path.read_text(errors='replace')}\n")
 
 
 def _skip_reason(name: str, results: dict[str, Any], left: float) -> str | None:

@@ -196,7 +196,7 @@ def run_http_bench(ctx: Any) -> dict[str, Any]:
     missing = [m for m in models if not (repository / m / "config.pbtxt").is_file()]
     if missing:
         return {"status": "skipped", "reason": f"not exported by the model steps: {', '.join(missing)}"}
-    out = Path(ctx.out) / "logs"
+    out = Path(ctx.logs)
     out.mkdir(parents=True, exist_ok=True)
     socket_path = Path(tempfile.mkdtemp(prefix="cvserve-", dir="/tmp")) / "owner.sock"
     port = _free_port()

@@ -44,6 +44,7 @@ class Context:
     weights: str  # random | pretrained
     work: str  # scratch directory: checkpoints, exported repositories
     out: str  # the run's output directory
+    logs: str  # where steps write the logs of processes they start (<step>-<what>.log)
     profile: dict[str, Any]
 
     def repository(self, precision: str, model: str, size: int | None) -> Path:
@@ -58,7 +59,8 @@ class Context:
 def package_versions(names: list[str] | None = None) -> dict[str, str | None]:
     """Installed versions (None: not installed) of the carried wheels and the image's packages we use."""
     root = Path(__file__).resolve().parent
-    carried = [line.split("==")[0] for line in (root / "wheels.txt").read_text().splitlines() if "==" in line]
+    pins = [line.partition("#")[0].strip() for line in (root / "wheels.txt").read_text().splitlines()]
+    carried = [pin.split("==")[0] for pin in pins if pin]
     wanted = names or sorted({*carried, "torch", "torchvision", "numpy", "pillow", "onnxruntime", "protobuf",
                               "anyio", "h11", "click", "httpx", "msgpack", "contourpy", "scipy", "prometheus-client"})  # fmt: skip
     versions: dict[str, str | None] = {}
@@ -320,6 +322,7 @@ def step_model(ctx: Context, model: str, size: int | None) -> dict[str, Any]:
         result["phase_s"][name] = round(now - clock[0], 1)
         log.info("%s %s: %.1fs", model, name, now - clock[0])
         clock[0] = now
+        save_partial(result)  # a step stopped at its time limit still reports the phases it finished
 
     fp32_repo = ctx.repository("fp32", model, size)
     result["export"] = export_model(model, source, fp32_repo, max_batch, "fp32")
@@ -387,6 +390,15 @@ def step_onnx(ctx: Context) -> dict[str, Any]:
     return {"status": "skipped", "reason": "not written yet: ONNX Runtime is another engineer's step"}
 
 
+_partial_file: Path | None = None  # RESULT.json of the step this process runs
+
+
+def save_partial(result: dict[str, Any]) -> None:
+    """Write what the step has so far (marked partial): the orchestrator keeps it if the step is stopped."""
+    if _partial_file is not None:
+        _partial_file.write_text(json.dumps(result | {"partial": True}, indent=2) + "\n")
+
+
 STEPS: dict[str, Callable[..., dict[str, Any]]] = {
     "environment": step_environment,
     "model": step_model,
@@ -412,6 +424,8 @@ def main(argv: list[str]) -> int:
     name, context_file, result_file = argv
     logging.basicConfig(stream=sys.stdout, level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     warnings.filterwarnings("ignore", message=r".*torch\.jit.* is deprecated", category=FutureWarning)
+    global _partial_file
+    _partial_file = Path(result_file)
     ctx = Context(**json.loads(Path(context_file).read_text()))
     started = time.monotonic()
     result = run_step(name, ctx)

@@ -102,6 +102,8 @@ def test_dry_run_runs_every_step_as_on_the_gpu_image(tmp_path: Path) -> None:
     assert http["status"] == "ok" and http["stubbed_av"] is True and http["repository"] == "fp16"
     assert http["loads"]["classifier"]["ok"] > 0 and http["loads"]["classifier"]["errors"] == 0
     assert results["onnx"]["status"] == "skipped"
+    combined = (tmp_path / "gpu_check.log").read_text()
+    assert all(f"===== {n}.log" in combined for n in ("environment", "model-detector", "http", "http-owner", "http-servers"))
 
 
 def test_without_cuda_a_real_run_stops_with_one_line(tmp_path: Path) -> None:
@@ -118,7 +120,7 @@ def test_without_cuda_a_real_run_stops_with_one_line(tmp_path: Path) -> None:
 def test_a_step_past_its_time_is_stopped_with_its_processes(tmp_path: Path) -> None:
     context = tmp_path / "context.json"
     context.write_text(json.dumps({"dry_run": True, "device": "cpu", "weights": "random", "work": str(tmp_path),
-                                   "out": str(tmp_path), "profile": {}}))  # fmt: skip
+                                   "out": str(tmp_path), "logs": str(tmp_path), "profile": {}}))  # fmt: skip
     started = time.monotonic()
     entry = run_step("environment", context, tmp_path, tmp_path, 0.5, _image_env())
     assert entry["status"] == "timed out" and entry["timeout_s"] == 0 and time.monotonic() - started < 15
