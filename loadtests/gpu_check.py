@@ -88,8 +88,15 @@ GPU = Profile(
     image_sizes=((640, 480), (1280, 720), (1920, 1080)),
     fp16=True,
     decode={"sizes": [[640, 480], [1920, 1080]], "batch": 32, "duration_s": 2.0, "letterbox": 640},
-    http={"servers": 4, "client_processes": 4, "concurrency": 64, "duration_s": 10.0,
-          "models": ["classifier", "detector", "segmenter"], "image_size": [640, 480], "max_batch": 32},  # fmt: skip
+    http={
+        "servers": 4,
+        "client_processes": 4,
+        "concurrency": 64,
+        "duration_s": 10.0,
+        "models": ["classifier", "detector", "segmenter"],
+        "image_size": [640, 480],
+        "max_batch": 32,
+    },  # fmt: skip
     budget_s=450.0,
     timeouts={"environment": 60, "model": 120, "decode": 60, "http": 150, "onnx": 60},
 )
@@ -105,8 +112,15 @@ DRY_RUN = Profile(
     image_sizes=((80, 60), (60, 80)),
     fp16=True,
     decode={"sizes": [[80, 60], [120, 90]], "batch": 2, "duration_s": 0.2, "letterbox": 64},
-    http={"servers": 2, "client_processes": 2, "concurrency": 4, "duration_s": 4.0,
-          "models": ["classifier"], "image_size": [80, 60], "max_batch": 2},  # fmt: skip
+    http={
+        "servers": 2,
+        "client_processes": 2,
+        "concurrency": 4,
+        "duration_s": 4.0,
+        "models": ["classifier"],
+        "image_size": [80, 60],
+        "max_batch": 2,
+    },  # fmt: skip
     budget_s=900.0,  # a shared 2-core machine takes about 3 minutes; the budget leaves room for a loaded one
     timeouts={"environment": 120, "model": 300, "decode": 120, "http": 240, "onnx": 60},
     # One thread: two OpenMP threads spinning on two shared, busy cores run several times slower.
@@ -124,7 +138,9 @@ def plan(profile: Profile) -> tuple[str, ...]:
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """The command line (see --help); unset options take the GPU or the --dry-run profile's value."""
     parser = argparse.ArgumentParser(
-        prog="python -m loadtests.gpu_check", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="python -m loadtests.gpu_check",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(
         "--out", type=Path, default=ROOT / "loadtests" / "out" / "gpu_check", metavar="DIR",
@@ -149,7 +165,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--http-models", metavar="LIST", help="models the HTTP step serves, comma-separated ('none' skips it)"
     )
-    parser.add_argument("--budget", type=float, metavar="S", help="seconds for the whole run (450; 900 with --dry-run)")
+    parser.add_argument(
+        "--budget", type=float, metavar="S", help="seconds for the whole run (450; 900 with --dry-run)"
+    )
     parser.add_argument(
         "--logs", type=Path, metavar="DIR",
         help="each step's log (and the HTTP servers') (default: DIR/logs); DIR/gpu_check.log has them all",
@@ -219,10 +237,17 @@ def step_environment_variables(out: Path) -> dict[str, str]:
         import av  # noqa: F401
     except ImportError:
         paths.append(str(STUBS))  # last: a real av anywhere on the path wins
-    return {**os.environ, "PYTHONPATH": os.pathsep.join(paths), "PYTHONUNBUFFERED": "1", "CVSERVE_CHECK_OUT": str(out)}
+    return {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(paths),
+        "PYTHONUNBUFFERED": "1",
+        "CVSERVE_CHECK_OUT": str(out),
+    }
 
 
-def run_step(name: str, context: Path, work: Path, logs: Path, timeout_s: float, env: dict[str, str]) -> dict[str, Any]:
+def run_step(
+    name: str, context: Path, work: Path, logs: Path, timeout_s: float, env: dict[str, str]
+) -> dict[str, Any]:
     """Run one step in its own process group for at most `timeout_s`; its JSON, or why there is none."""
     slug = name.replace(":", "-").replace("@", "-")
     result_file, log_file = work / f"{slug}.json", logs / f"{slug}.log"
@@ -338,7 +363,9 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         results["steps"].append(entry)
         results["passed"] = passed(results)
         results["wall_s"] = round(time.monotonic() - started, 1)
-        path.write_text(json.dumps(results, indent=2) + "\n")  # after every step: a killed run keeps its figures
+        path.write_text(
+            json.dumps(results, indent=2) + "\n"
+        )  # after every step: a killed run keeps its figures
     return results
 
 
@@ -366,7 +393,9 @@ def _skip_reason(name: str, results: dict[str, Any], left: float) -> str | None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the check and write DIR/gpu_check.json; a run that cannot start is one line on stderr and exit 1."""
     args = parse_args(argv)
-    logging.basicConfig(stream=sys.stdout, level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        stream=sys.stdout, level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     try:
         args.out.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(prefix="gpu-check-") as work:
@@ -374,7 +403,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CheckError as exc:
         sys.stderr.write(f"gpu_check: error: {exc}\n")
         return 1
-    log.info("%s in %.0fs: wrote %s", "passed" if results["passed"] else "FAILED", results["wall_s"], args.out / RESULT_FILE)
+    log.info(
+        "%s in %.0fs: wrote %s",
+        "passed" if results["passed"] else "FAILED",
+        results["wall_s"],
+        args.out / RESULT_FILE,
+    )
     return 0 if results["passed"] else 1
 
 

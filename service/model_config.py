@@ -35,7 +35,18 @@ _TOKEN = re.compile(
     |(?P<punct>[:{}\[\]<>,;])""",
     re.VERBOSE,
 )
-_ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "'": "'", '"': '"', "\\": "\\", "a": "\a", "b": "\b", "f": "\f", "v": "\v"}
+_ESCAPES = {
+    "n": "\n",
+    "t": "\t",
+    "r": "\r",
+    "'": "'",
+    '"': '"',
+    "\\": "\\",
+    "a": "\a",
+    "b": "\b",
+    "f": "\f",
+    "v": "\v",
+}
 _CLOSE = {"{": "}", "<": ">"}
 
 
@@ -45,7 +56,7 @@ def _tokens(text: str) -> Iterator[tuple[str, str, int]]:
         match = _TOKEN.match(text, position)
         if match is None:
             line = text.count("\n", 0, position) + 1
-            raise ConfigSyntaxError(f"line {line}: unexpected {text[position:position + 10]!r}")
+            raise ConfigSyntaxError(f"line {line}: unexpected {text[position : position + 10]!r}")
         if match.lastgroup is not None:
             yield match.lastgroup, match.group(), position
         position = match.end()
@@ -93,7 +104,9 @@ class _Parser:
     def take(self, expected: str | None = None) -> tuple[str, str]:
         token = self.peek()
         if token is None or (expected is not None and token[1] != expected):
-            raise ConfigSyntaxError(f"{self._where()}: expected {expected or 'a value'}, got {token and token[1]!r}")
+            raise ConfigSyntaxError(
+                f"{self._where()}: expected {expected or 'a value'}, got {token and token[1]!r}"
+            )
         self.i += 1
         return token
 

@@ -43,7 +43,9 @@ def letterbox_pipeline(side: int) -> TaskPipeline:
     return TaskPipeline("detector", contract, HANDLERS["detector"], Settings())
 
 
-def _rate(run: Callable[[], object], images: int, duration_s: float, device: torch.device) -> dict[str, float]:
+def _rate(
+    run: Callable[[], object], images: int, duration_s: float, device: torch.device
+) -> dict[str, float]:
     run()  # warm-up (nvJPEG handles, kernels)
     times: list[float] = []
     deadline = time.perf_counter() + duration_s
@@ -53,7 +55,10 @@ def _rate(run: Callable[[], object], images: int, duration_s: float, device: tor
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         times.append(time.perf_counter() - began)
-    return {"images_per_s": round(images * len(times) / sum(times), 1), "batch_ms_p50": round(1000 * statistics.median(times), 2)}
+    return {
+        "images_per_s": round(images * len(times) / sum(times), 1),
+        "batch_ms_p50": round(1000 * statistics.median(times), 2),
+    }
 
 
 def measure_decode(device: torch.device, config: dict[str, Any]) -> dict[str, Any]:
@@ -65,15 +70,27 @@ def measure_decode(device: torch.device, config: dict[str, Any]) -> dict[str, An
     for width, height in config["sizes"]:
         blobs = jpegs(width, height, batch)
         tensors = [torch.frombuffer(bytearray(b), dtype=torch.uint8) for b in blobs]
-        row: dict[str, Any] = {"size": f"{width}x{height}", "batch": batch, "mean_bytes": int(np.mean([len(b) for b in blobs]))}
-        row["pillow_decode"] = _rate(lambda: [decode_image(b, 10**9, ("JPEG",)) for b in blobs], batch, duration, device)
-        row["device_decode"] = _rate(lambda: decode_jpeg(tensors, mode=ImageReadMode.RGB, device=device), batch, duration, device)
+        row: dict[str, Any] = {
+            "size": f"{width}x{height}",
+            "batch": batch,
+            "mean_bytes": int(np.mean([len(b) for b in blobs])),
+        }
+        row["pillow_decode"] = _rate(
+            lambda: [decode_image(b, 10**9, ("JPEG",)) for b in blobs], batch, duration, device
+        )
+        row["device_decode"] = _rate(
+            lambda: decode_jpeg(tensors, mode=ImageReadMode.RGB, device=device), batch, duration, device
+        )
         row["cpu_prepare"] = _rate(lambda: [pipeline.prepare(b) for b in blobs], batch, duration, device)
         row["device_prepare"] = _rate(lambda: preparer.prepare(blobs), batch, duration, device)
         on_device, _ = preparer.prepare(blobs)
         expected = np.stack([pipeline.prepare(b)[0] for b in blobs]).astype(np.int16)
         diff = np.abs(on_device.cpu().numpy().astype(np.int16) - expected)
-        row["diff"] = {"mean_abs": round(float(diff.mean()), 3), "p99_abs": float(np.percentile(diff, 99)), "max_abs": int(diff.max())}
+        row["diff"] = {
+            "mean_abs": round(float(diff.mean()), 3),
+            "p99_abs": float(np.percentile(diff, 99)),
+            "max_abs": int(diff.max()),
+        }
         worst = {k: max(worst[k], row["diff"][k]) for k in worst}
         rows.append(row)
     within = worst["mean_abs"] <= TOLERANCE.mean_abs and worst["p99_abs"] <= TOLERANCE.p99_abs

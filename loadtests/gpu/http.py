@@ -45,7 +45,9 @@ def _jpeg(width: int, height: int, seed: int) -> bytes:
     return buffer.getvalue()
 
 
-def _client_process(url: str, clients: int, duration_s: float, warmup_s: float, image_size: list[int], seed: int, queue: Any) -> None:
+def _client_process(
+    url: str, clients: int, duration_s: float, warmup_s: float, image_size: list[int], seed: int, queue: Any
+) -> None:
     """One load-generator process: `clients` closed-loop clients; puts (latencies, errors, samples)."""
     import httpx
 
@@ -68,7 +70,11 @@ def _client_process(url: str, clients: int, duration_s: float, warmup_s: float, 
                     count += 1
                     try:
                         response = await client.post(url, files=files)
-                        error = None if response.status_code == 200 else f"HTTP {response.status_code}: {response.text[:120]}"
+                        error = (
+                            None
+                            if response.status_code == 200
+                            else f"HTTP {response.status_code}: {response.text[:120]}"
+                        )
                     except httpx.HTTPError as exc:
                         error = f"{type(exc).__name__}: {exc}"[:160]
                     finished = time.perf_counter()
@@ -86,7 +92,9 @@ def _client_process(url: str, clients: int, duration_s: float, warmup_s: float, 
     queue.put(asyncio.run(run()))
 
 
-def load(url: str, processes: int, concurrency: int, duration_s: float, warmup_s: float, image_size: list[int]) -> dict[str, Any]:
+def load(
+    url: str, processes: int, concurrency: int, duration_s: float, warmup_s: float, image_size: list[int]
+) -> dict[str, Any]:
     """Closed-loop load from `processes` processes; throughput and latency percentiles over all of them."""
     context = multiprocessing.get_context("spawn")
     queue = context.Queue()
@@ -132,17 +140,24 @@ def warm(url: str, requests: int, image_size: list[int]) -> float:
         async with httpx.AsyncClient(timeout=120.0) as client:
             for _ in range(2):
                 answers = await asyncio.gather(
-                    *(client.post(url, files={"file": ("image.jpg", image, "image/jpeg")}) for _ in range(requests))
+                    *(
+                        client.post(url, files={"file": ("image.jpg", image, "image/jpeg")})
+                        for _ in range(requests)
+                    )
                 )
                 bad = [a.status_code for a in answers if a.status_code != 200]
                 if bad:
-                    raise RuntimeError(f"warm-up requests to {url} answered {bad[:3]}: {answers[0].text[:200]}")
+                    raise RuntimeError(
+                        f"warm-up requests to {url} answered {bad[:3]}: {answers[0].text[:200]}"
+                    )
 
     asyncio.run(run())
     return round(time.monotonic() - started, 1)
 
 
-def _wait_for(check: Any, process: subprocess.Popen[bytes], what: str, timeout_s: float = START_TIMEOUT_S) -> None:
+def _wait_for(
+    check: Any, process: subprocess.Popen[bytes], what: str, timeout_s: float = START_TIMEOUT_S
+) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if process.poll() is not None:
@@ -233,7 +248,9 @@ def run_http_bench(ctx: Any) -> dict[str, Any]:
         result["loads"] = {}
         result["warm_up_s"] = {}
         for model in models:
-            result["warm_up_s"][model] = warm(base + ENDPOINTS[model], 2 * config["servers"], config["image_size"])
+            result["warm_up_s"][model] = warm(
+                base + ENDPOINTS[model], 2 * config["servers"], config["image_size"]
+            )
             measured = load(
                 base + ENDPOINTS[model], config["client_processes"], config["concurrency"], config["duration_s"],
                 warmup_s=min(3.0, config["duration_s"] / 2), image_size=config["image_size"],
@@ -246,4 +263,7 @@ def run_http_bench(ctx: Any) -> dict[str, Any]:
             _stop(servers)
         _stop(owner)
     failed = [m for m, r in result["loads"].items() if r["errors"] or not r["ok"]]
-    return result | {"status": "failed" if failed else "ok", **({"reason": f"errors or no answers: {failed}"} if failed else {})}
+    return result | {
+        "status": "failed" if failed else "ok",
+        **({"reason": f"errors or no answers: {failed}"} if failed else {}),
+    }

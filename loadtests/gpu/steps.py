@@ -208,13 +208,22 @@ def export_argv(model: str, source: Any, repository: Path, max_batch_size: int, 
     if precision != "fp32":
         argv += ["--precision", precision]
     if source.weights == "checkpoint":
-        argv += ["--arch", source.arch, "--checkpoint", str(source.checkpoint), "--classes", str(source.classes)]
+        argv += [
+            "--arch",
+            source.arch,
+            "--checkpoint",
+            str(source.checkpoint),
+            "--classes",
+            str(source.classes),
+        ]
     if source.input_size:
         argv += ["--input-size", str(source.input_size)]
     return argv
 
 
-def export_model(model: str, source: Any, repository: Path, max_batch_size: int, precision: str) -> dict[str, Any]:
+def export_model(
+    model: str, source: Any, repository: Path, max_batch_size: int, precision: str
+) -> dict[str, Any]:
     """Run the export CLI for one model; say what it wrote."""
     from export.__main__ import main as export_main
     from service.contract import load_contract
@@ -253,7 +262,9 @@ def sweep(
     rows = []
     generator = torch.Generator().manual_seed(0)
     for size in sizes:
-        batch = torch.randint(0, 256, (size, 3, input_size, input_size), dtype=torch.uint8, generator=generator)
+        batch = torch.randint(
+            0, 256, (size, 3, input_size, input_size), dtype=torch.uint8, generator=generator
+        )
         batch = batch.to(device)
         times: list[float] = []
         with torch.inference_mode():
@@ -275,7 +286,9 @@ def sweep(
     return rows
 
 
-def measure_pipeline_rows(model: str, repository: Path, device: Any, sizes: list[int], profile: dict[str, Any]) -> list[dict[str, Any]]:
+def measure_pipeline_rows(
+    model: str, repository: Path, device: Any, sizes: list[int], profile: dict[str, Any]
+) -> list[dict[str, Any]]:
     """Images/s of the gateway's model runner (copies in and out) at each size, and of decode → preprocess
     → model → postprocess in one process at the largest (the existing in-process figures)."""
     from loadtests.baselines.pipeline import ModelPipeline
@@ -286,7 +299,9 @@ def measure_pipeline_rows(model: str, repository: Path, device: Any, sizes: list
     from service.settings import Settings
 
     settings = Settings(model_repository=repository, max_batch_size=max(sizes))
-    pipeline = ModelPipeline(TaskPipeline.load(settings, model), TorchScriptModel(repository, model, device.type))
+    pipeline = ModelPipeline(
+        TaskPipeline.load(settings, model), TorchScriptModel(repository, model, device.type)
+    )
     images = make_image_mix(profile["images"], tuple(tuple(s) for s in profile["image_sizes"]))
     prepared = [pipeline.prepare(image.data)[0] for image in images]
     for size in sizes:
@@ -336,7 +351,9 @@ def step_model(ctx: Context, model: str, size: int | None) -> dict[str, Any]:
     phase("parity")
     result["throughput"] = measure_pipeline_rows(model, fp32_repo, device, sizes, profile)
     phase("throughput")
-    result["sweep"] = {"fp32": sweep(scripted, input_size, sizes, profile["sweep_s"], profile["warmup_calls"], device)}
+    result["sweep"] = {
+        "fp32": sweep(scripted, input_size, sizes, profile["sweep_s"], profile["warmup_calls"], device)
+    }
     phase("sweep")
     if profile.get("fp16"):
         fp16_repo = ctx.repository("fp16", model, size)
@@ -348,7 +365,9 @@ def step_model(ctx: Context, model: str, size: int | None) -> dict[str, Any]:
                 half(images)
         result["parity_fp16"] = fp16_parity(model, scripted, half, images)
         phase("parity_fp16")
-        result["sweep"]["fp16"] = sweep(half, input_size, sizes, profile["sweep_s"], profile["warmup_calls"], device)
+        result["sweep"]["fp16"] = sweep(
+            half, input_size, sizes, profile["sweep_s"], profile["warmup_calls"], device
+        )
         phase("sweep_fp16")
     if device.type == "cuda":
         result["max_memory_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
@@ -422,7 +441,9 @@ def main(argv: list[str]) -> int:
     import warnings
 
     name, context_file, result_file = argv
-    logging.basicConfig(stream=sys.stdout, level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        stream=sys.stdout, level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     warnings.filterwarnings("ignore", message=r".*torch\.jit.* is deprecated", category=FutureWarning)
     global _partial_file
     _partial_file = Path(result_file)

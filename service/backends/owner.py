@@ -112,7 +112,9 @@ class ModelOwner:
                 task.cancel()
             writer.close()
 
-    async def _answer(self, message: dict[str, Any], writer: asyncio.StreamWriter, lock: asyncio.Lock) -> None:
+    async def _answer(
+        self, message: dict[str, Any], writer: asyncio.StreamWriter, lock: asyncio.Lock
+    ) -> None:
         reply: dict[str, Any] = {"id": message["id"]}
         try:
             if message["op"] == "ready":
@@ -121,7 +123,9 @@ class ModelOwner:
                 images = [unpack_array(image) for image in message["images"]]
                 timings = [BatchTiming() for _ in images]
                 outputs = await self.backend.infer_many(message["model"], images, timings)
-                reply["outputs"] = [{name: pack_array(value) for name, value in out.items()} for out in outputs]
+                reply["outputs"] = [
+                    {name: pack_array(value) for name, value in out.items()} for out in outputs
+                ]
                 reply["timings"] = [[t.queue_s, t.model_s, t.batch_size] for t in timings]
             else:
                 reply |= {"error": "bad_request", "message": f"unknown op {message['op']!r}"}
@@ -268,10 +272,14 @@ async def serve_forever(path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """python -m service.backends.owner --socket PATH (models and device from CVSERVE_*)."""
-    parser = argparse.ArgumentParser(prog="python -m service.backends.owner", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m service.backends.owner", description=__doc__.splitlines()[0]
+    )
     parser.add_argument("--socket", type=Path, required=True, help="the Unix socket to answer on")
     args = parser.parse_args(argv)
-    logging.basicConfig(stream=sys.stdout, level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        stream=sys.stdout, level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     asyncio.run(serve_forever(args.socket))
     return 0
 

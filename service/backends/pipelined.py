@@ -84,7 +84,11 @@ class PipelinedRunner:
         keep: list[torch.Tensor] = []
         with torch.inference_mode():
             if isinstance(images, torch.Tensor) and images.device == self.device:
-                batch = images if count == bucket else torch.cat([images, images.new_zeros((bucket - count, *images.shape[1:]))])
+                batch = (
+                    images
+                    if count == bucket
+                    else torch.cat([images, images.new_zeros((bucket - count, *images.shape[1:]))])
+                )
                 self._compute_stream.wait_stream(torch.cuda.current_stream(self.device))
             else:
                 if slot.copied is not None:
@@ -115,7 +119,10 @@ class PipelinedRunner:
             launched.done.synchronize()
         arrays = [tensor[: launched.count].numpy() for tensor in launched.outputs]
         launched.keep.clear()
-        return [{name: values[i] for name, values in zip(self._names, arrays, strict=True)} for i in range(launched.count)]
+        return [
+            {name: values[i] for name, values in zip(self._names, arrays, strict=True)}
+            for i in range(launched.count)
+        ]
 
     def infer(self, images: Sequence[np.ndarray]) -> list[dict[str, np.ndarray]]:
         """One batch, start to finish (TorchScriptModel.infer's contract, padded to the bucket)."""
@@ -130,7 +137,9 @@ class PipelinedRunner:
             for _ in range(runs):
                 self.infer(images)
 
-    def _host_batch(self, images: Sequence[np.ndarray] | torch.Tensor, bucket: int, slot: _Slot | None) -> torch.Tensor:
+    def _host_batch(
+        self, images: Sequence[np.ndarray] | torch.Tensor, bucket: int, slot: _Slot | None
+    ) -> torch.Tensor:
         """The images in a `[bucket,3,H,W]` host tensor (the slot's pinned buffer on CUDA); padding rows are zero."""
         if isinstance(images, torch.Tensor):
             images = list(images.cpu().numpy())
@@ -184,7 +193,9 @@ class PipelinedBatchedModel(BatchedModel):
         await self._slots.acquire()  # at most `in_flight` batches launched and unfinished
         started = time.perf_counter()
         try:
-            launched = await loop.run_in_executor(self._executor, self.runner.launch, [e.image for e in batch])
+            launched = await loop.run_in_executor(
+                self._executor, self.runner.launch, [e.image for e in batch]
+            )
         except Exception:
             self._slots.release()
             self._fail(batch)
@@ -195,7 +206,9 @@ class PipelinedBatchedModel(BatchedModel):
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _finish(self, loop: asyncio.AbstractEventLoop, batch: list[_Waiting], launched: Launched, started: float) -> None:
+    async def _finish(
+        self, loop: asyncio.AbstractEventLoop, batch: list[_Waiting], launched: Launched, started: float
+    ) -> None:
         assert self._slots is not None
         try:
             outputs = await loop.run_in_executor(self._finisher, self.runner.finish, launched)
@@ -211,7 +224,9 @@ class PipelinedBatchedModel(BatchedModel):
         log.exception("model %s failed on a batch of %d", self.model.name, len(batch))
         for entry in batch:
             if not entry.future.done():
-                entry.future.set_exception(BackendUnavailable(f"model {self.model.name} failed; retry shortly"))
+                entry.future.set_exception(
+                    BackendUnavailable(f"model {self.model.name} failed; retry shortly")
+                )
 
     def _deliver(self, batch: list[_Waiting], outputs: list[dict[str, np.ndarray]], started: float) -> None:
         seconds = time.perf_counter() - started

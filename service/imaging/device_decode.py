@@ -83,7 +83,9 @@ def _resize(image: torch.Tensor, height: int, width: int) -> torch.Tensor:
     """Bilinear with antialias, in float on the image's device, rounded back to uint8."""
     if image.shape[-2:] == (height, width):
         return image
-    resized = F.resize(image.float(), [height, width], interpolation=InterpolationMode.BILINEAR, antialias=True)
+    resized = F.resize(
+        image.float(), [height, width], interpolation=InterpolationMode.BILINEAR, antialias=True
+    )
     return resized.round_().clamp_(0, 255).to(torch.uint8)
 
 
@@ -100,15 +102,26 @@ def letterbox(image: torch.Tensor, size: tuple[int, int]) -> tuple[torch.Tensor,
     return canvas, geometry
 
 
-def resize_center_crop(image: torch.Tensor, resize_size: int, size: tuple[int, int]) -> tuple[torch.Tensor, Geometry]:
+def resize_center_crop(
+    image: torch.Tensor, resize_size: int, size: tuple[int, int]
+) -> tuple[torch.Tensor, Geometry]:
     """`service.handlers.common.resize_center_crop` for a `[3,H,W]` uint8 tensor, on its device."""
     _, height, width = image.shape
     scale = resize_size / min(height, width)
-    new_h, new_w = (resize_size, int(width * scale)) if height <= width else (int(height * scale), resize_size)
+    new_h, new_w = (
+        (resize_size, int(width * scale)) if height <= width else (int(height * scale), resize_size)
+    )
     target_h, target_w = size
     cropped = F.center_crop(_resize(image, new_h, new_w), [target_h, target_w])
     geometry = Geometry(
-        width, height, new_w / width, new_h / height, (new_w - target_w) / 2, (new_h - target_h) / 2, target_w, target_h
+        width,
+        height,
+        new_w / width,
+        new_h / height,
+        (new_w - target_w) / 2,
+        (new_h - target_h) / 2,
+        target_w,
+        target_h,
     )
     return cropped, geometry
 
@@ -126,7 +139,9 @@ class DevicePreparer:
         """Decode and preprocess `blobs` into the model's `[N,3,H,W]` uint8 batch on the device; raises
         the CPU path's `ImageError` for the first image it refuses."""
         settings = self.pipeline.settings
-        orientations = [device_jpeg_orientation(b, settings.max_pixels, settings.allowed_formats) for b in blobs]
+        orientations = [
+            device_jpeg_orientation(b, settings.max_pixels, settings.allowed_formats) for b in blobs
+        ]
         on_device = [i for i, o in enumerate(orientations) if o is not None]
         decoded = self._decode(blobs, on_device)
         inputs: list[torch.Tensor] = []
@@ -151,7 +166,9 @@ class DevicePreparer:
             return {}
         data = [torch.frombuffer(bytearray(blobs[i]), dtype=torch.uint8) for i in indices]
         try:
-            return dict(zip(indices, decode_jpeg(data, mode=ImageReadMode.RGB, device=self.device), strict=True))
+            return dict(
+                zip(indices, decode_jpeg(data, mode=ImageReadMode.RGB, device=self.device), strict=True)
+            )
         except RuntimeError:
             decoded = {}
             for i, tensor in zip(indices, data, strict=True):
@@ -164,7 +181,9 @@ class DevicePreparer:
     def _preprocess(self, image: torch.Tensor) -> tuple[torch.Tensor, Geometry]:
         contract = self.pipeline.contract
         if contract.preprocess == "resize_center_crop":
-            return resize_center_crop(image, contract.resize_size or min(contract.input_size), contract.input_size)
+            return resize_center_crop(
+                image, contract.resize_size or min(contract.input_size), contract.input_size
+            )
         if contract.preprocess == "letterbox":
             return letterbox(image, contract.input_size)
         raise ValueError(f"model {contract.name}: unknown preprocess {contract.preprocess!r} in config.pbtxt")

@@ -17,7 +17,14 @@ import torch
 from torch import nn
 
 from export.wrappers import ClassifierWrapper, script
-from loadtests.gpu.parity import FP16_TOLERANCES, TOLERANCES, check_parity, detector_checks, mask_iou, unmatched_fraction
+from loadtests.gpu.parity import (
+    FP16_TOLERANCES,
+    TOLERANCES,
+    check_parity,
+    detector_checks,
+    mask_iou,
+    unmatched_fraction,
+)
 from loadtests.gpu_check import passed, run_step
 from tasks import MODELS
 from tests.conftest import ROOT
@@ -43,29 +50,58 @@ def test_the_check_s_modules_import_without_tritonclient_ray_or_av() -> None:
         "import av; assert av.STUB\n"
         "print(sorted({m.split('.')[0] for m in sys.modules} & {'tritonclient', 'ray', 'grpc'}))\n"
     )
-    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=_image_env(), capture_output=True, text=True, timeout=300, check=False)
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=ROOT,
+        env=_image_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.strip() == "[]"
-    blocked = subprocess.run([sys.executable, "-c", "import tritonclient"], env=_image_env(), capture_output=True, text=True, timeout=60, check=False)
+    blocked = subprocess.run(
+        [sys.executable, "-c", "import tritonclient"],
+        env=_image_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert "blocked: not on the GPU image" in blocked.stderr  # the blocker works
 
 
 def test_dry_run_runs_every_step_as_on_the_gpu_image(tmp_path: Path) -> None:
     command = [sys.executable, "-m", "loadtests.gpu_check", "--dry-run", "--out", str(tmp_path)]
-    done = subprocess.run(command, cwd=ROOT, env=_image_env(), capture_output=True, text=True, timeout=900, check=False)
+    done = subprocess.run(
+        command, cwd=ROOT, env=_image_env(), capture_output=True, text=True, timeout=900, check=False
+    )
     output = (done.stdout + done.stderr)[-4000:]
     results = json.loads((tmp_path / "gpu_check.json").read_text())
-    logs = {s["name"]: Path(s["log"]).read_text()[-2000:] for s in results["steps"] if s.get("status") == "failed"}
+    logs = {
+        s["name"]: Path(s["log"]).read_text()[-2000:] for s in results["steps"] if s.get("status") == "failed"
+    }
     assert done.returncode == 0, (output, logs)
     assert "FutureWarning" not in done.stderr, output
 
     assert results["dry_run"] is True and results["passed"] is True
     assert [s["name"] for s in results["steps"]] == [
-        "environment", *(f"model:{m}" for m in MODELS), "decode", "http", "onnx"
+        "environment",
+        *(f"model:{m}" for m in MODELS),
+        "decode",
+        "http",
+        "onnx",
     ]
-    assert all(s["status"] == "ok" and s["seconds"] <= s["timeout_s"] for s in results["steps"]), results["steps"]
+    assert all(s["status"] == "ok" and s["seconds"] <= s["timeout_s"] for s in results["steps"]), results[
+        "steps"
+    ]
     assert results["device"]["type"] == "cpu" and results["versions"]["torch"] == torch.__version__
-    assert results["packages"]["fastapi"] and results["packages"]["torch"] and results["unmet_requirements"] == []
+    assert (
+        results["packages"]["fastapi"]
+        and results["packages"]["torch"]
+        and results["unmet_requirements"] == []
+    )
     assert results["http_imports_missing"] == {} and results["stubbed_modules"] == ["av"]
     for model in MODELS:
         parity = results["parity"][model]
@@ -85,7 +121,11 @@ def test_dry_run_runs_every_step_as_on_the_gpu_image(tmp_path: Path) -> None:
         assert results["export_fp16"][model]["precision"] == "fp16"
 
         throughput = results["throughput"][model]
-        assert [(r["stage"], r["batch_size"]) for r in throughput] == [("model", 1), ("model", 2), ("pipeline", 2)]
+        assert [(r["stage"], r["batch_size"]) for r in throughput] == [
+            ("model", 1),
+            ("model", 2),
+            ("pipeline", 2),
+        ]
         for row in throughput:
             assert row["batches"] >= 1 and row["images_per_s"] > 0 and row["batch_ms_p50"] > 0, row
         for precision in ("fp32", "fp16"):
@@ -103,16 +143,23 @@ def test_dry_run_runs_every_step_as_on_the_gpu_image(tmp_path: Path) -> None:
     assert http["loads"]["classifier"]["ok"] > 0 and http["loads"]["classifier"]["errors"] == 0
     assert results["onnx"]["status"] == "skipped"
     combined = (tmp_path / "gpu_check.log").read_text()
-    assert all(f"===== {n}.log" in combined for n in ("environment", "model-detector", "http", "http-owner", "http-servers"))
+    assert all(
+        f"===== {n}.log" in combined
+        for n in ("environment", "model-detector", "http", "http-owner", "http-servers")
+    )
 
 
 def test_without_cuda_a_real_run_stops_with_one_line(tmp_path: Path) -> None:
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
     command = [sys.executable, "-m", "loadtests.gpu_check", "--out", str(tmp_path)]
-    done = subprocess.run(command, cwd=ROOT, env=_image_env(), capture_output=True, text=True, timeout=120, check=False)
+    done = subprocess.run(
+        command, cwd=ROOT, env=_image_env(), capture_output=True, text=True, timeout=120, check=False
+    )
     assert done.returncode == 1
-    assert done.stderr.startswith("gpu_check: error: no CUDA device") and done.stderr.count("\n") == 1, done.stderr
+    assert done.stderr.startswith("gpu_check: error: no CUDA device") and done.stderr.count("\n") == 1, (
+        done.stderr
+    )
     assert "--dry-run" in done.stderr
     assert not (tmp_path / "gpu_check.json").exists()
 
@@ -144,8 +191,12 @@ def _tiny_classifier(seed: int, classes: int = 5) -> ClassifierWrapper:
 
 def test_parity_fails_when_the_scripted_model_differs() -> None:
     images = torch.randint(0, 256, (2, 3, 16, 16), dtype=torch.uint8)
-    same = check_parity("classifier", _tiny_classifier(0), script(_tiny_classifier(0)), images, warmup_calls=1)
-    other = check_parity("classifier", _tiny_classifier(0), script(_tiny_classifier(1)), images, warmup_calls=0)
+    same = check_parity(
+        "classifier", _tiny_classifier(0), script(_tiny_classifier(0)), images, warmup_calls=1
+    )
+    other = check_parity(
+        "classifier", _tiny_classifier(0), script(_tiny_classifier(1)), images, warmup_calls=0
+    )
     assert same["passed"] and all(c["value"] == 0 for c in same["checks"])
     assert not other["passed"]
     logits = next(c for c in other["checks"] if c["output"] == "logits")

@@ -7,7 +7,6 @@ import re
 import zipfile
 from email.parser import Parser
 from importlib import metadata
-from pathlib import Path
 
 from packaging.requirements import Requirement
 from packaging.version import Version
@@ -104,5 +103,7 @@ def test_downloaded_wheels_match_the_list() -> None:
     for name, wheel in found.items():
         _, python, abi, platform = wheel.name[: -len(".whl")].rsplit("-", 3)
         assert wheel.name.split("-")[1] == pins[name][0] and wheel.stat().st_size == pins[name][1], wheel.name
-        assert python in ("py3", "py2.py3", "cp312") or python.startswith("cp31") and abi == "abi3", wheel.name
+        assert python in ("py3", "py2.py3", "cp312") or python.startswith("cp31") and abi == "abi3", (
+            wheel.name
+        )
         assert platform == "any" or "x86_64" in platform and "manylinux" in platform, wheel.name

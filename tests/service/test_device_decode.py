@@ -30,7 +30,9 @@ def repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("repository")
     labels = {"classifier": ("a", "b"), "detector": ("__background__", "a"), "segmenter": ("bg", "a")}
     for model in MODELS:
-        spec = ModelSpec(model, nn.Identity(), labels[model], 64, "checkpoint:x", 73 if model == "classifier" else None)
+        spec = ModelSpec(
+            model, nn.Identity(), labels[model], 64, "checkpoint:x", 73 if model == "classifier" else None
+        )
         (root / model / "1").mkdir(parents=True)
         (root / model / "config.pbtxt").write_text(dump(model_config(spec, Batching(), cpu=False)))
         (root / model / "labels.txt").write_text("\n".join(spec.labels) + "\n")
@@ -61,9 +63,14 @@ def _compare(pipeline: TaskPipeline, blobs: list[bytes]) -> DevicePreparer:
     for i, blob in enumerate(blobs):
         expected, geometry = pipeline.prepare(blob)
         for field in dataclasses.fields(geometry):
-            assert getattr(geometries[i], field.name) == pytest.approx(getattr(geometry, field.name), rel=1e-6), field
+            assert getattr(geometries[i], field.name) == pytest.approx(
+                getattr(geometry, field.name), rel=1e-6
+            ), field
         diff = (batch[i].numpy().astype(np.int16) - expected.astype(np.int16)).__abs__()
-        assert diff.mean() <= TOLERANCE.mean_abs and np.percentile(diff, 99) <= TOLERANCE.p99_abs, (i, diff.mean())
+        assert diff.mean() <= TOLERANCE.mean_abs and np.percentile(diff, 99) <= TOLERANCE.p99_abs, (
+            i,
+            diff.mean(),
+        )
     return preparer
 
 

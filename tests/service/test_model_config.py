@@ -28,7 +28,9 @@ def _reference(spec: ModelSpec, batching: Batching, cpu: bool) -> pb.ModelConfig
     else:
         config.platform = "pytorch_libtorch"
     for t in spec.inputs:
-        config.input.append(pb.ModelInput(name=t.name, data_type=_TYPES[str(t.dtype).split(".")[1]], dims=t.dims))
+        config.input.append(
+            pb.ModelInput(name=t.name, data_type=_TYPES[str(t.dtype).split(".")[1]], dims=t.dims)
+        )
     for t in spec.outputs:
         output = pb.ModelOutput(name=t.name, data_type=_TYPES[str(t.dtype).split(".")[1]], dims=t.dims)
         if t.name == spec.task.labelled_output:
@@ -41,23 +43,38 @@ def _reference(spec: ModelSpec, batching: Batching, cpu: bool) -> pb.ModelConfig
     config.instance_group.append(pb.ModelInstanceGroup(kind=kind, count=1))
     for key, value in spec.parameters.items():
         config.parameters[key].string_value = value
-    for size in (batching.warmup_sizes or range(1, batching.max_batch_size + 1)) if batching.warmup_runs else ():
+    for size in (
+        (batching.warmup_sizes or range(1, batching.max_batch_size + 1)) if batching.warmup_runs else ()
+    ):
         warmup = config.model_warmup.add(name=f"batch {size}", batch_size=size, count=batching.warmup_runs)
         for t in spec.inputs:
             warmup.inputs[t.name].CopyFrom(
-                pb.ModelWarmup.Input(data_type=_TYPES[str(t.dtype).split(".")[1]], dims=t.dims, random_data=True)
+                pb.ModelWarmup.Input(
+                    data_type=_TYPES[str(t.dtype).split(".")[1]], dims=t.dims, random_data=True
+                )
             )
     return config
 
 
 def _specs() -> list[ModelSpec]:
-    labels = {"classifier": ("cat", "dog", 'quote " \\ é'), "detector": ("__background__", "a", "b"), "segmenter": ("bg", "x")}
+    labels = {
+        "classifier": ("cat", "dog", 'quote " \\ é'),
+        "detector": ("__background__", "a", "b"),
+        "segmenter": ("bg", "x"),
+    }
     specs = [ModelSpec(m, nn.Identity(), labels[m], 64, "checkpoint:/tmp/w.pt") for m in MODELS]
-    return [*specs, dataclasses.replace(specs[0], input_size=224, resize_size=232, weights="pretrained:IMAGENET1K_V2")]
+    return [
+        *specs,
+        dataclasses.replace(specs[0], input_size=224, resize_size=232, weights="pretrained:IMAGENET1K_V2"),
+    ]
 
 
 BUCKETS = (1, 4, 8, 16, 32, 64, 128)
-BATCHINGS = [Batching(), Batching(1, (1,), 0, warmup_runs=0), Batching(128, BUCKETS, 500, warmup_sizes=BUCKETS)]
+BATCHINGS = [
+    Batching(),
+    Batching(1, (1,), 0, warmup_runs=0),
+    Batching(128, BUCKETS, 500, warmup_sizes=BUCKETS),
+]
 
 
 @pytest.mark.parametrize("cpu", [False, True], ids=["libtorch", "python"])
@@ -80,9 +97,15 @@ def test_contracts_read_without_tritonclient_equal_triton_s_parse(tmp_path: Path
             contract = load_contract(tmp_path, spec.name)
             assert contract == _contract_via_protobuf(tmp_path, spec.name)
             assert contract.config == reference
-            assert contract.parameters == spec.parameters and contract.max_batch_size == batching.max_batch_size
+            assert (
+                contract.parameters == spec.parameters and contract.max_batch_size == batching.max_batch_size
+            )
             warmups = [w.batch_size for w in contract.config.model_warmup]
-            assert warmups == list(batching.warmup_sizes or range(1, batching.max_batch_size + 1)) if batching.warmup_runs else not warmups
+            assert (
+                warmups == list(batching.warmup_sizes or range(1, batching.max_batch_size + 1))
+                if batching.warmup_runs
+                else not warmups
+            )
 
 
 def _contract_via_protobuf(repository: Path, model: str) -> ModelContract:
@@ -126,7 +149,9 @@ def test_reads_hand_written_triton_configs() -> None:
     assert parse_config(text).parameters["task"].string_value == "classification\né"
 
 
-@pytest.mark.parametrize("text", ['name: "x', "input { name: 1", "dims: [1, 2", "max_batch_size: 8 }", "a: $"])
+@pytest.mark.parametrize(
+    "text", ['name: "x', "input { name: 1", "dims: [1, 2", "max_batch_size: 8 }", "a: $"]
+)
 def test_broken_text_is_a_syntax_error(text: str) -> None:
     with pytest.raises(ConfigSyntaxError):
         parse(text)

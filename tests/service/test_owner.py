@@ -28,16 +28,19 @@ class BatchedBackend(Backend):
         self.gate = asyncio.Event()
         self.gate.set()
 
-    async def infer(self, model: str, image: np.ndarray) -> dict[str, np.ndarray]:
-        return (await self.infer_many(model, [image]))[0]
+    async def infer(self, name: str, image: np.ndarray) -> dict[str, np.ndarray]:
+        return (await self.infer_many(name, [image]))[0]
 
     async def infer_many(
-        self, model: str, images: Sequence[np.ndarray], timings: Sequence[BatchTiming] | None = None
+        self, name: str, images: Sequence[np.ndarray], timings: Sequence[BatchTiming] | None = None
     ) -> list[dict[str, np.ndarray]]:
-        if model != "classifier":
-            raise KeyError(model)
+        if name != "classifier":
+            raise KeyError(name)
         await self.gate.wait()
-        futures = [self.batched.submit(image, t) for image, t in zip(images, timings or [None] * len(images), strict=True)]
+        futures = [
+            self.batched.submit(image, t)
+            for image, t in zip(images, timings or [None] * len(images), strict=True)
+        ]
         try:
             return list(await asyncio.gather(*futures))
         finally:
@@ -61,7 +64,10 @@ def test_clients_share_the_owner_s_batches(model: TorchScriptModel) -> None:  # 
         clients = [OwnerBackend(path) for _ in range(3)]
         images = _images(12, 3)
         backend.gate.clear()  # hold the owner until every request is in: they must meet in batches
-        calls = [clients[i % 3].infer_many("classifier", images[i : i + 2], [BatchTiming(), BatchTiming()]) for i in range(0, 12, 2)]
+        calls = [
+            clients[i % 3].infer_many("classifier", images[i : i + 2], [BatchTiming(), BatchTiming()])
+            for i in range(0, 12, 2)
+        ]
         tasks = [asyncio.ensure_future(c) for c in calls]
         await asyncio.sleep(0.2)
         backend.gate.set()

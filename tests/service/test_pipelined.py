@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,8 +15,8 @@ from torch import nn
 from export.repository import Batching, model_config
 from export.spec import ModelSpec
 from export.wrappers import ClassifierWrapper, save, script
-from service.backends.pipelined import PipelinedBatchedModel, PipelinedRunner, batched_model
 from service.backends.local import BatchedModel
+from service.backends.pipelined import PipelinedBatchedModel, PipelinedRunner, batched_model
 from service.backends.torchscript import TorchScriptModel
 from service.model_config import dump
 
@@ -31,7 +30,9 @@ def model(tmp_path_factory: pytest.TempPathFactory) -> TorchScriptModel:
     wrapper = ClassifierWrapper(net, [0.5] * 3, [0.25] * 3).eval()
     spec = ModelSpec("classifier", wrapper, tuple("abcde"), 16, "checkpoint:x", 16)
     (root / "classifier" / "1").mkdir(parents=True)
-    (root / "classifier" / "config.pbtxt").write_text(dump(model_config(spec, Batching(16, (4, 8, 16)), cpu=False)))
+    (root / "classifier" / "config.pbtxt").write_text(
+        dump(model_config(spec, Batching(16, (4, 8, 16)), cpu=False))
+    )
     (root / "classifier" / "labels.txt").write_text("\n".join(spec.labels) + "\n")
     save(script(wrapper), str(root / "classifier" / "1" / "model.pt"))
     return TorchScriptModel(root, "classifier", "cpu")
