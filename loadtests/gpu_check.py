@@ -299,7 +299,7 @@ def merge(results: dict[str, Any], name: str, result: dict[str, Any]) -> None:
             results[key] = result[key]
     elif kind == "model":
         key = argument
-        for section in ("export", "parity", "throughput", "sweep", "export_fp16", "parity_fp16"):
+        for section in ("export", "parity", "throughput", "runner", "sweep", "export_fp16", "parity_fp16"):
             if section in result:
                 results.setdefault(section, {})[key] = result[section]
         if "max_memory_gib" in result:
@@ -309,12 +309,14 @@ def merge(results: dict[str, Any], name: str, result: dict[str, Any]) -> None:
 
 
 def passed(results: dict[str, Any]) -> bool:
-    """Every parity check passed, device decode stayed within its tolerance, no step failed or timed out."""
+    """Every parity check passed, the CUDA runner answered as the plain one, device decode stayed within
+    its tolerance, and no step failed or timed out."""
     parities = [*results.get("parity", {}).values(), *results.get("parity_fp16", {}).values()]
     steps_ok = all(step["status"] in ("ok", "skipped") for step in results["steps"])
     http_ok = results.get("http", {}).get("status") in (None, "ok", "skipped")
     decode_ok = results.get("decode", {}).get("passed", True)
-    return steps_ok and http_ok and decode_ok and all(p["passed"] for p in parities)
+    runners_ok = all(r["same_outputs"] for r in results.get("runner", {}).values())
+    return steps_ok and http_ok and decode_ok and runners_ok and all(p["passed"] for p in parities)
 
 
 def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:

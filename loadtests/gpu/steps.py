@@ -28,6 +28,8 @@ log = logging.getLogger("loadtests.gpu.steps")
 # Modules the check must never import: they are not on the GPU image (tests/loadtests/test_gpu_check.py
 # runs every step with them blocked).
 FORBIDDEN_MODULES = ("tritonclient", "ray")
+# The CUDA runner against the plain one, same model and batch: max abs difference of any output.
+RUNNER_TOLERANCE = 1e-4
 # Modules the HTTP step's servers import; their absence is found in the environment step, in seconds.
 HTTP_MODULES = (
     "fastapi", "starlette", "uvicorn", "pydantic", "pydantic_settings", "multipart", "msgpack", "pycocotools",
@@ -312,6 +314,69 @@ def measure_pipeline_rows(
     return [dataclasses.asdict(r) for r in results]
 
 
+def measure_runner(
+    model: str, repository: Path, device: Any, bucket: int, duration_s: float, warmup_calls: int
+) -> dict[str, Any]:
+    """The CUDA runner (service/backends/pipelined.py, two batches in flight) against the plain one
+    (TorchScriptModel.infer, one batch at a time) at the largest bucket: the same outputs, and images/s
+    of each with host-to-device and device-to-host copies included."""
+    import numpy as np
+    import torch
+
+    from loadtests.gpu.parity import detector_checks
+    from service.backends.pipelined import PipelinedRunner
+    from service.backends.torchscript import TorchScriptModel
+
+    plain = TorchScriptModel(repository, model, device.type)
+    runner = PipelinedRunner(plain, (bucket,))
+    dims = plain.contract.inputs[0].dims
+    images = list(np.random.default_rng(0).integers(0, 256, (bucket, *dims), dtype=np.uint8))
+    for _ in range(warmup_calls):
+        expected, got = plain.infer(images), runner.infer(images)
+    if model == "detector":  # equal-score boxes may swap rows: match boxes, as the parity check does
+        names = [spec.name for spec in plain.contract.outputs]
+        stacked = [
+            [torch.from_numpy(np.stack([o[n] for o in outs])).float() for n in names]
+            for outs in (expected, got)
+        ]
+        same = all(check["passed"] for check in detector_checks(*stacked))
+        max_diff = None
+    else:
+        max_diff = max(
+            float(np.abs(g[name].astype(np.float64) - e[name].astype(np.float64)).max())
+            for g, e in zip(got, expected, strict=True)
+            for name in e
+        )
+        same = max_diff <= RUNNER_TOLERANCE
+
+    def plain_rate() -> float:
+        count, deadline = 0, time.perf_counter() + duration_s
+        began = time.perf_counter()
+        while time.perf_counter() < deadline or not count:
+            plain.infer(images)
+            count += 1
+        return bucket * count / (time.perf_counter() - began)
+
+    def pipelined_rate() -> float:
+        count, deadline = 0, time.perf_counter() + duration_s
+        began = time.perf_counter()
+        launched = runner.launch(images)
+        while time.perf_counter() < deadline or not count:
+            following = runner.launch(images)  # the next batch is queued before the last one is read
+            runner.finish(launched)
+            launched, count = following, count + 1
+        runner.finish(launched)
+        return bucket * (count + 1) / (time.perf_counter() - began)
+
+    return {
+        "batch_size": bucket,
+        "max_abs_diff": max_diff,
+        "same_outputs": same,
+        "plain_images_per_s": round(plain_rate(), 1),
+        "pipelined_images_per_s": round(pipelined_rate(), 1),
+    }
+
+
 def step_model(ctx: Context, model: str, size: int | None) -> dict[str, Any]:
     """Export `model` (fp32, and fp16 when the profile says), check both, measure both."""
     import torch
@@ -351,6 +416,10 @@ def step_model(ctx: Context, model: str, size: int | None) -> dict[str, Any]:
     phase("parity")
     result["throughput"] = measure_pipeline_rows(model, fp32_repo, device, sizes, profile)
     phase("throughput")
+    result["runner"] = measure_runner(
+        model, fp32_repo, device, sizes[-1], profile["duration_s"], profile["warmup_calls"]
+    )
+    phase("runner")
     result["sweep"] = {
         "fp32": sweep(scripted, input_size, sizes, profile["sweep_s"], profile["warmup_calls"], device)
     }

@@ -96,7 +96,7 @@ class PipelinedRunner:
                 host = self._host_batch(images, bucket, slot)
                 with torch.cuda.stream(self._copy_stream):
                     batch = host.to(self.device, non_blocking=True)
-                    slot.copied = torch.cuda.Event()
+                    slot.copied = torch.cuda.Event(blocking=True)
                     slot.copied.record(self._copy_stream)
                 self._compute_stream.wait_event(slot.copied)
             keep.append(batch)
@@ -109,7 +109,7 @@ class PipelinedRunner:
                     host_out.copy_(tensor, non_blocking=True)
                     outputs.append(host_out)
                 keep.extend(device_outputs)
-                done = torch.cuda.Event()
+                done = torch.cuda.Event(blocking=True)  # waiting threads sleep: the CPU decodes meanwhile
                 done.record(self._compute_stream)
         return Launched(count, bucket, outputs, done, keep)
 

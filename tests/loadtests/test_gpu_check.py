@@ -128,6 +128,9 @@ def test_dry_run_runs_every_step_as_on_the_gpu_image(tmp_path: Path) -> None:
         ]
         for row in throughput:
             assert row["batches"] >= 1 and row["images_per_s"] > 0 and row["batch_ms_p50"] > 0, row
+        runner = results["runner"][model]
+        assert runner["same_outputs"] is True and runner["batch_size"] == 2, runner
+        assert runner["plain_images_per_s"] > 0 and runner["pipelined_images_per_s"] > 0
         for precision in ("fp32", "fp16"):
             assert [r["batch_size"] for r in results["sweep"][model][precision]] == [1, 2]
     # Real architectures, not stand-ins: ImageNet's and COCO's class lists, the U-Net's shapes.
@@ -181,6 +184,7 @@ def test_a_failed_or_timed_out_step_or_parity_fails_the_run() -> None:
     assert not passed(ok | {"parity_fp16": {"a": {"passed": False}}})
     assert not passed(ok | {"http": {"status": "failed"}})
     assert not passed(ok | {"decode": {"passed": False}})
+    assert not passed(ok | {"runner": {"a": {"same_outputs": False}}})
 
 
 def _tiny_classifier(seed: int, classes: int = 5) -> ClassifierWrapper:
