@@ -19,8 +19,12 @@ from service.core.pipeline import TaskPipeline
 from service.imaging.device_decode import TOLERANCE, DevicePreparer
 from service.imaging.images import decode_image
 from service.settings import Settings
-from tasks import HANDLERS
 from training.shapes import make_scene
+
+try:  # main moved the handler registry out of tasks/ (0f404b0); drop this fallback once merged
+    from service.handlers import HANDLERS
+except ImportError:
+    from tasks import HANDLERS  # type: ignore[attr-defined,no-redef]
 
 
 def jpegs(width: int, height: int, count: int) -> list[bytes]:
