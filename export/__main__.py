@@ -27,13 +27,16 @@ import logging
 import signal
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import NoReturn
 
 from export.errors import ExportError
+from export.precision import PRECISIONS, with_precision
 from export.repository import Batching, OnnxOptions, staged, write_model
 from export.sources import ARCHITECTURES, WEIGHT_SOURCES, SourceOptions, load_specs
 from export.spec import MODELS
+from service.buckets import BUCKETS, buckets_up_to
 
 log = logging.getLogger("export")
 
@@ -139,6 +142,19 @@ def get_args_parser() -> argparse.ArgumentParser:
         default=defaults.max_queue_delay_us,
         help="dynamic batcher's queue delay in microseconds (default: %(default)s)",
     )
+    parser.add_argument(
+        "--batch-buckets",
+        action="store_true",
+        help="preferred batch sizes and warm-up only at the buckets up to --max-batch-size "
+        f"({', '.join(map(str, BUCKETS))}; service/buckets.py), not at every size",
+    )
+    parser.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default="fp32",
+        help="fp16: the network runs in float16 with channels_last activations (for GPUs); uint8 in and "
+        "the same outputs as fp32 (default: %(default)s)",
+    )
     return parser
 
 
@@ -147,6 +163,9 @@ def run(args: argparse.Namespace) -> None:
     nothing)."""
     models = list(MODELS) if args.model == "all" else [args.model]
     batching = Batching(args.max_batch_size, tuple(args.preferred_batch_sizes), args.max_queue_delay_us)
+    if args.batch_buckets:
+        buckets = buckets_up_to(args.max_batch_size)
+        batching = replace(batching, preferred_batch_sizes=buckets, warmup_sizes=buckets)
     batching.check()
     onnx_out = onnx_repository(args)
     if args.out.resolve() == args.cpu_out.resolve():
@@ -167,7 +186,9 @@ def run(args: argparse.Namespace) -> None:
     # Staging first: an unwritable output fails in a second, not after loading and scripting.
     with staged([args.out, args.cpu_out, onnx_out]) as (gpu, cpu, onnx):
         for spec in load_specs(models, options):
-            write_model(spec, gpu, cpu, onnx, batching, OnnxOptions(tensorrt=args.onnx_tensorrt))
+            write_model(
+                with_precision(spec, args.precision), gpu, cpu, onnx, batching, OnnxOptions(tensorrt=args.onnx_tensorrt)
+            )
 
 
 def onnx_repository(args: argparse.Namespace) -> Path:

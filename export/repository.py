@@ -15,15 +15,15 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
-from google.protobuf import text_format
-from tritonclient.grpc import model_config_pb2
 
 from export.errors import ExportError
 from export.onnx_export import ONNX_FILE, write_onnx
 from export.spec import ModelSpec, TensorSpec
 from export.wrappers import save, script
+from service.model_config import Enum, dump
 
 log = logging.getLogger(__name__)
 
@@ -34,10 +34,10 @@ VERSION = "1"
 PYTHON_MODEL = Path(__file__).with_name("python_model.py")
 
 _DATA_TYPES = {
-    torch.uint8: model_config_pb2.TYPE_UINT8,
-    torch.int32: model_config_pb2.TYPE_INT32,
-    torch.int64: model_config_pb2.TYPE_INT64,
-    torch.float32: model_config_pb2.TYPE_FP32,
+    torch.uint8: Enum("TYPE_UINT8"),
+    torch.int32: Enum("TYPE_INT32"),
+    torch.int64: Enum("TYPE_INT64"),
+    torch.float32: Enum("TYPE_FP32"),
 }
 
 
@@ -54,6 +54,9 @@ class Batching:
     # Triton runs each batch size this often before it reports the model ready (model_warmup): TorchScript
     # optimises a graph per input shape on its second run, so the first real request is not the slow one.
     warmup_runs: int = 2
+    # The batch sizes warmed up; None: every size 1..max_batch_size. With batch buckets
+    # (`service.buckets`), the buckets: the only sizes the embedded backend and Triton will run.
+    warmup_sizes: tuple[int, ...] | None = None
 
     def check(self) -> None:
         """Refuse settings Triton would reject at load time."""
@@ -66,6 +69,9 @@ class Batching:
             )
         if self.max_queue_size < 1:
             raise ExportError(f"max_queue_size must be at least 1, got {self.max_queue_size}")
+        bad_warmups = [size for size in self.warmup_sizes or () if not 1 <= size <= self.max_batch_size]
+        if bad_warmups:
+            raise ExportError(f"warm-up batch sizes {bad_warmups} must lie in 1..{self.max_batch_size}")
         if self.max_queue_delay_us < 0:
             raise ExportError(f"--max-queue-delay-us must not be negative, got {self.max_queue_delay_us}")
 
@@ -81,52 +87,59 @@ class OnnxOptions:
     tensorrt_workspace_bytes: int = 1 << 30
 
 
-def model_config(
-    spec: ModelSpec, batching: Batching, cpu: bool, onnx: OnnxOptions | None = None
-) -> model_config_pb2.ModelConfig:
-    """config.pbtxt of `spec`: libtorch on KIND_GPU, the python backend on KIND_CPU, or (`onnx` given)
-    ONNX Runtime on KIND_GPU, with TensorRT as its accelerator if `onnx.tensorrt`."""
-    config = model_config_pb2.ModelConfig(name=spec.name, max_batch_size=batching.max_batch_size)
-    if onnx is not None:
-        config.platform = "onnxruntime_onnx"
-        if onnx.tensorrt:
-            accelerator = config.optimization.execution_accelerators.gpu_execution_accelerator.add(name="tensorrt")
-            accelerator.parameters["precision_mode"] = onnx.tensorrt_precision
-            accelerator.parameters["max_workspace_size_bytes"] = str(onnx.tensorrt_workspace_bytes)
-    elif cpu:
-        config.backend = "python"
-    else:
-        config.platform = "pytorch_libtorch"
-    for tensor in spec.inputs:
-        config.input.append(
-            model_config_pb2.ModelInput(name=tensor.name, data_type=_data_type(tensor), dims=tensor.dims)
-        )
+def model_config(spec: ModelSpec, batching: Batching, cpu: bool, onnx: OnnxOptions | None = None) -> dict[str, Any]:
+    """config.pbtxt of `spec` (Triton's ModelConfig, as `service.model_config.dump` writes it):
+    libtorch on KIND_GPU, the python backend on KIND_CPU, or (`onnx` given) ONNX Runtime on KIND_GPU,
+    with TensorRT as its accelerator if `onnx.tensorrt`."""
+    platform = "onnxruntime_onnx" if onnx is not None else None if cpu else "pytorch_libtorch"
+    optimization = None
+    if onnx is not None and onnx.tensorrt:
+        tensorrt = {
+            "name": "tensorrt",
+            "parameters": [
+                {"key": "precision_mode", "value": onnx.tensorrt_precision},
+                {"key": "max_workspace_size_bytes", "value": str(onnx.tensorrt_workspace_bytes)},
+            ],
+        }
+        optimization = {"execution_accelerators": {"gpu_execution_accelerator": [tensorrt]}}
+    outputs = []
     for tensor in spec.outputs:
-        output = model_config_pb2.ModelOutput(
-            name=tensor.name, data_type=_data_type(tensor), dims=tensor.dims
-        )
+        output = {"name": tensor.name, "data_type": _data_type(tensor), "dims": list(tensor.dims)}
         if tensor.name == spec.task.labelled_output:
-            output.label_filename = LABELS_FILE
-        config.output.append(output)
-    config.dynamic_batching.preferred_batch_size.extend(batching.preferred_batch_sizes)
-    config.dynamic_batching.max_queue_delay_microseconds = batching.max_queue_delay_us
-    config.dynamic_batching.default_queue_policy.max_queue_size = batching.max_queue_size
-    kind = (
-        model_config_pb2.ModelInstanceGroup.KIND_CPU if cpu else model_config_pb2.ModelInstanceGroup.KIND_GPU
-    )
-    config.instance_group.append(model_config_pb2.ModelInstanceGroup(kind=kind, count=1))
-    for key, value in spec.parameters.items():
-        config.parameters[key].string_value = value
-    for size in range(1, batching.max_batch_size + 1) if batching.warmup_runs else ():
-        warmup = config.model_warmup.add(name=f"batch {size}", batch_size=size, count=batching.warmup_runs)
-        for tensor in spec.inputs:
-            warmup.inputs[tensor.name].CopyFrom(
-                model_config_pb2.ModelWarmup.Input(data_type=_data_type(tensor), dims=tensor.dims, random_data=True)
-            )
-    return config
+            output["label_filename"] = LABELS_FILE
+        outputs.append(output)
+    warmups = [
+        {
+            "name": f"batch {size}",
+            "batch_size": size,
+            "inputs": [
+                {"key": t.name, "value": {"data_type": _data_type(t), "dims": list(t.dims), "random_data": True}}
+                for t in spec.inputs
+            ],
+            "count": batching.warmup_runs,
+        }
+        for size in (batching.warmup_sizes or range(1, batching.max_batch_size + 1) if batching.warmup_runs else ())
+    ]
+    return {
+        "name": spec.name,
+        "platform": platform,
+        "backend": "python" if cpu and onnx is None else None,
+        "max_batch_size": batching.max_batch_size,
+        "input": [{"name": t.name, "data_type": _data_type(t), "dims": list(t.dims)} for t in spec.inputs],
+        "output": outputs,
+        "instance_group": [{"count": 1, "kind": Enum("KIND_CPU" if cpu else "KIND_GPU")}],
+        "dynamic_batching": {
+            "preferred_batch_size": list(batching.preferred_batch_sizes),
+            "max_queue_delay_microseconds": batching.max_queue_delay_us,
+            "default_queue_policy": {"max_queue_size": batching.max_queue_size},
+        },
+        "parameters": [{"key": k, "value": {"string_value": v}} for k, v in spec.parameters.items()],
+        "model_warmup": warmups,
+        "optimization": optimization,
+    }
 
 
-def _data_type(tensor: TensorSpec) -> int:
+def _data_type(tensor: TensorSpec) -> Enum:
     return _DATA_TYPES[tensor.dtype]
 
 
@@ -215,9 +228,9 @@ def write_model(
     shutil.copyfile(PYTHON_MODEL, cpu_dir / VERSION / "model.py")
 
 
-def _write_common(model_dir: Path, spec: ModelSpec, config: model_config_pb2.ModelConfig) -> None:
+def _write_common(model_dir: Path, spec: ModelSpec, config: dict[str, Any]) -> None:
     (model_dir / VERSION).mkdir()
-    (model_dir / "config.pbtxt").write_text(text_format.MessageToString(config))
+    (model_dir / "config.pbtxt").write_text(dump(config))
     (model_dir / LABELS_FILE).write_text("".join(f"{label}\n" for label in spec.labels))
 
 

@@ -26,6 +26,7 @@ class ModelSpec:
     input_size: int  # H == W
     weights: str  # demo | pretrained:<enum> | checkpoint:<file>
     resize_size: int | None = None  # only for resize_center_crop
+    precision: str = "fp32"  # fp32 | fp16 (export/precision.py: the network in fp16, same I/O contract)
 
     @property
     def task(self) -> Task:
@@ -45,4 +46,6 @@ class ModelSpec:
         params = {"task": self.task.name, "preprocess": self.task.preprocess, "weights": self.weights}
         if self.resize_size is not None:
             params["resize_size"] = str(self.resize_size)
+        if self.precision != "fp32":
+            params["precision"] = self.precision
         return params

@@ -1,20 +1,22 @@
-"""GPU check: export the three models with `python -m export`, check eager vs TorchScript on CUDA,
-measure throughput, and write one JSON file.
+"""GPU check: export the three models, check them on CUDA (fp32 and fp16), measure the model, JPEG
+decode on the device and the Ray-free HTTP app, and write one JSON file after every step.
 
-Models: torchvision's ResNet-50 classifier and Faster R-CNN ResNet-50-FPN v2 detector, and the
-project's U-Net segmenter. Weights are random (seeded; saved as checkpoints and exported with
-`--weights checkpoint`) unless --weights pretrained, which reads torchvision's files from a filled
-$TORCH_HOME cache; torchvision has no U-Net, so the segmenter always has random weights.
-For each model: the reloaded model.pt is compared with its eager model on the same device (max
-abs diff per output against a tolerance), then images/s is measured in process at batch sizes
-1..N (the model alone, and decode → preprocess → model → postprocess at N), and optionally
-through the gateway (`python -m loadtests.bench`, embedded backend, CVSERVE_DEVICE=cuda).
-Writes DIR/gpu_check.json (device, torch/CUDA versions, parity, throughput); exits 1 if a parity
-check or the gateway bench failed. Sized to finish within 8 minutes on one GPU: --budget (450 s)
-caps the whole run, and the bench gets what is left.
+Models: torchvision's ResNet-50 classifier (224 px) and Faster R-CNN ResNet-50-FPN v2 detector (800
+and 640 px), and the project's U-Net segmenter (512 px). Weights are random (seeded; saved as
+checkpoints and exported with `--weights checkpoint`) unless --weights pretrained, which reads
+torchvision's files from a filled $TORCH_HOME cache; torchvision has no U-Net.
 
-    bash loadtests/gpu_check.sh --out loadtests/out/gpu_check     # on a CUDA machine
-    bash loadtests/gpu_check.sh --dry-run --out /tmp/gpu_check    # CPU rehearsal of every step, tiny sizes
+Steps, each in its own process with its own time limit (a hung or crashed step is recorded and the
+next one runs): environment (device, versions, installed packages, the carried wheels' needs);
+model:<name>[@<px>] (export fp32 and fp16 at batch buckets, reloaded model.pt against the eager
+model, fp16 against fp32, images/s of the model alone per bucket and precision, the in-process
+pipeline); decode (nvJPEG batch decode against Pillow); http (uvicorn processes feeding one model
+owner, a multi-process load generator); onnx (a hook, loadtests/gpu/steps.py `step_onnx`).
+Writes DIR/gpu_check.json after every step; exits 1 if a parity check or a step failed. --budget
+(450 s) caps the whole run: one command on a GPU machine stays under 8 minutes.
+
+    bash loadtests/gpu_check.sh --wheels .whl --out $OUT/gpu_check    # on the GPU machine
+    bash loadtests/gpu_check.sh --dry-run --out /tmp/gpu_check          # every step on the CPU, tiny sizes
 """
 
 from __future__ import annotations
@@ -23,65 +25,33 @@ import argparse
 import dataclasses
 import json
 import logging
-import math
 import os
-import platform
 import signal
 import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-import torchvision
-from torch import nn
-from torchvision.models import ResNet50_Weights, resnet50
-from torchvision.models.detection import FasterRCNN_ResNet50_FPN_V2_Weights, fasterrcnn_resnet50_fpn_v2
-
-from export.__main__ import main as export_main
-from export.sources import SourceOptions, load_specs
-from loadtests.baselines.pipeline import ModelPipeline
-from loadtests.bench import batch_sizes
-from loadtests.images import DEFAULT_SIZES, EncodedImage, make_image_mix
-from loadtests.inprocess import measure_model, measure_pipeline
-from service.backends.torchscript import TorchScriptModel, load_torchscript
-from service.contract import load_contract
-from service.core.pipeline import TaskPipeline
-from service.settings import Settings
-from tasks import MODELS, TASKS
-from training.models import build_demo_segmenter
-from training.shapes import CLASSES, make_scene
+from loadtests.gpu.parity import FP16_TOLERANCES, TOLERANCES
+from service.buckets import GPU_MAX_BATCH
+from tasks import MODELS
 
 log = logging.getLogger("loadtests.gpu_check")
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULT_FILE = "gpu_check.json"
-SEED = 0
-# What "the same output" means, per check. Eager and TorchScript run the same kernels, but on CUDA
-# the scripted graph's fused elementwise ops may round differently; these leave room for that only.
-TOLERANCES = {
-    "outputs mismatched_tensors": 0,  # outputs whose shape or dtype differ (then nothing else is compared)
-    "PROBS max_abs_diff": 1e-4,  # softmax probabilities
-    "logits max_rel_diff": 1e-3,  # max |diff| / max |eager logit|
-    "COUNT max_abs_diff": 0.0,  # detections per image
-    "SCORES max_abs_diff": 1e-3,
-    "BOXES max_abs_diff": 0.05,  # pixels, each eager box against its closest same-label box
-    "MASK mismatch_fraction": 1e-3,  # pixels whose class differs (argmax ties)
-}
-# The gateway bench: its quick mode, embedded backend only. Its in-process figures are measured on
-# the CPU, where the 800 px detector alone would take minutes at batch 16: the detector is left out
-# by default.
-BENCH_ARGS = ("--quick", "--systems", "embedded")
-BENCH_MIN_S = 90.0  # the bench is skipped when less of the budget is left
-BENCH_STOP_S = 45.0  # an interrupted bench's time to stop its servers (each gets 30 s)
+LOG_FILE = "gpu_check.log"  # every step's log, one after the other (a device run brings back few files)
+STUBS = ROOT / "loadtests" / "gpu" / "stubs"
+STEP_MIN_S = 10.0  # a step is skipped when less of the budget is left
+STOP_GRACE_S = 5.0  # a timed-out step's time to stop (SIGTERM, then SIGKILL)
 
 
 class CheckError(Exception):
-    """A step that cannot go on; the message is the one line the command prints."""
+    """A run that cannot start; the message is the one line the command prints."""
 
 
 @dataclass(frozen=True)
@@ -89,41 +59,80 @@ class Profile:
     """How big and how long: the GPU run, or the CPU rehearsal of every step (--dry-run)."""
 
     sizes: dict[str, int | None]  # input side per model; None: the export's default for the weights
-    max_batch_size: int
+    extra_sizes: dict[str, tuple[int, ...]]  # more input sides measured per model (the detector at 640)
+    max_batch: dict[str, int]  # largest batch (the last bucket) per model
     parity_batch: int
-    duration_s: float  # measured seconds per batch size
+    duration_s: float  # measured seconds per batch size, through the gateway's model runner
+    sweep_s: float  # measured seconds per batch size and precision, the model alone
     warmup_calls: int  # calls before comparing or measuring (TorchScript optimises after profiling runs)
     images: int
     image_sizes: tuple[tuple[int, int], ...]
-    bench_models: tuple[str, ...]
+    fp16: bool
+    decode: dict[str, Any]
+    http: dict[str, Any]
     budget_s: float
+    timeouts: dict[str, float]  # per step kind: environment, model, decode, http, onnx
     cpu_threads: int | None = None  # torch intra-op threads; None: torch's default
+    steps: tuple[str, ...] = field(default=())  # filled by parse_args: the steps to run, in order
 
 
 GPU = Profile(
-    sizes=dict.fromkeys(MODELS),
-    max_batch_size=16,
-    parity_batch=4,
-    duration_s=3.0,
+    sizes={"classifier": None, "detector": 800, "segmenter": 512},
+    extra_sizes={"detector": (640,)},
+    max_batch=dict(GPU_MAX_BATCH),
+    parity_batch=8,
+    duration_s=0.5,
+    sweep_s=1.0,
     warmup_calls=3,
     images=16,
-    image_sizes=DEFAULT_SIZES,
-    bench_models=("classifier", "segmenter"),
+    image_sizes=((640, 480), (1280, 720), (1920, 1080)),
+    fp16=True,
+    decode={"sizes": [[640, 480], [1920, 1080]], "batch": 32, "duration_s": 2.0, "letterbox": 640},
+    http={
+        "servers": 4,
+        "client_processes": 4,
+        "concurrency": 64,
+        "duration_s": 10.0,
+        "models": ["classifier", "detector", "segmenter"],
+        "image_size": [640, 480],
+        "max_batch": 32,
+    },  # fmt: skip
     budget_s=450.0,
+    timeouts={"environment": 60, "model": 120, "decode": 60, "http": 150, "onnx": 60},
 )
 DRY_RUN = Profile(
     sizes=dict.fromkeys(MODELS, 64),
-    max_batch_size=2,
+    extra_sizes={},
+    max_batch=dict.fromkeys(MODELS, 2),
     parity_batch=2,
     duration_s=0.2,
+    sweep_s=0.2,
     warmup_calls=1,
     images=2,
     image_sizes=((80, 60), (60, 80)),
-    bench_models=(),
-    budget_s=85.0,
+    fp16=True,
+    decode={"sizes": [[80, 60], [120, 90]], "batch": 2, "duration_s": 0.2, "letterbox": 64},
+    http={
+        "servers": 2,
+        "client_processes": 2,
+        "concurrency": 4,
+        "duration_s": 4.0,
+        "models": ["classifier"],
+        "image_size": [80, 60],
+        "max_batch": 2,
+    },  # fmt: skip
+    budget_s=900.0,  # a shared 2-core machine takes about 3 minutes; the budget leaves room for a loaded one
+    timeouts={"environment": 120, "model": 300, "decode": 120, "http": 240, "onnx": 60},
     # One thread: two OpenMP threads spinning on two shared, busy cores run several times slower.
     cpu_threads=1,
 )
+
+
+def plan(profile: Profile) -> tuple[str, ...]:
+    """Every step of a run with `profile`, in order."""
+    models = [f"model:{m}" for m in MODELS]
+    models += [f"model:{m}@{px}" for m in MODELS for px in profile.extra_sizes.get(m, ())]
+    return ("environment", *models, "decode", "http", "onnx")
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -134,52 +143,39 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(
-        "--out",
-        type=Path,
-        default=ROOT / "loadtests" / "out" / "gpu_check",
-        metavar="DIR",
-        help=f"where {RESULT_FILE} (and the bench's bench/) go (default: %(default)s)",
-    )
+        "--out", type=Path, default=ROOT / "loadtests" / "out" / "gpu_check", metavar="DIR",
+        help=f"where {RESULT_FILE} and the steps' logs (logs/) go (default: %(default)s)",
+    )  # fmt: skip
+    parser.add_argument("--dry-run", action="store_true", help="run every step on the CPU with tiny sizes")
     parser.add_argument(
-        "--dry-run",
-        action="store_true",
-        help="run every step on the CPU with tiny sizes (about 20 s on 2 cores)",
-    )
-    parser.add_argument(
-        "--weights",
-        choices=("random", "pretrained"),
-        default="random",
+        "--weights", choices=("random", "pretrained"), default="random",
         help="classifier and detector weights: random, or torchvision's from $TORCH_HOME (default: random)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--input-size", action="append", default=[], metavar="MODEL=PX",
+        help="input side for one model, e.g. segmenter=512 (default: 224, 800 (and 640), 512; 64 with --dry-run)",
+    )  # fmt: skip
+    parser.add_argument("--max-batch-size", type=int, metavar="N", help="cap every model's largest batch")
+    parser.add_argument("--duration", type=float, metavar="S", help="measured seconds per batch size")
+    parser.add_argument(
+        "--steps", metavar="LIST",
+        help="comma-separated steps to run (default: all); e.g. environment,model:classifier,http",
+    )  # fmt: skip
+    parser.add_argument("--no-fp16", action="store_true", help="export and measure fp32 only")
+    parser.add_argument(
+        "--http-models", metavar="LIST", help="models the HTTP step serves, comma-separated ('none' skips it)"
     )
     parser.add_argument(
-        "--input-size",
-        action="append",
-        default=[],
-        metavar="MODEL=PX",
-        help="input side for one model, e.g. segmenter=512 (default: the export's; 64 with --dry-run)",
-    )
-    parser.add_argument("--max-batch-size", type=int, metavar="N", help="largest batch measured (16; 2)")
-    parser.add_argument(
-        "--duration", type=float, metavar="S", help="measured seconds per batch size (3; 0.2)"
+        "--budget", type=float, metavar="S", help="seconds for the whole run (450; 900 with --dry-run)"
     )
     parser.add_argument(
-        "--bench-models",
-        metavar="LIST",
-        help="models the gateway bench serves, comma-separated, 'none' skips it "
-        "(classifier,segmenter; none with --dry-run)",
-    )
+        "--logs", type=Path, metavar="DIR",
+        help="each step's log (and the HTTP servers') (default: DIR/logs); DIR/gpu_check.log has them all",
+    )  # fmt: skip
     parser.add_argument(
-        "--budget",
-        type=float,
-        metavar="S",
-        help="seconds for the whole run; the bench gets what is left (450; 85)",
-    )
-    parser.add_argument(
-        "--repository",
-        type=Path,
-        metavar="DIR",
-        help="keep the exported model repository here (default: a temporary directory, removed)",
-    )
+        "--repository", type=Path, metavar="DIR",
+        help="keep the exported model repositories here (default: a temporary directory, removed)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     profile = DRY_RUN if args.dry_run else GPU
     sizes = dict(profile.sizes)
@@ -188,438 +184,216 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         if model not in MODELS or not px.isdigit():
             parser.error(f"--input-size {item!r}: expected MODEL=PX with MODEL one of {', '.join(MODELS)}")
         sizes[model] = int(px)
-    bench_models = profile.bench_models
-    if args.bench_models is not None:
-        bench_models = tuple(m.strip() for m in args.bench_models.split(",") if m.strip() not in ("", "none"))
-        if set(bench_models) - set(MODELS):
-            parser.error(f"--bench-models {args.bench_models!r}: choose from {','.join(MODELS)} or none")
-    args.profile = dataclasses.replace(
+    max_batch = dict(profile.max_batch)
+    if args.max_batch_size is not None:
+        if args.max_batch_size < 1:
+            parser.error("--max-batch-size must be at least 1")
+        max_batch = {m: min(n, args.max_batch_size) for m, n in max_batch.items()}
+    http = dict(profile.http)
+    if args.http_models is not None:
+        http["models"] = [m.strip() for m in args.http_models.split(",") if m.strip() not in ("", "none")]
+        if set(http["models"]) - set(MODELS):
+            parser.error(f"--http-models {args.http_models!r}: choose from {','.join(MODELS)} or none")
+    profile = dataclasses.replace(
         profile,
         sizes=sizes,
-        max_batch_size=args.max_batch_size or profile.max_batch_size,
+        max_batch=max_batch,
         duration_s=args.duration or profile.duration_s,
-        bench_models=bench_models,
+        sweep_s=args.duration or profile.sweep_s,
+        fp16=profile.fp16 and not args.no_fp16,
+        http=http,
         budget_s=args.budget or profile.budget_s,
     )
-    if args.profile.max_batch_size < 1:
-        parser.error("--max-batch-size must be at least 1")
+    steps = plan(profile)
+    if args.steps:
+        chosen = tuple(s.strip() for s in args.steps.split(",") if s.strip())
+        unknown = [s for s in chosen if s not in steps]
+        if unknown:
+            parser.error(f"--steps: unknown {', '.join(unknown)}; choose from {','.join(steps)}")
+        steps = chosen
+    args.profile = dataclasses.replace(profile, steps=steps)
     return args
 
 
-# --- environment ------------------------------------------------------------------------------
-
-
-def pick_device(dry_run: bool) -> torch.device:
-    """CUDA, or the CPU for a dry run; without CUDA a real run stops here."""
+def check_device(dry_run: bool) -> str:
+    """cuda, or cpu for a dry run; without CUDA a real run stops here, before any step."""
     if dry_run:
-        return torch.device("cpu")
+        return "cpu"
+    import torch  # on the GPU image; imported here only to ask whether a GPU is there
+
     if not torch.cuda.is_available():
         built = f"built for CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
         raise CheckError(
             f"no CUDA device (torch {torch.__version__}, {built}, sees none): run this on a GPU machine, "
             "or add --dry-run to rehearse every step on the CPU"
         )
-    return torch.device("cuda")
+    return "cuda"
 
 
-def describe(device: torch.device) -> dict[str, Any]:
-    """The device and software the figures come from."""
-    info: dict[str, Any] = {"type": device.type, "cpus": os.cpu_count(), "processor": platform.processor()}
-    if device.type == "cuda":
-        props = torch.cuda.get_device_properties(device)
-        info |= {
-            "name": torch.cuda.get_device_name(device),
-            "capability": ".".join(map(str, torch.cuda.get_device_capability(device))),
-            "memory_gib": round(props.total_memory / 2**30, 1),
-            "count": torch.cuda.device_count(),
-        }
-    else:
-        info["name"] = platform.processor() or platform.machine()
-    return info
-
-
-def versions() -> dict[str, Any]:
-    """torch, torchvision, CUDA and cuDNN as this process sees them."""
-    return {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "torchvision": torchvision.__version__,
-        "cuda": torch.version.cuda,
-        "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
-        "cuda_available": torch.cuda.is_available(),
-    }
-
-
-# --- export -----------------------------------------------------------------------------------
-
-
-def random_checkpoint(model: str, work: Path, input_size: int | None) -> SourceOptions:
-    """A seeded random state dict of `model`'s architecture, as a `--weights checkpoint` source."""
-    torch.manual_seed(SEED)
-    module: nn.Module
-    if model == "classifier":
-        arch, labels = "resnet50", ResNet50_Weights.IMAGENET1K_V2.meta["categories"]
-        module = resnet50(weights=None, num_classes=len(labels))
-    elif model == "detector":
-        arch, labels = (
-            "fasterrcnn_resnet50_fpn_v2",
-            FasterRCNN_ResNet50_FPN_V2_Weights.COCO_V1.meta["categories"],
-        )
-        module = fasterrcnn_resnet50_fpn_v2(weights=None, weights_backbone=None, num_classes=len(labels))
-    else:
-        arch, labels = "demo", [TASKS[model].background, *CLASSES]
-        module = build_demo_segmenter(len(labels))
-        with torch.no_grad():
-            # A fresh U-Net's head bias picks one class everywhere (as in tests/export): let pixels speak.
-            module.head.bias.zero_()
-            module.head.weight.mul_(100)
-    checkpoint, classes = work / f"{model}.pt", work / f"{model}-classes.txt"
-    torch.save(module.state_dict(), checkpoint)
-    classes.write_text("".join(f"{label}\n" for label in labels))
-    return SourceOptions(
-        weights="checkpoint", arch=arch, checkpoint=checkpoint, classes=classes, input_size=input_size
-    )
-
-
-def weight_source(model: str, weights: str, work: Path, input_size: int | None) -> SourceOptions:
-    """`model`'s weights: a random checkpoint, or torchvision's pretrained files (it has no U-Net)."""
-    if weights == "pretrained" and model != "segmenter":
-        return SourceOptions(weights="pretrained", input_size=input_size)
-    return random_checkpoint(model, work, input_size)
-
-
-def export_argv(model: str, source: SourceOptions, repository: Path, max_batch_size: int) -> list[str]:
-    """`python -m export` arguments that export `model` from `source` into `repository`."""
-    preferred = sorted({max(1, max_batch_size // 2), max_batch_size})
-    argv = [
-        model, "--weights", source.weights, "--out", str(repository),
-        "--cpu-out", str(repository.with_name(f"{repository.name}-cpu")),
-        "--max-batch-size", str(max_batch_size), "--preferred-batch-sizes", *map(str, preferred),
-    ]  # fmt: skip
-    if source.weights == "checkpoint":
-        argv += [
-            "--arch",
-            source.arch,
-            "--checkpoint",
-            str(source.checkpoint),
-            "--classes",
-            str(source.classes),
-        ]
-    if source.input_size:
-        argv += ["--input-size", str(source.input_size)]
-    return argv
-
-
-def export_model(model: str, source: SourceOptions, repository: Path, max_batch_size: int) -> dict[str, Any]:
-    """Run the export CLI for one model; say what it wrote."""
-    argv = export_argv(model, source, repository, max_batch_size)
-    started = time.monotonic()
-    if export_main(argv) != 0:
-        raise CheckError(f"`python -m export {' '.join(argv)}` failed (its error is above)")
-    contract = load_contract(repository, model)
-    return {
-        "command": f"python -m export {' '.join(argv)}",
-        "weights": contract.parameters["weights"],
-        "input_size": contract.inputs[0].dims[-1],
-        "labels": len(contract.labels),
-        "model_pt_mib": round((repository / model / "1" / "model.pt").stat().st_size / 2**20, 1),
-        "seconds": round(time.monotonic() - started, 1),
-    }
-
-
-# --- parity -----------------------------------------------------------------------------------
-
-
-def parity_images(model: str, size: int, batch: int) -> torch.Tensor:
-    """Seeded uint8 noise plus one shapes scene (a single shape for the classifier)."""
-    noise = torch.randint(
-        0, 256, (batch - 1, 3, size, size), dtype=torch.uint8, generator=torch.Generator().manual_seed(SEED)
-    )
-    shapes = (1, 1) if model == "classifier" else (1, 4)
-    scene = make_scene(SEED, size, *shapes).image
-    return torch.cat([noise, torch.from_numpy(scene).permute(2, 0, 1)[None]])
-
-
-def _outputs(result: torch.Tensor | Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    return [result] if isinstance(result, torch.Tensor) else list(result)
-
-
-def _check(name: str, value: float) -> dict[str, Any]:
-    """One comparison against its tolerance; a non-finite value is reported as null and fails."""
-    tolerance = TOLERANCES[name]
-    finite = math.isfinite(value)
-    output, metric = name.split(" ")
-    return {
-        "output": output,
-        "metric": metric,
-        "value": value if finite else None,
-        "tolerance": tolerance,
-        "passed": finite and value <= tolerance,
-    }
-
-
-def _max_abs(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).abs().max()) if a.numel() else 0.0
-
-
-def _max_rel(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    return float((actual - expected).abs().max() / expected.abs().max().clamp_min(1e-12))
-
-
-def detector_checks(eager: list[torch.Tensor], scripted: list[torch.Tensor]) -> list[dict[str, Any]]:
-    """Counts, sorted scores, and each eager box against its closest same-label scripted box.
-
-    Matching boxes (instead of comparing rows) keeps equal-score detections in either order equal.
-    """
-    (boxes_e, scores_e, labels_e, count_e), (boxes_s, scores_s, labels_s, count_s) = eager, scripted
-    score_diff, box_diff = 0.0, 0.0
-    for i in range(len(count_e)):
-        n_e, n_s = int(count_e[i, 0]), int(count_s[i, 0])
-        n = min(n_e, n_s)
-        score_diff = max(score_diff, _max_abs(scores_e[i, :n], scores_s[i, :n]))
-        if n_e == 0:
-            continue
-        distance = (boxes_e[i, :n_e, None, :] - boxes_s[i, None, :n_s, :]).abs().amax(dim=-1)
-        distance[labels_e[i, :n_e, None] != labels_s[i, None, :n_s]] = math.inf
-        closest = distance.amin(dim=1) if n_s else torch.full((n_e,), math.inf)
-        box_diff = max(box_diff, float(closest.max()))
-    return [
-        _check("COUNT max_abs_diff", _max_abs(count_e, count_s)),
-        _check("SCORES max_abs_diff", score_diff),
-        _check("BOXES max_abs_diff", box_diff),
-    ]
-
-
-def _logits(wrapper: Any, images: torch.Tensor) -> torch.Tensor:
-    """The wrapped network's raw output (export/wrappers.py: `model(normalize(image))`)."""
-    return wrapper.model(wrapper.normalize(images)).float().cpu()
-
-
-def check_parity(
-    model: str, eager: nn.Module, scripted: torch.jit.ScriptModule, images: torch.Tensor, warmup_calls: int
-) -> dict[str, Any]:
-    """Compare the reloaded model.pt with its eager model on `images` (already on the device)."""
-    with torch.inference_mode():
-        for _ in range(warmup_calls):
-            scripted(images)
-        expected, actual = _outputs(eager(images)), _outputs(scripted(images))
-        layouts = [(t.shape, t.dtype) for t in expected], [(t.shape, t.dtype) for t in actual]
-        mismatched = sum(a != b for a, b in zip(*layouts)) + abs(len(expected) - len(actual))
-        checks = [_check("outputs mismatched_tensors", mismatched)]
-        compared: dict[str, int] = {}
-        if not mismatched:  # otherwise nothing else is comparable
-            expected, actual = [t.float().cpu() for t in expected], [t.float().cpu() for t in actual]
-            if model == "detector":
-                checks += detector_checks(expected, actual)
-                compared = {"detections": int(expected[3].sum())}
-            else:
-                logits = _max_rel(_logits(scripted, images), _logits(eager, images))
-                if model == "classifier":
-                    checks.append(_check("PROBS max_abs_diff", _max_abs(actual[0], expected[0])))
-                    compared = {"top1_classes": len(expected[0].argmax(dim=1).unique())}
-                else:
-                    mismatch = float((actual[0] != expected[0]).float().mean())
-                    checks.append(_check("MASK mismatch_fraction", mismatch))
-                    compared = {"mask_classes": len(expected[0].unique())}
-                checks.append(_check("logits max_rel_diff", logits))
-    return {
-        "passed": all(c["passed"] for c in checks),
-        "images": len(images),
-        "input_size": images.shape[-1],
-        **compared,
-        "checks": checks,
-    }
-
-
-# --- throughput -------------------------------------------------------------------------------
-
-
-def measure_throughput(
-    model: str, repository: Path, device: torch.device, images: list[EncodedImage], profile: Profile
-) -> list[dict[str, Any]]:
-    """Images/s of the model alone at batch sizes 1..N, and of the whole pipeline at N, on `device`.
-
-    The gateway's own model runner copies each batch to the device and the outputs back, so a timed
-    batch covers the transfers and waits for the GPU to finish.
-    """
-    settings = Settings(model_repository=repository, max_batch_size=profile.max_batch_size)
-    pipeline = ModelPipeline(
-        TaskPipeline.load(settings, model), TorchScriptModel(repository, model, device.type)
-    )
-    prepared = [pipeline.prepare(image.data)[0] for image in images]
-    sizes = batch_sizes(settings, pipeline.contract.max_batch_size)
-    for size in sizes:
-        for _ in range(profile.warmup_calls):
-            pipeline.infer([prepared[i % len(prepared)] for i in range(size)])
-    results = measure_model(pipeline, prepared, sizes, profile.duration_s)
-    results.append(measure_pipeline(pipeline, images, sizes[-1], profile.duration_s))
-    for r in results:
-        log.info("%s %-8s batch %2d: %8.1f images/s", model, r.stage, r.batch_size, r.images_per_s)
-    return [dataclasses.asdict(r) for r in results]
-
-
-# --- gateway bench ----------------------------------------------------------------------------
-
-
-def bench_command(models: Sequence[str], out: Path) -> list[str]:
-    """`python -m loadtests.bench`, short, on the embedded backend."""
-    return [
-        sys.executable,
-        "-m",
-        "loadtests.bench",
-        "--models",
-        ",".join(models),
-        *BENCH_ARGS,
-        "--out",
-        str(out),
-    ]
-
-
-def run_bench(
-    models: Sequence[str],
-    repository: Path,
-    out: Path,
-    device: torch.device,
-    profile: Profile,
-    timeout_s: float,
-) -> dict[str, Any]:
-    """The gateway on `repository` under load; its figures, or why there are none.
-
-    `timeout_s` covers the bench and its shutdown: past `timeout_s - BENCH_STOP_S` it is interrupted.
-    """
-    if not models:
-        return {"status": "skipped", "reason": "no models chosen (--bench-models)"}
-    command = bench_command(models, out)
-    result: dict[str, Any] = {
-        "command": f"python {' '.join(command[1:])}",
-        "device": device.type,
-        "note": "the gateway runs on the device; bench.json's own in-process figures are the CPU's",
-    }
-    run_s = timeout_s - BENCH_STOP_S
-    if run_s < BENCH_MIN_S:
-        return result | {"status": "skipped", "reason": f"{timeout_s:.0f}s of the budget left"}
-    env = {
-        **os.environ,
-        "CVSERVE_DEVICE": device.type,
-        "CVSERVE_MODEL_REPOSITORY": str(repository),
-        "CVSERVE_MAX_BATCH_SIZE": str(profile.max_batch_size),
-        "PYTHONPATH": str(ROOT),
-    }
-    out.mkdir(parents=True, exist_ok=True)
-    log.info("gateway bench (at most %.0fs): %s", run_s, result["command"])
-    started = time.monotonic()
-    with open(out / "bench.log", "w") as output:
-        process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=output, stderr=subprocess.STDOUT)
-        try:
-            returncode = process.wait(timeout=run_s)
-        except subprocess.TimeoutExpired:
-            return result | {"status": "timed out", "reason": f"after {run_s:.0f}s (see {out / 'bench.log'})"}
-        finally:
-            _interrupt(process)
-    result["seconds"] = round(time.monotonic() - started, 1)
-    if returncode != 0 or not (out / "bench.json").is_file():
-        return result | {"status": "failed", "reason": f"exit {returncode}, see {out / 'bench.log'}"}
-    bench = json.loads((out / "bench.json").read_text())
-    result["models"] = {
-        m["model"]: {
-            "loads": [
-                {
-                    k: load[k]
-                    for k in ("system", "concurrency", "throughput_rps", "p50_ms", "p99_ms", "errors")
-                }
-                for load in m["loads"]
-            ],
-            "failed": m["failed"],
-        }
-        for m in bench["models"]
-    }
-    return result | {"status": "ok"}
-
-
-def _interrupt(process: subprocess.Popen[bytes]) -> None:
-    """Stop a bench still running: Ctrl-C lets its `with` blocks stop the servers; then SIGKILL."""
-    if process.poll() is not None:
-        return
-    process.send_signal(signal.SIGINT)
+def step_environment_variables(out: Path) -> dict[str, str]:
+    """The steps' environment: the repository on the path, and the av stand-in where PyAV is missing."""
+    paths = [str(ROOT), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
     try:
-        process.wait(timeout=BENCH_STOP_S)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
+        import av  # noqa: F401
+    except ImportError:
+        paths.append(str(STUBS))  # last: a real av anywhere on the path wins
+    return {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(paths),
+        "PYTHONUNBUFFERED": "1",
+        "CVSERVE_CHECK_OUT": str(out),
+    }
 
 
-# --- the run ----------------------------------------------------------------------------------
+def run_step(
+    name: str, context: Path, work: Path, logs: Path, timeout_s: float, env: dict[str, str]
+) -> dict[str, Any]:
+    """Run one step in its own process group for at most `timeout_s`; its JSON, or why there is none."""
+    slug = name.replace(":", "-").replace("@", "-")
+    result_file, log_file = work / f"{slug}.json", logs / f"{slug}.log"
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    command = [sys.executable, "-m", "loadtests.gpu.steps", name, str(context), str(result_file)]
+    started = time.monotonic()
+    entry: dict[str, Any] = {"name": name, "timeout_s": round(timeout_s), "log": str(log_file)}
+    with open(log_file, "w") as output:
+        process = subprocess.Popen(
+            command, cwd=ROOT, env=env, stdout=output, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        try:
+            returncode = process.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            returncode = None
+        finally:
+            _stop(process)
+    entry["seconds"] = round(time.monotonic() - started, 1)
+    if returncode is None:  # keep the phases it finished (a model step saves them as it goes)
+        partial = json.loads(result_file.read_text()) if result_file.is_file() else None
+        return entry | {"status": "timed out"} | ({"result": partial} if partial else {})
+    if returncode != 0 or not result_file.is_file():
+        tail = log_file.read_text(errors="replace").strip().splitlines()[-1:] if log_file.is_file() else []
+        partial = json.loads(result_file.read_text()) if result_file.is_file() else None
+        failed = {"status": "failed", "exit": returncode, "error": tail[0][-300:] if tail else ""}
+        return entry | failed | ({"result": partial} if partial else {})
+    return entry | {"status": "ok", "result": json.loads(result_file.read_text())}
 
 
-def check_model(
-    model: str,
-    source: SourceOptions,
-    repository: Path,
-    device: torch.device,
-    images: list[EncodedImage],
-    profile: Profile,
-) -> tuple[dict[str, Any], dict[str, Any], list[dict[str, Any]]]:
-    """Export one model, compare it with its eager model, measure it: (export, parity, throughput)."""
-    exported = export_model(model, source, repository, profile.max_batch_size)
-    spec = load_specs([model], source)[0]  # the same weights, as the eager model the export scripted
-    eager = spec.module.to(device)
-    scripted = load_torchscript(repository / model / "1" / "model.pt", device)
-    parity = check_parity(
-        model, eager, scripted, parity_images(model, spec.input_size, profile.parity_batch).to(device),
-        profile.warmup_calls,
-    )  # fmt: skip
-    log.info("%s parity %s: %s", model, "ok" if parity["passed"] else "FAILED", parity["checks"])
-    del eager, scripted, spec
-    throughput = measure_throughput(model, repository, device, images, profile)
-    return exported, parity, throughput
+def _stop(process: subprocess.Popen[bytes]) -> None:
+    """End a step's whole process group (its servers too): SIGTERM, then SIGKILL."""
+    for sig, wait in ((signal.SIGTERM, STOP_GRACE_S), (signal.SIGKILL, STOP_GRACE_S)):
+        try:
+            os.killpg(process.pid, sig)
+        except ProcessLookupError:
+            break
+        try:
+            process.wait(timeout=wait)
+        except subprocess.TimeoutExpired:
+            continue
+    process.poll()
+
+
+def merge(results: dict[str, Any], name: str, result: dict[str, Any]) -> None:
+    """File a step's result under the run's keys (export/parity/throughput/... by model)."""
+    kind, _, argument = name.partition(":")
+    if kind == "environment":
+        for key in ("device", "versions", "packages", "unmet_requirements", "http_imports_missing"):
+            results[key] = result[key]
+    elif kind == "model":
+        key = argument
+        for section in ("export", "parity", "throughput", "runner", "sweep", "export_fp16", "parity_fp16"):
+            if section in result:
+                results.setdefault(section, {})[key] = result[section]
+        if "max_memory_gib" in result:
+            results.setdefault("max_memory_gib", {})[key] = result["max_memory_gib"]
+    else:
+        results[kind] = result
+
+
+def passed(results: dict[str, Any]) -> bool:
+    """Every parity check passed, the CUDA runner answered as the plain one, device decode stayed within
+    its tolerance, and no step failed or timed out."""
+    parities = [*results.get("parity", {}).values(), *results.get("parity_fp16", {}).values()]
+    steps_ok = all(step["status"] in ("ok", "skipped") for step in results["steps"])
+    http_ok = results.get("http", {}).get("status") in (None, "ok", "skipped")
+    decode_ok = results.get("decode", {}).get("passed", True)
+    runners_ok = all(r["same_outputs"] for r in results.get("runner", {}).values())
+    return steps_ok and http_ok and decode_ok and runners_ok and all(p["passed"] for p in parities)
 
 
 def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
-    """Every step, in order; the results as gpu_check.json holds them."""
+    """Every step, in order, writing the results after each; the results as gpu_check.json holds them."""
     started = time.monotonic()
     profile: Profile = args.profile
-    device = pick_device(args.dry_run)
-    if profile.cpu_threads:
-        torch.set_num_threads(profile.cpu_threads)
+    device = check_device(args.dry_run)
+    out: Path = args.out
+    path = out / RESULT_FILE
+    logs: Path = args.logs or out / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    combined = out / LOG_FILE
+    combined.write_text("")
+    repository_root = args.repository.resolve() if args.repository else work
+    context = work / "context.json"
+    context.write_text(json.dumps({
+        "dry_run": args.dry_run, "device": device, "weights": args.weights, "work": str(repository_root),
+        "out": str(out), "logs": str(logs), "profile": dataclasses.asdict(profile),
+    }))  # fmt: skip
     results: dict[str, Any] = {
         "dry_run": args.dry_run,
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "device": describe(device),
-        "versions": versions(),
+        "device": {"type": device},
         "profile": dataclasses.asdict(profile) | {"weights": args.weights},
-        "tolerances": TOLERANCES,
-        "export": {},
-        "parity": {},
-        "throughput": {},
+        "tolerances": TOLERANCES | FP16_TOLERANCES,
+        "steps": [],
+        "passed": False,
     }
-    log.info("gpu check on %s (%s)", results["device"]["name"], "dry run" if args.dry_run else device.type)
-    repository = args.repository.resolve() if args.repository else work / "model_repository"
-    images = make_image_mix(profile.images, profile.image_sizes)
-    for model in MODELS:
-        source = weight_source(model, args.weights, work, profile.sizes[model])
-        try:
-            exported, parity, throughput = check_model(model, source, repository, device, images, profile)
-        except RuntimeError as exc:  # e.g. a graph that scripts but fails on CUDA: report it, go on
-            log.error("%s failed: %s", model, exc)
-            results["parity"][model] = {"passed": False, "error": str(exc).strip().splitlines()[0]}
-            continue
-        results["export"][model] = exported
-        results["parity"][model] = parity
-        results["throughput"][model] = throughput
-        if device.type == "cuda":
-            torch.cuda.empty_cache()  # leave the GPU to the gateway bench
-    results["bench"] = run_bench(
-        profile.bench_models, repository, args.out / "bench", device, profile,
-        profile.budget_s - (time.monotonic() - started),
-    )  # fmt: skip
-    parity_ok = all(p["passed"] for p in results["parity"].values())
-    results["passed"] = parity_ok and results["bench"]["status"] != "failed"
-    results["wall_s"] = round(time.monotonic() - started, 1)
+    env = step_environment_variables(out)
+    results["stubbed_modules"] = ["av"] if str(STUBS) in env["PYTHONPATH"] else []
+    log.info("gpu check (%s): %s", "dry run" if args.dry_run else device, ", ".join(profile.steps))
+    for name in profile.steps:
+        kind = name.partition(":")[0]
+        left = profile.budget_s - (time.monotonic() - started)
+        skip = _skip_reason(name, results, left)
+        if skip:
+            entry: dict[str, Any] = {"name": name, "status": "skipped", "reason": skip}
+        else:
+            timeout_s = min(profile.timeouts[kind], left - STOP_GRACE_S)
+            log.info("step %s (at most %.0fs)", name, timeout_s)
+            entry = run_step(name, context, work, logs, timeout_s, env)
+            _append_logs(combined, logs, name)
+        if "result" in entry:
+            merge(results, name, entry.pop("result"))
+        log.info("step %s: %s in %ss", name, entry["status"], entry.get("seconds", 0))
+        results["steps"].append(entry)
+        results["passed"] = passed(results)
+        results["wall_s"] = round(time.monotonic() - started, 1)
+        path.write_text(
+            json.dumps(results, indent=2) + "\n"
+        )  # after every step: a killed run keeps its figures
     return results
 
 
+def _append_logs(combined: Path, logs: Path, name: str) -> None:
+    """Add the logs a step wrote (its own, and its servers') to the combined log."""
+    slug = name.replace(":", "-").replace("@", "-")
+    with open(combined, "a") as out:
+        for log_path in [logs / f"{slug}.log", *sorted(logs.glob(f"{slug}-*.log"))]:
+            if log_path.is_file():
+                out.write(f"===== {log_path.name}\n{log_path.read_text(errors='replace')}\n")
+
+
+def _skip_reason(name: str, results: dict[str, Any], left: float) -> str | None:
+    if left < STEP_MIN_S + STOP_GRACE_S:
+        return f"{left:.0f}s of the budget left"
+    if name == "http":
+        if not results["profile"]["http"]["models"]:
+            return "no models chosen (--http-models)"
+        missing = results.get("http_imports_missing")
+        if missing:
+            return f"the app's imports fail here: {', '.join(sorted(missing))} (see the environment step)"
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the check and write DIR/gpu_check.json; a failure is one line on stderr and exit 1."""
+    """Run the check and write DIR/gpu_check.json; a run that cannot start is one line on stderr and exit 1."""
     args = parse_args(argv)
     logging.basicConfig(
         stream=sys.stdout, level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -631,9 +405,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CheckError as exc:
         sys.stderr.write(f"gpu_check: error: {exc}\n")
         return 1
-    path = args.out / RESULT_FILE
-    path.write_text(json.dumps(results, indent=2) + "\n")
-    log.info("%s in %.0fs: wrote %s", "passed" if results["passed"] else "FAILED", results["wall_s"], path)
+    log.info(
+        "%s in %.0fs: wrote %s",
+        "passed" if results["passed"] else "FAILED",
+        results["wall_s"],
+        args.out / RESULT_FILE,
+    )
     return 0 if results["passed"] else 1
 
 

@@ -7,16 +7,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from google.protobuf import text_format
-from tritonclient.grpc import model_config_pb2
+from service.model_config import Message, first, parse, string_map
+
+if TYPE_CHECKING:
+    from tritonclient.grpc import model_config_pb2
 
 _DTYPES = {
-    model_config_pb2.TYPE_UINT8: "uint8",
-    model_config_pb2.TYPE_INT32: "int32",
-    model_config_pb2.TYPE_INT64: "int64",
-    model_config_pb2.TYPE_FP16: "float16",
-    model_config_pb2.TYPE_FP32: "float32",
+    "TYPE_UINT8": "uint8",
+    "TYPE_INT32": "int32",
+    "TYPE_INT64": "int64",
+    "TYPE_FP16": "float16",
+    "TYPE_FP32": "float32",
 }
 
 
@@ -36,7 +39,12 @@ class ModelContract:
     labels: tuple[str, ...]
     max_batch_size: int
     parameters: dict[str, str] = field(default_factory=dict)
-    config: model_config_pb2.ModelConfig | None = field(default=None, compare=False, repr=False)
+    config_text: str = field(default="", compare=False, repr=False)  # config.pbtxt as read
+
+    @property
+    def config(self) -> model_config_pb2.ModelConfig:
+        """config.pbtxt as Triton's own protobuf message (imports tritonclient: for tests and tools)."""
+        return parse_config(self.config_text)
 
     @property
     def input_size(self) -> tuple[int, int]:
@@ -54,12 +62,19 @@ class ModelContract:
         return int(value) if value else None
 
 
-def _spec(tensor: model_config_pb2.ModelInput | model_config_pb2.ModelOutput) -> TensorSpec:
-    return TensorSpec(tensor.name, _DTYPES[tensor.data_type], tuple(int(d) for d in tensor.dims))
+def _spec(tensor: Message) -> TensorSpec:
+    data_type = str(first(tensor, "data_type", "TYPE_INVALID"))
+    if data_type not in _DTYPES:
+        raise ValueError(f"tensor {first(tensor, 'name', '')!r}: data_type {data_type} is not one the gateway reads")
+    return TensorSpec(str(first(tensor, "name", "")), _DTYPES[data_type], tuple(int(d) for d in tensor.get("dims", [])))
 
 
 def parse_config(text: str) -> model_config_pb2.ModelConfig:
-    """Parse config.pbtxt text with Triton's own protobuf schema (unknown fields are errors)."""
+    """Parse config.pbtxt text with Triton's own protobuf schema (unknown fields are errors).
+    Needs tritonclient; the gateway itself reads configs with `service.model_config`."""
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
     return text_format.Parse(text, model_config_pb2.ModelConfig())
 
 
@@ -69,20 +84,22 @@ def load_contract(repository: Path | str, model: str) -> ModelContract:
     config_path = model_dir / "config.pbtxt"
     if not config_path.is_file():
         raise FileNotFoundError(f"{config_path} not found: run the export first (see README)")
-    config = parse_config(config_path.read_text())
-    label_files = {out.label_filename for out in config.output if out.label_filename}
+    text = config_path.read_text()
+    config = parse(text)
+    outputs: list[Any] = config.get("output", [])
+    label_files = {first(out, "label_filename") for out in outputs if first(out, "label_filename")}
     labels: tuple[str, ...] = ()
     if label_files:
         (label_file,) = label_files
         labels = tuple(line.rstrip("\n") for line in (model_dir / label_file).read_text().splitlines())
-    parameters = {key: value.string_value for key, value in config.parameters.items()}
+    parameters = string_map(config, "parameters")
     return ModelContract(
-        name=config.name or model,
+        name=str(first(config, "name", "")) or model,
         task=parameters.get("task", ""),
-        inputs=tuple(_spec(t) for t in config.input),
-        outputs=tuple(_spec(t) for t in config.output),
+        inputs=tuple(_spec(t) for t in config.get("input", [])),
+        outputs=tuple(_spec(t) for t in outputs),
         labels=labels,
-        max_batch_size=config.max_batch_size,
+        max_batch_size=int(first(config, "max_batch_size", 0)),
         parameters=parameters,
-        config=config,
+        config_text=text,
     )

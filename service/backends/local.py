@@ -189,12 +189,16 @@ class LocalBackend(Backend):
         if device == "cpu":
             torch.set_num_threads(settings.torch_threads)
         self._models: dict[str, BatchedModel] = {}
+        from service.backends.pipelined import PipelinedBatchedModel, batched_model  # it builds on this module
+
         for name in settings.models:
             model = load_model(settings, name, device)
-            warm_up(model, settings)
-            self._models[name] = BatchedModel(
-                model, settings.max_batch_size, settings.batch_wait_timeout_s, "embedded", instruments
-            )
+            batched = batched_model(model, settings.max_batch_size, settings.batch_wait_timeout_s, "embedded", instruments)
+            if isinstance(batched, PipelinedBatchedModel):
+                batched.runner.warm_up()  # every batch bucket, the only shapes it will run
+            else:
+                warm_up(model, settings)
+            self._models[name] = batched
             log.info(
                 "model %s v%s loaded on %s in %s in the gateway replica", name, model.version, device, runtime_of(model)
             )

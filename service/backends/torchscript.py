@@ -55,6 +55,11 @@ class TorchScriptModel:
         self._output_names = [spec.name for spec in self.contract.outputs]
         self.batch_sizes_run: set[int] = set()  # every batch size this model has run (warm-up included)
 
+    @property
+    def module(self) -> torch.jit.ScriptModule:
+        """The loaded TorchScript module, for runners that drive it themselves (service/backends/pipelined.py)."""
+        return self._module
+
     def forward(self, batch: np.ndarray) -> dict[str, np.ndarray]:
         """Run a `[N,3,H,W]` uint8 batch; outputs by contract name (mapped by position), batch dim kept."""
         with torch.inference_mode():

@@ -1,5 +1,6 @@
-"""The GPU check's CPU rehearsal end to end (export, reload, parity, throughput, JSON), and its
-comparisons on outputs that do and do not match."""
+"""The GPU check's CPU rehearsal end to end, as on the GPU image (tritonclient, Ray and PyAV absent):
+every step in its own process, the JSON after every step, parity, fp16, decode, the HTTP app over a
+model owner; its time limits; and its comparisons on outputs that do and do not match."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import math
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -15,25 +17,92 @@ import torch
 from torch import nn
 
 from export.wrappers import ClassifierWrapper, script
-from loadtests.gpu_check import TOLERANCES, check_parity, detector_checks
+from loadtests.gpu.parity import (
+    FP16_TOLERANCES,
+    TOLERANCES,
+    check_parity,
+    detector_checks,
+    mask_iou,
+    unmatched_fraction,
+)
+from loadtests.gpu_check import passed, run_step
 from tasks import MODELS
 from tests.conftest import ROOT
 
+GPU_IMAGE = Path(__file__).resolve().parent / "gpu_image"  # its sitecustomize blocks tritonclient, ray, av
+CHECK_MODULES = (
+    "loadtests.gpu_check", "loadtests.gpu.steps", "loadtests.gpu.http", "loadtests.gpu.decode_bench",
+    "service.owner_app", "service.backends.owner", "service.backends.pipelined", "service.core.device_decode",
+    "export.__main__", "export.precision",
+)  # fmt: skip
 
-def test_dry_run_writes_parity_and_throughput_for_every_model(tmp_path: Path) -> None:
-    command = [sys.executable, "-m", "loadtests.gpu_check", "--dry-run", "--out", str(tmp_path)]
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+
+def _image_env() -> dict[str, str]:
+    """This venv as the GPU image sees it: no tritonclient, Ray or PyAV."""
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(GPU_IMAGE)])}
+
+
+def test_the_check_s_modules_import_without_tritonclient_ray_or_av() -> None:
+    code = (
+        "import importlib, sys\n"
+        f"sys.path.append({str(ROOT / 'loadtests' / 'gpu' / 'stubs')!r})\n"
+        f"for m in {CHECK_MODULES!r}: importlib.import_module(m)\n"
+        "import av; assert av.STUB\n"
+        "print(sorted({m.split('.')[0] for m in sys.modules} & {'tritonclient', 'ray', 'grpc'}))\n"
+    )
     done = subprocess.run(
-        command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=False
+        [sys.executable, "-c", code],
+        cwd=ROOT,
+        env=_image_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip() == "[]"
+    blocked = subprocess.run(
+        [sys.executable, "-c", "import tritonclient"],
+        env=_image_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert "blocked: not on the GPU image" in blocked.stderr  # the blocker works
+
+
+def test_dry_run_runs_every_step_as_on_the_gpu_image(tmp_path: Path) -> None:
+    command = [sys.executable, "-m", "loadtests.gpu_check", "--dry-run", "--out", str(tmp_path)]
+    done = subprocess.run(
+        command, cwd=ROOT, env=_image_env(), capture_output=True, text=True, timeout=900, check=False
     )
     output = (done.stdout + done.stderr)[-4000:]
-    assert done.returncode == 0, output
+    results = json.loads((tmp_path / "gpu_check.json").read_text())
+    logs = {
+        s["name"]: Path(s["log"]).read_text()[-2000:] for s in results["steps"] if s.get("status") == "failed"
+    }
+    assert done.returncode == 0, (output, logs)
     assert "FutureWarning" not in done.stderr, output
 
-    results = json.loads((tmp_path / "gpu_check.json").read_text())
     assert results["dry_run"] is True and results["passed"] is True
+    assert [s["name"] for s in results["steps"]] == [
+        "environment",
+        *(f"model:{m}" for m in MODELS),
+        "decode",
+        "http",
+        "onnx",
+    ]
+    assert all(s["status"] == "ok" and s["seconds"] <= s["timeout_s"] for s in results["steps"]), results[
+        "steps"
+    ]
     assert results["device"]["type"] == "cpu" and results["versions"]["torch"] == torch.__version__
-    assert set(results["parity"]) == set(MODELS)
+    assert (
+        results["packages"]["fastapi"]
+        and results["packages"]["torch"]
+        and results["unmet_requirements"] == []
+    )
+    assert results["http_imports_missing"] == {} and results["stubbed_modules"] == ["av"]
     for model in MODELS:
         parity = results["parity"][model]
         assert parity["passed"] is True and parity["images"] == 2 and parity["input_size"] == 64, parity
@@ -41,11 +110,15 @@ def test_dry_run_writes_parity_and_throughput_for_every_model(tmp_path: Path) ->
         for check in parity["checks"]:
             assert check["tolerance"] == TOLERANCES[f"{check['output']} {check['metric']}"]
             assert math.isfinite(check["value"]) and 0 <= check["value"] <= check["tolerance"], check
-            assert check["passed"] is True
+        fp16 = results["parity_fp16"][model]
+        assert fp16["passed"] is True and len(fp16["checks"]) >= 2, fp16
+        assert {f"{c['output']} {c['metric']}" for c in fp16["checks"][1:]} <= set(FP16_TOLERANCES)
 
         export = results["export"][model]
         assert export["command"].startswith(f"python -m export {model} --weights checkpoint")
-        assert export["input_size"] == 64 and export["model_pt_mib"] > 0
+        assert "--batch-buckets" in export["command"] and export["precision"] == "fp32"
+        assert export["input_size"] == 64 and export["model_pt_mib"] > 0 and export["max_batch_size"] == 2
+        assert results["export_fp16"][model]["precision"] == "fp16"
 
         throughput = results["throughput"][model]
         assert [(r["stage"], r["batch_size"]) for r in throughput] == [
@@ -55,20 +128,36 @@ def test_dry_run_writes_parity_and_throughput_for_every_model(tmp_path: Path) ->
         ]
         for row in throughput:
             assert row["batches"] >= 1 and row["images_per_s"] > 0 and row["batch_ms_p50"] > 0, row
+        runner = results["runner"][model]
+        assert runner["same_outputs"] is True and runner["batch_size"] == 2, runner
+        assert runner["plain_images_per_s"] > 0 and runner["pipelined_images_per_s"] > 0
+        for precision in ("fp32", "fp16"):
+            assert [r["batch_size"] for r in results["sweep"][model][precision]] == [1, 2]
     # Real architectures, not stand-ins: ImageNet's and COCO's class lists, the U-Net's shapes.
     assert [results["export"][m]["labels"] for m in MODELS] == [1000, 91, 6]
     assert results["parity"]["detector"]["detections"] > 0
     assert results["parity"]["segmenter"]["mask_classes"] > 1
-    assert results["bench"]["status"] == "skipped"
+
+    decode = results["decode"]
+    assert decode["passed"] and decode["decoded_on_cpu"] == 0 and decode["decoded_on_device"] > 0
+    assert all(r["device_prepare"]["images_per_s"] > 0 for r in decode["rows"])
+    http = results["http"]
+    assert http["status"] == "ok" and http["stubbed_av"] is True and http["repository"] == "fp16"
+    assert http["loads"]["classifier"]["ok"] > 0 and http["loads"]["classifier"]["errors"] == 0
+    assert results["onnx"]["status"] == "skipped"
+    combined = (tmp_path / "gpu_check.log").read_text()
+    assert all(
+        f"===== {n}.log" in combined
+        for n in ("environment", "model-detector", "http", "http-owner", "http-servers")
+    )
 
 
 def test_without_cuda_a_real_run_stops_with_one_line(tmp_path: Path) -> None:
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
     command = [sys.executable, "-m", "loadtests.gpu_check", "--out", str(tmp_path)]
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
     done = subprocess.run(
-        command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120, check=False
+        command, cwd=ROOT, env=_image_env(), capture_output=True, text=True, timeout=120, check=False
     )
     assert done.returncode == 1
     assert done.stderr.startswith("gpu_check: error: no CUDA device") and done.stderr.count("\n") == 1, (
@@ -76,6 +165,26 @@ def test_without_cuda_a_real_run_stops_with_one_line(tmp_path: Path) -> None:
     )
     assert "--dry-run" in done.stderr
     assert not (tmp_path / "gpu_check.json").exists()
+
+
+def test_a_step_past_its_time_is_stopped_with_its_processes(tmp_path: Path) -> None:
+    context = tmp_path / "context.json"
+    context.write_text(json.dumps({"dry_run": True, "device": "cpu", "weights": "random", "work": str(tmp_path),
+                                   "out": str(tmp_path), "logs": str(tmp_path), "profile": {}}))  # fmt: skip
+    started = time.monotonic()
+    entry = run_step("environment", context, tmp_path, tmp_path, 0.5, _image_env())
+    assert entry["status"] == "timed out" and entry["timeout_s"] == 0 and time.monotonic() - started < 15
+    assert Path(entry["log"]).is_file() and not (tmp_path / "environment.json").exists()
+
+
+def test_a_failed_or_timed_out_step_or_parity_fails_the_run() -> None:
+    ok = {"steps": [{"status": "ok"}, {"status": "skipped"}], "parity": {"a": {"passed": True}}}
+    assert passed(ok)
+    assert not passed(ok | {"steps": [{"status": "timed out"}]})
+    assert not passed(ok | {"parity_fp16": {"a": {"passed": False}}})
+    assert not passed(ok | {"http": {"status": "failed"}})
+    assert not passed(ok | {"decode": {"passed": False}})
+    assert not passed(ok | {"runner": {"a": {"same_outputs": False}}})
 
 
 def _tiny_classifier(seed: int, classes: int = 5) -> ClassifierWrapper:
@@ -127,3 +236,14 @@ def test_detector_checks_match_boxes_not_rows() -> None:
     assert next(c for c in detector_checks(eager, relabelled) if c["output"] == "BOXES")["value"] is None
     assert failed(more) == {"COUNT"}
     assert failed(fewer) == {"COUNT", "BOXES"}
+    # fp16 against fp32: boxes match by IoU and label, not by row or pixel
+    assert unmatched_fraction(eager, swapped) == 0.0 and unmatched_fraction(eager, shifted) == 0.0
+    assert unmatched_fraction(eager, relabelled) == 0.5 and unmatched_fraction(eager, fewer) == 0.5
+
+
+def test_mask_iou() -> None:
+    a = torch.zeros(1, 4, 4, dtype=torch.uint8)
+    b = a.clone()
+    b[0, :2, :2] = 1
+    assert mask_iou(a, a) == 1.0
+    assert mask_iou(a, b) == pytest.approx((12 / 16 + 0.0) / 2)

@@ -1,0 +1,269 @@
+"""The GPU check's HTTP step: the Ray-free app end to end on one box.
+
+One model owner on the device (`python -m service.backends.owner`, the models the model steps
+exported, fp16 where they were), `servers` uvicorn worker processes of `service.owner_app` in front
+of it, and a load generator of `client_processes` processes, `concurrency` clients in all, each
+sending its next request (one JPEG, multipart) as soon as the last is answered, for `duration_s` per
+model. Everything runs in this step's process group, so the orchestrator's time limit stops it all.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import multiprocessing
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ENDPOINTS = {"classifier": "/classify", "detector": "/detect", "segmenter": "/segment"}
+START_TIMEOUT_S = 90.0
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def _jpeg(width: int, height: int, seed: int) -> bytes:
+    from PIL import Image
+
+    from training.shapes import make_scene
+
+    scene = make_scene(seed, max(width, height), 2, 6).image[:height, :width]
+    buffer = io.BytesIO()
+    Image.fromarray(scene).save(buffer, format="JPEG", quality=90)
+    return buffer.getvalue()
+
+
+def _client_process(
+    url: str, clients: int, duration_s: float, warmup_s: float, image_size: list[int], seed: int, queue: Any
+) -> None:
+    """One load-generator process: `clients` closed-loop clients; puts (latencies, errors, samples)."""
+    import httpx
+
+    images = [_jpeg(*image_size, seed * 100 + i) for i in range(4)]
+
+    async def run() -> tuple[list[float], int, list[str]]:
+        latencies: list[float] = []
+        errors, samples = 0, []
+        start = time.perf_counter()
+        window = (start + warmup_s, start + warmup_s + duration_s)
+        limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+        async with httpx.AsyncClient(timeout=30.0, limits=limits) as client:
+
+            async def worker(index: int) -> None:
+                nonlocal errors
+                count = 0
+                while time.perf_counter() < window[1]:
+                    began = time.perf_counter()
+                    files = {"file": ("image.jpg", images[(index + count) % len(images)], "image/jpeg")}
+                    count += 1
+                    try:
+                        response = await client.post(url, files=files)
+                        error = (
+                            None
+                            if response.status_code == 200
+                            else f"HTTP {response.status_code}: {response.text[:120]}"
+                        )
+                    except httpx.HTTPError as exc:
+                        error = f"{type(exc).__name__}: {exc}"[:160]
+                    finished = time.perf_counter()
+                    if window[0] <= finished <= window[1]:
+                        if error is None:
+                            latencies.append(finished - began)
+                        else:
+                            errors += 1
+                            if len(samples) < 3:
+                                samples.append(error)
+
+            await asyncio.gather(*(worker(i) for i in range(clients)))
+        return latencies, errors, samples
+
+    queue.put(asyncio.run(run()))
+
+
+def load(
+    url: str, processes: int, concurrency: int, duration_s: float, warmup_s: float, image_size: list[int]
+) -> dict[str, Any]:
+    """Closed-loop load from `processes` processes; throughput and latency percentiles over all of them."""
+    context = multiprocessing.get_context("spawn")
+    queue = context.Queue()
+    per_process = [concurrency // processes + (i < concurrency % processes) for i in range(processes)]
+    workers = [
+        context.Process(target=_client_process, args=(url, n, duration_s, warmup_s, image_size, i, queue), daemon=True)
+        for i, n in enumerate(per_process) if n
+    ]  # fmt: skip
+    for worker in workers:
+        worker.start()
+    latencies: list[float] = []
+    errors, samples = 0, []
+    for _ in workers:
+        got, failed, some = queue.get(timeout=duration_s + warmup_s + 120)
+        latencies += got
+        errors += failed
+        samples += some
+    for worker in workers:
+        worker.join(timeout=10)
+    ms = np.asarray(latencies) * 1000
+    p50, p99 = (round(float(p), 1) for p in np.percentile(ms, [50, 99])) if len(ms) else (None, None)
+    return {
+        "clients": concurrency,
+        "client_processes": len(workers),
+        "ok": len(latencies),
+        "errors": errors,
+        "error_samples": samples[:5],
+        "throughput_rps": round(len(latencies) / duration_s, 1),
+        "p50_ms": p50,
+        "p99_ms": p99,
+    }
+
+
+def warm(url: str, requests: int, image_size: list[int]) -> float:
+    """Send `requests` requests at once, twice, and wait for the answers: every worker's first request
+    and the model's first batches are paid before the measured window. Returns the seconds it took."""
+    import httpx
+
+    image = _jpeg(*image_size, 0)
+    started = time.monotonic()
+
+    async def run() -> None:
+        async with httpx.AsyncClient(timeout=120.0) as client:
+            for _ in range(2):
+                answers = await asyncio.gather(
+                    *(
+                        client.post(url, files={"file": ("image.jpg", image, "image/jpeg")})
+                        for _ in range(requests)
+                    )
+                )
+                bad = [a.status_code for a in answers if a.status_code != 200]
+                if bad:
+                    raise RuntimeError(
+                        f"warm-up requests to {url} answered {bad[:3]}: {answers[0].text[:200]}"
+                    )
+
+    asyncio.run(run())
+    return round(time.monotonic() - started, 1)
+
+
+def _wait_for(
+    check: Any, process: subprocess.Popen[bytes], what: str, timeout_s: float = START_TIMEOUT_S
+) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"{what} exited with {process.returncode} before it was ready (see its log)")
+        if check():
+            return
+        time.sleep(0.2)
+    raise RuntimeError(f"{what} was not ready within {timeout_s:.0f}s (see its log)")
+
+
+def _owner_ready(path: Path) -> bool:
+    if not path.exists():
+        return False
+    from service.backends.owner import OwnerBackend
+
+    async def ask() -> bool:
+        backend = OwnerBackend(path, ready_timeout_s=2.0)
+        try:
+            return await backend.ready()
+        finally:
+            await backend.close()
+
+    return asyncio.run(ask())
+
+
+def _http_ready(url: str) -> bool:
+    import httpx
+
+    try:
+        return httpx.get(url, timeout=2.0).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def _stop(process: subprocess.Popen[bytes]) -> None:
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def run_http_bench(ctx: Any) -> dict[str, Any]:
+    """Start the owner and the HTTP workers on the models the model steps exported, load each model."""
+    config = ctx.profile["http"]
+    models = list(config["models"])
+    precision = "fp16" if ctx.profile.get("fp16") else "fp32"
+    repository = ctx.repository(precision, models[0], ctx.profile["sizes"].get(models[0]))
+    missing = [m for m in models if not (repository / m / "config.pbtxt").is_file()]
+    if missing:
+        return {"status": "skipped", "reason": f"not exported by the model steps: {', '.join(missing)}"}
+    out = Path(ctx.logs)
+    out.mkdir(parents=True, exist_ok=True)
+    socket_path = Path(tempfile.mkdtemp(prefix="cvserve-", dir="/tmp")) / "owner.sock"
+    port = _free_port()
+    env = {
+        **os.environ,
+        "CVSERVE_MODEL_REPOSITORY": str(repository),
+        "CVSERVE_MODELS": ",".join(models),
+        "CVSERVE_DEVICE": ctx.device,
+        "CVSERVE_MAX_BATCH_SIZE": str(config["max_batch"]),
+        "CVSERVE_OWNER_SOCKET": str(socket_path),
+        "CVSERVE_HOST": "127.0.0.1",
+    }
+    result: dict[str, Any] = {
+        "repository": precision, "models": models, "servers": config["servers"], "device": ctx.device,
+        "stubbed_av": "stubs" in env.get("PYTHONPATH", ""),
+    }  # fmt: skip
+    started = time.monotonic()
+    owner = subprocess.Popen(
+        [sys.executable, "-m", "service.backends.owner", "--socket", str(socket_path)],
+        env=env, stdout=open(out / "http-owner.log", "w"), stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    servers = None
+    try:
+        _wait_for(lambda: _owner_ready(socket_path), owner, "the model owner")
+        result["owner_start_s"] = round(time.monotonic() - started, 1)
+        servers = subprocess.Popen(
+            [sys.executable, "-m", "uvicorn", "--factory", "service.owner_app:from_environment", "--host", "127.0.0.1",
+             "--port", str(port), "--workers", str(config["servers"]), "--no-access-log", "--log-level", "warning"],
+            env=env, stdout=open(out / "http-servers.log", "w"), stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        base = f"http://127.0.0.1:{port}"
+        _wait_for(lambda: _http_ready(f"{base}/ready"), servers, "the uvicorn workers")
+        result["servers_start_s"] = round(time.monotonic() - started, 1)
+        result["loads"] = {}
+        result["warm_up_s"] = {}
+        for model in models:
+            result["warm_up_s"][model] = warm(
+                base + ENDPOINTS[model], 2 * config["servers"], config["image_size"]
+            )
+            measured = load(
+                base + ENDPOINTS[model], config["client_processes"], config["concurrency"], config["duration_s"],
+                warmup_s=min(3.0, config["duration_s"] / 2), image_size=config["image_size"],
+            )  # fmt: skip
+            result["loads"][model] = measured
+    except RuntimeError as error:
+        return result | {"status": "failed", "reason": str(error)}
+    finally:
+        if servers is not None:
+            _stop(servers)
+        _stop(owner)
+    failed = [m for m, r in result["loads"].items() if r["errors"] or not r["ok"]]
+    return result | {
+        "status": "failed" if failed else "ok",
+        **({"reason": f"errors or no answers: {failed}"} if failed else {}),
+    }

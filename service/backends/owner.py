@@ -1,0 +1,288 @@
+"""One model owner per GPU, fed by many HTTP processes, over a Unix socket.
+
+A GPU is best used by one process: one CUDA context, one copy of each model, one batcher that sees
+every request (so batches fill), one pipelined runner (service/backends/pipelined.py). HTTP parsing,
+image decoding and answer encoding are CPU work that wants many processes. So the owner
+(`python -m service.backends.owner --socket PATH`) loads the models into a `LocalBackend` on the
+device and answers on a Unix socket; each uvicorn process talks to it through `OwnerBackend`, a
+`Backend` like any other. One connection per HTTP process carries all its requests at once
+(multiplexed by id), so their images meet in the owner's batches.
+
+Frames: a 4-byte big-endian length, then a msgpack map. Client → owner: `{"op": "infer", "id", "model",
+"images": [array...]}`, `{"op": "cancel", "id"}`, `{"op": "ready", "id"}`, `{"op": "announce"|"arrived",
+"model", "images": n}`; owner → client: `{"id", "outputs": [{name: array}...], "timings": [[queue_s,
+model_s, batch_size]...]}`, `{"id", "ready": bool}` or `{"id", "error": code, "message"}`. An array is
+`{"dtype", "shape", "data"}`. Images travel preprocessed (uint8 `[3,H,W]`); sending the encoded file
+instead, for the owner to decode on the device (service/core/device_decode.py), needs the
+request core to hand encoded images to its backend.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import itertools
+import logging
+import os
+import signal
+import struct
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import numpy as np
+
+from service.backends.base import Backend, BackendUnavailable
+from service.timing import BatchTiming
+
+log = logging.getLogger(__name__)
+
+_LENGTH = struct.Struct(">I")
+MAX_FRAME = 1 << 30
+
+
+def pack_array(array: np.ndarray) -> dict[str, Any]:
+    array = np.ascontiguousarray(array)
+    return {"dtype": array.dtype.str, "shape": list(array.shape), "data": array.tobytes()}
+
+
+def unpack_array(packed: dict[str, Any]) -> np.ndarray:
+    return np.frombuffer(packed["data"], dtype=np.dtype(packed["dtype"])).reshape(packed["shape"])
+
+
+async def read_frame(reader: asyncio.StreamReader) -> dict[str, Any] | None:
+    """The next message, or None at the end of the stream."""
+    try:
+        (length,) = _LENGTH.unpack(await reader.readexactly(_LENGTH.size))
+        if length > MAX_FRAME:
+            raise ValueError(f"frame of {length} bytes")
+        return msgpack.unpackb(await reader.readexactly(length), raw=False)
+    except asyncio.IncompleteReadError:
+        return None
+
+
+def frame(message: dict[str, Any]) -> bytes:
+    payload = msgpack.packb(message, use_bin_type=True)
+    return _LENGTH.pack(len(payload)) + payload
+
+
+# --- the owner ------------------------------------------------------------------------------------
+
+
+class ModelOwner:
+    """Answers `OwnerBackend`s on a Unix socket with `backend` (a `LocalBackend` on the device)."""
+
+    def __init__(self, backend: Backend) -> None:
+        self.backend = backend
+        self.connections = 0
+
+    async def serve(self, path: str | Path) -> asyncio.AbstractServer:
+        """Listen on `path` (replacing a stale socket file); the caller keeps the server."""
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        return await asyncio.start_unix_server(self._connection, path=str(path), limit=MAX_FRAME)
+
+    async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        lock = asyncio.Lock()
+        running: dict[int, asyncio.Task[None]] = {}
+        try:
+            while (message := await read_frame(reader)) is not None:
+                op = message.get("op")
+                if op == "announce":
+                    self.backend.announce(message["model"], int(message["images"]))
+                elif op == "arrived":
+                    self.backend.arrived(message["model"], int(message["images"]))
+                elif op == "cancel":
+                    task = running.get(message["id"])
+                    if task is not None:
+                        task.cancel()
+                else:
+                    task = asyncio.create_task(self._answer(message, writer, lock))
+                    running[message["id"]] = task
+                    task.add_done_callback(lambda _, key=message["id"]: running.pop(key, None))
+        except (ConnectionError, ValueError) as error:
+            log.warning("model owner: a connection broke: %s", error)
+        finally:
+            self.connections -= 1
+            for task in running.values():  # the HTTP process is gone: its images need not be batched
+                task.cancel()
+            writer.close()
+
+    async def _answer(
+        self, message: dict[str, Any], writer: asyncio.StreamWriter, lock: asyncio.Lock
+    ) -> None:
+        reply: dict[str, Any] = {"id": message["id"]}
+        try:
+            if message["op"] == "ready":
+                reply["ready"] = await self.backend.ready()
+            elif message["op"] == "infer":
+                images = [unpack_array(image) for image in message["images"]]
+                timings = [BatchTiming() for _ in images]
+                outputs = await self.backend.infer_many(message["model"], images, timings)
+                reply["outputs"] = [
+                    {name: pack_array(value) for name, value in out.items()} for out in outputs
+                ]
+                reply["timings"] = [[t.queue_s, t.model_s, t.batch_size] for t in timings]
+            else:
+                reply |= {"error": "bad_request", "message": f"unknown op {message['op']!r}"}
+        except asyncio.CancelledError:
+            return
+        except BackendUnavailable as error:
+            reply |= {"error": "unavailable", "message": str(error)}
+        except KeyError as error:
+            reply |= {"error": "unknown_model", "message": f"no model {error} here"}
+        except Exception:
+            log.exception("model owner: %s failed", message.get("op"))
+            reply |= {"error": "failed", "message": "the model owner failed on this request"}
+        async with lock:
+            with contextlib.suppress(ConnectionError):
+                writer.write(frame(reply))
+                await writer.drain()
+
+
+# --- the HTTP processes' side ---------------------------------------------------------------------
+
+
+class OwnerBackend(Backend):
+    """`Backend` over a model owner's Unix socket: one connection per process, opened on first use and
+    again after it breaks; requests run concurrently over it."""
+
+    def __init__(self, path: str | Path, ready_timeout_s: float = 1.0) -> None:
+        self.path = str(path)
+        self.ready_timeout_s = ready_timeout_s
+        self._ids = itertools.count()
+        self._pending: dict[int, asyncio.Future[dict[str, Any]]] = {}
+        self._writer: asyncio.StreamWriter | None = None
+        self._reader_task: asyncio.Task[None] | None = None
+        self._connecting: asyncio.Lock | None = None
+
+    async def _connected(self) -> asyncio.StreamWriter:
+        if self._connecting is None:
+            self._connecting = asyncio.Lock()
+        async with self._connecting:
+            if self._writer is None or self._writer.is_closing():
+                try:
+                    reader, self._writer = await asyncio.open_unix_connection(self.path, limit=MAX_FRAME)
+                except OSError as error:
+                    raise BackendUnavailable("the model owner is not answering; retry shortly") from error
+                self._reader_task = asyncio.create_task(self._read(reader))
+            return self._writer
+
+    async def _read(self, reader: asyncio.StreamReader) -> None:
+        try:
+            while (message := await read_frame(reader)) is not None:
+                future = self._pending.pop(message.get("id"), None)
+                if future is not None and not future.done():
+                    future.set_result(message)
+        except (ConnectionError, ValueError):
+            pass
+        finally:
+            if self._writer is not None:
+                self._writer.close()
+            self._writer = None
+            for future in self._pending.values():
+                if not future.done():
+                    future.set_exception(BackendUnavailable("the model owner went away; retry shortly"))
+            self._pending.clear()
+
+    async def _call(self, message: dict[str, Any]) -> dict[str, Any]:
+        writer = await self._connected()
+        request_id = next(self._ids)
+        future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self._pending[request_id] = future
+        try:
+            writer.write(frame(message | {"id": request_id}))
+            await writer.drain()
+            return await future
+        except asyncio.CancelledError:  # the caller gave up: the owner drops the images if not yet batched
+            self._pending.pop(request_id, None)
+            if self._writer is not None and not self._writer.is_closing():
+                self._writer.write(frame({"op": "cancel", "id": request_id}))
+            raise
+        except ConnectionError as error:
+            self._pending.pop(request_id, None)
+            raise BackendUnavailable("the model owner went away; retry shortly") from error
+
+    async def infer(self, model: str, image: np.ndarray) -> dict[str, np.ndarray]:
+        """Run one `[3,H,W]` uint8 image through `model` in the owner."""
+        return (await self.infer_many(model, [image]))[0]
+
+    async def infer_many(
+        self, model: str, images: Sequence[np.ndarray], timings: Sequence[BatchTiming] | None = None
+    ) -> list[dict[str, np.ndarray]]:
+        """Send all of one request's images at once (so they share a batch in the owner); outputs in order."""
+        reply = await self._call({"op": "infer", "model": model, "images": [pack_array(i) for i in images]})
+        if "error" in reply:
+            raise BackendUnavailable(f"model {model}: {reply['message']}")
+        for timing, (queue_s, model_s, batch_size) in zip(timings or (), reply["timings"], strict=False):
+            timing.queue_s, timing.model_s, timing.batch_size = queue_s, model_s, batch_size
+        return [{name: unpack_array(value) for name, value in out.items()} for out in reply["outputs"]]
+
+    def announce(self, model: str, images: int) -> None:
+        self._notify({"op": "announce", "model": model, "images": images})
+
+    def arrived(self, model: str, images: int) -> None:
+        self._notify({"op": "arrived", "model": model, "images": images})
+
+    def _notify(self, message: dict[str, Any]) -> None:
+        if self._writer is not None and not self._writer.is_closing():
+            self._writer.write(frame(message))
+
+    async def ready(self) -> bool:
+        """Whether the owner answers and its models are ready (within `ready_timeout_s`)."""
+        try:
+            reply = await asyncio.wait_for(self._call({"op": "ready"}), self.ready_timeout_s)
+        except (BackendUnavailable, TimeoutError):
+            return False
+        return bool(reply.get("ready"))
+
+    async def close(self) -> None:
+        if self._reader_task is not None:
+            self._reader_task.cancel()
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+
+# --- python -m service.backends.owner -------------------------------------------------------------
+
+
+async def serve_forever(path: Path) -> None:
+    """Load the models (Settings from CVSERVE_*) into a LocalBackend and answer on `path` until SIGTERM."""
+    from service.backends.local import LocalBackend
+    from service.settings import Settings
+
+    backend = LocalBackend(Settings())
+    server = await ModelOwner(backend).serve(path)
+    log.info("model owner ready on %s", path)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    server.close()
+    await backend.close()
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """python -m service.backends.owner --socket PATH (models and device from CVSERVE_*)."""
+    parser = argparse.ArgumentParser(
+        prog="python -m service.backends.owner", description=__doc__.splitlines()[0]
+    )
+    parser.add_argument("--socket", type=Path, required=True, help="the Unix socket to answer on")
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        stream=sys.stdout, level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    asyncio.run(serve_forever(args.socket))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
