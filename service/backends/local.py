@@ -15,170 +15,20 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
-from collections import Counter, deque
-from collections.abc import Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Sequence
 
 import numpy as np
 import torch
 
-from service.backends.base import Backend, BackendUnavailable
-from service.backends.runtimes import ModelRunner, load_model, runtime_of
-from service.telemetry.metrics import Instruments, ModelMetrics
+from service.backends.base import Backend
+from service.backends.batching import BatchedModel, model_device, warm_up
+from service.backends.pipelined import PipelinedBatchedModel, batched_model
+from service.backends.runtimes import load_model, runtime_of
+from service.telemetry.metrics import Instruments
 from service.settings import Settings
 from service.timing import BatchTiming
 
 log = logging.getLogger(__name__)
-
-def model_device(settings: Settings) -> str:
-    """Where the embedded models run ("auto" is resolved by `service.deploy.serve.resolve_device` before)."""
-    return "cuda" if settings.device == "cuda" else "cpu"
-
-
-def warm_up(model: ModelRunner, settings: Settings) -> None:
-    """Run `model` at every batch size it will be asked for (or once, if settings say so)."""
-    if settings.warm_up_batch_sizes:
-        model.warm_up(range(1, settings.max_batch_size + 1), runs=2)
-    else:
-        model.warm_up((1,), runs=1)
-
-
-@dataclass(eq=False)
-class _Waiting:
-    """One queued image: its caller's future, when it was queued, and where to report its timing."""
-
-    image: np.ndarray
-    future: asyncio.Future[dict[str, np.ndarray]]
-    queued_at: float
-    timing: BatchTiming | None
-    live: bool = True  # queued and its caller still waits
-
-
-class BatchedModel:
-    """One model and its batch queue: callers' images run together, one batch at a time, on the model's thread.
-
-    Batches form when the model is free, not when images arrive: a free model takes every waiting
-    image (up to `max_batch_size`) at once, and waits (at most `batch_wait_timeout_s`) only while
-    images that callers announced (`coming`) are still being decoded. Under load the queue fills
-    while a batch runs, so batches grow with the load; a lone request never waits. Callers that gave
-    up (deadline, disconnect) are dropped before their image is batched.
-    """
-
-    def __init__(
-        self,
-        model: ModelRunner,
-        max_batch_size: int,
-        batch_wait_timeout_s: float,
-        backend: str,
-        instruments: Instruments | None = None,
-    ) -> None:
-        self.model = model
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"model-{model.name}")
-        self._metrics = ModelMetrics(model.name, backend, instruments or Instruments.prometheus())
-        self.batch_sizes: Counter[int] = Counter()
-        self.dropped = 0  # images whose callers gave up before they were batched
-        self.configure(max_batch_size, batch_wait_timeout_s)
-        self._waiting: deque[_Waiting] = deque()
-        self._live = 0  # queued images whose callers still wait
-        self._coming = 0  # images announced by callers and not yet queued (being read or decoded)
-        self._changed: asyncio.Event | None = None  # created in the serving loop
-        self._worker: asyncio.Task[None] | None = None
-
-    def configure(self, max_batch_size: int, batch_wait_timeout_s: float) -> None:
-        """Change batch settings while serving (the contract's max_batch_size caps them)."""
-        self.max_batch_size = min(max_batch_size, self.model.contract.max_batch_size or max_batch_size)
-        self.batch_wait_timeout_s = batch_wait_timeout_s
-
-    def announce(self, images: int) -> None:
-        """`images` images for this model are on their way; call `arrived(images)` once they are queued or failed."""
-        self._coming += images
-
-    def arrived(self, images: int) -> None:
-        self._coming = max(0, self._coming - images)
-        self._notify()
-
-    def submit(self, image: np.ndarray, timing: BatchTiming | None = None) -> asyncio.Future[dict[str, np.ndarray]]:
-        """Queue one `[3,H,W]` image; the future resolves to its outputs (cancel it to drop the image).
-        `timing`, if given, receives the image's queue wait, its batch's run time and size."""
-        loop = asyncio.get_running_loop()
-        if self._worker is None or self._worker.done():
-            self._changed = asyncio.Event()
-            self._worker = loop.create_task(self._run(), name=f"batches-{self.model.name}")
-        future: asyncio.Future[dict[str, np.ndarray]] = loop.create_future()
-        entry = _Waiting(image, future, time.perf_counter(), timing)
-        future.add_done_callback(lambda _: self._gave_up(entry))
-        self._waiting.append(entry)
-        self._live += 1
-        self._notify()
-        return future
-
-    async def infer(self, image: np.ndarray) -> dict[str, np.ndarray]:
-        """Run one image in the next batch that has room; return its outputs."""
-        return await self.submit(image)
-
-    def _gave_up(self, entry: _Waiting) -> None:
-        if entry.live and entry.future.cancelled():  # still queued: it will be skipped, never batched
-            entry.live = False
-            self._live -= 1
-            self.dropped += 1
-
-    def _notify(self) -> None:
-        if self._changed is not None:
-            self._changed.set()
-
-    async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
-        assert self._changed is not None
-        while True:
-            while not self._live:
-                self._waiting.clear()  # only given-up entries are left
-                self._changed.clear()
-                await self._changed.wait()
-            deadline = loop.time() + self.batch_wait_timeout_s
-            while self._live < self.max_batch_size and self._coming > 0 and loop.time() < deadline:
-                self._changed.clear()
-                try:
-                    await asyncio.wait_for(self._changed.wait(), deadline - loop.time())
-                except TimeoutError:
-                    break
-            batch: list[_Waiting] = []
-            while self._waiting and len(batch) < self.max_batch_size:
-                entry = self._waiting.popleft()
-                if entry.live:
-                    entry.live = False
-                    self._live -= 1
-                    batch.append(entry)
-            if batch:
-                await self._run_batch(loop, batch)
-
-    async def _run_batch(self, loop: asyncio.AbstractEventLoop, batch: list[_Waiting]) -> None:
-        started = time.perf_counter()
-        try:
-            outputs = await loop.run_in_executor(self._executor, self.model.infer, [entry.image for entry in batch])
-        except Exception:  # the model failed: every caller of this batch gets the error
-            log.exception("model %s failed on a batch of %d", self.model.name, len(batch))
-            for entry in batch:
-                if not entry.future.done():
-                    entry.future.set_exception(BackendUnavailable(f"model {self.model.name} failed; retry shortly"))
-            return
-        seconds = time.perf_counter() - started
-        self._metrics.observe_batch(len(batch), seconds)
-        self.batch_sizes[len(batch)] += 1
-        for entry, output in zip(batch, outputs, strict=True):
-            if entry.timing is not None:
-                entry.timing.queue_s = started - entry.queued_at
-                entry.timing.model_s = seconds
-                entry.timing.batch_size = len(batch)
-            if not entry.future.done():
-                entry.future.set_result(output)
-
-    def close(self) -> None:
-        if self._worker is not None:
-            self._worker.cancel()
-        self._executor.shutdown(wait=False, cancel_futures=True)
 
 
 class LocalBackend(Backend):
@@ -189,8 +39,6 @@ class LocalBackend(Backend):
         if device == "cpu":
             torch.set_num_threads(settings.torch_threads)
         self._models: dict[str, BatchedModel] = {}
-        from service.backends.pipelined import PipelinedBatchedModel, batched_model  # it builds on this module
-
         for name in settings.models:
             model = load_model(settings, name, device)
             batched = batched_model(model, settings.max_batch_size, settings.batch_wait_timeout_s, "embedded", instruments)

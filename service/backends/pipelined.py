@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from service.backends.base import BackendUnavailable
-from service.backends.local import BatchedModel, _Waiting
+from service.backends.batching import BatchedModel, _Waiting
 from service.backends.torchscript import TorchScriptModel
 from service.backends.runtimes import ModelRunner
 from service.buckets import bucket_for, buckets_up_to

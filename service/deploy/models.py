@@ -18,7 +18,7 @@ from ray.serve.handle import DeploymentHandle, DeploymentResponse
 from ray.util import metrics as ray_metrics
 
 from service.backends.base import Backend, BackendTimeout, BackendUnavailable
-from service.backends.local import BatchedModel, model_device, warm_up
+from service.backends.batching import BatchedModel, model_device, warm_up
 from service.backends.runtimes import load_model, runtime_of
 from service.settings import Settings
 from service.telemetry.metrics import Instruments

@@ -20,13 +20,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from google.protobuf import text_format
 from torch import nn
+from tritonclient.grpc import model_config_pb2
 
 from export.repository import Batching, OnnxOptions, model_config
 from export.spec import ModelSpec
 from service.backends.onnxruntime import OnnxRuntimeModel
 from service.backends.torchscript import TorchScriptModel
 from service.contract import load_contract
+from service.model_config import dump
 from tasks import MODELS
 from tests.export.conftest import SIZES, Exported
 from tests.export.support import assert_detections_agree, run_onnx
@@ -104,7 +107,8 @@ def test_onnx_repository_serves_the_same_model_onnx(exported: Exported, model: s
 
 def test_tensorrt_accelerator_option() -> None:
     spec = ModelSpec("classifier", nn.Identity(), ("a", "b"), SIZES["classifier"], "demo", SIZES["classifier"])
-    config = model_config(spec, Batching(), cpu=False, onnx=OnnxOptions(tensorrt=True))
+    written = dump(model_config(spec, Batching(), cpu=False, onnx=OnnxOptions(tensorrt=True)))
+    config = text_format.Parse(written, model_config_pb2.ModelConfig())  # Triton's own schema reads it
     (accelerator,) = config.optimization.execution_accelerators.gpu_execution_accelerator
     assert accelerator.name == "tensorrt"
     assert dict(accelerator.parameters) == {"precision_mode": "FP32", "max_workspace_size_bytes": str(1 << 30)}

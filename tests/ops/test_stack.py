@@ -20,7 +20,7 @@ import pytest
 from stack import __main__ as stack_main
 from stack.prometheus import PrometheusAPI
 from support.otlp import OtlpReceiver
-from support.ports import free_ports, reserved_free_ports
+from support.ports import reserved_free_ports
 from support.triton_metrics import triton_metric
 from support.waiting import wait_for
 from tests.conftest import ROOT
@@ -56,13 +56,11 @@ def stack(
     )
     if not any(cpu_repository.glob("*/config.pbtxt")):
         pytest.fail(f"{cpu_repository} has no models: run `make models` first")
-    # Every port free; those bound once Ray runs (HAProxy's, Serve's fallback proxy) from the reserved range.
-    late = ("haproxy_stats", "haproxy_metrics", "serve_fallback")
-    others = [name for name in vars(stack_main.Ports()) if name not in late]
-    ports = stack_main.Ports(
-        **dict(zip(others, free_ports(len(others)), strict=True)),
-        **dict(zip(late, reserved_free_ports(len(late)), strict=True)),
-    )
+    # Every port free and from the reserved range: the stack binds them over a minute while Ray, Triton
+    # and their clients open sockets, and an ephemeral port picked now may be some client's by then
+    # (tritonserver once found its HTTP port taken).
+    names = list(vars(stack_main.Ports()))
+    ports = stack_main.Ports(**dict(zip(names, reserved_free_ports(len(names)), strict=True)))
     logs = tmp_path_factory.mktemp("stack")
     args = [f"--{name.replace('_', '-')}-port={port}" for name, port in vars(ports).items()]
     log_path = logs / "stack.out"

@@ -21,7 +21,7 @@ from PIL import Image
 from pydantic import BaseModel, Field
 from torch import nn
 
-from export.repository import Batching, staged, write_model
+from export.repository import Batching, OnnxOptions, staged, write_model
 from export.spec import ModelSpec
 from service.app import create_api
 from service.backends.local import LocalBackend
@@ -110,9 +110,9 @@ def colour_repository(tmp_path: Path) -> Iterator[Path]:
     register_handler(ColourHandler())
     try:
         spec = ModelSpec("colourer", ChannelShares().eval(), COLOURS, input_size=32, weights="test")
-        gpu, cpu = tmp_path / "repository", tmp_path / "cpu"
-        with staged([gpu, cpu]) as (gpu_staging, cpu_staging):
-            write_model(spec, gpu_staging, cpu_staging, Batching())
+        gpu, cpu, onnx = tmp_path / "repository", tmp_path / "cpu", tmp_path / "onnx"
+        with staged([gpu, cpu, onnx]) as (gpu_staging, cpu_staging, onnx_staging):
+            write_model(spec, gpu_staging, cpu_staging, onnx_staging, Batching(), OnnxOptions())
         yield gpu
     finally:
         unregister_handler("colourer")

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from service.backends.base import Backend, BackendUnavailable
-from service.backends.local import BatchedModel
+from service.backends.batching import BatchedModel
 from service.backends.owner import ModelOwner, OwnerBackend
 from service.backends.torchscript import TorchScriptModel
 from service.timing import BatchTiming

@@ -15,7 +15,7 @@ from torch import nn
 from export.repository import Batching, model_config
 from export.spec import ModelSpec
 from export.wrappers import ClassifierWrapper, save, script
-from service.backends.local import BatchedModel
+from service.backends.batching import BatchedModel
 from service.backends.pipelined import PipelinedBatchedModel, PipelinedRunner, batched_model
 from service.backends.torchscript import TorchScriptModel
 from service.model_config import dump
