@@ -104,7 +104,11 @@ def from_environment() -> FastAPI:
         from service.backends.local import LocalBackend
 
         backend = LocalBackend(settings, instruments)
-    api = create_api(settings, backend, instruments)
+    return closing(create_api(settings, backend, instruments), backend)
+
+
+def closing(api: FastAPI, backend: Backend) -> FastAPI:
+    """`api` with a lifespan that closes its request core and then `backend` when the server stops."""
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:

@@ -11,13 +11,11 @@ in-process models (service/backends/owner.py). Kept apart from service/app.py un
 
 from __future__ import annotations
 
-import contextlib
 import os
-from collections.abc import AsyncIterator
 
 from fastapi import FastAPI
 
-from service.app import create_api
+from service.app import closing, create_api
 from service.backends.owner import OwnerBackend
 from service.imaging.images import configure_pillow
 from service.settings import Settings
@@ -32,13 +30,4 @@ def from_environment() -> FastAPI:
     configure_pillow(settings.max_pixels)
     instruments = Instruments.prometheus()
     backend = OwnerBackend(os.environ.get("CVSERVE_OWNER_SOCKET", DEFAULT_SOCKET))
-    api = create_api(settings, backend, instruments)
-
-    @contextlib.asynccontextmanager
-    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        yield
-        api.state.answerer.close()
-        await backend.close()
-
-    api.router.lifespan_context = lifespan
-    return api
+    return closing(create_api(settings, backend, instruments), backend)

@@ -150,11 +150,19 @@ class BatchedModel:
         try:
             outputs = await loop.run_in_executor(self._executor, self.model.infer, [entry.image for entry in batch])
         except Exception:  # the model failed: every caller of this batch gets the error
-            log.exception("model %s failed on a batch of %d", self.model.name, len(batch))
-            for entry in batch:
-                if not entry.future.done():
-                    entry.future.set_exception(BackendUnavailable(f"model {self.model.name} failed; retry shortly"))
+            self._fail(batch)
             return
+        self._deliver(batch, outputs, started)
+
+    def _fail(self, batch: list[_Waiting]) -> None:
+        """Every caller of `batch` gets `BackendUnavailable` (the model's own error goes to the log only)."""
+        log.exception("model %s failed on a batch of %d", self.model.name, len(batch))
+        for entry in batch:
+            if not entry.future.done():
+                entry.future.set_exception(BackendUnavailable(f"model {self.model.name} failed; retry shortly"))
+
+    def _deliver(self, batch: list[_Waiting], outputs: list[dict[str, np.ndarray]], started: float) -> None:
+        """Each caller of `batch` gets its outputs; the batch's size and time go to metrics and timings."""
         seconds = time.perf_counter() - started
         self._metrics.observe_batch(len(batch), seconds)
         self.batch_sizes[len(batch)] += 1

@@ -14,7 +14,6 @@ no pinned memory), so it is tested here.
 from __future__ import annotations
 
 import asyncio
-import logging
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -23,14 +22,12 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from service.backends.base import BackendUnavailable
 from service.backends.batching import BatchedModel, _Waiting
 from service.backends.torchscript import TorchScriptModel
 from service.backends.runtimes import ModelRunner
 from service.buckets import bucket_for, buckets_up_to
 from service.telemetry.metrics import Instruments
 
-log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -220,26 +217,6 @@ class PipelinedBatchedModel(BatchedModel):
             self._launched -= 1
             self._slots.release()
         self._deliver(batch, outputs, started)
-
-    def _fail(self, batch: list[_Waiting]) -> None:
-        log.exception("model %s failed on a batch of %d", self.model.name, len(batch))
-        for entry in batch:
-            if not entry.future.done():
-                entry.future.set_exception(
-                    BackendUnavailable(f"model {self.model.name} failed; retry shortly")
-                )
-
-    def _deliver(self, batch: list[_Waiting], outputs: list[dict[str, np.ndarray]], started: float) -> None:
-        seconds = time.perf_counter() - started
-        self._metrics.observe_batch(len(batch), seconds)
-        self.batch_sizes[len(batch)] += 1
-        for entry, output in zip(batch, outputs, strict=True):
-            if entry.timing is not None:
-                entry.timing.queue_s = started - entry.queued_at
-                entry.timing.model_s = seconds
-                entry.timing.batch_size = len(batch)
-            if not entry.future.done():
-                entry.future.set_result(output)
 
     def close(self) -> None:
         super().close()

@@ -27,7 +27,7 @@ from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms import InterpolationMode
 
 from service.core.pipeline import TaskPipeline
-from service.handlers.common import Geometry
+from service.handlers.common import Geometry, center_crop_plan
 from service.imaging.images import EXIF_ORIENTATION
 
 
@@ -107,22 +107,8 @@ def resize_center_crop(
 ) -> tuple[torch.Tensor, Geometry]:
     """`service.handlers.common.resize_center_crop` for a `[3,H,W]` uint8 tensor, on its device."""
     _, height, width = image.shape
-    scale = resize_size / min(height, width)
-    new_h, new_w = (
-        (resize_size, int(width * scale)) if height <= width else (int(height * scale), resize_size)
-    )
-    target_h, target_w = size
-    cropped = F.center_crop(_resize(image, new_h, new_w), [target_h, target_w])
-    geometry = Geometry(
-        width,
-        height,
-        new_w / width,
-        new_h / height,
-        (new_w - target_w) / 2,
-        (new_h - target_h) / 2,
-        target_w,
-        target_h,
-    )
+    new_h, new_w, geometry = center_crop_plan(width, height, resize_size, size)
+    cropped = F.center_crop(_resize(image, new_h, new_w), list(size))
     return cropped, geometry
 
 

@@ -77,22 +77,12 @@ def letterbox(image: np.ndarray, size: tuple[int, int]) -> tuple[np.ndarray, Geo
     return canvas.numpy(), geometry
 
 
-def resize_center_crop(image: np.ndarray, resize_size: int, size: tuple[int, int]) -> tuple[np.ndarray, Geometry]:
-    """Resize the shorter side to `resize_size` (bilinear, antialias), then centre-crop to `size`."""
-    height, width = image.shape[:2]
+def center_crop_plan(width: int, height: int, resize_size: int, size: tuple[int, int]) -> tuple[int, int, Geometry]:
+    """Resize-then-centre-crop of a `width`×`height` image: the resized (height, width) and the geometry
+    (shared by the CPU path below and the device path, `service.core.device_decode`)."""
     scale = resize_size / min(height, width)
     new_h, new_w = (resize_size, int(width * scale)) if height <= width else (int(height * scale), resize_size)
     target_h, target_w = size
-    band = _central_band(image, scale, max(target_h, target_w))
-    if band is None:
-        resized = F.resize(to_chw_tensor(image), [new_h, new_w], interpolation=InterpolationMode.BILINEAR, antialias=True)
-    else:  # a very long image: resize only the part around the crop (same scale), not megapixels to throw away
-        band_h, band_w = band.shape[:2]
-        resized = F.resize(
-            to_chw_tensor(band), [round(band_h * scale), round(band_w * scale)],
-            interpolation=InterpolationMode.BILINEAR, antialias=True,
-        )
-    cropped = F.center_crop(resized, list(size))
     geometry = Geometry(
         width,
         height,
@@ -103,6 +93,24 @@ def resize_center_crop(image: np.ndarray, resize_size: int, size: tuple[int, int
         target_w,
         target_h,
     )
+    return new_h, new_w, geometry
+
+
+def resize_center_crop(image: np.ndarray, resize_size: int, size: tuple[int, int]) -> tuple[np.ndarray, Geometry]:
+    """Resize the shorter side to `resize_size` (bilinear, antialias), then centre-crop to `size`."""
+    height, width = image.shape[:2]
+    new_h, new_w, geometry = center_crop_plan(width, height, resize_size, size)
+    scale = resize_size / min(height, width)
+    band = _central_band(image, scale, max(size))
+    if band is None:
+        resized = F.resize(to_chw_tensor(image), [new_h, new_w], interpolation=InterpolationMode.BILINEAR, antialias=True)
+    else:  # a very long image: resize only the part around the crop (same scale), not megapixels to throw away
+        band_h, band_w = band.shape[:2]
+        resized = F.resize(
+            to_chw_tensor(band), [round(band_h * scale), round(band_w * scale)],
+            interpolation=InterpolationMode.BILINEAR, antialias=True,
+        )
+    cropped = F.center_crop(resized, list(size))
     return np.ascontiguousarray(cropped.numpy()), geometry
 
 
