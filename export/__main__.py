@@ -101,6 +101,11 @@ def get_args_parser() -> argparse.ArgumentParser:
         "beside --cpu-out)",
     )
     parser.add_argument(
+        "--no-onnx",
+        action="store_true",
+        help="write model.pt and its two repositories only: no model.onnx, no ONNX Runtime repository",
+    )
+    parser.add_argument(
         "--onnx-tensorrt",
         action="store_true",
         help="--onnx-out's configs ask ONNX Runtime for TensorRT as GPU execution accelerator (FP32; Triton "
@@ -184,10 +189,16 @@ def run(args: argparse.Namespace) -> None:
         resize_size=args.resize_size,
     )
     # Staging first: an unwritable output fails in a second, not after loading and scripting.
-    with staged([args.out, args.cpu_out, onnx_out]) as (gpu, cpu, onnx):
+    targets = [args.out, args.cpu_out] + ([] if args.no_onnx else [onnx_out])
+    with staged(targets) as (gpu, cpu, *onnx):
         for spec in load_specs(models, options):
             write_model(
-                with_precision(spec, args.precision), gpu, cpu, onnx, batching, OnnxOptions(tensorrt=args.onnx_tensorrt)
+                with_precision(spec, args.precision),
+                gpu,
+                cpu,
+                onnx[0] if onnx else None,
+                batching,
+                OnnxOptions(tensorrt=args.onnx_tensorrt),
             )
 
 

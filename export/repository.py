@@ -204,10 +204,11 @@ def staged(targets: Sequence[Path]) -> Iterator[list[Staging]]:
 
 
 def write_model(
-    spec: ModelSpec, gpu: Staging, cpu: Staging, onnx: Staging, batching: Batching, onnx_options: OnnxOptions
+    spec: ModelSpec, gpu: Staging, cpu: Staging, onnx: Staging | None, batching: Batching, onnx_options: OnnxOptions
 ) -> None:
     """Script `spec` once and export it to ONNX once; write the three staged repositories (model.pt shared
-    by the libtorch and python-backend ones, model.onnx beside model.pt and in the ONNX Runtime one)."""
+    by the libtorch and python-backend ones, model.onnx beside model.pt and in the ONNX Runtime one).
+    Without `onnx` (export --no-onnx), no model.onnx and no ONNX Runtime repository."""
     log.info(
         "scripting %s (%s, %d px, %d labels)", spec.name, spec.weights, spec.input_size, len(spec.labels)
     )
@@ -215,12 +216,12 @@ def write_model(
     gpu_dir = gpu.model_dir(spec.name)
     _write_common(gpu_dir, spec, model_config(spec, batching, cpu=False))
     save(scripted, str(gpu_dir / VERSION / MODEL_FILE))
-    log.info("exporting %s to ONNX", spec.name)
-    write_onnx(spec, gpu_dir / VERSION / ONNX_FILE)
-
-    onnx_dir = onnx.model_dir(spec.name)
-    _write_common(onnx_dir, spec, model_config(spec, batching, cpu=False, onnx=onnx_options))
-    _link_or_copy(gpu_dir / VERSION / ONNX_FILE, onnx_dir / VERSION / ONNX_FILE)
+    if onnx is not None:
+        log.info("exporting %s to ONNX", spec.name)
+        write_onnx(spec, gpu_dir / VERSION / ONNX_FILE)
+        onnx_dir = onnx.model_dir(spec.name)
+        _write_common(onnx_dir, spec, model_config(spec, batching, cpu=False, onnx=onnx_options))
+        _link_or_copy(gpu_dir / VERSION / ONNX_FILE, onnx_dir / VERSION / ONNX_FILE)
 
     cpu_dir = cpu.model_dir(spec.name)
     _write_common(cpu_dir, spec, model_config(spec, batching, cpu=True))

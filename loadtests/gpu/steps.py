@@ -5,7 +5,7 @@
 A step reads the run's context (device, profile, directories) and writes one JSON document. Steps:
 `environment` (versions, packages, the device), `model:<name>[@<px>]` (export fp32 and fp16, parity,
 throughput), `decode` (JPEG decode on the device against Pillow), `http` (the Ray-free app under load,
-loadtests/gpu/http.py) and `onnx` (the hook for ONNX Runtime: fill `step_onnx`).
+loadtests/gpu/http.py) and `onnx` (ONNX Runtime's providers on the fp32 exports' model.onnx).
 """
 
 from __future__ import annotations
@@ -208,7 +208,7 @@ def export_argv(model: str, source: Any, repository: Path, max_batch_size: int, 
         "--max-batch-size", str(max_batch_size), "--batch-buckets",
     ]  # fmt: skip
     if precision != "fp32":
-        argv += ["--precision", precision]
+        argv += ["--precision", precision, "--no-onnx"]  # the onnx step runs the fp32 export's model.onnx
     if source.weights == "checkpoint":
         argv += [
             "--arch",
@@ -472,10 +472,22 @@ def step_http(ctx: Context) -> dict[str, Any]:
 
 
 def step_onnx(ctx: Context) -> dict[str, Any]:
-    """ONNX Runtime on the device: fill this in (export each model to ONNX, check it against the fp32
-    TorchScript export with loadtests/gpu/parity.py, sweep it like `sweep`); the orchestrator already
-    runs this step, bounds its time and records what it returns. onnxruntime is on the GPU image."""
-    return {"status": "skipped", "reason": "not written yet: ONNX Runtime is another engineer's step"}
+    """ONNX Runtime on the device: every model.onnx the model steps' fp32 exports wrote, run by ONNX Runtime's
+    CUDA and TensorRT providers (the CPU provider in a dry run), checked against the same export's model.pt
+    on the device and timed beside it (`loadtests.onnx_providers.check_onnx_providers`)."""
+    from loadtests.onnx_providers import GPU_PROVIDERS, check_onnx_providers
+    from tasks import MODELS
+
+    repository = ctx.repository("fp32", "", None)
+    models = [m for m in MODELS if (repository / m / "1" / "model.onnx").is_file()]
+    if not models:
+        return {"status": "skipped", "reason": f"no model step exported a model.onnx into {repository}"}
+    providers = GPU_PROVIDERS if ctx.device == "cuda" else ("CPUExecutionProvider",)
+    sizes = (1, 2) if ctx.dry_run else (1, 8)
+    result = check_onnx_providers(
+        repository, models, ctx.device, providers, batch_sizes=sizes, duration_s=0.2 if ctx.dry_run else 1.0
+    )
+    return {"status": "ok", **result}
 
 
 _partial_file: Path | None = None  # RESULT.json of the step this process runs

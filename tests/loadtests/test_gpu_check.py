@@ -144,7 +144,12 @@ def test_dry_run_runs_every_step_as_on_the_gpu_image(tmp_path: Path) -> None:
     http = results["http"]
     assert http["status"] == "ok" and http["stubbed_av"] is True and http["repository"] == "fp16"
     assert http["loads"]["classifier"]["ok"] > 0 and http["loads"]["classifier"]["errors"] == 0
-    assert results["onnx"]["status"] == "skipped"
+    onnx = results["onnx"]  # the fp32 exports' model.onnx through ONNX Runtime (its CPU provider here)
+    assert onnx["status"] == "ok" and onnx["passed"] is True and set(onnx["models"]) == set(MODELS), onnx
+    for model in MODELS:
+        cpu = onnx["models"][model]["providers"]["CPUExecutionProvider"]
+        assert cpu["available"] and cpu["session_providers"][0] == "CPUExecutionProvider", cpu
+        assert cpu["parity"] and all(check["passed"] for check in cpu["parity"].values()), cpu["parity"]
     combined = (tmp_path / "gpu_check.log").read_text()
     assert all(
         f"===== {n}.log" in combined
