@@ -7,8 +7,9 @@ agreement is written as its complement (a disagreement, an IoU loss).
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -20,13 +21,15 @@ from training.shapes import make_scene
 SEED = 0
 # What "the same output" means, per check. Eager and TorchScript run the same kernels, but on CUDA
 # the scripted graph's fused elementwise ops may round differently; these leave room for that only.
+# The comparison runs with TF32 off (`exact_float32`): with it on (PyTorch's default for cuDNN
+# convolutions), the H200 run's detector scores moved by 1e-3 and near-tied random-weight boxes swapped.
 TOLERANCES = {
     "outputs mismatched_tensors": 0,  # outputs whose shape or dtype differ (then nothing else is compared)
     "PROBS max_abs_diff": 1e-4,  # softmax probabilities
     "logits max_rel_diff": 1e-3,  # max |diff| / max |eager logit|
     "COUNT max_abs_diff": 0.0,  # detections per image
     "SCORES max_abs_diff": 1e-3,
-    "BOXES max_abs_diff": 0.05,  # pixels, each eager box against its closest same-label box
+    "BOXES max_abs_diff": 0.05,  # pixels, each of the best eager boxes against its closest same-label box
     "MASK mismatch_fraction": 1e-3,  # pixels whose class differs (argmax ties)
 }
 # fp16 against fp32: half precision rounds at about 1e-3 relative, so logits move by that much per
@@ -38,6 +41,10 @@ FP16_TOLERANCES = {
     "fp16-BOXES unmatched_fraction": 0.2,  # of fp32's 10 best boxes per image: no same-label fp16 box at IoU >= 0.5
     "fp16-MASK iou_loss": 0.05,  # 1 - mean over classes present of the masks' IoU
 }
+
+
+BOX_MATCH_IOU = 0.5
+BOXES_COMPARED = 10  # best boxes per image held to the box checks
 
 
 def parity_images(model: str, size: int, batch: int) -> torch.Tensor:
@@ -77,9 +84,12 @@ def _max_rel(actual: torch.Tensor, expected: torch.Tensor) -> float:
 
 
 def detector_checks(eager: list[torch.Tensor], scripted: list[torch.Tensor]) -> list[dict[str, Any]]:
-    """Counts, sorted scores, and each eager box against its closest same-label scripted box.
+    """Counts, sorted scores, and each of the `BOXES_COMPARED` best eager boxes per image against its
+    closest same-label scripted box (any rank).
 
-    Matching boxes (instead of comparing rows) keeps equal-score detections in either order equal.
+    Matching boxes (instead of comparing rows) keeps equal-score detections in either order equal; only
+    the best boxes are held to pixels, because with random weights the tail is a hundred near-tied
+    proposals whose NMS survivors change with the last bit of a score.
     """
     (boxes_e, scores_e, labels_e, count_e), (boxes_s, scores_s, labels_s, count_s) = eager, scripted
     score_diff, box_diff = 0.0, 0.0
@@ -87,6 +97,7 @@ def detector_checks(eager: list[torch.Tensor], scripted: list[torch.Tensor]) -> 
         n_e, n_s = int(count_e[i, 0]), int(count_s[i, 0])
         n = min(n_e, n_s)
         score_diff = max(score_diff, _max_abs(scores_e[i, :n], scores_s[i, :n]))
+        n_e = min(n_e, BOXES_COMPARED)
         if n_e == 0:
             continue
         distance = (boxes_e[i, :n_e, None, :] - boxes_s[i, None, :n_s, :]).abs().amax(dim=-1)
@@ -105,11 +116,23 @@ def _logits(wrapper: Any, images: torch.Tensor) -> torch.Tensor:
     return wrapper.model(wrapper.normalize(images)).float().cpu()
 
 
+@contextlib.contextmanager
+def exact_float32() -> Iterator[None]:
+    """TF32 off for cuDNN convolutions and CUDA matmuls inside the block (restored after): parity
+    compares the export with its eager model, not two roundings of 10-bit mantissas."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
 def check_parity(
     model: str, eager: nn.Module, scripted: torch.jit.ScriptModule, images: torch.Tensor, warmup_calls: int
 ) -> dict[str, Any]:
-    """Compare the reloaded model.pt with its eager model on `images` (already on the device)."""
-    with torch.inference_mode():
+    """Compare the reloaded model.pt with its eager model on `images` (already on the device), TF32 off."""
+    with torch.inference_mode(), exact_float32():
         for _ in range(warmup_calls):
             scripted(images)
         expected, actual = _outputs(eager(images)), _outputs(scripted(images))
@@ -142,10 +165,6 @@ def check_parity(
 
 
 # --- fp16 against fp32 --------------------------------------------------------------------------
-
-BOX_MATCH_IOU = 0.5
-BOXES_COMPARED = 10
-
 
 def fp16_parity(
     model: str, fp32: torch.jit.ScriptModule, fp16: torch.jit.ScriptModule, images: torch.Tensor

@@ -288,6 +288,18 @@ def sweep(
     return rows
 
 
+def pipeline_settings(repository: Path, max_batch: int) -> Any:
+    """The gateway's settings for a model step's pipeline: batches up to `max_batch`, and as many requests
+    in flight (Settings refuses fewer: the H200 run's classifier step failed on 128 > 64)."""
+    from service.settings import Settings
+
+    return Settings(
+        model_repository=repository,
+        max_batch_size=max_batch,
+        max_ongoing_requests=max(Settings.model_fields["max_ongoing_requests"].default, max_batch),
+    )
+
+
 def measure_pipeline_rows(
     model: str, repository: Path, device: Any, sizes: list[int], profile: dict[str, Any]
 ) -> list[dict[str, Any]]:
@@ -298,9 +310,8 @@ def measure_pipeline_rows(
     from loadtests.inprocess import measure_model, measure_pipeline
     from service.backends.torchscript import TorchScriptModel
     from service.core.pipeline import TaskPipeline
-    from service.settings import Settings
 
-    settings = Settings(model_repository=repository, max_batch_size=max(sizes))
+    settings = pipeline_settings(repository, max(sizes))
     pipeline = ModelPipeline(
         TaskPipeline.load(settings, model), TorchScriptModel(repository, model, device.type)
     )

@@ -18,6 +18,7 @@ from torch import nn
 
 from export.wrappers import ClassifierWrapper, script
 from loadtests.gpu.parity import (
+    BOXES_COMPARED,
     FP16_TOLERANCES,
     TOLERANCES,
     check_parity,
@@ -25,7 +26,8 @@ from loadtests.gpu.parity import (
     mask_iou,
     unmatched_fraction,
 )
-from loadtests.gpu_check import passed, run_step
+from loadtests.gpu.steps import pipeline_settings
+from loadtests.gpu_check import GPU, passed, plan, run_step
 from tasks import MODELS
 from tests.conftest import ROOT
 
@@ -89,8 +91,8 @@ def test_dry_run_runs_every_step_as_on_the_gpu_image(tmp_path: Path) -> None:
     assert [s["name"] for s in results["steps"]] == [
         "environment",
         *(f"model:{m}" for m in MODELS),
-        "decode",
         "http",
+        "decode",
         "onnx",
     ]
     assert all(s["status"] == "ok" and s["seconds"] <= s["timeout_s"] for s in results["steps"]), results[
@@ -216,7 +218,12 @@ def test_parity_fails_when_the_scripted_model_differs() -> None:
 
 def _detections(boxes: list[list[float]], scores: list[float], labels: list[int]) -> list[torch.Tensor]:
     """One image's detector outputs, zero-padded to K = 4 rows."""
-    k, n = 4, len(boxes)
+    return _detections_k(boxes, scores, labels, 4)
+
+
+def _detections_k(boxes: list[list[float]], scores: list[float], labels: list[int], k: int) -> list[torch.Tensor]:
+    """One image's detector outputs, zero-padded to `k` rows."""
+    n = len(boxes)
     padded_boxes, padded_scores, padded_labels = torch.zeros(1, k, 4), torch.zeros(1, k), torch.zeros(1, k)
     padded_boxes[0, :n] = torch.tensor(boxes)
     padded_scores[0, :n] = torch.tensor(scores)
@@ -241,9 +248,33 @@ def test_detector_checks_match_boxes_not_rows() -> None:
     assert next(c for c in detector_checks(eager, relabelled) if c["output"] == "BOXES")["value"] is None
     assert failed(more) == {"COUNT"}
     assert failed(fewer) == {"COUNT", "BOXES"}
+    # only the best BOXES_COMPARED eager boxes are held to pixels: a changed tail does not fail
+    tail = BOXES_COMPARED + 2
+    ranked = [[float(i), 0.0, i + 10.0, 10.0] for i in range(tail)]
+    scores = [1.0 - i / 100 for i in range(tail)]
+    long_eager = _detections_k(ranked, scores, [1] * tail, tail)
+    moved_tail = _detections_k([*ranked[:-1], [50.0, 50.0, 90.0, 90.0]], scores, [1] * tail, tail)
+    moved_head = _detections_k([[60.0, 60.0, 70.0, 70.0], *ranked[1:]], scores, [1] * tail, tail)
+    assert {c["output"] for c in detector_checks(long_eager, moved_tail) if not c["passed"]} == set()
+    assert {c["output"] for c in detector_checks(long_eager, moved_head) if not c["passed"]} == {"BOXES"}
     # fp16 against fp32: boxes match by IoU and label, not by row or pixel
     assert unmatched_fraction(eager, swapped) == 0.0 and unmatched_fraction(eager, shifted) == 0.0
     assert unmatched_fraction(eager, relabelled) == 0.5 and unmatched_fraction(eager, fewer) == 0.5
+
+
+def test_gpu_profile_settings_are_valid(tmp_path: Path) -> None:
+    """The H200 run's classifier step died on Settings (max_batch_size 128 > max_ongoing_requests 64),
+    which the dry run's batch of 2 never reached: build every model step's settings at the GPU sizes."""
+    for model, max_batch in GPU.max_batch.items():
+        settings = pipeline_settings(tmp_path, max_batch)
+        assert settings.max_batch_size == max_batch, model
+        assert settings.max_ongoing_requests >= max_batch, model
+
+
+def test_gpu_plan_runs_http_before_the_optional_steps() -> None:
+    steps = plan(GPU)
+    assert steps[:4] == ("environment", "model:classifier", "model:detector", "model:segmenter")
+    assert steps.index("http") == 4 and steps[-1] == "model:detector@640"
 
 
 def test_mask_iou() -> None:
