@@ -6,9 +6,12 @@ listens on free ports so the suite can run beside other Ray/Serve instances on t
 
 from __future__ import annotations
 
+import json
 import os
+import platform
 import shutil
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
@@ -42,6 +45,33 @@ LIVE_PATHS = (
     "tests/service/deploy/test_haproxy.py", "tests/service/test_uvicorn_app.py",
     "tests/video/test_flood_memory.py",
 )  # fmt: skip
+
+
+# Every test's setup, call and teardown seconds, written at the end of the session for the committed
+# table (`python scripts/durations_table.py` → docs/TEST_DURATIONS.md).
+DURATIONS_FILE = ROOT / "test-artifacts" / "durations.json"
+_durations: dict[str, dict[str, float]] = {}
+_outcomes: dict[str, int] = {}
+_session_started = time.monotonic()
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    _durations.setdefault(report.nodeid, {})[report.when] = round(report.duration, 3)
+    if report.when == "call" or report.outcome != "passed":
+        _outcomes[report.outcome] = _outcomes.get(report.outcome, 0) + 1
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    if not _durations or hasattr(session.config, "workerinput"):
+        return
+    DURATIONS_FILE.parent.mkdir(parents=True, exist_ok=True)
+    DURATIONS_FILE.write_text(json.dumps({
+        "started": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(time.time() - (time.monotonic() - _session_started))),
+        "machine": f"{os.cpu_count()} cores, {platform.python_implementation()} {platform.python_version()}",
+        "wall_s": round(time.monotonic() - _session_started, 1),
+        "outcomes": ", ".join(f"{n} {k}" for k, n in sorted(_outcomes.items())),
+        "tests": _durations,
+    }, indent=1) + "\n")  # fmt: skip
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
