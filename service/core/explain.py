@@ -190,7 +190,7 @@ async def _explain_one(
                 target_id=target.class_id,
                 score=round(target.score, 6),
                 grid_size=chosen.grid,
-                grid=[[round(float(v), 5) for v in row] for row in grid],
+                grid=[[round(float(v), 6) for v in row] for row in grid],
                 region=region,
                 passes=passes,
                 overlay_png=overlay,
