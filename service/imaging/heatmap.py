@@ -26,7 +26,7 @@ def colourise(values: np.ndarray) -> np.ndarray:
 def overlay_png(image: np.ndarray, grid: np.ndarray, region: Sequence[float], full_size: tuple[int, int]) -> str:
     """Base64 PNG of `image` (an RGB display copy of a `full_size` (width, height) image) with `grid` drawn
     over `region` (xyxy in full-size pixels): cells scaled by the grid's largest value (negative ones as 0),
-    smoothed bilinearly; outside the region the image is dimmed (the model did not see it)."""
+    smoothed bilinearly, over the image in grey; outside the region the image is dimmed (the model did not see it)."""
     height, width = image.shape[:2]
     sx, sy = width / full_size[0], height / full_size[1]
     x1, y1 = int(round(region[0] * sx)), int(round(region[1] * sy))
@@ -39,7 +39,8 @@ def overlay_png(image: np.ndarray, grid: np.ndarray, region: Sequence[float], fu
         Image.fromarray(scaled.astype(np.float32)).resize((x2 - x1, y2 - y1), Image.Resampling.BILINEAR)
     )
     alpha = (ALPHA * np.sqrt(np.clip(heat, 0, 1)))[..., None]
-    inside = image[y1:y2, x1:x2].astype(np.float64)
+    crop = image[y1:y2, x1:x2].astype(np.float64)
+    inside = (crop @ np.array([0.299, 0.587, 0.114]))[..., None].repeat(3, axis=2)  # grey: the heat's colours read
     out[y1:y2, x1:x2] = inside * (1 - alpha) + colourise(heat) * alpha
     buffer = io.BytesIO()
     Image.fromarray(np.clip(out, 0, 255).astype(np.uint8)).save(buffer, format="PNG", optimize=True)
