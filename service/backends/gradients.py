@@ -98,7 +98,9 @@ class GradientModel:
         self._executor.shutdown(wait=False, cancel_futures=True)
 
 
-def _classifier_parts(module: torch.nn.Module, input_dims: tuple[int, ...], device: torch.device) -> _Parts | None:
+def _classifier_parts(
+    module: torch.nn.Module, input_dims: tuple[int, ...], device: torch.device
+) -> _Parts | None:
     """The module as normalise → stages → avgpool → flatten → fc, if it is that and gives the module's
     own answers (softmax of the chain's logits); None otherwise."""
     normalize, inner = getattr(module, "normalize", None), getattr(module, "model", None)

@@ -68,7 +68,9 @@ def plan(
     if method is None:
         given = [name for name in _OPTIONS if getattr(options, name, None) not in (None, False)]
         if given:
-            raise ApiError(422, "invalid_request", f"{', '.join(given)}: only with explain=occlusion|saliency|gradcam")
+            raise ApiError(
+                422, "invalid_request", f"{', '.join(given)}: only with explain=occlusion|saliency|gradcam"
+            )
         return None
     if method not in handler.explain_methods:
         has = f"only {', '.join(handler.explain_methods)}" if handler.explain_methods else "no explanations"
@@ -171,7 +173,9 @@ async def _explain_one(
         gradients = await backend.gradients(pipeline.model)
         if chosen.method not in gradients.methods:
             raise ApiError(
-                422, "invalid_request", f"explain={chosen.method} is not available for {pipeline.model}'s architecture"
+                422,
+                "invalid_request",
+                f"explain={chosen.method} is not available for {pipeline.model}'s architecture",
             )
         maps = [await gradients.heatmap(image.tensor, target.class_id, chosen.method) for target in targets]
         grids = [scaled(pool_grid(heat, image.geometry, chosen.grid)) for heat in maps]
@@ -220,7 +224,8 @@ def content_size(geometry: Geometry, tensor_shape: tuple[int, ...]) -> tuple[int
 
 
 def occluded_copies(tensor: np.ndarray, geometry: Geometry, grid: int) -> list[np.ndarray]:
-    """grid^2 copies of `tensor`, row by row, each with one cell of its content filled with the content's mean colour."""
+    """grid^2 copies of `tensor`, row by row, each with one cell of its content filled with the content's
+    mean colour."""
     height, width = content_size(geometry, tensor.shape)
     fill = np.round(tensor[:, :height, :width].reshape(3, -1).mean(axis=1)).astype(np.uint8)[:, None, None]
     copies = []

@@ -52,7 +52,12 @@ class ClassifyHandler(Handler[ClassifyOptions, ClassificationResult]):
         explain_class_id(options.explain_class, contract.labels)
 
     def explain_targets(
-        self, outputs: dict[str, np.ndarray], geometry: Geometry, options: ClassifyOptions, contract: ModelContract, top: int
+        self,
+        outputs: dict[str, np.ndarray],
+        geometry: Geometry,
+        options: ClassifyOptions,
+        contract: ModelContract,
+        top: int,
     ) -> list[ExplainTarget]:
         """`explain_class`, or the top class."""
         probs = np.asarray(outputs["PROBS"], dtype=np.float64).reshape(-1)
@@ -91,7 +96,10 @@ def explain_class_id(name: str | None, labels: tuple[str, ...]) -> int | None:
         return labels.index(name)
     if name.strip().isdigit() and int(name) < len(labels):
         return int(name)
-    raise ValueError(f"explain_class {name[:64]!r} is not a class of the classifier: one of {', '.join(labels)} or 0-{len(labels) - 1}")
+    raise ValueError(
+        f"explain_class {name[:64]!r} is not a class of the classifier: one of {', '.join(labels)} "
+        f"or 0-{len(labels) - 1}"
+    )
 
 
 register_handler(ClassifyHandler())

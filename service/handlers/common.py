@@ -242,7 +242,12 @@ class Handler(Generic[OptionsT, ResultT]):
         """Raise ValueError if `options` ask for an explanation this task cannot give (checked before admission)."""
 
     def explain_targets(
-        self, outputs: dict[str, np.ndarray], geometry: Geometry, options: OptionsT, contract: ModelContract, top: int
+        self,
+        outputs: dict[str, np.ndarray],
+        geometry: Geometry,
+        options: OptionsT,
+        contract: ModelContract,
+        top: int,
     ) -> list[ExplainTarget]:
         """The answers of one image to explain (at most `top`, in the order its result lists them)."""
         raise NotImplementedError

@@ -63,7 +63,12 @@ class DetectHandler(Handler[DetectOptions, DetectionResult]):
     explain_methods = ("occlusion",)
 
     def explain_targets(
-        self, outputs: dict[str, np.ndarray], geometry: Geometry, options: DetectOptions, contract: ModelContract, top: int
+        self,
+        outputs: dict[str, np.ndarray],
+        geometry: Geometry,
+        options: DetectOptions,
+        contract: ModelContract,
+        top: int,
     ) -> list[ExplainTarget]:
         """The answer's best `top` detections, with their boxes in model-input pixels."""
         boxes, scores, labels = _rows(outputs)

@@ -122,7 +122,12 @@ class SegmentHandler(Handler[SegmentOptions, SegmentationResult]):
     explain_methods = ("occlusion",)
 
     def explain_targets(
-        self, outputs: dict[str, np.ndarray], geometry: Geometry, options: SegmentOptions, contract: ModelContract, top: int
+        self,
+        outputs: dict[str, np.ndarray],
+        geometry: Geometry,
+        options: SegmentOptions,
+        contract: ModelContract,
+        top: int,
     ) -> list[ExplainTarget]:
         """The `top` largest predicted classes (background aside), with their regions in the model's mask."""
         mask = np.zeros_like(np.asarray(outputs["MASK"]))  # the content: the letterbox's padding is no answer
@@ -141,7 +146,8 @@ class SegmentHandler(Handler[SegmentOptions, SegmentationResult]):
         kept = []
         for target in targets:
             assert target.region is not None
-            kept.append(float(np.count_nonzero(mask[target.region] == target.class_id)) / max(1, int(target.region.sum())))
+            still = np.count_nonzero(mask[target.region] == target.class_id)
+            kept.append(float(still) / max(1, int(target.region.sum())))
         return np.array(kept)
 
     def with_explanations(

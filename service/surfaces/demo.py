@@ -117,7 +117,8 @@ def _draw_all(
 
 def _png_bytes(response: BaseModel) -> int:
     """Bytes of the base64 `return_png` masks and explanation overlays already in `response`."""
-    return sum(len(getattr(result, "png", None) or "") + _overlay_bytes(result) for result in response.results)  # type: ignore[attr-defined]
+    results = response.results  # type: ignore[attr-defined]
+    return sum(len(getattr(result, "png", None) or "") + _overlay_bytes(result) for result in results)
 
 
 def _overlay_bytes(result: BaseModel) -> int:
