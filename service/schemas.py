@@ -17,16 +17,47 @@ class _Options(BaseModel):
     )
 
 
+    explain: Literal["occlusion", "saliency", "gradcam"] | None = Field(
+        None,
+        description="Also explain each answer with a heatmap (README, Explanations): `occlusion` (any backend; "
+        "the drop in the answer's score when each cell of a grid is covered), `saliency` and `gradcam` "
+        "(classifier on the embedded backend: gradients through the exported model). Costs extra model "
+        "passes: images x (explain_grid^2 + 1) for occlusion, images x 3 for the others.",
+    )
+    explain_grid: int | None = Field(
+        None, ge=2, le=64, description="Cells per side of the explanation's grid (default 8; the gateway's "
+        "explain_max_grid, 16 by default, bounds it: past it 422)."
+    )  # fmt: skip
+    explain_overlay: bool = Field(
+        False, description="Also return each explanation as a base64 PNG: the map over the image (explain only)."
+    )
+
+
 class ClassifyOptions(_Options):
     top_k: int = Field(5, ge=1, le=1000, description="How many classes to return, best first.")
+    explain_class: str | None = Field(
+        None,
+        max_length=200,
+        description="The class to explain (a label, or a class id): default the top class.",
+    )
 
 
-class DetectOptions(_Options):
+class _ExplainTop(BaseModel):
+    explain_top: int | None = Field(
+        None,
+        ge=1,
+        le=1000,
+        description="Explain this many answers per image, best first (detections or classes; default and "
+        "most: the gateway's explain_max_targets, 10 by default; past it 422).",
+    )
+
+
+class DetectOptions(_ExplainTop, _Options):
     score_threshold: float = Field(0.5, ge=0.0, le=1.0, description="Drop detections scoring below this.")
     max_detections: int = Field(100, ge=1, le=1000, description="Return at most this many detections per image.")
 
 
-class SegmentOptions(_Options):
+class SegmentOptions(_ExplainTop, _Options):
     return_png: bool = Field(
         False,
         description="Also return the class-index mask as a base64 palette PNG (scaled down to 4 megapixels "
@@ -79,6 +110,33 @@ class ImageSize(BaseModel):
     height: int = Field(..., examples=[480])
 
 
+class Explanation(BaseModel):
+    """Why the model gave one answer: a grid of numbers over the image region the model saw."""
+
+    method: Literal["occlusion", "saliency", "gradcam"]
+    target: str = Field(..., description="The label explained.", examples=["circle"])
+    target_id: int = Field(..., description="Its class id.", examples=[0])
+    score: float = Field(..., description="The answer's score on the whole image (segmenter: 1, its region kept).")
+    grid_size: int = Field(..., description="Cells per side of `grid`.", examples=[8])
+    grid: list[list[float]] = Field(
+        ...,
+        description="grid_size rows (top to bottom) of grid_size cells (left to right) over `region`. occlusion: "
+        "the drop of the score when the cell is covered with the image's mean colour (classifier: probability; "
+        "detector: the box's score, 0 when no box of its label overlaps it by IoU 0.5; segmenter: the share of "
+        "the class's predicted region still predicted). saliency: the mean absolute input gradient of the "
+        "class's logit; gradcam: Grad-CAM of the class's logit; both scaled so the largest cell is 1.",
+    )
+    region: list[float] = Field(
+        ...,
+        min_length=4,
+        max_length=4,
+        description="[x1, y1, x2, y2] in original-image pixels: the part of the image the model saw, which the "
+        "grid covers (the classifier's centre crop; the whole image for the others).",
+    )
+    passes: int = Field(..., description="Model passes this image's explanations took (shared by its targets).")
+    overlay_png: str | None = Field(None, description="Base64 PNG of the map over the image (explain_overlay).")
+
+
 class ClassScore(BaseModel):
     class_id: int = Field(..., examples=[2])
     label: str = Field(..., examples=["triangle"])
@@ -88,6 +146,7 @@ class ClassScore(BaseModel):
 class ClassificationResult(BaseModel):
     image: ImageSize
     predictions: list[ClassScore] = Field(..., description="Top-k classes, highest probability first.")
+    explanation: Explanation | None = Field(None, description="Only with explain: why explain_class (or the top class).")
 
 
 class Detection(BaseModel):
@@ -101,6 +160,7 @@ class Detection(BaseModel):
     class_id: int = Field(..., description="Index into the detector's labels (0 is background).", examples=[1])
     label: str = Field(..., examples=["circle"])
     score: float = Field(..., ge=0.0, le=1.0, examples=[0.91])
+    explanation: Explanation | None = Field(None, description="Only with explain, for the best explain_top.")
 
 
 class DetectionResult(BaseModel):
@@ -131,6 +191,7 @@ class Segment(BaseModel):
     polygons: list[Polygon] | None = Field(
         None, description="The class's regions, largest first (only with return_polygons)."
     )
+    explanation: Explanation | None = Field(None, description="Only with explain, for the largest explain_top.")
 
 
 class SegmentationResult(BaseModel):

@@ -190,6 +190,36 @@ class Settings(BaseSettings):
     )
     video_timeout_s: float = Field(120.0, gt=0.0, description="deadline of one video request; past it: 504")
 
+    # explanations (`explain=` on the task routes and /v2; service/core/explain.py)
+    explain_default_grid: int = Field(
+        8, ge=2, le=64, description="occlusion grid (cells per side) when a request names none"
+    )
+    explain_max_grid: int = Field(
+        16, ge=2, le=64, description="largest grid a request may ask for (explain_grid); past it: 422"
+    )
+    explain_max_targets: int = Field(
+        10,
+        ge=1,
+        le=100,
+        description="detections (detector) or classes (segmenter) explained per image, best first; "
+        "explain_top past it: 422",
+    )
+    explain_max_passes: int = Field(
+        1040,
+        ge=2,
+        description="model passes one request's explanations may cost (images x (grid^2 + 1) for occlusion, "
+        "images x 3 for saliency and gradcam); past it: 413",
+    )
+    max_in_flight_passes: int = Field(
+        4160,
+        ge=1,
+        description="model passes (one per image, or an explanation's count) one ingress replica works on "
+        "at once; past it: 503 + Retry-After (one request alone is always admitted; explain_max_passes bounds it)",
+    )
+    explain_timeout_s: float = Field(
+        20.0, gt=0.0, description="time an explanation may take (within the request's deadline); past it: 504"
+    )
+
     api_key: SecretStr | None = None
     # Listening on a network address without an API key is refused unless this says it is meant.
     allow_anonymous: bool = False
@@ -263,6 +293,11 @@ class Settings(BaseSettings):
             raise ValueError(
                 f"max_in_flight_requests ({self.max_in_flight_requests}) must be < max_ongoing_requests "
                 f"({self.max_ongoing_requests}): Serve queues the rest before the gateway can refuse them"
+            )
+        if self.explain_default_grid > self.explain_max_grid:
+            raise ValueError(
+                f"explain_default_grid ({self.explain_default_grid}) must be <= explain_max_grid "
+                f"({self.explain_max_grid})"
             )
         if not is_loopback(self.host) and self.api_key is None:
             if not self.allow_anonymous:

@@ -3,7 +3,7 @@
 Stages, in order: `read` (the body), `decode` and `preprocess` (each image; summed over a request's
 images, which run in parallel threads), `queue` (waiting for a batch) and `model` (the batch that
 ran the image; the longest over a request's images, which share batches), `postprocess` (all
-images), `encode` (the answer's JSON, MessagePack or drawn image). The Triton backend reports
+images), `explain` (an explanation's extra passes and maps, only when `explain=` asks), `encode` (the answer's JSON, MessagePack or drawn image). The Triton backend reports
 Triton's whole call as `model` (Triton's own queue included); so do separately placed model
 deployments (the Serve hop included).
 """
@@ -15,7 +15,9 @@ from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 
-STAGES = ("read", "decode", "preprocess", "queue", "model", "postprocess", "encode")
+STAGES = ("read", "decode", "preprocess", "queue", "model", "postprocess", "encode")  # every answered request's
+# ...and in order with the stages only some requests have (`explain`)
+ORDERED_STAGES = ("read", "decode", "preprocess", "queue", "model", "postprocess", "explain", "encode")
 
 
 @dataclass
@@ -61,7 +63,7 @@ class Timings:
     def header(self) -> str:
         """The `Server-Timing` value: each stage in ms, the batch size on `model`, and the total."""
         parts = []
-        for stage in STAGES:
+        for stage in ORDERED_STAGES:
             if stage in self.seconds:
                 entry = f"{stage};dur={self.seconds[stage] * 1000:.2f}"
                 if stage == "model" and self.batch_size:

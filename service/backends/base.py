@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -57,6 +58,15 @@ class Backend:
     def batch_sizes(self, model: str) -> dict[int, int]:
         """Batches of each size `model` ran here, where the backend knows (tests observe batching)."""
         return {}
+
+    def gradient_methods(self, model: str) -> tuple[str, ...]:
+        """Explanation methods that need gradients through `model` this backend can run (none by default:
+        only the embedded backend holds the model in this process)."""
+        return ()
+
+    async def gradients(self, model: str) -> Any:
+        """`model` for gradients (`service.backends.gradients.GradientModel`), loaded on first use."""
+        raise BackendUnavailable(f"this backend computes no gradients through {model}")
 
     async def close(self) -> None:
         """Release connections and threads (idempotent)."""

@@ -16,11 +16,13 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from service.backends.base import Backend
+from service.backends.gradients import GradientModel
 from service.backends.batching import BatchedModel, model_device, warm_up
 from service.backends.pipelined import PipelinedBatchedModel, batched_model
 from service.backends.runtimes import load_model, runtime_of
@@ -39,6 +41,9 @@ class LocalBackend(Backend):
         if device == "cpu":
             torch.set_num_threads(settings.torch_threads)
         self._models: dict[str, BatchedModel] = {}
+        self._repository, self._device = settings.model_repository, device
+        self._gradients: dict[str, GradientModel] = {}  # loaded on the first gradient explanation
+        self._gradients_lock = asyncio.Lock()
         for name in settings.models:
             model = load_model(settings, name, device)
             batched = batched_model(model, settings.max_batch_size, settings.batch_wait_timeout_s, "embedded", instruments)
@@ -68,6 +73,30 @@ class LocalBackend(Backend):
             for future in futures:  # a caller that gave up drops its images before they are batched
                 future.cancel()
 
+    def gradient_methods(self, model: str) -> tuple[str, ...]:
+        """`saliency` and `gradcam` for a classifier whose `model.pt` is in the repository (whichever runtime
+        answers its requests); the gradient model, once loaded, says whether gradcam fits its architecture."""
+        if model in self._gradients:
+            return self._gradients[model].methods
+        batched = self._models.get(model)
+        if batched is None or batched.model.contract.task != "classification" or not self._model_pt(model).is_file():
+            return ()
+        return ("saliency", "gradcam")
+
+    async def gradients(self, model: str) -> GradientModel:
+        """`model`'s `model.pt` for gradients, loaded (in a thread) the first time it is asked for."""
+        async with self._gradients_lock:
+            if model not in self._gradients:
+                contract = self._models[model].model.contract
+                self._gradients[model] = await asyncio.to_thread(
+                    GradientModel, self._model_pt(model), contract.inputs[0].dims, self._device
+                )
+        return self._gradients[model]
+
+    def _model_pt(self, model: str) -> Path:
+        version = self._models[model].model.version
+        return self._repository / model / version / "model.pt"
+
     def announce(self, model: str, images: int) -> None:
         """Images for `model` are being decoded: a free model waits briefly for them to share a batch."""
         self._models[model].announce(images)
@@ -90,3 +119,5 @@ class LocalBackend(Backend):
     async def close(self) -> None:
         for model in self._models.values():
             model.close()
+        for gradients in self._gradients.values():
+            gradients.close()

@@ -1,4 +1,7 @@
-"""Admission control of one gateway replica: requests, bytes and pixels in flight, each bounded.
+"""Admission control of one gateway replica: requests, bytes, pixels and model passes in flight, each bounded.
+
+A model pass is one image through the model: a request counts one per image, an explained one as many
+as its explanation runs (`service.core.explain`: images x (grid^2 + 1) for occlusion).
 
 A request is admitted after its body has been read (so a slow upload holds no slot) and holds its
 share until every thread working on its images has finished, even when the request itself gave up
@@ -19,6 +22,7 @@ class Limits:
     requests: int
     bytes: int
     pixels: int
+    passes: int = 2**62  # model passes (unbounded unless given)
 
 
 class Admission:
@@ -28,16 +32,18 @@ class Admission:
         self.limits = limits
         self._retry_after_s = retry_after_s
         self._lock = threading.Lock()  # tickets are released from worker threads too
-        self.requests = self.bytes = self.pixels = 0
+        self.requests = self.bytes = self.pixels = self.passes = 0
 
-    def admit(self, nbytes: int, pixels: int) -> Ticket:
-        """A ticket for a request of `nbytes` and `pixels`, or ApiError 503 if it does not fit now."""
+    def admit(self, nbytes: int, pixels: int, passes: int = 0) -> Ticket:
+        """A ticket for a request of `nbytes`, `pixels` and `passes` model passes, or ApiError 503 if it does
+        not fit now."""
         with self._lock:
             if self.requests:  # a request alone always fits: the per-request limits bound it
                 wanted = (
                     ("requests", self.requests + 1, self.limits.requests),
                     ("bytes", self.bytes + nbytes, self.limits.bytes),
                     ("pixels", self.pixels + pixels, self.limits.pixels),
+                    ("model passes", self.passes + passes, self.limits.passes),
                 )
                 full = next((name for name, total, limit in wanted if total > limit), None)
                 if full is not None:
@@ -50,21 +56,23 @@ class Admission:
             self.requests += 1
             self.bytes += nbytes
             self.pixels += pixels
-        return Ticket(self, nbytes, pixels)
+            self.passes += passes
+        return Ticket(self, nbytes, pixels, passes)
 
-    def _release(self, nbytes: int, pixels: int) -> None:
+    def _release(self, nbytes: int, pixels: int, passes: int = 0) -> None:
         with self._lock:
             self.requests -= 1
             self.bytes -= nbytes
             self.pixels -= pixels
+            self.passes -= passes
 
 
 class Ticket:
     """One admitted request's share; given back once the request and all its held work are done."""
 
-    def __init__(self, admission: Admission, nbytes: int, pixels: int) -> None:
+    def __init__(self, admission: Admission, nbytes: int, pixels: int, passes: int = 0) -> None:
         self._admission = admission
-        self._nbytes, self._pixels = nbytes, pixels
+        self._nbytes, self._pixels, self._passes = nbytes, pixels, passes
         self._lock = threading.Lock()
         self._holds = 1  # the request itself
         self._released = False
@@ -86,4 +94,4 @@ class Ticket:
             if done:
                 self._released = True
         if done:
-            self._admission._release(self._nbytes, self._pixels)
+            self._admission._release(self._nbytes, self._pixels, self._passes)

@@ -29,6 +29,7 @@ from service.backends.base import Backend, BackendTimeout, MalformedAnswer, chec
 from service.backends.torchscript import latest_version
 from service.core.admission import Admission, Limits, Ticket
 from service.core.auth import ApiKeyCheck
+from service.core.explain import ExplainedImage, ExplainPlan, explain, plan
 from service.core.errors import ApiError
 from service.core.inputs import ImageInputs
 from service.core.pipeline import TaskPipeline
@@ -66,7 +67,12 @@ class Answerer:
         self.versions = {m: latest_version(settings.model_repository, m) for m in settings.models}
         # Decode/preprocess/postprocess threads: as many as cores (Pillow and torch release the GIL).
         self._pool = ThreadPoolExecutor(max_workers=os.cpu_count() or 2, thread_name_prefix="images")
-        limits = Limits(settings.admission_limit, settings.max_in_flight_bytes, settings.max_in_flight_pixels)
+        limits = Limits(
+            settings.admission_limit,
+            settings.max_in_flight_bytes,
+            settings.max_in_flight_pixels,
+            settings.max_in_flight_passes,
+        )
         self.admission = Admission(limits, settings.retry_after_s)
         self.keys = ApiKeyCheck(settings)
         self.malformed: dict[str, str] = {}  # model → why its last answer broke its contract (not ready)
@@ -160,12 +166,17 @@ class Answerer:
         deadline_s: float | None = None,
     ) -> T:
         """Admit the images (503 + Retry-After past the limits), then answer them and `finish` the answer
-        within the deadline (504); every surface that runs a model on images goes through here."""
-        ticket = self.admission.admit(sum(map(len, inputs.blobs)), inputs.pixels)
+        within the deadline (504); every surface that runs a model on images goes through here. An explanation
+        asked for is checked first (422/413) and admitted as the model passes it will run."""
+        images = len(inputs.blobs)
+        explaining = plan(self.settings, self.pipeline(handler), self.backend, options, images)
+        passes = images * (explaining.passes_per_image if explaining is not None else 1)
+        ticket = self.admission.admit(sum(map(len, inputs.blobs)), inputs.pixels, passes)
         timeout = deadline_s or self.settings.request_timeout_s
         try:
             async with asyncio.timeout(timeout):
-                return await finish(await self.answer_images(handler, inputs.blobs, options, ticket, timings))
+                answer = await self.answer_images(handler, inputs.blobs, options, ticket, timings, explaining)
+                return await finish(answer)
         except TimeoutError as error:
             raise BackendTimeout(f"the request did not finish within {timeout:g} s") from error
         finally:
@@ -178,9 +189,11 @@ class Answerer:
         options: BaseModel,
         ticket: Ticket | None = None,
         timings: Timings | None = None,
+        explaining: ExplainPlan | None = None,
     ) -> BaseModel:
-        """The task's response for encoded images `blobs` (decode → backend → postprocess); `ticket` holds
-        admission until the image threads finish; `timings`, if given, receives each stage's duration."""
+        """The task's response for encoded images `blobs` (decode → backend → postprocess, then the
+        explanations `explaining` plans); `ticket` holds admission until the image threads finish;
+        `timings`, if given, receives each stage's duration."""
         pipeline = self.pipeline(handler)
         self.metrics.images.observe(len(blobs), tags={"endpoint": handler.endpoint})
         loop = asyncio.get_running_loop()
@@ -207,6 +220,20 @@ class Answerer:
                 timings.add("preprocess", image.preprocess_s)
             timings.batches(batches or [])
             timings.add("postprocess", postprocess_s)
+        if explaining is not None:
+            images = [
+                ExplainedImage(blob, image.tensor, image.geometry, out, result)
+                for blob, image, out, result in zip(blobs, prepared, outputs, results, strict=True)
+            ]
+
+            async def infer(tensors: list[np.ndarray]) -> list[dict[str, np.ndarray]]:
+                return await self.infer(pipeline, tensors)
+
+            with stage(timings, "explain"):
+                results = await explain(
+                    explaining, pipeline, options, images, infer, in_pool, self.backend, self.metrics,
+                    self.settings.explain_timeout_s,
+                )  # fmt: skip
         return self.response(handler, results)
 
     async def infer(

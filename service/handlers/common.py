@@ -175,6 +175,32 @@ def padded(rows: Sequence[Sequence[Any]], fill: Any, datatype: str, tail: tuple[
     return array
 
 
+@dataclass(frozen=True, eq=False)
+class ExplainTarget:
+    """One answer an explanation is about: its class, its score on the whole image, which answer of the
+    image's result it is (`index`: prediction, detection or segment), and what identifies it in another
+    pass's outputs (the detector's box, the segmenter's region, both at model-input resolution)."""
+
+    class_id: int
+    label: str
+    score: float
+    index: int = 0
+    box: np.ndarray | None = None  # xyxy, model-input pixels
+    region: np.ndarray | None = None  # bool [H, W], model-input pixels
+
+
+def box_ious(box: np.ndarray, boxes: np.ndarray) -> np.ndarray:
+    """IoU of one xyxy `box` with each row of `boxes`."""
+    boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    x1, y1 = np.maximum(box[0], boxes[:, 0]), np.maximum(box[1], boxes[:, 1])
+    x2, y2 = np.minimum(box[2], boxes[:, 2]), np.minimum(box[3], boxes[:, 3])
+    inter = np.clip(x2 - x1, 0, None) * np.clip(y2 - y1, 0, None)
+    area = (box[2] - box[0]) * (box[3] - box[1])
+    areas = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+    union = area + areas - inter
+    return np.where(union > 0, inter / np.where(union > 0, union, 1), 0.0)
+
+
 class Handler(Generic[OptionsT, ResultT]):
     """One task: which model and options it uses, and how to get to and from that model."""
 
@@ -206,6 +232,34 @@ class Handler(Generic[OptionsT, ResultT]):
 
     def draw(self, image: np.ndarray, result: ResultT) -> np.ndarray:
         """`result` drawn on `image` (the original, or a scaled-down copy of it)."""
+        raise NotImplementedError
+
+    # ---- explanations (service/core/explain.py runs them; a task without these has none) ----
+
+    explain_methods: ClassVar[tuple[str, ...]] = ()  # "occlusion" (any backend), "saliency", "gradcam"
+
+    def check_explain(self, options: OptionsT, contract: ModelContract) -> None:
+        """Raise ValueError if `options` ask for an explanation this task cannot give (checked before admission)."""
+
+    def explain_targets(
+        self,
+        outputs: dict[str, np.ndarray],
+        geometry: Geometry,
+        options: OptionsT,
+        contract: ModelContract,
+        top: int,
+    ) -> list[ExplainTarget]:
+        """The answers of one image to explain (at most `top`, in the order its result lists them)."""
+        raise NotImplementedError
+
+    def explain_scores(
+        self, outputs: dict[str, np.ndarray], targets: Sequence[ExplainTarget], contract: ModelContract
+    ) -> np.ndarray:
+        """Each target's score in another pass's `outputs` (an occluded copy of the image)."""
+        raise NotImplementedError
+
+    def with_explanations(self, result: ResultT, explained: Sequence[tuple[ExplainTarget, Any]]) -> ResultT:
+        """`result` with each (target, explanation) attached to the answer the target is about."""
         raise NotImplementedError
 
 

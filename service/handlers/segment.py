@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import base64
 import io
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -16,7 +18,7 @@ from torchvision.transforms.v2 import functional as F
 from service.imaging.annotate import class_color, draw_segmentation
 from service.contract import ModelContract
 from service.handlers.registry import register_handler
-from service.handlers.common import Geometry, Handler, label_of
+from service.handlers.common import ExplainTarget, Geometry, Handler, label_of
 from service.imaging.images import RENDER_MAX_PIXELS, fit_size
 from service.imaging.polygons import class_polygons
 from service.schemas import (
@@ -116,6 +118,47 @@ class SegmentHandler(Handler[SegmentOptions, SegmentationResult]):
 
     def draw(self, image: np.ndarray, result: SegmentationResult) -> np.ndarray:
         return draw_segmentation(image, result)
+
+    explain_methods = ("occlusion",)
+
+    def explain_targets(
+        self,
+        outputs: dict[str, np.ndarray],
+        geometry: Geometry,
+        options: SegmentOptions,
+        contract: ModelContract,
+        top: int,
+    ) -> list[ExplainTarget]:
+        """The `top` largest predicted classes (background aside), with their regions in the model's mask."""
+        mask = np.zeros_like(np.asarray(outputs["MASK"]))  # the content: the letterbox's padding is no answer
+        height, width = geometry.content_height, geometry.content_width
+        mask[:height, :width] = np.asarray(outputs["MASK"])[:height, :width]
+        counts = np.bincount(mask.ravel(), minlength=len(contract.labels))
+        present = [int(c) for c in np.flatnonzero(counts) if c != 0]
+        largest = sorted(sorted(present, key=lambda c: -counts[c])[:top])
+        return [ExplainTarget(c, label_of(contract.labels, c), 1.0, region=mask == c) for c in largest]
+
+    def explain_scores(
+        self, outputs: dict[str, np.ndarray], targets: Sequence[ExplainTarget], contract: ModelContract
+    ) -> np.ndarray:
+        """The share of each target's region still predicted as its class (occluded pixels included)."""
+        mask = np.asarray(outputs["MASK"])
+        kept = []
+        for target in targets:
+            assert target.region is not None
+            still = np.count_nonzero(mask[target.region] == target.class_id)
+            kept.append(float(still) / max(1, int(target.region.sum())))
+        return np.array(kept)
+
+    def with_explanations(
+        self, result: SegmentationResult, explained: Sequence[tuple[ExplainTarget, Any]]
+    ) -> SegmentationResult:
+        by_class = {target.class_id: explanation for target, explanation in explained}
+        segments = [  # a class too small to survive the mask's resize to the original has no segment
+            s.model_copy(update={"explanation": by_class[s.class_id]}) if s.class_id in by_class else s
+            for s in result.segments
+        ]
+        return result.model_copy(update={"segments": segments})
 
 
 register_handler(SegmentHandler())

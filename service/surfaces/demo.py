@@ -6,7 +6,7 @@ header asks for the answer drawn on the image (`service.imaging.annotate`).
 * Otherwise (several images, or JSON asked for): the usual JSON, each result carrying
   `annotated_image` as a `data:image/...;base64,` URL (what the demo page uses).
 * Drawings are made on a copy of at most `RENDER_MAX_PIXELS` (4 MP); the images an answer carries
-  (drawings, `return_png` masks, counted as sent) may add up to `max_response_bytes`, past which the
+  (drawings, `return_png` masks, explanation overlays, counted as sent) may add up to `max_response_bytes`, past which the
   request gets 413 `response_too_large` instead.
 """
 
@@ -116,8 +116,16 @@ def _draw_all(
 
 
 def _png_bytes(response: BaseModel) -> int:
-    """Bytes of the base64 `return_png` masks already in `response`."""
-    return sum(len(getattr(result, "png", None) or "") for result in response.results)  # type: ignore[attr-defined]
+    """Bytes of the base64 `return_png` masks and explanation overlays already in `response`."""
+    results = response.results  # type: ignore[attr-defined]
+    return sum(len(getattr(result, "png", None) or "") + _overlay_bytes(result) for result in results)
+
+
+def _overlay_bytes(result: BaseModel) -> int:
+    """Bytes of the base64 `overlay_png`s of a result's explanations (its own, its detections', its segments')."""
+    answers = [result, *getattr(result, "detections", ()), *getattr(result, "segments", ())]
+    explanations = [getattr(answer, "explanation", None) for answer in answers]
+    return sum(len(e.overlay_png or "") for e in explanations if e is not None)
 
 
 def _too_large(settings: Settings) -> ApiError:

@@ -11,7 +11,8 @@ BYTES, shape `[n]`: one encoded image file (JPEG, PNG, ...) per element, at most
 `Inference-Header-Content-Length` bytes, then each element as a 4-byte little-endian length and its
 bytes) or, in a plain JSON request, as base64 strings. The request's `parameters` are the task's
 options (`top_k`, `score_threshold`, `max_detections`, `return_png`, `return_polygons`,
-`polygon_tolerance`; `annotate` is for the task routes only). A request may name its model in `model_name`
+`polygon_tolerance`, `explain`, `explain_grid`, `explain_class`, `explain_top`, `explain_overlay`: the
+explanation is in each image's `RESULT`; `annotate` is for the task routes only). A request may name its model in `model_name`
 (KServe's Python client does); it must be the URL's model. Outputs, all with the images as the first
 dimension (`RESULT` for every task, typed tensors where the answer is a table):
 

@@ -265,6 +265,8 @@ class FrameStream:
             tracker = self.handler.tracker(settings.stream_max_fps)
             if stream_query and tracker is None:
                 raise ValueError(f"track is an option of streams whose task tracks, not {self.handler.endpoint}")
+            if getattr(options, "explain", None) is not None:
+                raise ValueError(f"explain is not available on streams: POST the frame to {self.handler.endpoint}")
         except ValidationError as error:
             await websocket.close(
                 CLOSE_INVALID, _reason("invalid_request: " + describe_validation_errors(error.errors()))

@@ -111,6 +111,8 @@ async def answer_video(
             "invalid_request",
             "annotate: for a video, ask for the drawn video with Accept: video/webm or video/mp4",
         )
+    if getattr(options, "explain", None) is not None:
+        raise ApiError(422, "invalid_request", "explain is for images, not videos: send the frames to explain as images")
     timings = answerer.timings()  # the whole video's stages, summed over its frames
     with stage(timings, "read"):
         body = await answerer.in_body_time(read_body(request, settings.video_max_bytes))

@@ -172,6 +172,17 @@ class GatewayMetrics:
         self.video_frames = Counter(
             "cvserve_video_frames", description="Frames of uploaded videos answered.", tag_keys=("endpoint",)
         )
+        self.explain_seconds = Histogram(
+            "cvserve_explain_seconds",
+            description="Time one request's explanations took (extra passes and maps), by model and method.",
+            boundaries=LATENCY_BOUNDARIES,
+            tag_keys=("model", "method"),
+        )
+        self.explain_passes = Counter(
+            "cvserve_explain_passes",
+            description="Extra model passes run for explanations (occluded copies; a gradient counts 2).",
+            tag_keys=("model", "method"),
+        )
         self._streams: Tally[str] = Tally()
         self.dropped: Tally[tuple[str, str]] = Tally()  # (endpoint, reason) → dropped frames, in this replica
 
@@ -193,6 +204,12 @@ class GatewayMetrics:
         """Count a streamed frame dropped unanswered, and why."""
         self.dropped[endpoint, reason] += 1
         self.dropped_frames.inc(tags={"endpoint": endpoint, "reason": reason})
+
+    def explained(self, model: str, method: str, seconds: float, passes: int) -> None:
+        """Record one request's explanations: how long they took and how many extra passes they ran."""
+        tags = {"model": model, "method": method}
+        self.explain_seconds.observe(seconds, tags=tags)
+        self.explain_passes.inc(passes, tags=tags)
 
     def observe_stages(self, endpoint: str, timings: Timings) -> None:
         """Record where one answered request's time went."""

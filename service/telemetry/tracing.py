@@ -25,7 +25,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from service.telemetry.asgi import ResponseStatus, route_path
 from service.telemetry.metrics import CLIENT_CLOSED
-from service.timing import STAGES, Timings
+from service.timing import ORDERED_STAGES, Timings
 
 if TYPE_CHECKING:
     from opentelemetry.sdk.trace import TracerProvider
@@ -38,7 +38,7 @@ _CONTEXT_HEADERS = frozenset({b"traceparent", b"tracestate"})
 UNTRACED_PATHS = frozenset({"/health", "/ready"})
 # Stages before the backend call start where the request started; the others end where encode ended.
 _FORWARD_STAGES = ("read", "decode", "preprocess")
-_BACKWARD_STAGES = tuple(reversed([stage for stage in STAGES if stage not in _FORWARD_STAGES]))
+_BACKWARD_STAGES = tuple(reversed([stage for stage in ORDERED_STAGES if stage not in _FORWARD_STAGES]))
 
 
 class Tracing:
@@ -87,7 +87,7 @@ class Tracing:
         for stage in (s for s in _BACKWARD_STAGES if s in durations_ns):
             spans.append((stage, end_ns - durations_ns[stage], end_ns))
             end_ns -= durations_ns[stage]
-        for stage, start_ns, end_ns in sorted(spans, key=lambda span: STAGES.index(span[0])):
+        for stage, start_ns, end_ns in sorted(spans, key=lambda span: ORDERED_STAGES.index(span[0])):
             stage_attributes: dict[str, str | int] = {"cvserve.stage": stage}
             if stage == "model" and timings.batch_size:
                 stage_attributes["cvserve.batch_size"] = timings.batch_size

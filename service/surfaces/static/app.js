@@ -19,7 +19,22 @@ function showOptionsFor(task) {
   for (const option of document.querySelectorAll(".option[data-task]")) {
     option.hidden = option.dataset.task !== task;
   }
+  // saliency and Grad-CAM explain the classifier only
+  for (const option of document.querySelectorAll("#explain option[data-only]")) {
+    option.disabled = option.dataset.only !== task;
+  }
+  if ($("explain").selectedOptions[0]?.disabled) $("explain").value = "";
 }
+
+// What each explanation method shows and costs (README, Explanations).
+const EXPLAIN_ABOUT = {
+  occlusion: "Occlusion: each cell is how much the answer's score drops when that part of the image is " +
+    "covered with its mean colour (red: the model needs it). Costs grid² extra model passes per image.",
+  saliency: "Saliency: how strongly each cell's pixels move the class's score (input gradient), " +
+    "scaled to the strongest cell. About two extra passes.",
+  gradcam: "Grad-CAM: where the classifier's feature maps support the class, scaled to the strongest cell. " +
+    "About two extra passes.",
+};
 
 function choose(file) {
   if (!file) return;
@@ -44,6 +59,11 @@ function requestUrl(task) {
     params.set("score_threshold", $("score_threshold").value);
     params.set("max_detections", $("max_detections").value);
   }
+  if ($("explain").value) {
+    params.set("explain", $("explain").value);
+    params.set("explain_grid", $("explain_grid").value);
+    params.set("explain_overlay", "true");
+  }
   return `${task}?${params}`;  // relative: the page may be served under a route prefix
 }
 
@@ -54,9 +74,41 @@ function labelsOf(task, result) {
 }
 
 function shortened(body) {
-  // The annotated image is shown on the left; keep the JSON readable.
+  // The annotated image and the overlays are shown as images; keep the JSON readable.
   return JSON.stringify(body, (key, value) =>
-    key === "annotated_image" && typeof value === "string" ? `${value.slice(0, 40)}… (${value.length} chars)` : value, 2);
+    (key === "annotated_image" || key === "overlay_png") && typeof value === "string"
+      ? `${value.slice(0, 40)}… (${value.length} chars)` : value, 2);
+}
+
+function explanationsOf(task, result) {
+  // [caption, explanation] of every explained answer of one image
+  if (task === "classify") return result.explanation ? [[result.explanation.target, result.explanation]] : [];
+  const answers = task === "detect" ? result.detections : result.segments;
+  return answers.filter((a) => a.explanation).map((a) => [`${a.label} ${task === "detect" ? a.score.toFixed(2) : ""}`, a.explanation]);
+}
+
+function renderExplanations(task, result) {
+  const explained = explanationsOf(task, result);
+  const card = $("explain-card");
+  const overlays = $("explain-overlays");
+  overlays.replaceChildren();
+  card.hidden = explained.length === 0 && !$("explain").value;
+  if (card.hidden) return;
+  const method = $("explain").value;
+  $("explain-about").textContent = explained.length
+    ? `${EXPLAIN_ABOUT[method] ?? ""} (${explained[0][1].passes} passes for this image)`
+    : "Nothing to explain: the model found nothing in this image.";
+  for (const [caption, explanation] of explained) {
+    if (!explanation.overlay_png) continue;
+    const figure = document.createElement("figure");
+    const image = document.createElement("img");
+    image.src = `data:image/png;base64,${explanation.overlay_png}`;
+    image.alt = `Why ${caption}: the ${explanation.method} map over the image`;
+    const text = document.createElement("figcaption");
+    text.textContent = caption;
+    figure.append(image, text);
+    overlays.append(figure);
+  }
 }
 
 function render(task, body, elapsedMs) {
@@ -70,6 +122,7 @@ function render(task, body, elapsedMs) {
     item.textContent = text;
     list.append(item);
   }
+  renderExplanations(task, result);
   $("json").textContent = shortened(body);
   $("json").classList.remove("muted");
   setStatus(`${body.model} (${body.backend}) answered in ${Math.round(elapsedMs)} ms`);
@@ -80,6 +133,8 @@ function showFailure(message) {
   // Never leave an earlier answer on screen next to a new error.
   $("result-image").removeAttribute("src");
   $("labels").replaceChildren();
+  $("explain-overlays").replaceChildren();
+  $("explain-card").hidden = true;
   setStatus(message, true);
   document.body.dataset.state = "error";
 }
