@@ -1,0 +1,121 @@
+"""Model repositories with two versions of the classifier that differ on purpose, and a gateway over one.
+
+Version 1 is the exported demo classifier (hard links to model_repository's files). Version 2 is the
+same network with the output rows of classes 0 and 1 swapped (weights perturbed on purpose, not a
+retrained model): it answers every image of those two classes differently from version 1 and every
+other image the same, so its top-1 agreement with version 1 is the share of other classes (about 3/5).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+import torch
+import uvicorn
+from PIL import Image
+
+from service.backends.torchscript import load_torchscript, quiet_jit
+from support.ports import free_port
+from support.seeds import fresh_seeds
+from support.waiting import wait_for
+from training.shapes import CLASSES, make_scene
+
+MODEL = "classifier"
+ADMIN_KEY = "admin-" + "a" * 20
+API_KEY = "client-" + "c" * 20
+SWAPPED = (0, 1)  # version 2's swapped classes
+
+
+def link_or_copy(source: Path, target: Path) -> None:
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copy2(source, target)
+
+
+def write_version(repository: Path, version: str, model_file: Path) -> Path:
+    """`<repository>/classifier/<version>/model.pt` from `model_file` (written beside, then renamed in, as
+    a deployment would, so a watcher never sees half a file)."""
+    folder = repository / MODEL / version
+    staging = repository / MODEL / f".{version}.staging"
+    staging.mkdir(parents=True)
+    link_or_copy(model_file, staging / "model.pt")
+    staging.rename(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def swapped_classifier(model_repository: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The demo classifier with classes 0 and 1 swapped in its last layer (a TorchScript file)."""
+    module = load_torchscript(model_repository / MODEL / "1" / "model.pt", torch.device("cpu"))
+    with torch.no_grad():
+        params = dict(module.named_parameters())
+        for name in ("model.fc.weight", "model.fc.bias"):
+            value = params[name]
+            value[list(SWAPPED)] = value[list(reversed(SWAPPED))].clone()
+    path = tmp_path_factory.mktemp("swapped") / "model.pt"
+    with quiet_jit():
+        torch.jit.save(module, str(path))
+    return path
+
+
+@pytest.fixture(scope="session")
+def broken_classifier(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Two ways a version can be bad: a file that is no model, and a model that breaks the contract
+    (3 probabilities where the contract says 5)."""
+    folder = tmp_path_factory.mktemp("broken")
+    (folder / "garbage.pt").write_bytes(b"this is not a TorchScript archive")
+
+    class ThreeClasses(torch.nn.Module):
+        def forward(self, image: torch.Tensor) -> torch.Tensor:
+            return torch.softmax(image.float().mean(dim=(2, 3)), dim=1)  # [N,3]
+
+    with quiet_jit():
+        torch.jit.save(torch.jit.script(ThreeClasses()), str(folder / "three.pt"))
+    return {"garbage": folder / "garbage.pt", "contract": folder / "three.pt"}
+
+
+@pytest.fixture
+def repository(model_repository: Path, tmp_path: Path) -> Path:
+    """A repository with the classifier's version 1 only (its config and labels, model.pt linked)."""
+    repo = tmp_path / "repository"
+    (repo / MODEL).mkdir(parents=True)
+    for name in ("config.pbtxt", "labels.txt"):
+        shutil.copy2(model_repository / MODEL / name, repo / MODEL / name)
+    write_version(repo, "1", model_repository / MODEL / "1" / "model.pt")
+    return repo
+
+
+def scene_png(index: int) -> tuple[bytes, int]:
+    """A one-shape scene the classifier never saw, as PNG, and its class index."""
+    (seed,) = fresh_seeds(1, offset=500 + index)
+    scene = make_scene(seed, 96, 1, 1)
+    buffer = io.BytesIO()
+    Image.fromarray(scene.image).save(buffer, "PNG")
+    return buffer.getvalue(), int(scene.labels[0]) - 1
+
+
+@contextmanager
+def served(app: object) -> Iterator[str]:
+    """Run `app` under uvicorn on a free loopback port in a thread; yield its URL; stop it after."""
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on"))
+    thread = threading.Thread(target=server.run, name=f"uvicorn-{port}", daemon=True)
+    thread.start()
+    wait_for(lambda: server.started or not thread.is_alive(), 60, "uvicorn did not start")
+    assert server.started, "uvicorn exited while starting"
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
+__all__ = ["ADMIN_KEY", "API_KEY", "CLASSES", "MODEL", "SWAPPED", "scene_png", "served", "write_version"]
