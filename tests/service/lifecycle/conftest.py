@@ -9,8 +9,6 @@ other image the same, so its top-1 agreement with version 1 is the share of othe
 from __future__ import annotations
 
 import io
-import os
-import shutil
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -21,49 +19,28 @@ import torch
 import uvicorn
 from PIL import Image
 
-from service.backends.torchscript import load_torchscript, quiet_jit
+from service.backends.torchscript import quiet_jit
+from support import versions
 from support.ports import free_port
 from support.seeds import fresh_seeds
 from support.waiting import wait_for
 from training.shapes import CLASSES, make_scene
 
-MODEL = "classifier"
+MODEL = versions.CLASSIFIER
 ADMIN_KEY = "admin-" + "a" * 20
 API_KEY = "client-" + "c" * 20
-SWAPPED = (0, 1)  # version 2's swapped classes
-
-
-def link_or_copy(source: Path, target: Path) -> None:
-    try:
-        os.link(source, target)
-    except OSError:
-        shutil.copy2(source, target)
+SWAPPED = versions.SWAPPED  # version 2's swapped classes
 
 
 def write_version(repository: Path, version: str, model_file: Path) -> Path:
-    """`<repository>/classifier/<version>/model.pt` from `model_file` (written beside, then renamed in, as
-    a deployment would, so a watcher never sees half a file)."""
-    folder = repository / MODEL / version
-    staging = repository / MODEL / f".{version}.staging"
-    staging.mkdir(parents=True)
-    link_or_copy(model_file, staging / "model.pt")
-    staging.rename(folder)
-    return folder
+    """`<repository>/classifier/<version>/model.pt` from `model_file` (renamed in whole)."""
+    return versions.write_version(repository, MODEL, version, model_file)
 
 
 @pytest.fixture(scope="session")
 def swapped_classifier(model_repository: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The demo classifier with classes 0 and 1 swapped in its last layer (a TorchScript file)."""
-    module = load_torchscript(model_repository / MODEL / "1" / "model.pt", torch.device("cpu"))
-    with torch.no_grad():
-        params = dict(module.named_parameters())
-        for name in ("model.fc.weight", "model.fc.bias"):
-            value = params[name]
-            value[list(SWAPPED)] = value[list(reversed(SWAPPED))].clone()
-    path = tmp_path_factory.mktemp("swapped") / "model.pt"
-    with quiet_jit():
-        torch.jit.save(module, str(path))
-    return path
+    return versions.swap_classes(model_repository / MODEL / "1" / "model.pt", tmp_path_factory.mktemp("swapped") / "model.pt")
 
 
 @pytest.fixture(scope="session")
@@ -85,12 +62,7 @@ def broken_classifier(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Pat
 @pytest.fixture
 def repository(model_repository: Path, tmp_path: Path) -> Path:
     """A repository with the classifier's version 1 only (its config and labels, model.pt linked)."""
-    repo = tmp_path / "repository"
-    (repo / MODEL).mkdir(parents=True)
-    for name in ("config.pbtxt", "labels.txt"):
-        shutil.copy2(model_repository / MODEL / name, repo / MODEL / name)
-    write_version(repo, "1", model_repository / MODEL / "1" / "model.pt")
-    return repo
+    return versions.one_version_repository(model_repository, tmp_path / "repository")
 
 
 def scene_png(index: int) -> tuple[bytes, int]:

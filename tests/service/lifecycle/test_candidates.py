@@ -27,6 +27,7 @@ IMAGES = 30
 
 def make_client(repository: Path, **extra: object) -> TestClient:
     """A gateway started over version 1 alone; versions 2 and 3 are dropped into its repository after."""
+    extra = {"shadow_max_pending": 64, **extra}  # every comparison counted (the queue bound: its own test)
     settings = Settings(
         model_repository=repository, models=(MODEL,), device="cpu", runtime="torchscript",
         api_key=API_KEY, admin_key=ADMIN_KEY, **extra,
@@ -141,6 +142,46 @@ def test_shadow_work_is_dropped_first_when_the_gateway_is_busy(two_versions: Pat
             top1(client.post("/classify", content=scene_png(index)[0], headers=CLIENT))
         comparison = summary_of(client)["comparison"]
         assert comparison["dropped"] == {"busy": 5} and comparison["compared_requests"] == 0
+
+
+def test_at_most_shadow_max_pending_comparisons_run_at_once() -> None:
+    import asyncio
+
+    asyncio.run(_at_most_pending())
+
+
+async def _at_most_pending() -> None:
+    import asyncio
+
+    import numpy as np
+
+    from service.core.versions import ModelVersions, Route
+    from service.telemetry.metrics import Instruments, LifecycleMetrics
+
+    class Versions(ModelVersions):
+        def __init__(self) -> None:  # only what compare_later needs
+            self.settings = Settings(shadow_max_pending=2)
+            self.contracts = {MODEL: type("Contract", (), {"task": "classification", "outputs": ()})()}
+            self.metrics = LifecycleMetrics(Instruments.prometheus())
+            self._busy = lambda: 0
+            self._pending = set()
+            self.tallies = {}
+
+    versions = Versions()
+    release = asyncio.Event()
+
+    async def run(version: str, images: list) -> list:
+        await release.wait()
+        return [{"PROBS": np.array([0.9, 0.1], np.float32)} for _ in images]
+
+    served = [{"PROBS": np.array([0.9, 0.1], np.float32)}]
+    for _ in range(5):
+        versions.compare_later(MODEL, Route("1", "2", "2", "shadow"), [np.zeros(1)], served, run)
+    assert len(versions._pending) == 2
+    release.set()
+    await versions.drain()
+    tally = versions.tallies[MODEL]
+    assert (tally.requests, dict(tally.dropped), tally.sums["top1_agreement"]) == (2, {"queue": 3}, 2.0)
 
 
 def test_switching_versions_under_a_steady_load_loses_and_fails_no_request(two_versions: Path) -> None:
