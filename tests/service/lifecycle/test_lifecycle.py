@@ -171,3 +171,28 @@ def test_the_repository_watcher_loads_a_new_version_and_refuses_a_broken_one(
     asyncio.run(polls(1))
     assert lifecycle.current(MODEL) == "3" and lifecycle.states[MODEL].previous == "1"
     api.state.answerer.close()
+
+
+def test_the_cli_loads_and_rolls_back(repository: Path, swapped_classifier: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`cvserve admin` against a gateway in a uvicorn thread (main() in this process)."""
+    import json
+
+    from cvserve.cli import main
+    from tests.service.lifecycle.conftest import served
+
+    settings = settings_for(repository)
+    with served(create_api(settings, LocalBackend(settings))) as url:
+        write_version(repository, "2", swapped_classifier)
+        base = ["--url", url, "--admin-key", ADMIN_KEY]
+        assert main(["admin", "load", MODEL, *base]) == 0
+        assert json.loads(capsys.readouterr().out)["current"] == "2"
+        assert main(["admin", "rollback", MODEL, *base]) == 0
+        assert json.loads(capsys.readouterr().out)["current"] == "1"
+        assert main(["admin", "candidate", MODEL, "--version", "2", "--mode", "canary", "--share", "0.5", *base]) == 0
+        assert json.loads(capsys.readouterr().out)["candidate"] == {"version": "2", "mode": "canary", "share": 0.5}
+        assert main(["admin", "summary", *base]) == 0
+        assert json.loads(capsys.readouterr().out)["models"][0]["candidate"]["mode"] == "canary"
+        assert main(["admin", "rollback", MODEL, "--url", url, "--admin-key", "w" * 20]) == 1
+        assert "401 unauthorized" in capsys.readouterr().err
+        with pytest.raises(SystemExit):
+            main(["admin", "unload", MODEL, *base])  # no --version: a usage error
