@@ -70,6 +70,11 @@ class Backend:
     def arrived(self, model: str, images: int) -> None:
         """The images `announce` named are decoded (or failed)."""
 
+    async def infer_background(self, model: str, images: Sequence[np.ndarray], version: str) -> list[dict[str, np.ndarray]]:
+        """Run `images` on `version` for work nobody waits for (a candidate's comparison): a backend that
+        can gives it the machine's spare time only; by default it is an ordinary call."""
+        return await self.infer_many(model, images, None, version=version)
+
     def loaded_versions(self, model: str) -> list[str]:
         """The versions of `model` loaded now, oldest first (empty: the backend does not say)."""
         return []

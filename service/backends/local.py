@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import threading
 from collections import Counter
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -51,6 +53,9 @@ class LocalBackend(Backend):
         self._default: dict[str, str] = {}  # model → the version loaded at start
         self._busy: Counter[tuple[str, str]] = Counter()  # (model, version) → calls running on it now
         self._loading = threading.Lock()  # one version loads at a time
+        # Comparison work (service/core/versions.py) runs on one thread of the lowest CPU priority, so on a
+        # busy CPU the scheduler gives it what the requests' threads leave.
+        self._background = ThreadPoolExecutor(max_workers=1, thread_name_prefix="background", initializer=_lowest_priority)
         for name in settings.models:
             batched = self._build(name, None)
             self._versions[name] = {batched.model.version: batched}
@@ -151,6 +156,20 @@ class LocalBackend(Backend):
             for future in futures:  # a caller that gave up drops its images before they are batched
                 future.cancel()
 
+    async def infer_background(self, model: str, images: Sequence[np.ndarray], version: str) -> list[dict[str, np.ndarray]]:
+        """`images` as one batch through `version`'s model on the low-priority background thread (on CPU;
+        through its batcher on CUDA, where the device, not a core, is shared)."""
+        batched = self._batcher(model, version)
+        if self._device != "cpu":
+            return await self.infer_many(model, images, None, version=version)
+        key = (model, batched.model.version)
+        self._busy[key] += 1
+        try:
+            loop = asyncio.get_running_loop()
+            return await loop.run_in_executor(self._background, batched.model.infer, list(images))
+        finally:
+            self._busy[key] -= 1
+
     def announce(self, model: str, images: int) -> None:
         """Images for `model` are being decoded: a free model waits briefly for them to share a batch."""
         for batched in self._versions[model].values():
@@ -176,9 +195,18 @@ class LocalBackend(Backend):
         return dict(total)
 
     async def close(self) -> None:
+        self._background.shutdown(wait=False, cancel_futures=True)
         for versions in self._versions.values():
             for model in versions.values():
                 model.close()
+
+
+def _lowest_priority() -> None:
+    """Give the calling thread the lowest CPU priority (nice 19; Linux schedules threads apart)."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+    except (AttributeError, OSError):  # not Linux, or not allowed: an ordinary thread
+        log.debug("background thread keeps its priority")
 
 
 def check_runner(model: ModelRunner, max_batch_size: int) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import time
@@ -247,9 +248,7 @@ class Answerer:
         if self.malformed.pop(pipeline.model, None) is not None:
             log.info("model %s answers well again", pipeline.model)
         if route.other is not None:
-            self.lifecycle.compare_later(
-                pipeline.model, route, tensors, outputs, lambda version, images: self._run(pipeline.model, images, None, version)
-            )
+            self.lifecycle.compare_later(pipeline.model, route, tensors, outputs, functools.partial(self._background, pipeline.model))
         return outputs
 
     async def _run(
@@ -258,6 +257,10 @@ class Answerer:
         if not self.backend.supports_versions:  # it serves the one version it loaded
             return await self.backend.infer_many(model, tensors, batches)
         return await self.backend.infer_many(model, tensors, batches, version=version)
+
+    async def _background(self, model: str, version: str, tensors: list[np.ndarray]) -> list[dict[str, np.ndarray]]:
+        """`tensors` through `version` for a comparison nobody waits for (the backend's spare capacity)."""
+        return await self.backend.infer_background(model, tensors, version)
 
     def response(self, handler: Handler, results: list[BaseModel], version: str | None = None) -> BaseModel:
         """The task route's response document for `results` (answered by `version`, default the current one)."""

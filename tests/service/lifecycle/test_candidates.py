@@ -3,6 +3,7 @@ steady load, over the real TorchScript classifier (version 2 answers classes 0 a
 
 from __future__ import annotations
 
+import os
 import re
 import threading
 import time
@@ -99,6 +100,8 @@ def test_a_shadow_candidate_is_judged_by_agreement_and_never_answers(two_version
         assert comparison["mean"]["top1_agreement"] == pytest.approx(expected)
         assert comparison["mean"]["score_drift"] > 0.05
         print(f"shadow v2 vs v1: {comparison['mean']}")
+        (thread,) = client.app.state.answerer.backend._background._threads  # the comparisons ran there
+        assert os.getpriority(os.PRIO_PROCESS, thread.native_id) == 19  # the lowest CPU priority
         scraped = client.get("/metrics").text
         tags = {"model": MODEL, "version": "2", "measure": "top1_agreement"}
         assert metric(scraped, "cvserve_candidate_images_total", **tags) == IMAGES
