@@ -151,6 +151,11 @@ class Settings(BaseSettings):
     # Triton backend
     triton_url: str = "127.0.0.1:8011"
     triton_protocol: Literal["grpc", "http"] = "grpc"
+    triton_admin_token: SecretStr | None = Field(
+        None,
+        description="token of tritonserver's restricted model-repository API (the stack's runner sets one), for "
+        "loading versions through /admin with the Triton backend (tritonserver in --model-control-mode=explicit)",
+    )
 
     # limits on what clients may send
     max_body_bytes: int = Field(32 * _MIB, ge=1024)
