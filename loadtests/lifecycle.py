@@ -82,8 +82,9 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
         repository, CLASSIFIER, "2", swap_classes(args.model_repository / CLASSIFIER / "1" / "model.pt", work / "v2.pt")
     )
     settings = Settings(
-        model_repository=repository, models=(CLASSIFIER,), device="cpu", runtime=args.runtime, torch_threads=1
-    )
+        model_repository=repository, models=(CLASSIFIER,), device="cpu", runtime=args.runtime, torch_threads=1,
+        shadow_busy_requests=args.busy, shadow_max_pending=args.max_pending,
+    )  # fmt: skip
     backend = LocalBackend(settings)
     # version 2 is the repository's latest: start on it, then make version 1 current and 2 the candidate
     api = create_api(settings, backend)
@@ -148,7 +149,8 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
 def markdown(result: dict[str, Any]) -> str:
     lines = [
         f"{result['when']}, {result['machine']}; {result['settings']['rounds']} rounds of "
-        f"{result['settings']['duration']} s per configuration, concurrency {result['settings']['concurrency']}.",
+        f"{result['settings']['duration']} s per configuration, concurrency {result['settings']['concurrency']}, "
+        f"shadow_busy_requests {result['settings']['busy']}, shadow_max_pending {result['settings']['max_pending']}.",
         "",
         "| configuration | p50 ms | p95 ms | p50 ratio | p95 ratio | req/s ratio | compared | dropped | top-1 agreement |",
         "|---|---|---|---|---|---|---|---|---|",
@@ -170,6 +172,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--duration", type=float, default=6.0)
     parser.add_argument("--warmup", type=float, default=2.0)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--busy", type=int, help="CVSERVE_SHADOW_BUSY_REQUESTS (default: the gateway's, the cores)")
+    parser.add_argument("--max-pending", type=int, default=4, help="CVSERVE_SHADOW_MAX_PENDING (default 4)")
     parser.add_argument("--out", type=Path, help="write the figures as JSON here")
     args = parser.parse_args(argv)
     args.model_repository = args.model_repository.resolve()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import os
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -214,10 +215,11 @@ class Settings(BaseSettings):
     shadow_max_pending: int = Field(
         4, ge=1, description="candidate comparisons running at once; past it a request's comparison is dropped"
     )
-    shadow_busy_requests: int = Field(
-        8,
-        ge=1,
-        description="admitted requests from which the gateway counts as busy and drops candidate comparisons first",
+    shadow_busy_requests: int | None = Field(
+        None,
+        ge=2,
+        description="admitted requests from which the gateway counts as busy and drops candidate comparisons "
+        "first (default: the number of cores, at least 2; the request being compared counts as one)",
     )
 
     @field_validator("models", mode="before")
@@ -306,6 +308,11 @@ class Settings(BaseSettings):
             if self.admin_key.get_secret_value() == self.api_key.get_secret_value():
                 raise ValueError("admin_key must differ from api_key: a client key must not change models")
         return self
+
+    @property
+    def shadow_busy_limit(self) -> int:
+        """Admitted requests from which candidate comparisons are dropped (`shadow_busy_requests` or the cores)."""
+        return self.shadow_busy_requests or max(2, os.cpu_count() or 2)
 
     @property
     def admin_open(self) -> bool:

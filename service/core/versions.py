@@ -14,7 +14,7 @@ version that fails is refused (`LifecycleError`, 422) with the reason, and what 
 Comparison: for a routed request the other version (the candidate in shadow mode, the current one for a
 canary request) runs on the same preprocessed images after the user's answer is computed, in a task of
 its own, off the request's path; it is bounded (at most `shadow_max_pending` at once) and dropped first
-when the gateway is busy (`shadow_busy_requests` admitted). Each image's measures
+when the gateway is busy (`Settings.shadow_busy_limit` requests admitted). Each image's measures
 (`service.core.agreement`) go to Prometheus (`LifecycleMetrics`) and to `summary()`.
 
 `RepositoryWatcher` polls the repository (`repository_poll_s`) and loads a new highest version as current.
@@ -222,7 +222,7 @@ class ModelVersions:
             return
         tally = self._tally(model, route.candidate, route.mode)
         reason = None
-        if self._busy() >= self.settings.shadow_busy_requests:
+        if self._busy() >= self.settings.shadow_busy_limit:
             reason = "busy"
         elif len(self._pending) >= self.settings.shadow_max_pending:
             reason = "queue"

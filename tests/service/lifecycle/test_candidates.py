@@ -28,7 +28,8 @@ IMAGES = 30
 
 def make_client(repository: Path, **extra: object) -> TestClient:
     """A gateway started over version 1 alone; versions 2 and 3 are dropped into its repository after."""
-    extra = {"shadow_max_pending": 64, **extra}  # every comparison counted (the queue bound: its own test)
+    # every comparison counted (the queue and busy bounds: their own tests)
+    extra = {"shadow_max_pending": 64, "shadow_busy_requests": 16, **extra}
     settings = Settings(
         model_repository=repository, models=(MODEL,), device="cpu", runtime="torchscript",
         api_key=API_KEY, admin_key=ADMIN_KEY, **extra,
@@ -139,7 +140,8 @@ def test_a_canary_answers_its_share_or_whoever_asks(two_versions: Path) -> None:
 
 
 def test_shadow_work_is_dropped_first_when_the_gateway_is_busy(two_versions: Path) -> None:
-    with make_client(two_versions, shadow_busy_requests=1) as client:  # busy from the first admitted request
+    with make_client(two_versions, shadow_busy_requests=2) as client:
+        client.app.state.answerer.admission.requests += 1  # one other request in flight: busy with this one
         client.put(f"/admin/repository/models/{MODEL}/candidate", json={"version": "2", "share": 1.0}, headers=ADMIN)
         for index in range(5):
             top1(client.post("/classify", content=scene_png(index)[0], headers=CLIENT))
@@ -163,7 +165,7 @@ async def _at_most_pending() -> None:
 
     class Versions(ModelVersions):
         def __init__(self) -> None:  # only what compare_later needs
-            self.settings = Settings(shadow_max_pending=2)
+            self.settings = Settings(shadow_max_pending=2, shadow_busy_requests=2)
             self.contracts = {MODEL: type("Contract", (), {"task": "classification", "outputs": ()})()}
             self.metrics = LifecycleMetrics(Instruments.prometheus())
             self._busy = lambda: 0
