@@ -206,22 +206,23 @@ class Answerer:
                 ticket.hold(work)
             return asyncio.wrap_future(work, loop=loop)
 
-        count = len(blobs)
-        self.backend.announce(handler.model, count)  # an in-process batcher waits briefly for these
-        try:
-            prepared = await asyncio.gather(*(in_pool(_prepare, pipeline, blob, i) for i, blob in enumerate(blobs)))
-        finally:
-            self.backend.arrived(handler.model, count)
-        batches = [BatchTiming() for _ in prepared] if timings is not None else None
-        outputs = await self.infer(pipeline, [image.tensor for image in prepared], batches, route)
-        geometries = [image.geometry for image in prepared]
-        results, postprocess_s = await in_pool(_answer_all, pipeline, outputs, geometries, options)
-        if timings is not None:
-            for image in prepared:
-                timings.add("decode", image.decode_s)
-                timings.add("preprocess", image.preprocess_s)
-            timings.batches(batches or [])
-            timings.add("postprocess", postprocess_s)
+        with self.lifecycle.serving(handler.model, route):  # the version is not unloaded under it
+            count = len(blobs)
+            self.backend.announce(handler.model, count)  # an in-process batcher waits briefly for these
+            try:
+                prepared = await asyncio.gather(*(in_pool(_prepare, pipeline, blob, i) for i, blob in enumerate(blobs)))
+            finally:
+                self.backend.arrived(handler.model, count)
+            batches = [BatchTiming() for _ in prepared] if timings is not None else None
+            outputs = await self.infer(pipeline, [image.tensor for image in prepared], batches, route)
+            geometries = [image.geometry for image in prepared]
+            results, postprocess_s = await in_pool(_answer_all, pipeline, outputs, geometries, options)
+            if timings is not None:
+                for image in prepared:
+                    timings.add("decode", image.decode_s)
+                    timings.add("preprocess", image.preprocess_s)
+                timings.batches(batches or [])
+                timings.add("postprocess", postprocess_s)
         return self.response(handler, results, route.serve)
 
     async def infer(

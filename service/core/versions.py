@@ -171,6 +171,7 @@ class ModelVersions:
         self.refused: dict[tuple[str, str], str] = {}  # (model, version) → why it was refused
         self.tallies: dict[str, Tally] = {}  # model → its candidate's comparisons
         self._locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
+        self._serving: Counter[tuple[str, str]] = Counter()  # (model, version) → requests routed to it, unfinished
         self._pending: set[asyncio.Task[None]] = set()
         self._random = random.Random()
 
@@ -205,6 +206,23 @@ class ModelVersions:
         if self._random.random() < candidate.share:
             return Route(state.current, candidate.version, candidate.version, "shadow")
         return Route(serve=state.current)
+
+    @contextlib.contextmanager
+    def serving(self, model: str, route: Route) -> Iterator[None]:
+        """The block answers a request on `route.serve`: that version is not unloaded before it ends."""
+        key = (model, route.serve)
+        self._serving[key] += 1
+        try:
+            yield
+        finally:
+            self._serving[key] -= 1
+
+    async def _unused(self, model: str, version: str) -> None:
+        """Wait (at most the request deadline) until no request routed to `version` is unfinished."""
+        loop = asyncio.get_running_loop()
+        until = loop.time() + self.settings.request_timeout_s
+        while self._serving[model, version] and loop.time() < until:
+            await asyncio.sleep(0.02)
 
     # ---- comparison, off the request's path ----
 
@@ -347,6 +365,7 @@ class ModelVersions:
                 raise LifecycleError(404, "version_not_found", f"model {model} has no version {version} loaded")
             previous = None if state.previous == version else state.previous
             self.states[model] = replace(state, previous=previous)
+            await self._unused(model, version)  # requests routed to it before the swap finish on it
             await self.backend.unload_version(model, version)
             self.metrics.change(model, "unload")
             log.warning("lifecycle unload %s v%s by %s", model, version, who)
