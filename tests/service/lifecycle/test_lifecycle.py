@@ -196,3 +196,24 @@ def test_the_cli_loads_and_rolls_back(repository: Path, swapped_classifier: Path
         assert "401 unauthorized" in capsys.readouterr().err
         with pytest.raises(SystemExit):
             main(["admin", "unload", MODEL, *base])  # no --version: a usage error
+
+
+def test_a_served_gateway_watches_its_repository(repository: Path, swapped_classifier: Path) -> None:
+    """CVSERVE_REPOSITORY_POLL_S: the watcher runs in the app's lifespan and makes a new version current."""
+    import httpx
+
+    from support.waiting import wait_for
+    from tests.service.lifecycle.conftest import served
+
+    settings = settings_for(repository, repository_poll_s=0.2)
+    with served(create_api(settings, LocalBackend(settings))) as url:
+        data = scene_png(0)[0]
+
+        def version() -> str:
+            return httpx.post(f"{url}/classify", content=data, headers=CLIENT, timeout=30).json()["version"]
+
+        assert version() == "1"
+        write_version(repository, "2", swapped_classifier)
+        wait_for(lambda: version() == "2", 60, "the watcher never made version 2 current")
+        models = httpx.get(f"{url}/models", timeout=30).json()["models"][0]["versions"]
+        assert [(v["version"], v["role"]) for v in models] == [("1", "previous"), ("2", "current")]
