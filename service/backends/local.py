@@ -63,8 +63,8 @@ class LocalBackend(Backend):
 
     @property
     def _models(self) -> dict[str, BatchedModel]:
-        """Each model's version loaded at start."""
-        return {name: versions[self._default[name]] for name, versions in self._versions.items()}
+        """Each model's version loaded at start (or the newest loaded, once that one is unloaded)."""
+        return {name: self._batcher(name, None) for name in self._versions}
 
     def _build(self, name: str, version: str | None, check: bool = False) -> BatchedModel:
         """Load `version` (None: the latest) of `name`, warm it up at every batch size and, with `check`,
@@ -126,7 +126,9 @@ class LocalBackend(Backend):
 
     def _batcher(self, model: str, version: str | None) -> BatchedModel:
         versions = self._versions[model]
-        chosen = versions.get(version or self._default[model])
+        if version is None:  # the version loaded at start, or the newest loaded once that one is unloaded
+            version = self._default[model] if self._default[model] in versions else max(versions, key=int, default="")
+        chosen = versions.get(version)
         if chosen is None:
             raise BackendUnavailable(f"model {model} v{version} is not loaded")
         return chosen

@@ -255,8 +255,8 @@ class Answerer:
     async def _run(
         self, model: str, tensors: list[np.ndarray], batches: Sequence[BatchTiming] | None, version: str
     ) -> list[dict[str, np.ndarray]]:
-        if not self.backend.supports_versions:  # it serves the one version it loaded
-            return await self.backend.infer_many(model, tensors, batches)
+        if not self.backend.supports_versions or self.backend.loaded_versions(model) == [version]:
+            return await self.backend.infer_many(model, tensors, batches)  # the one version it holds
         return await self.backend.infer_many(model, tensors, batches, version=version)
 
     async def _background(self, model: str, version: str, tensors: list[np.ndarray]) -> list[dict[str, np.ndarray]]:
