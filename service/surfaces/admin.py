@@ -33,7 +33,9 @@ from service.core.versions import who_of
 from service.settings import Settings
 
 PREFIX = "/admin"
-ADMIN_KEY_HEADER = APIKeyHeader(name="X-Admin-Key", auto_error=False, description="the gateway's CVSERVE_ADMIN_KEY")
+ADMIN_KEY_HEADER = APIKeyHeader(
+    name="X-Admin-Key", scheme_name="AdminKeyHeader", auto_error=False, description="the gateway's CVSERVE_ADMIN_KEY"
+)
 
 
 class LoadRequest(BaseModel):

@@ -217,3 +217,14 @@ def test_a_served_gateway_watches_its_repository(repository: Path, swapped_class
         wait_for(lambda: version() == "2", 60, "the watcher never made version 2 current")
         models = httpx.get(f"{url}/models", timeout=30).json()["models"][0]["versions"]
         assert [(v["version"], v["role"]) for v in models] == [("1", "previous"), ("2", "current")]
+
+
+def test_the_admin_key_is_its_own_security_scheme(client: TestClient) -> None:
+    spec = client.get("/openapi.json").json()
+    schemes = spec["components"]["securitySchemes"]
+    assert schemes["APIKeyHeader"]["name"] == "X-API-Key" and schemes["AdminKeyHeader"]["name"] == "X-Admin-Key"
+    admin_paths = [path for path in spec["paths"] if path.startswith("/admin/")]
+    assert len(admin_paths) == 7, admin_paths
+    for path in admin_paths:
+        for operation in spec["paths"][path].values():
+            assert operation["security"] == [{"AdminKeyHeader": []}], path
