@@ -5,20 +5,27 @@
   cvserve segment a.png b.png --polygons --polygon-tolerance 2
   cvserve models            (what the gateway serves)
   cvserve ready             (exit 0 once it answers, 1 while it warms up or its backend is down)
+  cvserve admin load classifier --version 2      (model versions: needs the admin key)
+  cvserve admin candidate classifier --version 3 --mode shadow --share 0.2
+  cvserve admin summary · cvserve admin rollback classifier · cvserve admin index
 
 The gateway is --url (default: $CVSERVE_URL, else http://127.0.0.1:8000); the API key --api-key or
-$CVSERVE_API_KEY. Exit status: 0 answered, 1 the gateway refused or could not be reached, 2 bad usage.
+$CVSERVE_API_KEY; `admin` sends the admin key, --admin-key or $CVSERVE_ADMIN_KEY. Exit status: 0 answered, 1 the gateway refused or could not be reached, 2 bad usage.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from cvserve.client import AnnotatedAnswer, Client, CvserveError, ImageFormat
+import httpx
+
+from cvserve.client import DEFAULT_URL, URL_ENV, AnnotatedAnswer, Client, CvserveError, ImageFormat
 from service.schemas import (
     ClassificationResult,
     ClassifyResponse,
@@ -81,7 +88,65 @@ def build_parser() -> argparse.ArgumentParser:
     models = tasks.add_parser("models", parents=[server], help="the models the gateway serves")
     models.add_argument("--json", action="store_true", help="print the gateway's JSON answer")
     tasks.add_parser("ready", parents=[server], help="whether the gateway is ready (exit 0) or not (exit 1)")
+    admin = tasks.add_parser(
+        "admin", parents=[server], help="model versions: load, unload, rollback, candidate, promote, summary, index"
+    )
+    admin.add_argument("action", choices=ADMIN_ACTIONS, help="what to do (prints the gateway's JSON answer)")
+    admin.add_argument("model", nargs="?", help="the model (every action but index and summary)")
+    admin.add_argument("--version", help="load: the version (default: the repository's highest); unload, candidate")
+    admin.add_argument("--no-activate", action="store_true", help="load: load only, keep the current version")
+    admin.add_argument("--mode", choices=("shadow", "canary"), default="shadow", help="candidate (default shadow)")
+    admin.add_argument("--share", type=float, default=0.1, help="candidate: share of traffic, 0..1 (default 0.1)")
+    admin.add_argument("--clear", action="store_true", help="candidate: stop shadowing or canarying")
+    admin.add_argument("--admin-key", help="the gateway's admin key (default: $CVSERVE_ADMIN_KEY)")
     return parser
+
+
+ADMIN_ACTIONS = ("index", "load", "unload", "rollback", "candidate", "promote", "summary")
+ADMIN_KEY_ENV = "CVSERVE_ADMIN_KEY"
+
+
+def admin_request(args: argparse.Namespace) -> tuple[str, str, dict[str, Any] | None]:
+    """(method, path, JSON body) of an `admin` action; ValueError for a missing model or version."""
+    if args.action == "index":
+        return "POST", "/admin/repository/index", None
+    if args.action == "summary" and args.model is None:
+        return "GET", "/admin/candidate/summary", None
+    if args.model is None:
+        raise ValueError(f"admin {args.action} needs a model")
+    models = f"/admin/repository/models/{args.model}"
+    if args.action == "summary":
+        return "GET", f"{models}/candidate", None
+    if args.action == "load":
+        return "POST", f"{models}/load", {"version": args.version, "activate": not args.no_activate}
+    if args.action in ("rollback", "promote"):
+        return "POST", f"{models}/{args.action}", None
+    if args.action == "candidate" and args.clear:
+        return "DELETE", f"{models}/candidate", None
+    if args.version is None:
+        raise ValueError(f"admin {args.action} needs --version")
+    if args.action == "unload":
+        return "POST", f"{models}/unload", {"version": args.version}
+    return "PUT", f"{models}/candidate", {"version": args.version, "mode": args.mode, "share": args.share}
+
+
+def run_admin(args: argparse.Namespace) -> tuple[str, int]:
+    """One admin call: the gateway's JSON answer and exit status 0, or its error and 1."""
+    method, path, body = admin_request(args)
+    url = (args.url or os.environ.get(URL_ENV) or DEFAULT_URL).rstrip("/")
+    key = args.admin_key if args.admin_key is not None else os.environ.get(ADMIN_KEY_ENV)
+    headers = {"X-Admin-Key": key} if key else {}
+    try:
+        response = httpx.request(method, url + path, json=body, headers=headers, timeout=args.timeout)
+    except httpx.HTTPError as error:
+        return f"cannot reach {url}: {error}", 1
+    if response.is_success:
+        return json.dumps(response.json(), indent=2), 0
+    try:
+        error_body = response.json()["error"]
+        return f"{response.status_code} {error_body['code']}: {error_body['message']}", 1
+    except (ValueError, KeyError, TypeError):
+        return f"{response.status_code}: {response.text[:500]}", 1
 
 
 def describe(args: argparse.Namespace) -> tuple[list[str], int]:
@@ -177,6 +242,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `cvserve` command."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.task == "admin":
+        try:
+            text, status = run_admin(args)
+        except ValueError as error:
+            parser.error(str(error))
+        print(text, file=sys.stderr if status else sys.stdout)
+        return status
     if args.task in ("models", "ready"):
         try:
             lines, status = describe(args)

@@ -33,7 +33,7 @@ from typing import NoReturn
 
 from export.errors import ExportError
 from export.precision import PRECISIONS, with_precision
-from export.repository import Batching, OnnxOptions, staged, write_model
+from export.repository import VERSION, Batching, OnnxOptions, existing_versions, staged, write_model
 from export.sources import ARCHITECTURES, WEIGHT_SOURCES, SourceOptions, load_specs
 from export.spec import MODELS
 from service.buckets import BUCKETS, buckets_up_to
@@ -154,6 +154,13 @@ def get_args_parser() -> argparse.ArgumentParser:
         f"({', '.join(map(str, BUCKETS))}; service/buckets.py), not at every size",
     )
     parser.add_argument(
+        "--version",
+        metavar="N|next",
+        help="write version N (or the next after the highest there) next to the versions already in the "
+        "repositories, which keep serving (a running gateway loads it: README, Rolling out a new model); "
+        "default: replace each model's directory with version 1 alone",
+    )
+    parser.add_argument(
         "--precision",
         choices=PRECISIONS,
         default="fp32",
@@ -190,7 +197,8 @@ def run(args: argparse.Namespace) -> None:
     )
     # Staging first: an unwritable output fails in a second, not after loading and scripting.
     targets = [args.out, args.cpu_out] + ([] if args.no_onnx else [onnx_out])
-    with staged(targets) as (gpu, cpu, *onnx):
+    version = new_version(args.version, targets, models)
+    with staged(targets, version or VERSION, beside=version is not None) as (gpu, cpu, *onnx):
         for spec in load_specs(models, options):
             write_model(
                 with_precision(spec, args.precision),
@@ -200,6 +208,22 @@ def run(args: argparse.Namespace) -> None:
                 batching,
                 OnnxOptions(tensorrt=args.onnx_tensorrt),
             )
+
+
+def new_version(asked: str | None, targets: list[Path], models: list[str]) -> str | None:
+    """`--version`: None (replace with version 1), N, or for "next" one past the highest of `models` in
+    `targets`; ExportError if that version exists already (a version is never overwritten)."""
+    if asked is None:
+        return None
+    if asked == "next":
+        highest = max((v for t in targets for m in models for v in existing_versions(t, m)), default=0)
+        return str(highest + 1)
+    if not asked.isdigit() or int(asked) < 1:
+        raise ExportError(f"--version must be a positive number or 'next', got {asked!r}")
+    taken = [str(t / m / str(int(asked))) for t in targets for m in models if int(asked) in existing_versions(t, m)]
+    if taken:
+        raise ExportError(f"version {int(asked)} exists already ({', '.join(taken)}): use --version next")
+    return str(int(asked))
 
 
 def onnx_repository(args: argparse.Namespace) -> Path:

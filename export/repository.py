@@ -7,6 +7,7 @@ once every model is complete, so a failure never leaves a half-written model beh
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -30,6 +31,7 @@ log = logging.getLogger(__name__)
 LABELS_FILE = "labels.txt"
 MODEL_FILE = "model.pt"
 VERSION = "1"
+VERSION_FILE = "version.json"  # service.core.versions.VERSION_FILE: where this version's weights came from
 # The python-backend model, copied verbatim beside model.pt in the CPU repository.
 PYTHON_MODEL = Path(__file__).with_name("python_model.py")
 
@@ -144,10 +146,15 @@ def _data_type(tensor: TensorSpec) -> Enum:
 
 
 class Staging:
-    """Model directories built beside a repository, moved into it together by `commit()`."""
+    """Model directories built beside a repository, moved into it together by `commit()`.
 
-    def __init__(self, target: Path) -> None:
+    `beside`: only version `version` is new; `commit()` moves it in next to the versions a model already
+    has (and replaces its config and labels) instead of replacing the model's whole directory."""
+
+    def __init__(self, target: Path, version: str = VERSION, beside: bool = False) -> None:
         self.target = target
+        self.version = version
+        self.beside = beside
         self.root = _make_staging_dir(target)
         self.models: list[str] = []
 
@@ -163,6 +170,12 @@ class Staging:
         self.target.mkdir(exist_ok=True)
         for name in self.models:
             new, final = self.root / name, self.target / name
+            if self.beside and final.is_dir():  # the new version next to the old ones
+                (new / self.version).rename(final / self.version)
+                for file in ("config.pbtxt", LABELS_FILE):
+                    os.replace(new / file, final / file)
+                log.info("wrote %s", final / self.version)
+                continue
             if final.exists():
                 final.rename(self.root / f"{name}.old")  # deleted with the staging area
             new.rename(final)
@@ -189,12 +202,13 @@ def _make_staging_dir(target: Path) -> Path:
 
 
 @contextmanager
-def staged(targets: Sequence[Path]) -> Iterator[list[Staging]]:
-    """Staging areas for `targets`; committed when the block succeeds, always cleaned up."""
+def staged(targets: Sequence[Path], version: str = VERSION, beside: bool = False) -> Iterator[list[Staging]]:
+    """Staging areas for `targets` (writing `version`, `beside` the existing ones or not); committed when
+    the block succeeds, always cleaned up."""
     stagings: list[Staging] = []
     try:
         for target in targets:
-            stagings.append(Staging(target))
+            stagings.append(Staging(target, version, beside))
         yield stagings
         for staging in stagings:
             staging.commit()
@@ -213,26 +227,34 @@ def write_model(
         "scripting %s (%s, %d px, %d labels)", spec.name, spec.weights, spec.input_size, len(spec.labels)
     )
     scripted = script(spec.module)
+    version = gpu.version
     gpu_dir = gpu.model_dir(spec.name)
-    _write_common(gpu_dir, spec, model_config(spec, batching, cpu=False))
-    save(scripted, str(gpu_dir / VERSION / MODEL_FILE))
+    _write_common(gpu_dir, spec, model_config(spec, batching, cpu=False), version)
+    save(scripted, str(gpu_dir / version / MODEL_FILE))
     if onnx is not None:
         log.info("exporting %s to ONNX", spec.name)
-        write_onnx(spec, gpu_dir / VERSION / ONNX_FILE)
+        write_onnx(spec, gpu_dir / version / ONNX_FILE)
         onnx_dir = onnx.model_dir(spec.name)
-        _write_common(onnx_dir, spec, model_config(spec, batching, cpu=False, onnx=onnx_options))
-        _link_or_copy(gpu_dir / VERSION / ONNX_FILE, onnx_dir / VERSION / ONNX_FILE)
+        _write_common(onnx_dir, spec, model_config(spec, batching, cpu=False, onnx=onnx_options), version)
+        _link_or_copy(gpu_dir / version / ONNX_FILE, onnx_dir / version / ONNX_FILE)
 
     cpu_dir = cpu.model_dir(spec.name)
-    _write_common(cpu_dir, spec, model_config(spec, batching, cpu=True))
-    _link_or_copy(gpu_dir / VERSION / MODEL_FILE, cpu_dir / VERSION / MODEL_FILE)
-    shutil.copyfile(PYTHON_MODEL, cpu_dir / VERSION / "model.py")
+    _write_common(cpu_dir, spec, model_config(spec, batching, cpu=True), version)
+    _link_or_copy(gpu_dir / version / MODEL_FILE, cpu_dir / version / MODEL_FILE)
+    shutil.copyfile(PYTHON_MODEL, cpu_dir / version / "model.py")
 
 
-def _write_common(model_dir: Path, spec: ModelSpec, config: dict[str, Any]) -> None:
-    (model_dir / VERSION).mkdir()
+def _write_common(model_dir: Path, spec: ModelSpec, config: dict[str, Any], version: str = VERSION) -> None:
+    (model_dir / version).mkdir()
+    (model_dir / version / VERSION_FILE).write_text(json.dumps({"weights": spec.weights}) + "\n")
     (model_dir / "config.pbtxt").write_text(dump(config))
     (model_dir / LABELS_FILE).write_text("".join(f"{label}\n" for label in spec.labels))
+
+
+def existing_versions(repository: Path, model: str) -> list[int]:
+    """The numeric version directories `model` has in `repository` (none: an empty list)."""
+    folder = repository / model
+    return sorted(int(p.name) for p in folder.iterdir() if p.is_dir() and p.name.isdigit()) if folder.is_dir() else []
 
 
 def _link_or_copy(source: Path, target: Path) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 from collections.abc import AsyncIterator, Mapping
 
 from fastapi import APIRouter, Depends, FastAPI
@@ -17,19 +18,24 @@ from prometheus_client import make_asgi_app
 
 from service.backends.base import Backend
 from service.core.answerer import Answerer
+from service.core.versions import RepositoryWatcher
 from service.core.errors import install_error_handlers
 from service.handlers.common import Handler
 from service.imaging.images import configure_pillow
 from service.settings import Settings
+from service.surfaces.admin import PREFIX as ADMIN_PREFIX
+from service.surfaces.admin import install_admin
 from service.surfaces.demo import install_demo
 from service.surfaces.oip import PREFIX as OIP_PREFIX
 from service.surfaces.oip import install_oip, oip_endpoint
 from service.surfaces.streams import install_streams
 from service.surfaces.tasks import SERVICE_ENDPOINTS, install_service_routes, install_task_routes
 from service.telemetry.asgi import MetricsMiddleware
-from service.telemetry.metrics import GatewayMetrics, Instruments
+from service.telemetry.metrics import GatewayMetrics, Instruments, LifecycleMetrics
 from service.telemetry.tracing import Tracing, TracingMiddleware
 from service.handlers import HANDLERS
+
+log = logging.getLogger(__name__)
 
 DESCRIPTION = """Classify, detect and segment images.
 
@@ -56,7 +62,7 @@ def create_api(settings: Settings, backend: Backend, instruments: Instruments | 
     api = FastAPI(title="cvserve", version="0.1.0", description=DESCRIPTION)
     metrics = GatewayMetrics(instruments)
     tracing = Tracing.from_settings(settings)  # None unless CVSERVE_TRACING
-    answerer = Answerer(settings, backend, metrics, handlers, tracing)
+    answerer = Answerer(settings, backend, metrics, handlers, tracing, LifecycleMetrics(instruments))
     api.state.answerer = answerer
     api.state.metrics = metrics
     api.state.tracing = tracing
@@ -74,6 +80,30 @@ def create_api(settings: Settings, backend: Backend, instruments: Instruments | 
     api.include_router(tasks)
     install_oip(api, answerer, guarded)  # /v2: the Open Inference Protocol
     install_service_routes(api, answerer)
+    if not install_admin(api, answerer):  # /admin: model versions while serving (its own key)
+        log.warning(
+            "no admin surface: the gateway listens on %s and CVSERVE_ADMIN_KEY is unset; model versions change "
+            "only through the repository watcher (CVSERVE_REPOSITORY_POLL_S) or a restart",
+            settings.host,
+        )
+    watcher = (
+        RepositoryWatcher(answerer.lifecycle, settings.model_repository, settings.repository_poll_s)
+        if settings.repository_poll_s > 0
+        else None
+    )
+    api.state.watcher = watcher
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        if watcher is not None:
+            watcher.start()
+        try:
+            yield
+        finally:
+            if watcher is not None:
+                await watcher.stop()
+
+    api.router.lifespan_context = lifespan
     if instruments.registry is not None:  # outside Serve: this app's own metrics
         api.mount("/metrics", make_asgi_app(registry=instruments.registry))
     return api
@@ -86,6 +116,8 @@ def endpoint_tag(path: str, handlers: Mapping[str, Handler]) -> str:
         return path
     if path == OIP_PREFIX or path.startswith(OIP_PREFIX + "/"):
         return oip_endpoint(path, handlers)
+    if path.startswith(ADMIN_PREFIX + "/"):
+        return ADMIN_PREFIX
     return "other"
 
 
@@ -110,9 +142,12 @@ def from_environment() -> FastAPI:
 def closing(api: FastAPI, backend: Backend) -> FastAPI:
     """`api` with a lifespan that closes its request core and then `backend` when the server stops."""
 
+    inner = api.router.lifespan_context  # create_api's (the repository watcher)
+
     @contextlib.asynccontextmanager
-    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        yield
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        async with inner(app):
+            yield
         api.state.answerer.close()
         await backend.close()
 

@@ -15,6 +15,12 @@ class _Options(BaseModel):
     annotate: Literal["png", "jpeg"] | None = Field(
         None, description="Also draw the answer on the image (see service/surfaces/demo.py for the response shape)."
     )
+    version: str | None = Field(
+        None,
+        pattern=r"^[0-9]+$",
+        description="Answer with this loaded version of the model (see /models); default: the current one (or "
+        "the canary, for its share of requests). A query parameter of the task routes.",
+    )
 
 
     explain: Literal["occlusion", "saliency", "gradcam"] | None = Field(
@@ -225,6 +231,21 @@ class SegmentResponse(_TaskResponse):
     results: list[SegmentationResult] = Field(..., description="One per image, in request order.")
 
 
+class VersionInfo(BaseModel):
+    """One loaded version of a model (the contract, labels and input size are the model's, shared)."""
+
+    version: str = Field(..., examples=["2"])
+    role: Literal["current", "previous", "candidate", "loaded"] = Field(
+        ..., description="current: answers requests that ask for no version; previous: what rollback restores; "
+        "candidate: shadowed or canaried (see candidate_mode)"
+    )
+    candidate_mode: Literal["shadow", "canary"] | None = None
+    candidate_share: float | None = None
+    weights: str = Field(..., examples=["demo"])
+    input_size: ImageSize
+    labels: list[str]
+
+
 class ModelInfo(BaseModel):
     name: str = Field(..., examples=["detector"])
     version: str = Field(..., examples=["1"])
@@ -236,6 +257,9 @@ class ModelInfo(BaseModel):
     max_batch_size: int = Field(..., examples=[8])
     weights: str = Field(..., examples=["demo"])
     labels: list[str] = Field(..., examples=[["__background__", "circle", "square"]])
+    versions: list[VersionInfo] = Field(
+        default_factory=list, description="every loaded version (`version=` on the task routes, /v2/.../versions/{v})"
+    )
 
 
 class ModelsResponse(BaseModel):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import os
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -151,6 +152,11 @@ class Settings(BaseSettings):
     # Triton backend
     triton_url: str = "127.0.0.1:8011"
     triton_protocol: Literal["grpc", "http"] = "grpc"
+    triton_admin_token: SecretStr | None = Field(
+        None,
+        description="token of tritonserver's restricted model-repository API (the stack's runner sets one), for "
+        "loading versions through /admin with the Triton backend (tritonserver in --model-control-mode=explicit)",
+    )
 
     # limits on what clients may send
     max_body_bytes: int = Field(32 * _MIB, ge=1024)
@@ -224,6 +230,28 @@ class Settings(BaseSettings):
     # Listening on a network address without an API key is refused unless this says it is meant.
     allow_anonymous: bool = False
 
+    # model lifecycle (service/core/versions.py, service/surfaces/admin.py)
+    admin_key: SecretStr | None = Field(
+        None,
+        description="key of the admin surface (/admin: load, unload, rollback, candidate), sent as X-Admin-Key; "
+        "without one the admin surface exists only on a loopback host",
+    )
+    repository_poll_s: float = Field(
+        0.0,
+        ge=0.0,
+        description="seconds between looks at the model repository for a new version, loaded and made current "
+        "once its files stop changing (0: no watcher; versions change through /admin only)",
+    )
+    shadow_max_pending: int = Field(
+        4, ge=1, description="candidate comparisons running at once; past it a request's comparison is dropped"
+    )
+    shadow_busy_requests: int | None = Field(
+        None,
+        ge=2,
+        description="admitted requests from which the gateway counts as busy and drops candidate comparisons "
+        "first (default: the number of cores, at least 2; the request being compared counts as one)",
+    )
+
     @field_validator("models", mode="before")
     @classmethod
     def _csv(cls, value: object) -> object:
@@ -275,11 +303,11 @@ class Settings(BaseSettings):
             raise ValueError(f"otlp_endpoint must be an http(s) URL (http://127.0.0.1:4318/v1/traces), got {value!r}")
         return value
 
-    @field_validator("api_key")
+    @field_validator("api_key", "admin_key")
     @classmethod
-    def _strong_key(cls, value: SecretStr | None) -> SecretStr | None:
+    def _strong_key(cls, value: SecretStr | None, info: ValidationInfo) -> SecretStr | None:
         if value is not None and len(value.get_secret_value()) < 16:
-            raise ValueError("api_key must be at least 16 characters (or unset)")
+            raise ValueError(f"{info.field_name} must be at least 16 characters (or unset)")
         return value
 
     @model_validator(mode="after")
@@ -308,6 +336,23 @@ class Settings(BaseSettings):
                 )
             log.warning("listening on %s without CVSERVE_API_KEY: anyone on the network can call it", self.host)
         return self
+
+    @model_validator(mode="after")
+    def _separate_admin_key(self) -> Settings:
+        if self.admin_key is not None and self.api_key is not None:
+            if self.admin_key.get_secret_value() == self.api_key.get_secret_value():
+                raise ValueError("admin_key must differ from api_key: a client key must not change models")
+        return self
+
+    @property
+    def shadow_busy_limit(self) -> int:
+        """Admitted requests from which candidate comparisons are dropped (`shadow_busy_requests` or the cores)."""
+        return self.shadow_busy_requests or max(2, os.cpu_count() or 2)
+
+    @property
+    def admin_open(self) -> bool:
+        """Whether the admin surface is served: with an admin key, or without one on a loopback host only."""
+        return self.admin_key is not None or is_loopback(self.host)
 
     @property
     def admission_limit(self) -> int:

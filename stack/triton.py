@@ -24,14 +24,14 @@ from typing import ClassVar
 import pytriton
 import tritonclient.http as triton_http
 
-from service.backends.triton import TRITON_KEEPALIVE_FLAGS
+from service.backends.triton import TRITON_ADMIN_HEADER, TRITON_KEEPALIVE_FLAGS
 from support.process import ManagedProcess, ready_or_ended, spawn
 
 log = logging.getLogger(__name__)
 
 # Management APIs nobody outside the operator needs: guarded by a header the launcher makes up.
 RESTRICTED_APIS = ("model-repository", "shared-memory", "trace", "logging")
-ADMIN_HEADER = "cvserve-triton-admin"
+ADMIN_HEADER = TRITON_ADMIN_HEADER  # the header the gateway sends with CVSERVE_TRITON_ADMIN_TOKEN
 
 
 def _pytriton_dir() -> Path:
@@ -96,14 +96,21 @@ def server_command(
     admin_token: str,
     log_verbose: int = 0,
     trace_url: str | None = None,
+    model_control: str = "none",
 ) -> list[str]:
-    """The tritonserver command line: static repository, strict configs, exit on load errors; traces
-    to `trace_url` if given."""
+    """The tritonserver command line: static repository (or `model_control="explicit"`: every model loaded
+    at start, then versions loaded and unloaded through the restricted repository API, as the gateway's
+    /admin does), strict configs, exit on load errors; traces to `trace_url` if given."""
     restriction = f"{','.join(RESTRICTED_APIS)}:{ADMIN_HEADER}={admin_token}"
+    control = ["--model-control-mode=none"]
+    if model_control == "explicit":
+        control = ["--model-control-mode=explicit", "--load-model=*"]
+    elif model_control != "none":
+        raise ValueError(f"model_control must be 'none' or 'explicit', got {model_control!r}")
     return [
         str(tritonserver_binary()),
         f"--model-repository={repository}",
-        "--model-control-mode=none",
+        *control,
         # 2.51 deprecates --strict-model-config=true in favour of this flag (same meaning).
         "--disable-auto-complete-config",
         "--exit-on-error=true",
@@ -190,6 +197,7 @@ def start_tritonserver(
     ready_timeout_s: float = 120.0,
     log_verbose: int = 0,
     trace_url: str | None = None,
+    model_control: str = "none",
 ) -> TritonServer:
     """Start tritonserver on `repository`; by default return once it reports ready.
 
@@ -204,8 +212,9 @@ def start_tritonserver(
     backends = prepare_backend_directory(work / "backends")
     token = admin_token or secrets.token_urlsafe(24)
     command = server_command(
-        repository, http_port, grpc_port, metrics_port, backends, token, log_verbose, trace_url=trace_url
-    )
+        repository, http_port, grpc_port, metrics_port, backends, token, log_verbose, trace_url=trace_url,
+        model_control=model_control,
+    )  # fmt: skip
     log_path = work / "tritonserver.log"
     log.info("starting tritonserver (http %d, grpc %d, metrics %d), log %s", http_port, grpc_port,
              metrics_port, log_path)

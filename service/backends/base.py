@@ -21,12 +21,23 @@ class BackendTimeout(RuntimeError):
     """The backend did not answer within the request's deadline: the gateway answers 504."""
 
 
+class VersionRefused(RuntimeError):
+    """A model version was not loaded: it failed to load, to warm up or its contract check (the message says
+    which and why); whatever served before keeps serving."""
+
+
 class MalformedAnswer(BackendUnavailable):
     """The model answered outputs its contract does not allow: 503, and the gateway reports not ready."""
 
 
 class Backend:
-    """Base of every backend: `infer` and `ready` are required; the rest have working defaults."""
+    """Base of every backend: `infer` and `ready` are required; the rest have working defaults.
+
+    A backend that can hold several versions of a model at once (`supports_versions`) loads and unloads
+    them while serving, and `infer_many(..., version=)` runs a given one; the gateway's model lifecycle
+    (`service.core.versions`) decides which version a request gets."""
+
+    supports_versions = False
 
     async def infer(self, model: str, image: np.ndarray) -> dict[str, np.ndarray]:
         """Run one `[3,H,W]` uint8 image through `model`; return its outputs without batch dim."""
@@ -37,12 +48,17 @@ class Backend:
         raise NotImplementedError
 
     async def infer_many(
-        self, model: str, images: Sequence[np.ndarray], timings: Sequence[BatchTiming] | None = None
+        self,
+        model: str,
+        images: Sequence[np.ndarray],
+        timings: Sequence[BatchTiming] | None = None,
+        version: str | None = None,
     ) -> list[dict[str, np.ndarray]]:
         """Run all of one request's images concurrently (so they can share a batch); outputs in order.
 
         `timings`, one per image, receive where each image's time went; a backend that cannot see its
-        batches reports the whole call as `model_s`."""
+        batches reports the whole call as `model_s`. `version` (backends that `supports_versions`): that
+        loaded version rather than the one loaded at start."""
         began = time.perf_counter()
         outputs = list(await asyncio.gather(*(self.infer(model, image) for image in images)))
         for timing in timings or ():
@@ -54,6 +70,23 @@ class Backend:
 
     def arrived(self, model: str, images: int) -> None:
         """The images `announce` named are decoded (or failed)."""
+
+    async def infer_background(self, model: str, images: Sequence[np.ndarray], version: str) -> list[dict[str, np.ndarray]]:
+        """Run `images` on `version` for work nobody waits for (a candidate's comparison): a backend that
+        can gives it the machine's spare time only; by default it is an ordinary call."""
+        return await self.infer_many(model, images, None, version=version)
+
+    def loaded_versions(self, model: str) -> list[str]:
+        """The versions of `model` loaded now, oldest first (empty: the backend does not say)."""
+        return []
+
+    async def load_version(self, model: str, version: str) -> None:
+        """Load, warm up and check `version` of `model` beside the loaded ones; `VersionRefused` if it fails."""
+        raise VersionRefused(f"the {type(self).__name__} cannot load model versions while serving")
+
+    async def unload_version(self, model: str, version: str) -> None:
+        """Release a loaded version once the requests it is answering are done."""
+        raise VersionRefused(f"the {type(self).__name__} cannot unload model versions while serving")
 
     def batch_sizes(self, model: str) -> dict[int, int]:
         """Batches of each size `model` ran here, where the backend knows (tests observe batching)."""

@@ -15,17 +15,21 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import threading
+from collections import Counter
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from service.backends.base import Backend
+from service.backends.base import Backend, BackendUnavailable, MalformedAnswer, VersionRefused, check_outputs
 from service.backends.gradients import GradientModel
 from service.backends.batching import BatchedModel, model_device, warm_up
 from service.backends.pipelined import PipelinedBatchedModel, batched_model
-from service.backends.runtimes import load_model, runtime_of
+from service.backends.runtimes import ModelRunner, load_model, runtime_of
 from service.telemetry.metrics import Instruments
 from service.settings import Settings
 from service.timing import BatchTiming
@@ -34,42 +38,128 @@ log = logging.getLogger(__name__)
 
 
 class LocalBackend(Backend):
-    """`Backend` over models loaded in this process (the gateway replica); see `service.backends.base`."""
+    """`Backend` over models loaded in this process (the gateway replica); see `service.backends.base`.
+
+    Several versions of a model can be loaded at once (`load_version`), each with its own batcher; a
+    request names the one it runs on (`infer_many(..., version=)`), the latest loaded at start if none."""
+
+    supports_versions = True
 
     def __init__(self, settings: Settings, instruments: Instruments | None = None) -> None:
-        device = model_device(settings)
+        self._settings = settings
+        self._instruments = instruments
+        self._device = device = model_device(settings)
         if device == "cpu":
             torch.set_num_threads(settings.torch_threads)
-        self._models: dict[str, BatchedModel] = {}
-        self._repository, self._device = settings.model_repository, device
+        self._repository = settings.model_repository
         self._gradients: dict[str, GradientModel] = {}  # loaded on the first gradient explanation
         self._gradients_lock = asyncio.Lock()
+        self._versions: dict[str, dict[str, BatchedModel]] = {}  # model → version → its batcher
+        self._default: dict[str, str] = {}  # model → the version loaded at start
+        self._busy: Counter[tuple[str, str]] = Counter()  # (model, version) → calls running on it now
+        self._loading = threading.Lock()  # one version loads at a time
+        # Comparison work (service/core/versions.py) runs on one thread of the lowest CPU priority, so on a
+        # busy CPU the scheduler gives it what the requests' threads leave.
+        self._background = ThreadPoolExecutor(max_workers=1, thread_name_prefix="background", initializer=_lowest_priority)
         for name in settings.models:
-            model = load_model(settings, name, device)
-            batched = batched_model(model, settings.max_batch_size, settings.batch_wait_timeout_s, "embedded", instruments)
+            batched = self._build(name, None)
+            self._versions[name] = {batched.model.version: batched}
+            self._default[name] = batched.model.version
+
+    @property
+    def _models(self) -> dict[str, BatchedModel]:
+        """Each model's version loaded at start (or the newest loaded, once that one is unloaded)."""
+        return {name: self._batcher(name, None) for name in self._versions}
+
+    def _build(self, name: str, version: str | None, check: bool = False) -> BatchedModel:
+        """Load `version` (None: the latest) of `name`, warm it up at every batch size and, with `check`,
+        check its outputs against the contract at the smallest and largest batch."""
+        device = self._device
+        model = load_model(self._settings, name, device, version)
+        batched = batched_model(
+            model, self._settings.max_batch_size, self._settings.batch_wait_timeout_s, "embedded", self._instruments
+        )
+        try:
             if isinstance(batched, PipelinedBatchedModel):
                 batched.runner.warm_up()  # every batch bucket, the only shapes it will run
             else:
-                warm_up(model, settings)
-            self._models[name] = batched
-            log.info(
-                "model %s v%s loaded on %s in %s in the gateway replica", name, model.version, device, runtime_of(model)
-            )
+                warm_up(model, self._settings)
+            if check:
+                check_runner(model, batched.max_batch_size)
+        except BaseException:
+            batched.close()
+            raise
+        log.info(
+            "model %s v%s loaded on %s in %s in the gateway replica", name, model.version, device, runtime_of(model)
+        )
+        return batched
+
+    def loaded_versions(self, model: str) -> list[str]:
+        return sorted(self._versions.get(model, {}), key=int)
+
+    async def load_version(self, model: str, version: str) -> None:
+        """Load `version` of `model` from the repository beside the loaded ones: warmed up at every batch
+        size and its outputs checked against the contract; `VersionRefused` (with the reason) otherwise."""
+        if version in self._versions.get(model, {}):
+            return
+        if not (self._settings.model_repository / model / version).is_dir():
+            raise VersionRefused(f"{model} has no version {version} in {self._settings.model_repository}")
+
+        def build() -> BatchedModel:
+            with self._loading:
+                return self._build(model, version, check=True)
+
+        try:
+            batched = await asyncio.to_thread(build)
+        except MalformedAnswer as error:
+            raise VersionRefused(f"{model} v{version} breaks its contract: {error}") from error
+        except Exception as error:  # a missing or broken file, a shape the model refuses, ...
+            raise VersionRefused(f"{model} v{version} failed to load or warm up: {type(error).__name__}: {error}") from error
+        self._versions.setdefault(model, {})[version] = batched
+
+    async def unload_version(self, model: str, version: str, drain_s: float = 30.0) -> None:
+        """Stop taking calls for `version`, let the ones running finish (at most `drain_s`), free it."""
+        batched = self._versions.get(model, {}).pop(version, None)
+        if batched is None:
+            return
+        loop = asyncio.get_running_loop()
+        until = loop.time() + drain_s
+        while self._busy[model, version] and loop.time() < until:
+            await asyncio.sleep(0.05)
+        batched.close()
+        log.info("model %s v%s unloaded", model, version)
+
+    def _batcher(self, model: str, version: str | None) -> BatchedModel:
+        versions = self._versions[model]
+        if version is None:  # the version loaded at start, or the newest loaded once that one is unloaded
+            version = self._default[model] if self._default[model] in versions else max(versions, key=int, default="")
+        chosen = versions.get(version)
+        if chosen is None:
+            raise BackendUnavailable(f"model {model} v{version} is not loaded")
+        return chosen
 
     async def infer(self, model: str, image: np.ndarray) -> dict[str, np.ndarray]:
         """Queue one `[3,H,W]` image for `model`'s next batch; the caller's deadline bounds the wait."""
-        return await self._models[model].infer(image)
+        return await self._batcher(model, None).infer(image)
 
     async def infer_many(
-        self, model: str, images: Sequence[np.ndarray], timings: Sequence[BatchTiming] | None = None
+        self,
+        model: str,
+        images: Sequence[np.ndarray],
+        timings: Sequence[BatchTiming] | None = None,
+        version: str | None = None,
     ) -> list[dict[str, np.ndarray]]:
-        """Queue all of one request's images at once (so they share a batch); outputs in order."""
-        batched = self._models[model]
+        """Queue all of one request's images at once (so they share a batch) on `version` (default: the one
+        loaded at start); outputs in order."""
+        batched = self._batcher(model, version)
+        key = (model, batched.model.version)
         reports = timings if timings is not None else [None] * len(images)
+        self._busy[key] += 1
         futures = [batched.submit(image, timing) for image, timing in zip(images, reports, strict=True)]
         try:
             return list(await asyncio.gather(*futures))
         finally:
+            self._busy[key] -= 1
             for future in futures:  # a caller that gave up drops its images before they are batched
                 future.cancel()
 
@@ -97,12 +187,28 @@ class LocalBackend(Backend):
         version = self._models[model].model.version
         return self._repository / model / version / "model.pt"
 
+    async def infer_background(self, model: str, images: Sequence[np.ndarray], version: str) -> list[dict[str, np.ndarray]]:
+        """`images` as one batch through `version`'s model on the low-priority background thread (on CPU;
+        through its batcher on CUDA, where the device, not a core, is shared)."""
+        batched = self._batcher(model, version)
+        if self._device != "cpu":
+            return await self.infer_many(model, images, None, version=version)
+        key = (model, batched.model.version)
+        self._busy[key] += 1
+        try:
+            loop = asyncio.get_running_loop()
+            return await loop.run_in_executor(self._background, batched.model.infer, list(images))
+        finally:
+            self._busy[key] -= 1
+
     def announce(self, model: str, images: int) -> None:
         """Images for `model` are being decoded: a free model waits briefly for them to share a batch."""
-        self._models[model].announce(images)
+        for batched in self._versions[model].values():
+            batched.announce(images)
 
     def arrived(self, model: str, images: int) -> None:
-        self._models[model].arrived(images)
+        for batched in self._versions[model].values():
+            batched.arrived(images)
 
     async def ready(self) -> bool:
         """The models were loaded and warmed up when this backend was built."""
@@ -113,11 +219,37 @@ class LocalBackend(Backend):
         return {name: runtime_of(batched.model) for name, batched in self._models.items()}
 
     def batch_sizes(self, model: str) -> dict[int, int]:
-        """How many batches of each size `model` has run here (lets tests observe batching)."""
-        return dict(self._models[model].batch_sizes)
+        """How many batches of each size `model` has run here, all versions together (lets tests observe batching)."""
+        total: Counter[int] = Counter()
+        for batched in self._versions[model].values():
+            total.update(batched.batch_sizes)
+        return dict(total)
 
     async def close(self) -> None:
-        for model in self._models.values():
-            model.close()
+        self._background.shutdown(wait=False, cancel_futures=True)
+        for versions in self._versions.values():
+            for model in versions.values():
+                model.close()
         for gradients in self._gradients.values():
             gradients.close()
+
+
+def _lowest_priority() -> None:
+    """Give the calling thread the lowest CPU priority (nice 19; Linux schedules threads apart)."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+    except (AttributeError, OSError):  # not Linux, or not allowed: an ordinary thread
+        log.debug("background thread keeps its priority")
+
+
+def check_runner(model: ModelRunner, max_batch_size: int) -> None:
+    """Run `model` on random images at batch 1 and `max_batch_size`; `MalformedAnswer` unless every
+    image's outputs match the contract."""
+    rng = np.random.default_rng(1)
+    dims = model.contract.inputs[0].dims
+    for size in sorted({1, max_batch_size}):
+        outputs = model.infer(list(rng.integers(0, 256, (size, *dims), dtype=np.uint8)))
+        if len(outputs) != size:
+            raise MalformedAnswer(f"model {model.name} answered {len(outputs)} images for a batch of {size}")
+        for output in outputs:
+            check_outputs(model.contract, output)

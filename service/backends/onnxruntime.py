@@ -34,12 +34,14 @@ def session_options(threads: int) -> ort.SessionOptions:
 
 
 class OnnxRuntimeModel:
-    """`<repository>/<model>/<latest version>/model.onnx` with its contract, in an ONNX Runtime session."""
+    """`<repository>/<model>/<version>/model.onnx` (the latest when `version` is None) with its contract, in an ONNX Runtime session."""
 
-    def __init__(self, repository: Path, model: str, device: str = "cpu", threads: int = 1) -> None:
+    def __init__(
+        self, repository: Path, model: str, device: str = "cpu", threads: int = 1, version: str | None = None
+    ) -> None:
         self.name = model
         self.contract: ModelContract = load_contract(repository, model)
-        self.version = latest_version(repository, model)
+        self.version = version or latest_version(repository, model)
         path = repository / model / self.version / ONNX_FILE
         if not path.is_file():
             raise FileNotFoundError(f"{path} not found: export again (`python -m export`) to write model.onnx")

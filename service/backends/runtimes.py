@@ -50,7 +50,7 @@ class ModelRunner(Protocol):
     def warm_up(self, batch_sizes: Sequence[int] = (1,), runs: int = 2) -> None: ...
 
 
-def choose_runtime(settings: Settings, model: str, device: str) -> Runtime:
+def choose_runtime(settings: Settings, model: str, device: str, version: str | None = None) -> Runtime:
     """`settings.runtime`, or for "auto": the measured default on CPU (TorchScript on CUDA, where the
     comparison is not measured yet), TorchScript when the repository predates model.onnx."""
     if settings.runtime != "auto":
@@ -58,7 +58,7 @@ def choose_runtime(settings: Settings, model: str, device: str) -> Runtime:
     if device != "cpu":
         return "torchscript"
     runtime = CPU_DEFAULTS.get(model, "torchscript")
-    if runtime == "onnxruntime" and not _has_onnx(settings.model_repository, model):
+    if runtime == "onnxruntime" and not _has_onnx(settings.model_repository, model, version):
         log.warning(
             "%s has no %s (exported before ONNX): running model.pt with TorchScript; "
             "export again to use ONNX Runtime",
@@ -69,12 +69,13 @@ def choose_runtime(settings: Settings, model: str, device: str) -> Runtime:
     return runtime
 
 
-def load_model(settings: Settings, model: str, device: str) -> ModelRunner:
-    """`model` from `settings.model_repository` in the runtime `choose_runtime` picks."""
-    runtime = choose_runtime(settings, model, device)
+def load_model(settings: Settings, model: str, device: str, version: str | None = None) -> ModelRunner:
+    """`model` (its `version`, or the latest) from `settings.model_repository` in the runtime
+    `choose_runtime` picks."""
+    runtime = choose_runtime(settings, model, device, version)
     if runtime == "onnxruntime":
-        return OnnxRuntimeModel(settings.model_repository, model, device, settings.torch_threads)
-    return TorchScriptModel(settings.model_repository, model, device)
+        return OnnxRuntimeModel(settings.model_repository, model, device, settings.torch_threads, version)
+    return TorchScriptModel(settings.model_repository, model, device, version)
 
 
 def runtime_of(runner: ModelRunner) -> Runtime:
@@ -82,8 +83,8 @@ def runtime_of(runner: ModelRunner) -> Runtime:
     return "onnxruntime" if isinstance(runner, OnnxRuntimeModel) else "torchscript"
 
 
-def _has_onnx(repository: Path, model: str) -> bool:
+def _has_onnx(repository: Path, model: str, version: str | None = None) -> bool:
     try:
-        return (repository / model / latest_version(repository, model) / ONNX_FILE).is_file()
+        return (repository / model / (version or latest_version(repository, model)) / ONNX_FILE).is_file()
     except FileNotFoundError:
         return False

@@ -35,21 +35,29 @@ def load_torchscript(path: str | Path, device: torch.device) -> torch.jit.Script
     return module.eval()
 
 
+def repository_versions(repository: Path, model: str) -> list[str]:
+    """`model`'s numeric version directories in `repository`, oldest first (none: an empty list)."""
+    folder = repository / model
+    if not folder.is_dir():
+        return []
+    return sorted((p.name for p in folder.iterdir() if p.is_dir() and p.name.isdigit()), key=int)
+
+
 def latest_version(repository: Path, model: str) -> str:
     """The highest numeric version directory of `model` (Triton's default `latest` policy)."""
-    versions = [p.name for p in (repository / model).iterdir() if p.is_dir() and p.name.isdigit()]
+    versions = repository_versions(repository, model)
     if not versions:
         raise FileNotFoundError(f"{repository / model} has no version directory: run the export first")
-    return max(versions, key=int)
+    return versions[-1]
 
 
 class TorchScriptModel:
-    """`<repository>/<model>/<latest version>/model.pt` with its contract, on `device`."""
+    """`<repository>/<model>/<version>/model.pt` (the latest when `version` is None) with its contract, on `device`."""
 
-    def __init__(self, repository: Path, model: str, device: str = "cpu") -> None:
+    def __init__(self, repository: Path, model: str, device: str = "cpu", version: str | None = None) -> None:
         self.name = model
         self.contract: ModelContract = load_contract(repository, model)
-        self.version = latest_version(repository, model)
+        self.version = version or latest_version(repository, model)
         self.device = torch.device(device)
         self._module = load_torchscript(repository / model / self.version / "model.pt", self.device)
         self._output_names = [spec.name for spec in self.contract.outputs]

@@ -7,6 +7,7 @@ per call and never batches itself. Triton's error text is logged, never passed t
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from collections.abc import Sequence
@@ -20,7 +21,7 @@ import tritonclient.http.aio as http_aio
 from tritonclient.grpc import MAX_GRPC_MESSAGE_SIZE
 from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
-from service.backends.base import Backend, BackendTimeout, BackendUnavailable
+from service.backends.base import Backend, BackendTimeout, BackendUnavailable, MalformedAnswer, VersionRefused, check_outputs
 from service.contract import ModelContract, load_contract
 from service.telemetry.metrics import LATENCY_BOUNDARIES, Instruments
 from service.settings import Settings
@@ -62,6 +63,10 @@ GRPC_TRACE_CONTEXT_WARNING = (
     "CVSERVE_TRITON_PROTOCOL=http (and CVSERVE_TRITON_URL to Triton's HTTP port) for whole traces"
 )
 _READY_TIMEOUT_S = 2.0
+# The header that unlocks tritonserver's restricted model-repository API (stack.triton starts it so;
+# gRPC metadata carries it with Triton's protocol prefix).
+TRITON_ADMIN_HEADER = "cvserve-triton-admin"
+_LOAD_TIMEOUT_S = 600.0  # a python-backend stub importing torch on a busy 2-core machine is slow
 # While calls are in flight, Triton is probed this often; a probe unanswered for _PROBE_TIMEOUT_S
 # with no call answered meanwhile marks it frozen: calls in flight and new ones get 503 at once,
 # until a probe is answered again. (Under load calls keep finishing, so a slow probe alone never trips it.)
@@ -73,7 +78,15 @@ class TritonBackend(Backend):
     """Backend that runs models on a tritonserver; see `service.backends.base.Backend`.
 
     Serves `settings.models` unless `models` names others (tests use tiny models).
+
+    Versions (`load_version`, `unload_version`, `infer_many(..., version=)`) go through Triton's own model
+    repository API: the model is loaded again with a `version_policy` naming exactly the versions to hold,
+    so Triton loads a new one (running its config's `model_warmup` at every batch size) beside those that
+    serve, which stay as they are. That needs tritonserver in `--model-control-mode=explicit` and, when
+    its repository API is restricted, `settings.triton_admin_token`.
     """
+
+    supports_versions = True
 
     def __init__(
         self, settings: Settings, models: Sequence[str] | None = None, instruments: Instruments | None = None
@@ -87,6 +100,11 @@ class TritonBackend(Backend):
         self._contracts: dict[str, ModelContract] = {
             name: load_contract(settings.model_repository, name) for name in (models or settings.models)
         }
+        token = settings.triton_admin_token.get_secret_value() if settings.triton_admin_token else None
+        key = TRITON_ADMIN_HEADER if self._protocol == "http" else f"triton-grpc-protocol-{TRITON_ADMIN_HEADER}"
+        self._admin_headers = {key: token} if token else None
+        self._versions: dict[str, list[str]] = {}  # model → versions loaded through load_version (else unknown)
+        self._version_lock = asyncio.Lock()
         self._client: Any = None  # created on first use, inside the serving event loop
         self._was_ready: bool | None = None
         self._in_flight = 0
@@ -127,8 +145,92 @@ class TritonBackend(Backend):
             outputs = [http_aio.InferRequestedOutput(out.name, binary_data=True) for out in contract.outputs]
         return [infer_input], outputs
 
-    async def infer(self, model: str, image: np.ndarray) -> dict[str, np.ndarray]:
-        """Run one `[3,H,W]` uint8 image through `model` on Triton; outputs without batch dim."""
+    async def infer_many(
+        self,
+        model: str,
+        images: Sequence[np.ndarray],
+        timings: Sequence[Any] | None = None,
+        version: str | None = None,
+    ) -> list[dict[str, np.ndarray]]:
+        """Every image of one request concurrently (Triton's dynamic batcher batches them), on `version`."""
+        began = time.perf_counter()
+        outputs = list(await asyncio.gather(*(self.infer(model, image, version) for image in images)))
+        for timing in timings or ():
+            timing.model_s = time.perf_counter() - began
+        return outputs
+
+    # ---- versions, through Triton's model repository API ----
+
+    def loaded_versions(self, model: str) -> list[str]:
+        return list(self._versions.get(model, []))
+
+    async def _ready_versions(self, model: str) -> list[str]:
+        """The versions of `model` Triton holds READY now (its repository index)."""
+        client = self._get_client()
+        index = await client.get_model_repository_index(headers=self._admin_headers)
+        rows = index if isinstance(index, list) else _json(client, index).get("models", [])
+        ready = {str(row.get("version")) for row in rows if row.get("name") == model and row.get("state") == "READY"}
+        return sorted((v for v in ready if v.isdigit()), key=int)
+
+    async def _hold(self, model: str, versions: Sequence[str]) -> None:
+        """Load `model` again with a version policy naming exactly `versions` (Triton keeps unchanged ones)."""
+        client = self._get_client()
+        config = await client.get_model_config(model, headers=self._admin_headers)
+        config = _json(client, config)
+        config = config.get("config", config)
+        config["version_policy"] = {"specific": {"versions": sorted({int(v) for v in versions})}}
+        call = client.load_model(model, headers=self._admin_headers, config=json.dumps(config))
+        await asyncio.wait_for(call, _LOAD_TIMEOUT_S)
+
+    async def load_version(self, model: str, version: str) -> None:
+        """Have Triton load `version` beside the versions it serves (warmed up by its `model_warmup`), then
+        check one answer of it against the contract; `VersionRefused` with Triton's reason otherwise (and the
+        versions that served before are held as they were)."""
+        contract = self._contracts[model]
+        async with self._version_lock:
+            try:
+                before = await self._ready_versions(model)
+            except (InferenceServerException, aiohttp.ClientError, OSError) as error:
+                raise VersionRefused(f"Triton's repository index is not available: {_message(error)}") from error
+            if version in before:
+                self._versions[model] = before
+                return
+            try:
+                await self._hold(model, [*before, version])
+                if not await self._get_client().is_model_ready(model, version):
+                    raise VersionRefused(f"Triton did not make {model} v{version} ready")
+                rng = np.random.default_rng(1)
+                probe = rng.integers(0, 256, contract.inputs[0].dims, dtype=np.uint8)
+                check_outputs(contract, await self.infer(model, probe, version))
+            except Exception as error:
+                await self._restore(model, before)
+                if isinstance(error, VersionRefused):
+                    raise
+                reason = "breaks its contract" if isinstance(error, MalformedAnswer) else "failed to load on Triton"
+                raise VersionRefused(f"{model} v{version} {reason}: {_message(error)}") from error
+            self._versions[model] = await self._ready_versions(model)
+            log.info("Triton loaded %s v%s (holding %s)", model, version, self._versions[model])
+
+    async def _restore(self, model: str, versions: list[str]) -> None:
+        """After a refused load: hold `versions` again (what served before), if Triton lets go of the new one."""
+        try:
+            if await self._ready_versions(model) != versions and versions:
+                await self._hold(model, versions)
+        except Exception:  # what served keeps serving; the log says why the clean-up failed
+            log.exception("Triton: could not restore %s to versions %s", model, versions)
+
+    async def unload_version(self, model: str, version: str) -> None:
+        """Have Triton hold every version of `model` it holds now but `version` (it drains its requests)."""
+        async with self._version_lock:
+            ready = await self._ready_versions(model)
+            keep = [v for v in ready if v != version]
+            if keep and keep != ready:
+                await self._hold(model, keep)
+            self._versions[model] = await self._ready_versions(model)
+
+    async def infer(self, model: str, image: np.ndarray, version: str | None = None) -> dict[str, np.ndarray]:
+        """Run one `[3,H,W]` uint8 image through `model` (its `version`, or Triton's choice) on Triton;
+        outputs without batch dim."""
         contract = self._contracts.get(model)
         if contract is None:
             raise KeyError(f"unknown model {model!r}; known: {sorted(self._contracts)}")
@@ -143,11 +245,13 @@ class TritonBackend(Backend):
         try:
             if self._protocol == "grpc":
                 call = client.infer(
-                    model, inputs, outputs=outputs, client_timeout=self._timeout_s, headers=headers
-                )
+                    model, inputs, model_version=version or "", outputs=outputs, client_timeout=self._timeout_s,
+                    headers=headers,
+                )  # fmt: skip
             else:
                 call = asyncio.wait_for(
-                    client.infer(model, inputs, outputs=outputs, headers=headers), self._timeout_s
+                    client.infer(model, inputs, model_version=version or "", outputs=outputs, headers=headers),
+                    self._timeout_s,
                 )
             result = await _unless(call, frozen)
         except _Frozen as error:
@@ -233,6 +337,19 @@ class TritonBackend(Backend):
         client, self._client = self._client, None
         if client is not None:
             await client.close()
+
+
+def _json(client: Any, answer: Any) -> Any:
+    """A tritonclient answer as JSON-like data (the gRPC client's protobuf messages converted)."""
+    if isinstance(answer, dict | list):
+        return answer
+    from google.protobuf.json_format import MessageToDict
+
+    return MessageToDict(answer, preserving_proto_field_name=True)
+
+
+def _message(error: BaseException) -> str:
+    return error.message() if isinstance(error, InferenceServerException) else str(error)
 
 
 class _Frozen(Exception):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import time
@@ -26,17 +27,17 @@ from pydantic import BaseModel
 from starlette.requests import ClientDisconnect
 
 from service.backends.base import Backend, BackendTimeout, MalformedAnswer, check_outputs
-from service.backends.torchscript import latest_version
 from service.core.admission import Admission, Limits, Ticket
 from service.core.auth import ApiKeyCheck
 from service.core.explain import ExplainedImage, ExplainPlan, explain, plan
 from service.core.errors import ApiError
 from service.core.inputs import ImageInputs
 from service.core.pipeline import TaskPipeline
+from service.core.versions import ModelVersions, Route
 from service.handlers.common import Geometry, Handler
 from service.imaging.images import ImageError
 from service.settings import Settings
-from service.telemetry.metrics import GatewayMetrics
+from service.telemetry.metrics import GatewayMetrics, Instruments, LifecycleMetrics
 from service.telemetry.tracing import Tracing
 from service.timing import BatchTiming, Timings, stage
 
@@ -57,6 +58,7 @@ class Answerer:
         metrics: GatewayMetrics,
         handlers: Mapping[str, Handler],
         tracing: Tracing | None = None,
+        lifecycle_metrics: LifecycleMetrics | None = None,
     ) -> None:
         self.settings = settings
         self.backend = backend
@@ -64,7 +66,6 @@ class Answerer:
         self.tracing = tracing  # None: tracing off
         self.handlers = dict(handlers)  # every task the registry knows, enabled or not
         self.pipelines = {m: TaskPipeline.load(settings, m, handlers[m]) for m in settings.models}
-        self.versions = {m: latest_version(settings.model_repository, m) for m in settings.models}
         # Decode/preprocess/postprocess threads: as many as cores (Pillow and torch release the GIL).
         self._pool = ThreadPoolExecutor(max_workers=os.cpu_count() or 2, thread_name_prefix="images")
         limits = Limits(
@@ -74,9 +75,22 @@ class Answerer:
             settings.max_in_flight_passes,
         )
         self.admission = Admission(limits, settings.retry_after_s)
+        # Which version of each model answers, the candidate and its comparisons (service/core/versions.py).
+        self.lifecycle = ModelVersions(
+            settings,
+            backend,
+            {m: pipeline.contract for m, pipeline in self.pipelines.items()},
+            lifecycle_metrics or LifecycleMetrics(Instruments.prometheus()),
+            busy=lambda: self.admission.requests,
+        )
         self.keys = ApiKeyCheck(settings)
         self.malformed: dict[str, str] = {}  # model → why its last answer broke its contract (not ready)
         self._checked: tuple[float, bool] | None = None  # the last backend readiness check
+
+    @property
+    def versions(self) -> dict[str, str]:
+        """Each enabled model's current version (the one a request that asks for none gets)."""
+        return {model: self.lifecycle.current(model) for model in self.pipelines}
 
     def pipeline(self, handler: Handler) -> TaskPipeline:
         """The enabled model's pipeline, or 404 model_disabled."""
@@ -195,6 +209,7 @@ class Answerer:
         explanations `explaining` plans); `ticket` holds admission until the image threads finish;
         `timings`, if given, receives each stage's duration."""
         pipeline = self.pipeline(handler)
+        route = self.lifecycle.route(handler.model)  # read once: a version change now does not touch this request
         self.metrics.images.observe(len(blobs), tags={"endpoint": handler.endpoint})
         loop = asyncio.get_running_loop()
 
@@ -204,44 +219,54 @@ class Answerer:
                 ticket.hold(work)
             return asyncio.wrap_future(work, loop=loop)
 
-        count = len(blobs)
-        self.backend.announce(handler.model, count)  # an in-process batcher waits briefly for these
-        try:
-            prepared = await asyncio.gather(*(in_pool(_prepare, pipeline, blob, i) for i, blob in enumerate(blobs)))
-        finally:
-            self.backend.arrived(handler.model, count)
-        batches = [BatchTiming() for _ in prepared] if timings is not None else None
-        outputs = await self.infer(pipeline, [image.tensor for image in prepared], batches)
-        geometries = [image.geometry for image in prepared]
-        results, postprocess_s = await in_pool(_answer_all, pipeline, outputs, geometries, options)
-        if timings is not None:
-            for image in prepared:
-                timings.add("decode", image.decode_s)
-                timings.add("preprocess", image.preprocess_s)
-            timings.batches(batches or [])
-            timings.add("postprocess", postprocess_s)
-        if explaining is not None:
-            images = [
-                ExplainedImage(blob, image.tensor, image.geometry, out, result)
-                for blob, image, out, result in zip(blobs, prepared, outputs, results, strict=True)
-            ]
+        with self.lifecycle.serving(handler.model, route):  # the version is not unloaded under it
+            count = len(blobs)
+            self.backend.announce(handler.model, count)  # an in-process batcher waits briefly for these
+            try:
+                prepared = await asyncio.gather(*(in_pool(_prepare, pipeline, blob, i) for i, blob in enumerate(blobs)))
+            finally:
+                self.backend.arrived(handler.model, count)
+            batches = [BatchTiming() for _ in prepared] if timings is not None else None
+            outputs = await self.infer(pipeline, [image.tensor for image in prepared], batches, route)
+            geometries = [image.geometry for image in prepared]
+            results, postprocess_s = await in_pool(_answer_all, pipeline, outputs, geometries, options)
+            if timings is not None:
+                for image in prepared:
+                    timings.add("decode", image.decode_s)
+                    timings.add("preprocess", image.preprocess_s)
+                timings.batches(batches or [])
+                timings.add("postprocess", postprocess_s)
+            if explaining is not None:
+                images = [
+                    ExplainedImage(blob, image.tensor, image.geometry, out, result)
+                    for blob, image, out, result in zip(blobs, prepared, outputs, results, strict=True)
+                ]
 
-            async def infer(tensors: list[np.ndarray]) -> list[dict[str, np.ndarray]]:
-                return await self.infer(pipeline, tensors)
+                own_version = Route(route.serve)  # the answer's version; occluded copies are not compared
 
-            with stage(timings, "explain"):
-                results = await explain(
-                    explaining, pipeline, options, images, infer, in_pool, self.backend, self.metrics,
-                    self.settings.explain_timeout_s,
-                )  # fmt: skip
-        return self.response(handler, results)
+                async def infer(tensors: list[np.ndarray]) -> list[dict[str, np.ndarray]]:
+                    return await self.infer(pipeline, tensors, None, own_version)
+
+                with stage(timings, "explain"):
+                    results = await explain(
+                        explaining, pipeline, options, images, infer, in_pool, self.backend, self.metrics,
+                        self.settings.explain_timeout_s,
+                    )  # fmt: skip
+        return self.response(handler, results, route.serve)
 
     async def infer(
-        self, pipeline: TaskPipeline, tensors: Sequence[np.ndarray], batches: Sequence[BatchTiming] | None = None
+        self,
+        pipeline: TaskPipeline,
+        tensors: Sequence[np.ndarray],
+        batches: Sequence[BatchTiming] | None = None,
+        route: Route | None = None,
     ) -> list[dict[str, np.ndarray]]:
-        """The model's outputs for preprocessed `tensors`, each checked against its contract (a malformed
-        answer is 503 and makes the gateway not ready until the model answers well again)."""
-        outputs = await self.backend.infer_many(pipeline.model, list(tensors), batches)
+        """The model's outputs for preprocessed `tensors` from the version `route` names (default: as the
+        lifecycle routes it now), each checked against its contract (a malformed answer is 503 and makes
+        the gateway not ready until the model answers well again). A candidate compared with it runs
+        afterwards, off this request's path."""
+        route = route or self.lifecycle.route(pipeline.model)
+        outputs = await self._run(pipeline.model, list(tensors), batches, route.serve)
         try:
             for output in outputs:
                 check_outputs(pipeline.contract, output)
@@ -252,15 +277,32 @@ class Answerer:
             raise MalformedAnswer(f"model {pipeline.model} gave a malformed answer; retry shortly") from error
         if self.malformed.pop(pipeline.model, None) is not None:
             log.info("model %s answers well again", pipeline.model)
+        if route.other is not None:
+            self.lifecycle.compare_later(pipeline.model, route, tensors, outputs, functools.partial(self._background, pipeline.model))
         return outputs
 
-    def response(self, handler: Handler, results: list[BaseModel]) -> BaseModel:
-        """The task route's response document for `results`."""
+    async def _run(
+        self, model: str, tensors: list[np.ndarray], batches: Sequence[BatchTiming] | None, version: str
+    ) -> list[dict[str, np.ndarray]]:
+        if not self.backend.supports_versions or self.backend.loaded_versions(model) == [version]:
+            return await self.backend.infer_many(model, tensors, batches)  # the one version it holds
+        return await self.backend.infer_many(model, tensors, batches, version=version)
+
+    async def _background(self, model: str, version: str, tensors: list[np.ndarray]) -> list[dict[str, np.ndarray]]:
+        """`tensors` through `version` for a comparison nobody waits for (the backend's spare capacity)."""
+        return await self.backend.infer_background(model, tensors, version)
+
+    def response(self, handler: Handler, results: list[BaseModel], version: str | None = None) -> BaseModel:
+        """The task route's response document for `results` (answered by `version`, default the current one)."""
         return handler.response(
-            model=handler.model, version=self.versions[handler.model], backend=self.settings.backend, results=results
+            model=handler.model,
+            version=version or self.lifecycle.current(handler.model),
+            backend=self.settings.backend,
+            results=results,
         )
 
     def close(self) -> None:
+        self.lifecycle.close()
         self._pool.shutdown(wait=False, cancel_futures=True)
         if self.tracing is not None:
             self.tracing.shutdown()

@@ -54,6 +54,7 @@ from service.core.answerer import Answerer
 from service.core.errors import ApiError, describe_validation_errors
 from service.core.inputs import ImageInputs, byte_count, check_images, read_body
 from service.core.pipeline import TaskPipeline
+from service.core.versions import CANARY_HEADER, asked
 from service.handlers.common import TABLE_TYPES, Handler
 from service.surfaces.demo import check_carried_images
 from service.timing import Timings, stage
@@ -502,9 +503,11 @@ def install_oip(api: FastAPI, answerer: Answerer, guarded: list[Any]) -> None:
                 404, "model_not_found", f"no model {model}; the gateway serves {', '.join(handlers)}"
             )
         answerer.pipeline(handler)  # 404 model_disabled
-        served = answerer.versions[model]
-        if version is not None and version != served:
-            raise ApiError(404, "version_not_found", f"model {model} has version {served}, not {version}")
+        loaded = answerer.lifecycle.loaded(model)
+        if version is not None and version not in loaded:
+            raise ApiError(
+                404, "version_not_found", f"model {model} has no version {version} loaded (loaded: {', '.join(loaded)})"
+            )
         return handler
 
     def metadata(model: str, version: str | None) -> dict[str, Any]:
@@ -513,7 +516,7 @@ def install_oip(api: FastAPI, answerer: Answerer, guarded: list[Any]) -> None:
         height, width = contract.input_size
         return {
             "name": model,
-            "versions": [answerer.versions[model]],
+            "versions": answerer.lifecycle.loaded(model),
             "platform": "cvserve",
             "inputs": [INPUT_SPEC.metadata()],
             "outputs": [spec.metadata() for spec in output_specs(handler)],
@@ -585,11 +588,11 @@ def install_oip(api: FastAPI, answerer: Answerer, guarded: list[Any]) -> None:
         ) -> Response:
             check_carried_images(response, settings)
             with stage(timings, "encode"):
-                return await asyncio.to_thread(
-                    encode_infer_response, handler, answerer.versions[model], oip_requests[0], response
-                )
+                served = str(getattr(response, "version", "") or answerer.versions[model])
+                return await asyncio.to_thread(encode_infer_response, handler, served, oip_requests[0], response)
 
-        return await answerer.answer_request(request, handler, read, encode)
+        with asked(version, request.headers.get(CANARY_HEADER)):
+            return await answerer.answer_request(request, handler, read, encode)
 
     @open_routes.get("", summary="Server metadata")
     async def server_metadata() -> dict[str, Any]:

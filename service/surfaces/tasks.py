@@ -21,7 +21,8 @@ from service.core.errors import ERROR_RESPONSES
 from service.core.inputs import ImageInputs, read_images
 from service.core.pipeline import TaskPipeline
 from service.handlers.common import Handler
-from service.schemas import HealthResponse, ImageSize, ModelInfo, ModelsResponse, ReadyResponse
+from service.core.versions import CANARY_HEADER, asked, version_weights
+from service.schemas import HealthResponse, ImageSize, ModelInfo, ModelsResponse, ReadyResponse, VersionInfo
 from service.surfaces.demo import annotated_or_json
 from service.surfaces.video import answer_video, is_video_request
 from service.timing import Timings, stage
@@ -95,7 +96,9 @@ def install_task_routes(router: APIRouter, answerer: Answerer, handlers: Sequenc
 
 def _task_route(router: APIRouter, answerer: Answerer, handler: Handler) -> None:
     async def route(request: Request, options: Annotated[handler.options, Query()]) -> Response:  # type: ignore[name-defined]
-        return await answer_task(answerer, handler, request, options)
+        # `version=` (the query's) and the canary header say which version answers (service/core/versions.py)
+        with asked(getattr(options, "version", None), request.headers.get(CANARY_HEADER)):
+            return await answer_task(answerer, handler, request, options)
 
     router.add_api_route(
         handler.endpoint,
@@ -137,6 +140,26 @@ def model_info(answerer: Answerer, name: str) -> ModelInfo:
     pipeline = answerer.pipelines[name]
     contract = pipeline.contract
     height, width = contract.input_size
+    state = answerer.lifecycle.states[name]
+    candidate = state.candidate
+    default_weights = contract.parameters.get("weights", "unknown")
+    versions = []
+    for version in answerer.lifecycle.loaded(name):
+        role = (
+            "current" if version == state.current else "candidate" if candidate and version == candidate.version
+            else "previous" if version == state.previous else "loaded"
+        )  # fmt: skip
+        versions.append(
+            VersionInfo(
+                version=version,
+                role=role,
+                candidate_mode=candidate.mode if role == "candidate" and candidate else None,
+                candidate_share=candidate.share if role == "candidate" and candidate else None,
+                weights=version_weights(answerer.settings.model_repository, name, version, default_weights),
+                input_size=ImageSize(width=width, height=height),
+                labels=list(contract.labels),
+            )
+        )
     return ModelInfo(
         name=name,
         version=answerer.versions[name],
@@ -146,6 +169,7 @@ def model_info(answerer: Answerer, name: str) -> ModelInfo:
         input_size=ImageSize(width=width, height=height),
         preprocess=contract.preprocess,
         max_batch_size=contract.max_batch_size,
-        weights=contract.parameters.get("weights", "unknown"),
+        weights=version_weights(answerer.settings.model_repository, name, state.current, default_weights),
         labels=list(contract.labels),
+        versions=versions,
     )

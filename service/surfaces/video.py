@@ -150,6 +150,7 @@ async def _answer_frames(
     tracker = handler.tracker(reader.fps)
     writer = VideoWriter(handler, wanted, reader.fps, reader.width, reader.height) if wanted else None
     answered: list[VideoFrameResult] = []
+    route = answerer.lifecycle.route(handler.model)  # one version answers every frame of the video
     try:
         while True:
             with stage(timings, "decode"):
@@ -161,7 +162,7 @@ async def _answer_frames(
                     *(asyncio.to_thread(_prepare, pipeline, image) for image, _ in chunk)
                 )
             with stage(timings, "model"):  # the backend's queue included; a malformed answer flips /ready
-                outputs = await answerer.infer(pipeline, [tensor for tensor, _ in prepared])
+                outputs = await answerer.infer(pipeline, [tensor for tensor, _ in prepared], None, route)
             with stage(timings, "postprocess"):
                 results = [
                     pipeline.answer(out, geometry, options) for out, (_, geometry) in zip(outputs, prepared)
@@ -197,7 +198,7 @@ async def _answer_frames(
     )
     response = VideoResponse(
         model=handler.model,
-        version=answerer.versions[handler.model],
+        version=route.serve,
         backend=settings.backend,
         video=info,
         frames=answered,

@@ -255,3 +255,55 @@ class ModelMetrics:
         """Record one batch of `size` images that took `seconds`."""
         self.batch_size.observe(size, tags=self._tags)
         self.latency.observe(seconds, tags=self._latency_tags)
+
+
+class LifecycleMetrics:
+    """Model versions and how a candidate version agrees with the current one (service/core/versions.py).
+
+    Agreement is exported as two counters, the sum of a measure over compared images and the number of
+    images, so that a rate ratio is its exact mean over any window (a histogram's `_sum` under Ray is made
+    of bucket midpoints)."""
+
+    def __init__(self, instruments: Instruments) -> None:
+        Counter, Gauge = instruments.counter, instruments.gauge  # noqa: N806
+        self.version = Gauge(
+            "cvserve_model_version", description="The version serving a model now (its current version).", tag_keys=("model",)
+        )
+        self.changes = Counter(
+            "cvserve_model_version_changes",
+            description="Lifecycle changes: load, rollback, unload, candidate, promote, load_refused.",
+            tag_keys=("model", "action"),
+        )
+        self.requests = Counter(
+            "cvserve_candidate_requests",
+            description="Requests routed to a candidate's comparison, by outcome (compared, dropped_busy, "
+            "dropped_queue, failed).",
+            tag_keys=("model", "version", "mode", "outcome"),
+        )
+        self.agreement = Counter(
+            "cvserve_candidate_agreement",
+            description="Sum over compared images of an agreement measure between the candidate and the current "
+            "version (divide by cvserve_candidate_images for the mean).",
+            tag_keys=("model", "version", "measure"),
+        )
+        self.images = Counter(
+            "cvserve_candidate_images",
+            description="Images compared between the candidate and the current version, per measure.",
+            tag_keys=("model", "version", "measure"),
+        )
+
+    def current(self, model: str, version: str) -> None:
+        self.version.set(float(version) if version.isdigit() else 0.0, tags={"model": model})
+
+    def change(self, model: str, action: str) -> None:
+        self.changes.inc(tags={"model": model, "action": action})
+
+    def candidate_request(self, model: str, version: str, mode: str, outcome: str) -> None:
+        self.requests.inc(tags={"model": model, "version": version, "mode": mode, "outcome": outcome})
+
+    def agreement_of(self, model: str, version: str, measures: Mapping[str, float]) -> None:
+        for measure, value in measures.items():
+            tags = {"model": model, "version": version, "measure": measure}
+            if value > 0:  # Ray's counters take positive increments only; a zero leaves the sum as it is
+                self.agreement.inc(value, tags=tags)
+            self.images.inc(tags=tags)
