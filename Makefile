@@ -44,10 +44,9 @@ serve: $(MODELS)
 serve-uvicorn: $(MODELS)
 	$(PY) -m uvicorn --factory service.app:from_environment --host 127.0.0.1 --port 8000
 
-## test: the whole suite against real servers, on TEST_WORKERS processes (docs/TEST_DURATIONS.md)
-TEST_WORKERS ?= 2
+## test: the whole suite against real servers (durations: docs/TEST_DURATIONS.md)
 test: $(MODELS) system-deps
-	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadgroup
+	$(PY) -m pytest
 
 ## test-inprocess: only the in-process tier (no Ray, Triton, Prometheus or browser; see tests/conftest.py)
 test-inprocess: $(MODELS)

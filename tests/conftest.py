@@ -12,7 +12,7 @@ import platform
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
@@ -62,7 +62,7 @@ def pytest_runtest_logreport(report: pytest.TestReport) -> None:
 
 
 def pytest_sessionfinish(session: pytest.Session) -> None:
-    if not _durations or hasattr(session.config, "workerinput"):
+    if not _durations:
         return
     DURATIONS_FILE.parent.mkdir(parents=True, exist_ok=True)
     DURATIONS_FILE.write_text(json.dumps({
@@ -77,19 +77,8 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         path = Path(item.path).resolve().relative_to(ROOT).as_posix()
-        fixtures = getattr(item, "fixturenames", ())
-        if LIVE_FIXTURES.intersection(fixtures) or path.startswith(LIVE_PATHS):
+        if LIVE_FIXTURES.intersection(getattr(item, "fixturenames", ())) or path.startswith(LIVE_PATHS):
             item.add_marker(pytest.mark.live)
-        item.add_marker(pytest.mark.xdist_group(xdist_group(path, fixtures)))
-
-
-def xdist_group(path: str, fixtures: Sequence[str]) -> str:
-    """Which tests `make test`'s workers (`-n 2 --dist loadgroup`) keep together: everything on the
-    session's Ray in one worker (one Ray, one Serve), the rest by folder, so a folder's session and
-    module fixtures (exports, tritonservers, Prometheus) start once."""
-    if "ray_session" in fixtures:
-        return "ray"
-    return path.split("/")[1] if path.count("/") > 1 else "top"
 
 
 # The session's Ray runs as `python -m service` runs it by default: Serve's throughput mode with
@@ -138,8 +127,6 @@ RAY_NUM_CPUS = 16
 # In-process backends (`LocalBackend`) set torch's thread count for the whole process. A test gives
 # back the count it started with; a module, the count the session started with (a session- or
 # package-scoped backend built during the module included), so later tests run on every core again.
-if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):  # workers share the cores instead of each taking all
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
 SESSION_TORCH_THREADS = torch.get_num_threads()
 
 
