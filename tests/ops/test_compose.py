@@ -164,11 +164,12 @@ def test_only_the_gateway_http_port_is_published_for_the_gateway(compose) -> Non
         assert not leaked, f"{name} publishes Ray ports {leaked}"
 
 
-def test_triton_is_static_restricted_gpu_backed_and_not_published(compose) -> None:
+def test_triton_is_explicit_restricted_gpu_backed_and_not_published(compose) -> None:
     triton = compose["services"]["tritonserver"]
     command = triton["command"]
     assert "nvcr.io/nvidia/tritonserver:" in triton["image"]  # ${TRITON_IMAGE:-<default tag>}
-    assert "--model-control-mode=none" in command
+    # every model at start; versions change only through the restricted repository API (issue 27)
+    assert "--model-control-mode=explicit" in command and "--load-model=*" in command
     for flag in ("--http-restricted-api=", "--grpc-restricted-protocol="):
         restricted = [arg for arg in command if arg.startswith(flag)]
         assert restricted, f"missing {flag}"
@@ -226,6 +227,9 @@ def test_gateway_uses_triton_backend_from_env(compose) -> None:
     gateway = compose["services"]["gateway"]
     env = gateway["environment"]
     assert env["CVSERVE_BACKEND"] == "triton"
+    # the gateway's /admin needs its own key, and Triton's repository API token to load versions there
+    assert re.fullmatch(r"\$\{CVSERVE_ADMIN_KEY:\?[^}]+\}", env["CVSERVE_ADMIN_KEY"])
+    assert re.fullmatch(r"\$\{TRITON_ADMIN_TOKEN:\?[^}]+\}", env["CVSERVE_TRITON_ADMIN_TOKEN"])
     # gRPC to Triton's gRPC port unless .env says otherwise (HTTP with tracing, deploy/env.example).
     assert (_default(env["CVSERVE_TRITON_URL"]), _default(env["CVSERVE_TRITON_PROTOCOL"])) == (
         "tritonserver:8001",
