@@ -111,7 +111,7 @@ def test_triton_uses_gpus_health_probes_and_a_read_only_repository() -> None:
     assert server["resources"]["limits"]["nvidia.com/gpu"] >= 1
     assert server["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
     assert server["livenessProbe"]["httpGet"]["path"] == "/v2/health/live"
-    assert "--model-control-mode=none" in server["args"]
+    assert "--model-control-mode=explicit" in server["args"] and "--load-model=*" in server["args"]
     assert "--model-repository=/models" in server["args"]
     mount = next(m for m in server["volumeMounts"] if m["mountPath"] == "/models")
     volume = next(v for v in pod["volumes"] if v["name"] == mount["name"])
