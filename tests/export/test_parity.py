@@ -108,7 +108,8 @@ def test_gpu_repository_config(exported: Exported, model: str) -> None:
     assert list(config.dynamic_batching.preferred_batch_size) == [2, 4]
     assert config.dynamic_batching.max_queue_delay_microseconds == QUEUE_DELAY_US
     assert sorted(p.name for p in (exported.out / model).iterdir()) == ["1", "config.pbtxt", "labels.txt"]
-    assert sorted(p.name for p in (exported.out / model / "1").iterdir()) == ["model.onnx", "model.pt"]
+    version = sorted(p.name for p in (exported.out / model / "1").iterdir())
+    assert version == ["model.onnx", "model.pt", "version.json"]  # version.json: the weights' source (issue 27)
 
 
 @pytest.mark.parametrize("model", MODELS)
