@@ -9,23 +9,20 @@ from __future__ import annotations
 
 import asyncio
 import io
-import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pytest
-import uvicorn
 from PIL import Image
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.app import create_api
 from service.backends.local import LocalBackend
 from service.settings import Settings
-from tests.conftest import free_port, wait_until
+from support.serving import served_in_thread
 from training.shapes import CLASSES, make_scene
 
 KEY = "client-tests-key-0123456789"
@@ -44,22 +41,7 @@ def single_shape(seed: int) -> tuple[np.ndarray, str]:
     return scene.image, CLASSES[int(scene.labels[0]) - 1]
 
 
-@contextmanager
-def served(app: ASGIApp) -> Iterator[str]:
-    """Run `app` under uvicorn on a free loopback port in a thread; yield its URL; stop it after."""
-    port = free_port()
-    server = uvicorn.Server(
-        uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on")
-    )
-    thread = threading.Thread(target=server.run, name=f"uvicorn-{port}", daemon=True)
-    thread.start()
-    wait_until(lambda: server.started or not thread.is_alive(), 60, "uvicorn did not start")
-    assert server.started, "uvicorn exited while starting"
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
+served = served_in_thread  # tests/browser imports it from here
 
 
 @dataclass

@@ -4,7 +4,6 @@ for clients that need a socket: tritonclient speaks HTTP through geventhttpclien
 from __future__ import annotations
 
 import io
-import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -12,14 +11,13 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-import uvicorn
 from fastapi import FastAPI
 from PIL import Image
 
 from service.app import create_api
 from service.backends.local import LocalBackend
 from service.settings import Settings
-from tests.conftest import free_port, wait_until
+from support.serving import served_in_thread
 from training.shapes import CLASSES, Scene, make_scene
 
 KEY = "oip-tests-key-0123456789"
@@ -40,19 +38,8 @@ def scene(seed: int, size: int = 128, shapes: tuple[int, int] = (2, 4)) -> tuple
 @contextmanager
 def serving(app: FastAPI) -> Iterator[str]:
     """Run `app` under uvicorn on a free loopback port in a thread; yield `127.0.0.1:<port>`; stop it after."""
-    port = free_port()
-    server = uvicorn.Server(
-        uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on")
-    )
-    thread = threading.Thread(target=server.run, name=f"uvicorn-{port}", daemon=True)
-    thread.start()
-    wait_until(lambda: server.started or not thread.is_alive(), 60, "uvicorn did not start")
-    assert server.started, "uvicorn exited while starting"
-    try:
-        yield f"127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(30)
+    with served_in_thread(app, stop_timeout_s=30) as url:
+        yield url.removeprefix("http://")
 
 
 def keyed_settings(model_repository: Path, **limits: object) -> Settings:

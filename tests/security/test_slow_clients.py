@@ -21,7 +21,6 @@ from urllib.parse import urlsplit
 
 import httpx
 import pytest
-import uvicorn
 from fastapi import FastAPI
 from PIL import Image
 
@@ -29,7 +28,7 @@ from service.__main__ import HAPROXY_HEADER_TIMEOUT_S
 from service.app import create_api
 from service.backends.local import LocalBackend
 from service.settings import Settings
-from support.ports import free_port
+from support.serving import served_in_thread
 from support.waiting import wait_for
 from training.shapes import make_scene
 
@@ -61,14 +60,8 @@ def served(model_repository: Path) -> Iterator[Served]:
         max_in_flight_requests=1, max_ongoing_requests=8, max_batch_size=4, body_timeout_s=BODY_TIMEOUT_S,
     )  # fmt: skip
     api = create_api(settings, LocalBackend(settings))
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(api, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    wait_for(lambda: server.started, 30, "uvicorn never started")
-    yield Served(f"http://127.0.0.1:{port}", api)
-    server.should_exit = True
-    thread.join(10)
+    with served_in_thread(api, lifespan="auto") as url:
+        yield Served(url, api)
 
 
 def start_request(port: int, path: str, body_length: int, host: str = "127.0.0.1") -> socket.socket:

@@ -15,13 +15,12 @@ from pathlib import Path
 
 import httpx
 import pytest
-import uvicorn
 from PIL import Image
 
 from service.app import create_api
 from service.backends.local import LocalBackend
 from service.settings import Settings
-from support.ports import free_port
+from support.serving import served_in_thread
 from support.waiting import wait_for
 from training.shapes import make_scene
 
@@ -41,16 +40,8 @@ def served(model_repository: Path) -> Iterator[tuple[str, LocalBackend]]:
         batch_wait_timeout_s=0.0, request_timeout_s=120.0,  # only a disconnect, not the deadline, drops images here
     )  # fmt: skip
     backend = LocalBackend(settings)
-    port = free_port()
-    server = uvicorn.Server(
-        uvicorn.Config(create_api(settings, backend), host="127.0.0.1", port=port, log_level="warning")
-    )
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    wait_for(lambda: server.started, 30, "uvicorn to start")
-    yield f"http://127.0.0.1:{port}", backend
-    server.should_exit = True
-    thread.join(10)
+    with served_in_thread(create_api(settings, backend), lifespan="auto") as url:
+        yield url, backend
 
 
 def send(port: int, body: bytes) -> socket.socket:

@@ -9,21 +9,16 @@ other image the same, so its top-1 agreement with version 1 is the share of othe
 from __future__ import annotations
 
 import io
-import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 import torch
-import uvicorn
 from PIL import Image
 
 from service.backends.torchscript import quiet_jit
 from support import versions
-from support.ports import free_port
 from support.seeds import fresh_seeds
-from support.waiting import wait_for
+from support.serving import served_in_thread
 from training.shapes import CLASSES, make_scene
 
 MODEL = versions.CLASSIFIER
@@ -74,20 +69,7 @@ def scene_png(index: int) -> tuple[bytes, int]:
     return buffer.getvalue(), int(scene.labels[0]) - 1
 
 
-@contextmanager
-def served(app: object) -> Iterator[str]:
-    """Run `app` under uvicorn on a free loopback port in a thread; yield its URL; stop it after."""
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on"))
-    thread = threading.Thread(target=server.run, name=f"uvicorn-{port}", daemon=True)
-    thread.start()
-    wait_for(lambda: server.started or not thread.is_alive(), 60, "uvicorn did not start")
-    assert server.started, "uvicorn exited while starting"
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
+served = served_in_thread
 
 
 __all__ = ["ADMIN_KEY", "API_KEY", "CLASSES", "MODEL", "SWAPPED", "scene_png", "served", "write_version"]
