@@ -73,6 +73,17 @@ def dashboard_queries() -> list[tuple[str, str, str]]:
 QUERIES = dashboard_queries()
 
 
+def panels_from(source: str) -> pytest.MarkDecorator:
+    """Parametrise a test over the dashboard's queries whose series come from `source`."""
+    chosen = [q for q in QUERIES if source_of(q[2]) == source]
+    return pytest.mark.parametrize(("title", "ref", "expr"), chosen, ids=[f"{t}/{r}" for t, r, _ in chosen])
+
+
+def wait_for_panel_data(prometheus: PrometheusServer, title: str, ref: str, expr: str, timeout_s: float) -> None:
+    """Poll until `expr` returns a finite value in Prometheus (TimeoutError naming the panel if not)."""
+    wait_for(lambda: has_finite_value(prometheus.query(expr)), timeout_s, lambda: f"{title}/{ref}: no data for {expr}")
+
+
 def source_of(expr: str) -> str:
     """Which server's metrics a query reads: 'gpu' (Triton on GPU only), 'triton', 'candidate' (a gateway
     with a candidate version: the lifecycle panels) or 'gateway'."""
@@ -110,24 +121,14 @@ def triton_traffic(prometheus: PrometheusServer, ops_triton: TritonServer) -> No
     )
 
 
-@pytest.mark.parametrize(
-    ("title", "ref", "expr"),
-    [q for q in QUERIES if source_of(q[2]) == "triton"],
-    ids=[f"{t}/{r}" for t, r, e in QUERIES if source_of(e) == "triton"],
-)
+@panels_from("triton")
 def test_triton_panel_returns_data(
     prometheus: PrometheusServer, triton_traffic: None, title: str, ref: str, expr: str
 ) -> None:
-    wait_for(
-        lambda: has_finite_value(prometheus.query(expr)), 30, lambda: f"{title}/{ref}: no data for {expr}"
-    )
+    wait_for_panel_data(prometheus, title, ref, expr, 30)
 
 
-@pytest.mark.parametrize(
-    ("title", "ref", "expr"),
-    [q for q in QUERIES if source_of(q[2]) == "gpu"],
-    ids=[f"{t}/{r}" for t, r, e in QUERIES if source_of(e) == "gpu"],
-)
+@panels_from("gpu")
 def test_gpu_panel_is_valid_promql(
     prometheus: PrometheusServer, triton_traffic: None, title: str, ref: str, expr: str
 ) -> None:
@@ -209,17 +210,11 @@ def gateway_traffic(prometheus: PrometheusServer, embedded_gateway: str) -> None
         wait_for(lambda q=query, n=name: (scalar(prometheus, q) or 0) > first[n], 60, f"{query} did not grow")
 
 
-@pytest.mark.parametrize(
-    ("title", "ref", "expr"),
-    [q for q in QUERIES if source_of(q[2]) == "gateway"],
-    ids=[f"{t}/{r}" for t, r, e in QUERIES if source_of(e) == "gateway"],
-)
+@panels_from("gateway")
 def test_gateway_panel_returns_data(
     prometheus: PrometheusServer, gateway_traffic: None, title: str, ref: str, expr: str
 ) -> None:
-    wait_for(
-        lambda: has_finite_value(prometheus.query(expr)), 60, lambda: f"{title}/{ref}: no data for {expr}"
-    )
+    wait_for_panel_data(prometheus, title, ref, expr, 60)
 
 
 def _candidate_round(url: str, images: int) -> None:
@@ -266,17 +261,11 @@ def candidate_traffic(
     return url
 
 
-@pytest.mark.parametrize(
-    ("title", "ref", "expr"),
-    [q for q in QUERIES if source_of(q[2]) == "candidate"],
-    ids=[f"{t}/{r}" for t, r, e in QUERIES if source_of(e) == "candidate"],
-)
+@panels_from("candidate")
 def test_lifecycle_panel_returns_data(
     prometheus: PrometheusServer, candidate_traffic: str, title: str, ref: str, expr: str
 ) -> None:
-    wait_for(
-        lambda: has_finite_value(prometheus.query(expr)), 60, lambda: f"{title}/{ref}: no data for {expr}"
-    )
+    wait_for_panel_data(prometheus, title, ref, expr, 60)
 
 
 def test_the_agreement_series_show_the_candidate_differs(prometheus: PrometheusServer, candidate_traffic: str) -> None:

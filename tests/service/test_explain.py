@@ -74,6 +74,12 @@ def explained(client: TestClient, endpoint: str, image: np.ndarray, query: str) 
 # ---- the maps mean something ----
 
 
+def assert_peak_rate(hits: list[bool], bar: float, what: str) -> None:
+    """Print how often the map's peak fell inside the true box, and hold it to `bar`."""
+    print(f"{what}: peak inside the true box for {sum(hits)}/{len(hits)} answers")
+    assert sum(hits) / len(hits) >= bar, f"{what}: {sum(hits)}/{len(hits)} peaks inside the true box, the bar is {bar}"
+
+
 @pytest.mark.parametrize(("method", "bar"), [("occlusion", OCCLUSION_BAR), ("gradcam", GRADCAM_BAR),
                                              ("saliency", SALIENCY_BAR)])  # fmt: skip
 def test_classifier_maps_peak_inside_the_true_shape(client: TestClient, method: str, bar: float) -> None:
@@ -86,9 +92,7 @@ def test_classifier_maps_peak_inside_the_true_shape(client: TestClient, method: 
         assert explanation is not None and explanation["method"] == method
         hits.append(peak_inside(explanation, scene.boxes[0]))
     assert hits
-    rate = sum(hits) / len(hits)
-    print(f"{method}: peak inside the true box in {sum(hits)}/{len(hits)} scenes")
-    assert rate >= bar, f"{method}: {sum(hits)}/{len(hits)} peaks inside the true box, the bar is {bar}"
+    assert_peak_rate(hits, bar, method)
 
 
 @pytest.mark.parametrize(("endpoint", "bar"), [("/detect", DETECT_BAR), ("/segment", SEGMENT_BAR)])
@@ -109,9 +113,7 @@ def test_per_answer_occlusion_maps_peak_inside_their_objects(client: TestClient,
             if truths:
                 hits.append(any(peak_inside(explanation, box) for box in truths))
     assert len(hits) >= 8, f"only {len(hits)} answers matched a true object"
-    rate = sum(hits) / len(hits)
-    print(f"{endpoint}: peak inside the true box for {sum(hits)}/{len(hits)} answers")
-    assert rate >= bar
+    assert_peak_rate(hits, bar, endpoint)
 
 
 def test_a_blank_image_gives_a_flat_occlusion_map(client: TestClient) -> None:
