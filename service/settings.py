@@ -251,6 +251,14 @@ class Settings(BaseSettings):
         description="admitted requests from which the gateway counts as busy and drops candidate comparisons "
         "first (default: the number of cores, at least 2; the request being compared counts as one)",
     )
+    shadow_max_utilisation: float = Field(
+        0.5,
+        gt=0.0,
+        le=1.0,
+        description="candidate comparisons run in the gateway's idle time: one starts only when no request is "
+        "in flight (waiting at most 2 s), and none is queued while requests have been in flight for more than "
+        "this share of the last second or so (1: compare whatever the load, at the users' expense)",
+    )
 
     @field_validator("models", mode="before")
     @classmethod

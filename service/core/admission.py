@@ -10,7 +10,9 @@ at its deadline: the budget bounds the work running, not only the requests waiti
 
 from __future__ import annotations
 
+import math
 import threading
+import time
 from concurrent.futures import Future
 from dataclasses import dataclass
 
@@ -25,6 +27,10 @@ class Limits:
     passes: int = 2**62  # model passes (unbounded unless given)
 
 
+# The time constant of `Admission.utilisation`: about the last second counts.
+UTILISATION_TAU_S = 1.0
+
+
 class Admission:
     """Counts what admitted requests hold; refuses a new one (503 + Retry-After) past any limit."""
 
@@ -33,6 +39,23 @@ class Admission:
         self._retry_after_s = retry_after_s
         self._lock = threading.Lock()  # tickets are released from worker threads too
         self.requests = self.bytes = self.pixels = self.passes = 0
+        self._share = 0.0  # the recent share of time with a request in flight (see utilisation)
+        self._since = time.monotonic()  # when _share was last brought up to date
+
+    def utilisation(self) -> float:
+        """The share of the recent time (exponentially weighted, `UTILISATION_TAU_S`) during which at least
+        one request was in flight: 0 for an idle gateway, near 1 for one that is never without work."""
+        with self._lock:
+            self._account(time.monotonic())
+            return self._share
+
+    def _account(self, now: float) -> None:
+        """Fold the time since the last look into `_share` (under the lock, before `requests` changes)."""
+        elapsed = now - self._since
+        if elapsed > 0:
+            decay = math.exp(-elapsed / UTILISATION_TAU_S)
+            self._share = self._share * decay + (1.0 - decay) * (1.0 if self.requests else 0.0)
+            self._since = now
 
     def admit(self, nbytes: int, pixels: int, passes: int = 0) -> Ticket:
         """A ticket for a request of `nbytes`, `pixels` and `passes` model passes, or ApiError 503 if it does
@@ -53,6 +76,7 @@ class Admission:
                         f"the gateway is at its limit of {full} in flight; retry after {self._retry_after_s} s",
                         headers={"Retry-After": str(self._retry_after_s)},
                     )
+            self._account(time.monotonic())
             self.requests += 1
             self.bytes += nbytes
             self.pixels += pixels
@@ -61,6 +85,7 @@ class Admission:
 
     def _release(self, nbytes: int, pixels: int, passes: int = 0) -> None:
         with self._lock:
+            self._account(time.monotonic())
             self.requests -= 1
             self.bytes -= nbytes
             self.pixels -= pixels

@@ -82,6 +82,7 @@ class Answerer:
             {m: pipeline.contract for m, pipeline in self.pipelines.items()},
             lifecycle_metrics or LifecycleMetrics(Instruments.prometheus()),
             busy=lambda: self.admission.requests,
+            utilisation=self.admission.utilisation,
         )
         self.keys = ApiKeyCheck(settings)
         self.malformed: dict[str, str] = {}  # model → why its last answer broke its contract (not ready)

@@ -13,8 +13,13 @@ version that fails is refused (`LifecycleError`, 422) with the reason, and what 
 
 Comparison: for a routed request the other version (the candidate in shadow mode, the current one for a
 canary request) runs on the same preprocessed images after the user's answer is computed, in a task of
-its own, off the request's path; it is bounded (at most `shadow_max_pending` at once) and dropped first
-when the gateway is busy (`Settings.shadow_busy_limit` requests admitted). Each image's measures
+its own, off the request's path, and in the gateway's idle time: it waits until no request is in flight
+(at most `IDLE_WAIT_S`, then it is dropped), comparisons run one after another, and none is queued while
+the gateway has had requests in flight for more than `shadow_max_utilisation` of the recent time. It is
+bounded (at most `shadow_max_pending` waiting or running) and dropped first when the gateway is busy
+(`Settings.shadow_busy_limit` requests admitted). On two cores a candidate's inference beside a user's
+request slowed that request measurably (RESULTS "Model lifecycle"); in idle time it costs the users
+nothing, and a gateway that is never idle compares nothing (the drops are counted). Each image's measures
 (`service.core.agreement`) go to Prometheus (`LifecycleMetrics`) and to `summary()`.
 
 `RepositoryWatcher` polls the repository (`repository_poll_s`) and loads a new highest version as current.
@@ -49,6 +54,9 @@ log = logging.getLogger("cvserve.lifecycle")
 
 Mode = Literal["shadow", "canary"]
 CANARY_HEADER = "x-cvserve-canary"
+# How long a comparison waits for a moment with no request in flight before it is dropped ("busy").
+IDLE_WAIT_S = 2.0
+IDLE_POLL_S = 0.005
 
 
 class LifecycleError(ApiError):
@@ -156,12 +164,15 @@ class ModelVersions:
         contracts: Mapping[str, ModelContract],
         metrics: LifecycleMetrics,
         busy: Callable[[], int] = lambda: 0,
+        utilisation: Callable[[], float] = lambda: 0.0,
     ) -> None:
         self.settings = settings
         self.backend = backend
         self.contracts = dict(contracts)
         self.metrics = metrics
         self._busy = busy  # requests admitted now (shadow work is dropped first past shadow_busy_requests)
+        self._utilisation = utilisation  # the recent share of time with a request in flight
+        self._idle_turn = asyncio.Lock()  # comparisons run one at a time, each in a moment of idleness
         self.states: dict[str, VersionState] = {}
         for model in contracts:
             loaded = backend.loaded_versions(model)
@@ -240,7 +251,7 @@ class ModelVersions:
             return
         tally = self._tally(model, route.candidate, route.mode)
         reason = None
-        if self._busy() >= self.settings.shadow_busy_limit:
+        if self._busy() >= self.settings.shadow_busy_limit or self._too_busy():
             reason = "busy"
         elif len(self._pending) >= self.settings.shadow_max_pending:
             reason = "queue"
@@ -263,6 +274,45 @@ class ModelVersions:
     ) -> None:
         assert route.other is not None and route.candidate is not None and route.mode is not None
         contract = self.contracts[model]
+        if self._yields:
+            async with self._idle_turn:
+                if not await self._idle():
+                    tally.dropped["busy"] += 1
+                    self.metrics.candidate_request(model, route.candidate, route.mode, "dropped_busy")
+                    return
+                await self._run_and_record(model, route, tensors, served, run, tally, contract)
+        else:
+            await self._run_and_record(model, route, tensors, served, run, tally, contract)
+
+    @property
+    def _yields(self) -> bool:
+        """Whether comparisons give way to users (`shadow_max_utilisation` below 1)."""
+        return self.settings.shadow_max_utilisation < 1.0
+
+    def _too_busy(self) -> bool:
+        return self._yields and self._utilisation() > self.settings.shadow_max_utilisation
+
+    async def _idle(self) -> bool:
+        """Wait (at most `IDLE_WAIT_S`) until no request is in flight; False if that moment did not come."""
+        loop = asyncio.get_running_loop()
+        until = loop.time() + IDLE_WAIT_S
+        while self._busy() > 0:
+            if loop.time() >= until:
+                return False
+            await asyncio.sleep(IDLE_POLL_S)
+        return True
+
+    async def _run_and_record(
+        self,
+        model: str,
+        route: Route,
+        tensors: list[np.ndarray],
+        served: list[dict[str, np.ndarray]],
+        run: Callable[[str, list[np.ndarray]], Awaitable[list[dict[str, np.ndarray]]]],
+        tally: Tally,
+        contract: ModelContract,
+    ) -> None:
+        assert route.other is not None and route.candidate is not None and route.mode is not None
         try:
             other = await run(route.other, tensors)
             for output in other:

@@ -240,7 +240,7 @@ def candidate_traffic(
     write_version(repository, CLASSIFIER, "2", swap_classes(model_repository / CLASSIFIER / "1" / "model.pt", folder / "v2.pt"))
     settings = Settings(
         model_repository=repository, models=(CLASSIFIER,), device="cpu", runtime="torchscript", torch_threads=1,
-        shadow_max_pending=64,
+        shadow_max_pending=64, shadow_max_utilisation=1.0,
     )  # fmt: skip
     url = deploy(build_app(settings), "lifecycle", "/lifecycle")  # loopback, no admin key: /admin is open
     candidate = httpx.put(

@@ -70,6 +70,7 @@ def test_versions_load_roll_back_and_shadow_through_tritons_repository_api(
     settings = Settings(
         backend="triton", triton_url=server.grpc_url, models=(CLASSIFIER,), model_repository=gateway_repository,
         triton_admin_token=server.admin_token, admin_key=ADMIN_KEY, shadow_max_pending=64,
+        shadow_max_utilisation=1.0,
         request_timeout_s=120,
     )  # fmt: skip
     swapped = swap_classes(model_repository / CLASSIFIER / "1" / "model.pt", tmp_path / "v2.pt")

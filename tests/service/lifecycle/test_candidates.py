@@ -28,8 +28,8 @@ IMAGES = 30
 
 def make_client(repository: Path, **extra: object) -> TestClient:
     """A gateway started over version 1 alone; versions 2 and 3 are dropped into its repository after."""
-    # every comparison counted (the queue and busy bounds: their own tests)
-    extra = {"shadow_max_pending": 64, "shadow_busy_requests": 16, **extra}
+    # every comparison counted (the queue, busy and idle-time bounds: their own tests)
+    extra = {"shadow_max_pending": 64, "shadow_busy_requests": 16, "shadow_max_utilisation": 1.0, **extra}
     settings = Settings(
         model_repository=repository, models=(MODEL,), device="cpu", runtime="torchscript",
         api_key=API_KEY, admin_key=ADMIN_KEY, **extra,
@@ -149,6 +149,47 @@ def test_shadow_work_is_dropped_first_when_the_gateway_is_busy(two_versions: Pat
         assert comparison["dropped"] == {"busy": 5} and comparison["compared_requests"] == 0
 
 
+def test_by_default_a_comparison_waits_for_a_moment_with_no_request_in_flight(two_versions: Path) -> None:
+    with make_client(two_versions, shadow_max_utilisation=0.5) as client:  # the default
+        admission = client.app.state.answerer.admission
+        client.put(f"/admin/repository/models/{MODEL}/candidate", json={"version": "2", "share": 1.0}, headers=ADMIN)
+        other = admission.admit(1, 1)  # another request is in flight while this one is answered and after
+        top1(client.post("/classify", content=scene_png(0)[0], headers=CLIENT))
+        time.sleep(0.5)
+        waiting = summary_of(client)["comparison"]
+        assert waiting["compared_requests"] == 0 and waiting["dropped"] == {}, waiting  # not run, not dropped
+        other.release()  # the gateway is idle: the comparison runs now
+        assert compared(client, 1)["compared_images"] == 1
+
+        time.sleep(1.5)  # idle: the recent utilisation falls well below 0.5
+        assert admission.utilisation() < 0.3, admission.utilisation()
+        other = admission.admit(1, 1)  # never idle within the wait: dropped as busy, the answer unaffected
+        top1(client.post("/classify", content=scene_png(1)[0], headers=CLIENT))
+        wait_for(lambda: summary_of(client)["comparison"]["dropped"] == {"busy": 1}, 10, lambda: summary_of(client))
+        # a request in flight for most of the last second (utilisation above 0.5): none is even queued
+        assert admission.utilisation() > 0.5, admission.utilisation()
+        other.release()
+        top1(client.post("/classify", content=scene_png(2)[0], headers=CLIENT))
+        comparison = summary_of(client)["comparison"]
+        assert comparison["dropped"] == {"busy": 2} and comparison["compared_requests"] == 1, comparison
+        assert not client.app.state.answerer.lifecycle._pending
+
+
+def test_utilisation_is_the_recent_share_of_time_with_a_request_in_flight() -> None:
+    from service.core.admission import Admission, Limits
+
+    admission = Admission(Limits(requests=4, bytes=2**30, pixels=2**30), retry_after_s=1)
+    time.sleep(0.2)
+    assert admission.utilisation() < 0.01  # idle since it was made
+    ticket = admission.admit(1, 1)
+    time.sleep(1.0)
+    busy = admission.utilisation()
+    assert 0.5 < busy < 0.75, busy  # 1 - e^-1 of the last second, with a little scheduling slack
+    ticket.release()
+    time.sleep(1.0)
+    assert admission.utilisation() < busy * 0.45  # decays by e^-1 per idle second
+
+
 def test_at_most_shadow_max_pending_comparisons_run_at_once() -> None:
     import asyncio
 
@@ -165,7 +206,7 @@ async def _at_most_pending() -> None:
 
     class Versions(ModelVersions):
         def __init__(self) -> None:  # only what compare_later needs
-            self.settings = Settings(shadow_max_pending=2, shadow_busy_requests=2)
+            self.settings = Settings(shadow_max_pending=2, shadow_busy_requests=2, shadow_max_utilisation=1.0)
             self.contracts = {MODEL: type("Contract", (), {"task": "classification", "outputs": ()})()}
             self.metrics = LifecycleMetrics(Instruments.prometheus())
             self._busy = lambda: 0

@@ -31,6 +31,7 @@ def test_an_identical_candidate_agrees_fully(model: str, model_repository: Path,
     settings = Settings(
         model_repository=repository, models=(model,), device="cpu", runtime="torchscript", admin_key=ADMIN_KEY,
         max_batch_size=2, warm_up_batch_sizes=False, shadow_max_pending=16, shadow_busy_requests=16,
+        shadow_max_utilisation=1.0,
     )  # fmt: skip
     with TestClient(create_api(settings, LocalBackend(settings))) as client:
         write_version(repository, model, "2", model_repository / model / "1" / "model.pt")
