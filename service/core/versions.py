@@ -274,15 +274,29 @@ class ModelVersions:
     ) -> None:
         assert route.other is not None and route.candidate is not None and route.mode is not None
         contract = self.contracts[model]
-        if self._yields:
-            async with self._idle_turn:
-                if not await self._idle():
-                    tally.dropped["busy"] += 1
-                    self.metrics.candidate_request(model, route.candidate, route.mode, "dropped_busy")
-                    return
-                await self._run_and_record(model, route, tensors, served, run, tally, contract)
-        else:
-            await self._run_and_record(model, route, tensors, served, run, tally, contract)
+        async with self._idle_turn if self._yields else contextlib.nullcontext():
+            if self._yields and not await self._idle():
+                tally.dropped["busy"] += 1
+                self.metrics.candidate_request(model, route.candidate, route.mode, "dropped_busy")
+                return
+            try:
+                other = await run(route.other, tensors)
+                for output in other:
+                    check_outputs(contract, output)
+                current, candidate = route.pair(served, other)
+                measures = [compare(contract.task, a, b) for a, b in zip(current, candidate, strict=True)]
+            except Exception as error:  # the user already has the answer: a failed comparison is only counted
+                log.warning("comparing %s v%s failed: %s", model, route.other, error)
+                tally.dropped["failed"] += 1
+                self.metrics.candidate_request(model, route.candidate, route.mode, "failed")
+                return
+        tally.requests += 1
+        self.metrics.candidate_request(model, route.candidate, route.mode, "compared")
+        for image in measures:
+            tally.images += 1
+            for name, value in image.items():
+                tally.sums[name] += value
+            self.metrics.agreement_of(model, route.candidate, image)
 
     @property
     def _yields(self) -> bool:
@@ -301,36 +315,6 @@ class ModelVersions:
                 return False
             await asyncio.sleep(IDLE_POLL_S)
         return True
-
-    async def _run_and_record(
-        self,
-        model: str,
-        route: Route,
-        tensors: list[np.ndarray],
-        served: list[dict[str, np.ndarray]],
-        run: Callable[[str, list[np.ndarray]], Awaitable[list[dict[str, np.ndarray]]]],
-        tally: Tally,
-        contract: ModelContract,
-    ) -> None:
-        assert route.other is not None and route.candidate is not None and route.mode is not None
-        try:
-            other = await run(route.other, tensors)
-            for output in other:
-                check_outputs(contract, output)
-            current, candidate = route.pair(served, other)
-            measures = [compare(contract.task, a, b) for a, b in zip(current, candidate, strict=True)]
-        except Exception as error:  # the user already has the answer: a failed comparison is only counted
-            log.warning("comparing %s v%s failed: %s", model, route.other, error)
-            tally.dropped["failed"] += 1
-            self.metrics.candidate_request(model, route.candidate, route.mode, "failed")
-            return
-        tally.requests += 1
-        self.metrics.candidate_request(model, route.candidate, route.mode, "compared")
-        for image in measures:
-            tally.images += 1
-            for name, value in image.items():
-                tally.sums[name] += value
-            self.metrics.agreement_of(model, route.candidate, image)
 
     async def drain(self, timeout_s: float = 30.0) -> None:
         """Wait for the comparisons running now (tests and shutdown)."""
