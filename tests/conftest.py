@@ -61,11 +61,22 @@ def pytest_runtest_logreport(report: pytest.TestReport) -> None:
         _outcomes[report.outcome] = _outcomes.get(report.outcome, 0) + 1
 
 
+def whole_suite(config: pytest.Config) -> bool:
+    """Whether this session runs the whole suite (`make test`: the testpaths, no -k or -m selection)."""
+    return (
+        config.args_source == pytest.Config.ArgsSource.TESTPATHS
+        and not config.option.keyword
+        and not config.option.markexpr
+    )
+
+
 def pytest_sessionfinish(session: pytest.Session) -> None:
     if not _durations:
         return
-    DURATIONS_FILE.parent.mkdir(parents=True, exist_ok=True)
-    DURATIONS_FILE.write_text(json.dumps({
+    # A partial run must not replace the whole suite's figures behind the committed table.
+    target = DURATIONS_FILE if whole_suite(session.config) else DURATIONS_FILE.with_name("durations-partial.json")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(json.dumps({
         "started": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(time.time() - (time.monotonic() - _session_started))),
         "machine": f"{os.cpu_count()} cores, {platform.python_implementation()} {platform.python_version()}",
         "wall_s": round(time.monotonic() - _session_started, 1),

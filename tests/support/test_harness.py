@@ -180,3 +180,19 @@ def test_torch_threads_kept_gives_back_the_thread_count() -> None:
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize(
+    ("argv", "whole"),
+    [([], True), (["tests/support"], False), (["-k", "harness"], False), (["-m", "not live"], False)],
+)
+def test_only_the_whole_suite_writes_the_durations_behind_the_committed_table(argv: list[str], whole: bool) -> None:
+    from _pytest.config import _prepareconfig
+
+    from tests.conftest import whole_suite
+
+    config = _prepareconfig(["-p", "no:cacheprovider", *argv])
+    try:
+        assert whole_suite(config) is whole
+    finally:
+        config._ensure_unconfigure()
