@@ -256,8 +256,7 @@ class ModelVersions:
         elif len(self._pending) >= self.settings.shadow_max_pending:
             reason = "queue"
         if reason is not None:
-            tally.dropped[reason] += 1
-            self.metrics.candidate_request(model, route.candidate, route.mode, f"dropped_{reason}")
+            self._dropped(model, route, tally, reason)
             return
         task = asyncio.get_running_loop().create_task(self._compare(model, route, list(tensors), served, run, tally))
         self._pending.add(task)
@@ -276,8 +275,7 @@ class ModelVersions:
         contract = self.contracts[model]
         async with self._idle_turn if self._yields else contextlib.nullcontext():
             if self._yields and not await self._idle():
-                tally.dropped["busy"] += 1
-                self.metrics.candidate_request(model, route.candidate, route.mode, "dropped_busy")
+                self._dropped(model, route, tally, "busy")
                 return
             try:
                 other = await run(route.other, tensors)
@@ -287,8 +285,7 @@ class ModelVersions:
                 measures = [compare(contract.task, a, b) for a, b in zip(current, candidate, strict=True)]
             except Exception as error:  # the user already has the answer: a failed comparison is only counted
                 log.warning("comparing %s v%s failed: %s", model, route.other, error)
-                tally.dropped["failed"] += 1
-                self.metrics.candidate_request(model, route.candidate, route.mode, "failed")
+                self._dropped(model, route, tally, "failed")
                 return
         tally.requests += 1
         self.metrics.candidate_request(model, route.candidate, route.mode, "compared")
@@ -297,6 +294,13 @@ class ModelVersions:
             for name, value in image.items():
                 tally.sums[name] += value
             self.metrics.agreement_of(model, route.candidate, image)
+
+    def _dropped(self, model: str, route: Route, tally: Tally, reason: str) -> None:
+        """Count a comparison that did not happen: "busy", "queue" (outcome dropped_<reason>) or "failed"."""
+        assert route.candidate is not None and route.mode is not None
+        tally.dropped[reason] += 1
+        outcome = "failed" if reason == "failed" else f"dropped_{reason}"
+        self.metrics.candidate_request(model, route.candidate, route.mode, outcome)
 
     @property
     def _yields(self) -> bool:
