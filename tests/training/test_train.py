@@ -95,6 +95,20 @@ def test_segmenter_trains_from_the_classifiers_trunk_without_touching_it(scenes:
     assert model.head.out_channels == len(CLASSES) + 1
     assert "head.weight" in _changed(initial, after)
 
+def test_segmenter_with_crop_trains_on_windows_of_the_scenes(scenes: SceneSet) -> None:
+    seen: list[tuple[int, ...]] = []
+    classifier = build_demo_classifier(len(CLASSES))
+    classifier.conv1.register_forward_pre_hook(lambda _module, args: seen.append(tuple(args[0].shape)))
+    train_segmenter(scenes, STEPS, classifier, CPU, seed=0, crop=64)
+    assert seen == [(2, 3, 64, 64)] * STEPS.steps, "every step sees one 64 px window of 2 scenes"
+
+
+def test_the_segmenter_answers_at_the_size_it_is_given() -> None:
+    model = build_demo_segmenter(len(CLASSES) + 1).eval()
+    with torch.no_grad():
+        assert model(torch.zeros(1, 3, 96, 160)).shape == (1, len(CLASSES) + 1, 96, 160)
+
+
 
 def test_run_saves_loadable_models_then_reuses_them(tmp_path: Path) -> None:
     out = tmp_path / "demo"
