@@ -4,9 +4,10 @@
 
 Prints, per class, its polygons and their area next to the area of the class's RLE mask.
 """
-# expects: ^cross: 1 polygon, \d+ vertices, area \d+ px \(mask \d+ px\)$
-# expects: ^square: 1 polygon, \d+ vertices, area \d+ px \(mask \d+ px\)$
-# expects: ^star: 1 polygon, \d+ vertices, area \d+ px \(mask \d+ px\)$
+# (how many polygons a class gets is the model's answer: a stray speck of a class is a polygon of its own)
+# expects: ^cross: \d+ polygons?, \d+ vertices, area \d+ px \(mask \d+ px\)$
+# expects: ^square: \d+ polygons?, \d+ vertices, area \d+ px \(mask \d+ px\)$
+# expects: ^star: \d+ polygons?, \d+ vertices, area \d+ px \(mask \d+ px\)$
 
 import argparse
 import os
