@@ -7,7 +7,7 @@ matches the one in OUT, or in the cache outside the clone, reuses it; --force re
 The cache is $CVSERVE_CACHE, else $XDG_CACHE_HOME/cvserve, else ~/.cache/cvserve (`training.cache`).
 Exits 1 when a model misses its quality bar.
 
-    python -m training [--out artifacts/demo] [--seed 0] [--device cpu|cuda] [--force] [--no-cache]
+    python -m training [--out artifacts/demo] [--seed 0] [--device cpu|cuda] [--bf16] [--force] [--no-cache]
 """
 
 from __future__ import annotations
@@ -38,6 +38,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--threads", type=int, default=2, help="CPU threads for torch (default 2)")
     parser.add_argument(
+        "--bf16",
+        action="store_true",
+        help="bfloat16 autocast where the hardware runs it natively (faster; not what the tests were tuned on)",
+    )
+    parser.add_argument(
         "--force", action="store_true", help="retrain even if OUT or the cache holds results for this key"
     )
     parser.add_argument(
@@ -61,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     except (RuntimeError, AssertionError) as exc:
         parser.error(f"device {args.device!r} is not usable here: {exc}")
     cache = None if args.no_cache else args.cache
-    report = run(DemoConfig(seed=args.seed), args.out, device, args.threads, force=args.force, cache=cache)
+    report = run(DemoConfig(seed=args.seed, bf16=args.bf16), args.out, device, args.threads, force=args.force, cache=cache)
     for name, model in report["models"].items():
         verdict = "ok" if model["passed"] else "MISSED"
         logging.info(

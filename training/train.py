@@ -80,8 +80,10 @@ class DemoConfig:
     # batch's scenes: 0.56x the pixels of a whole scene per step. It is evaluated on whole scenes.
     segmenter_crop: int = 96
     # Forward passes in bfloat16 autocast (weights, optimiser and evaluation stay float32) where the
-    # hardware runs it natively: ~1.6x faster training steps on an AVX512-BF16 CPU.
-    bf16: bool = True
+    # hardware runs it natively: ~1.6x faster training steps on an AVX512-BF16 CPU. Off by default
+    # (`python -m training --bf16` turns it on): the step counts are set by the service's correctness
+    # tests on float32 training, and every machine then takes the same numeric path.
+    bf16: bool = False
 
     def bars(self) -> dict[str, tuple[str, float]]:
         """The metric and the minimum each model must reach on held-out scenes."""

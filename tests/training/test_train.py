@@ -167,8 +167,16 @@ def test_cli_help_names_its_options() -> None:
     from training.__main__ import get_args_parser
 
     text = get_args_parser().format_help()  # what --help prints (the process is tested below)
-    for option in ("--out", "--seed", "--force", "--device", "--threads"):
+    for option in ("--out", "--seed", "--force", "--device", "--threads", "--bf16"):
         assert option in text
+    assert get_args_parser().parse_args(["--bf16"]).bf16 is True
+
+
+def test_the_demo_trains_in_float32_unless_asked() -> None:
+    # The step counts are tuned on float32 training (the correctness tests' margins); bf16 is opt-in.
+    from training.__main__ import get_args_parser
+
+    assert DemoConfig().bf16 is False and get_args_parser().parse_args([]).bf16 is False
 
 
 def test_cli_refuses_an_unusable_device(tmp_path: Path) -> None:
