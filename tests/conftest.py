@@ -53,6 +53,28 @@ DURATIONS_FILE = ROOT / "test-artifacts" / "durations.json"
 _durations: dict[str, dict[str, float]] = {}
 _outcomes: dict[str, int] = {}
 _session_started = time.monotonic()
+# CPU seconds the whole machine (servers and subprocesses included) spent during each test: against its
+# wall time, how busy the two cores were, which says where running tests side by side could gain.
+_machine_cpu: dict[str, float] = {}
+
+
+def machine_cpu_seconds() -> float | None:
+    """CPU seconds every process of this machine has used since boot (/proc/stat; None where it is absent)."""
+    try:
+        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]
+    except OSError:
+        return None
+    user, nice, system, _idle, _iowait, irq, softirq, steal = map(int, fields)
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> Iterator[None]:
+    before = machine_cpu_seconds()
+    yield
+    after = machine_cpu_seconds()
+    if before is not None and after is not None:
+        _machine_cpu[item.nodeid] = round(after - before, 2)
 
 
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:
@@ -82,6 +104,7 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
         "wall_s": round(time.monotonic() - _session_started, 1),
         "outcomes": ", ".join(f"{n} {k}" for k, n in sorted(_outcomes.items())),
         "tests": _durations,
+        "machine_cpu_s": _machine_cpu,
     }, indent=1) + "\n")  # fmt: skip
 
 
