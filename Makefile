@@ -17,9 +17,7 @@ HOST ?= http://127.0.0.1:8000
 
 $(INSTALLED): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[dev]'
-	rm -rf $(KSERVE) && $(PY) -m pip install -q --no-deps --target $(KSERVE) $(KSERVE_SDK)
+	$(PY) scripts/install.py --kserve $(KSERVE) $(KSERVE_SDK)
 	touch $@
 
 ## setup: create the virtual environment with every dependency

@@ -60,7 +60,8 @@ def table(run: dict) -> str:
             f"| `{name}` | {c['tests']} | {c['setup']:.0f} | {c['call']:.0f} | {c['teardown']:.0f} | {total:.0f} "
             f"| {busy} |"
         )
-    lines += ["", f"## The {SLOWEST} slowest tests (setup + call)", "", "| test | setup s | call s | cores busy |", "|---|---:|---:|---:|"]
+    lines += ["", f"## The {SLOWEST} slowest tests (setup + call)", ""]
+    lines += ["| test | setup s | call s | cores busy |", "|---|---:|---:|---:|"]
     slowest = sorted(tests.items(), key=lambda kv: -(kv[1].get("setup", 0) + kv[1].get("call", 0)))
     for nodeid, phases in slowest[:SLOWEST]:
         total = sum(phases.values())
