@@ -66,7 +66,8 @@ def main(argv: list[str] | None = None) -> int:
     except (RuntimeError, AssertionError) as exc:
         parser.error(f"device {args.device!r} is not usable here: {exc}")
     cache = None if args.no_cache else args.cache
-    report = run(DemoConfig(seed=args.seed, bf16=args.bf16), args.out, device, args.threads, force=args.force, cache=cache)
+    config = DemoConfig(seed=args.seed, bf16=args.bf16)
+    report = run(config, args.out, device, args.threads, force=args.force, cache=cache)
     for name, model in report["models"].items():
         verdict = "ok" if model["passed"] else "MISSED"
         logging.info(

@@ -124,7 +124,7 @@ class UNet(nn.Module):
     `encoder` may be a trained ResNet-18 classifier whose trunk seeds the encoder; the decoder
     upsamples bilinearly and merges each skip down to stride 4, and the class logits are then
     upsampled to the input's size. (Merging the stride-2 skip too cost 40% of each training step on
-    two CPU cores for a sharper edge of a pixel or so; spent on more steps instead, it buys more.)
+    two CPU cores; the recipe spends that time on more steps instead.)
     """
 
     STRIDE = SEGMENTER_STRIDE  # the deepest stage's stride: input sides must be multiples of it

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import copy
 import hashlib
 import json
@@ -38,6 +39,7 @@ from training.data import (
 from training.models import (
     DEMO_MEAN,
     DEMO_STD,
+    UNet,
     build_demo_classifier,
     build_demo_detector,
     build_demo_segmenter,
@@ -84,6 +86,14 @@ class DemoConfig:
     # (`python -m training --bf16` turns it on): the step counts are set by the service's correctness
     # tests on float32 training, and every machine then takes the same numeric path.
     bf16: bool = False
+
+    def __post_init__(self) -> None:
+        crop, stride = self.segmenter_crop, UNet.STRIDE
+        if crop and (crop % stride or not 0 < crop <= self.scene_size):
+            raise ValueError(
+                f"segmenter_crop {crop}: 0 (whole scenes) or a multiple of the U-Net's stride {stride} "
+                f"no larger than scene_size {self.scene_size}"
+            )
 
     def bars(self) -> dict[str, tuple[str, float]]:
         """The metric and the minimum each model must reach on held-out scenes."""
@@ -136,12 +146,25 @@ def training_key(
     config: DemoConfig, device: torch.device, threads: int, sources: Path = Path(__file__).parent
 ) -> str:
     """Hash of `key_inputs` and of the training code in `sources` (training/ without `NOT_IN_KEY`):
-    equal keys mean equal training, so a run with this key can be reused instead of trained."""
+    equal keys mean equal training, so a run with this key can be reused instead of trained.
+    The code counts without its comments, docstrings and layout (`code_of`): editing those retrains nothing."""
     digest = hashlib.sha256(json.dumps(key_inputs(config, device, threads), sort_keys=True).encode())
     for source in sorted(sources.glob("*.py")):
         if source.name not in NOT_IN_KEY:
-            digest.update(source.name.encode() + b"\0" + source.read_bytes())
+            digest.update(source.name.encode() + b"\0" + code_of(source.read_text()).encode())
     return digest.hexdigest()[:16]
+
+
+def code_of(source: str) -> str:
+    """A module's syntax tree without docstrings (no comments, line numbers or layout either), as text."""
+    tree = ast.parse(source)
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef):
+            first = node.body[0] if node.body else None
+            value = first.value if isinstance(first, ast.Expr) else None
+            if isinstance(value, ast.Constant) and isinstance(value.value, str):
+                node.body = node.body[1:] or [ast.Pass()]
+    return ast.dump(tree)
 
 
 def native_bf16(device: torch.device) -> bool:

@@ -44,8 +44,22 @@ def test_the_key_is_the_same_for_an_identical_tree(tree: Path) -> None:
 def test_editing_training_code_changes_the_key(tree: Path, name: str) -> None:
     before = _key(tree)
     with (tree / "training" / name).open("a") as source:
-        source.write("\n# an edit\n")
+        source.write("\n_EDIT = 1\n")
     assert _key(tree) != before, f"an edit of training/{name} must retrain"
+
+
+def test_comments_docstrings_and_layout_keep_the_key(tree: Path) -> None:
+    before = _key(tree)
+    models = tree / "training" / "models.py"
+    text = models.read_text()
+    edited = text.replace('"""', '"""Reworded. ', 1)  # the module's docstring
+    edited = edited.replace("    def forward(", "    # a comment\n\n    def forward(", 1)
+    edited = edited.replace("DEMO_WIDTH = 32", "DEMO_WIDTH = (\n    32\n)  # layout", 1)
+    assert edited != text
+    models.write_text(edited)
+    assert _key(tree) == before
+    models.write_text(edited.replace("DEMO_WIDTH = (\n    32\n)", "DEMO_WIDTH = (\n    33\n)", 1))
+    assert _key(tree) != before, "a changed value is a changed training"
 
 
 def test_a_new_training_module_changes_the_key(tree: Path) -> None:

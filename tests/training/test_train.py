@@ -184,3 +184,10 @@ def test_cli_refuses_an_unusable_device(tmp_path: Path) -> None:
     assert result.returncode == 2
     assert "no-such-device" in result.stderr and "Traceback" not in result.stderr
     assert not any(tmp_path.iterdir()), "nothing written"
+
+
+@pytest.mark.parametrize("crop", [80, 160, -32])
+def test_a_segmenter_crop_the_u_net_cannot_take_is_refused_at_config_time(crop: int) -> None:
+    with pytest.raises(ValueError, match="segmenter_crop"):
+        DemoConfig(segmenter_crop=crop)
+    assert DemoConfig(segmenter_crop=0).segmenter_crop == 0  # whole scenes
