@@ -57,20 +57,26 @@ def parse_pip_config(listing: str) -> dict[str, str]:
     return {key: value for key, (_, value) in found.items()}
 
 
-def uv_command(config: dict[str, str]) -> tuple[list[str], dict[str, str]]:
-    """`uv pip install` for this interpreter with pip's index settings, and the environment it needs."""
-    uv = Path(sys.executable).with_name("uv")
-    command = [str(uv), "pip", "install", "--quiet", "--python", sys.executable]
-    command += ["--index-strategy", "unsafe-best-match", "--compile-bytecode"]
+def uv_options(config: dict[str, str]) -> tuple[list[str], dict[str, str]]:
+    """uv's options for pip's index settings (any `uv pip` command), and the environment uv needs."""
+    options = ["--index-strategy", "unsafe-best-match"]  # every index for every package, as pip does
     for key, option in PIP_TO_UV.items():
         for value in shlex.split(config.get(key, "")):
-            command += [option, value]
+            options += [option, value]
     env = dict(os.environ)
     if config.get("cert"):
         env["SSL_CERT_FILE"] = config["cert"]
     if config.get("default-timeout"):
         env["UV_HTTP_TIMEOUT"] = config["default-timeout"]
-    return command, env
+    return options, env
+
+
+def uv_command(config: dict[str, str]) -> tuple[list[str], dict[str, str]]:
+    """`uv pip install` into this interpreter's environment with pip's index settings, compiling bytecode."""
+    uv = Path(sys.executable).with_name("uv")
+    options, env = uv_options(config)
+    command = [str(uv), "pip", "install", "--quiet", "--python", sys.executable, "--compile-bytecode"]
+    return [*command, *options], env
 
 
 def install(args: list[str], config: dict[str, str], uv_ok: bool) -> bool:

@@ -51,7 +51,7 @@ def test_uv_gets_every_index_constraint_and_the_ca_bundle() -> None:
     assert ("--constraint", "/etc/xdg/pip/constraints.txt") in pairs
     assert ("--index-url", "https://mirror.example/simple") in pairs
     assert ("--index-strategy", "unsafe-best-match") in pairs  # every index for every package, as pip
-    assert ("--python", sys.executable) in pairs
+    assert ("--python", sys.executable) in pairs and "--compile-bytecode" in command  # as pip compiles
     assert env["SSL_CERT_FILE"] == "/etc/ssl/certs/ca-certificates.crt" and env["UV_HTTP_TIMEOUT"] == "180"
 
 
@@ -62,10 +62,10 @@ def test_uv_resolves_exactly_what_this_environment_has() -> None:
     uv = Path(sys.executable).with_name("uv")
     if not uv.is_file():
         pytest.skip("this environment was installed by pip (uv could not be installed)")
-    command, env = install.uv_command(install.pip_config())
-    command[command.index("install")] = "compile"
+    options, env = install.uv_options(install.pip_config())
     done = subprocess.run(
-        [*command, "pyproject.toml", "--extra", "dev", "--no-header", "--no-annotate"],
+        [str(uv), "pip", "compile", "--python", sys.executable, *options,
+         "pyproject.toml", "--extra", "dev", "--no-header", "--no-annotate"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
