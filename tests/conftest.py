@@ -97,8 +97,6 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
         return
     # A partial run must not replace the whole suite's figures behind the committed table.
     target = DURATIONS_FILE if whole_suite(session.config) else DURATIONS_FILE.with_name("durations-partial.json")
-    if shard := os.environ.get("CVSERVE_TEST_SHARD"):  # scripts/run_tests.py merges the shards' files
-        target = DURATIONS_FILE.with_name(f"durations-shard-{shard}.json")
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_text(json.dumps({
         "started": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(time.time() - (time.monotonic() - _session_started))),
