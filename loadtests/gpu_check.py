@@ -124,7 +124,7 @@ DRY_RUN = Profile(
     },  # fmt: skip
     budget_s=900.0,  # a shared 2-core machine takes about 3 minutes; the budget leaves room for a loaded one
     timeouts={"environment": 120, "model": 300, "decode": 120, "http": 240, "onnx": 120},
-    # Both cores (the detector step: 75 -> 52 s in `make test`), with OpenMP threads that sleep instead of
+    # Both cores (the dry run alone: its detector step 75 -> 52 s), with OpenMP threads that sleep instead of
     # spinning while they wait: spinning threads on two shared, busy cores ran several times slower.
     cpu_threads=2,
     step_env={"OMP_WAIT_POLICY": "PASSIVE"},
