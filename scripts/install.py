@@ -6,9 +6,9 @@ uv (one wheel from the package index, installed into the environment by its pip)
 the same versions pip would, from the same indexes, in parallel and from its own cache, and compiles the
 bytecode as pip does (this machine sets PYTHONDONTWRITEBYTECODE, so nothing compiles it later: without it
 the gateway started 20-30 s slower). A fresh environment here: 62 s with uv's cache empty, 39 s with it
-warm, against pip's 148 s (pip's cache warm). It is told
-pip's configuration (`pip config list`: index URLs, find-links, constraints, the CA bundle, the timeout),
-which it does not read itself, and it considers every index for every package as pip does. Where uv
+warm, against pip's 148 s (pip's cache warm). It is told pip's configuration (`pip config list`: index
+URLs, find-links, constraints, the CA bundle, the timeout), which it does not read itself, and it
+considers every index for every package as pip does. Where uv
 cannot be installed or fails, pip installs instead, as before. `--kserve` also installs KServe's SDK
 without dependencies into a folder of its own (tests/oip/test_kserve_client.py puts it on a subprocess's
 path).
