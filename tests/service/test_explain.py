@@ -122,10 +122,17 @@ def test_a_blank_image_gives_a_flat_occlusion_map(client: TestClient) -> None:
     grid = np.array(explanation["grid"])
     assert grid.shape == (8, 8)
     assert grid.max() - grid.min() < 1e-4, grid
-    # ...whereas a shape on the same background is not flat
-    scene = make_scene(fresh_seeds(1, offset=22_100)[0], 96, 1, 1)
-    shaped = np.array(explained(client, "/classify", scene.image, "explain=occlusion")["explanation"]["grid"])
-    assert shaped.max() - shaped.min() > 0.05, shaped
+    # ...whereas shapes on the same background are not. One image is no test of that: where the classifier is
+    # saturated (score 1.0), covering a cell may not move it, and single fresh scenes gave ranges from 0.0005
+    # to 0.998 (20 scenes, 2026-12-05). So: most of ten fresh scenes, each 100x the blank map's bound.
+    seeds = fresh_seeds(10, offset=22_100)
+    print(f"scene seeds {seeds.start}..{seeds.stop - 1}")
+    ranges = []
+    for seed in seeds:
+        scene = make_scene(seed, 96, 1, 1)
+        shaped = np.array(explained(client, "/classify", scene.image, "explain=occlusion")["explanation"]["grid"])
+        ranges.append(float(shaped.max() - shaped.min()))
+    assert sum(r > 0.01 for r in ranges) >= 7, ranges
 
 
 def test_the_answer_carries_the_grid_its_region_and_an_overlay(client: TestClient) -> None:
