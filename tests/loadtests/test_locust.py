@@ -34,7 +34,7 @@ def run_locust(
 
 def test_mixed_load_on_every_endpoint_has_no_failures(embedded_gateway: str, tmp_path: Path) -> None:
     code, output, rows = run_locust(
-        embedded_gateway, tmp_path, 20, 4, "--wait-min", "0.05", "--wait-max", "0.5"
+        embedded_gateway, tmp_path, 10, 4, "--wait-min", "0.05", "--wait-max", "0.5"
     )
     assert code == 0, output
     for endpoint in ("/classify", "/detect", "/segment"):

@@ -19,6 +19,7 @@ import stat
 import subprocess
 import sys
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -76,11 +77,10 @@ class RunningGateway:
         return Path(self.ray_environment["RAY_AUTH_TOKEN_PATH"]).parent
 
 
-@pytest.fixture(scope="module", params=["proxy", "haproxy"])
-def running(
-    request: pytest.FixtureRequest, model_repository: Path, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[RunningGateway]:
-    ingress = request.param
+INGRESSES = ("proxy", "haproxy")
+
+
+def _spawn(ingress: str, model_repository: Path, tmp_path_factory: pytest.TempPathFactory) -> RunningGateway:
     stats_port, metrics_port = reserved_free_ports(2)
     ports = {
         "CVSERVE_PORT": free_port(),
@@ -101,28 +101,59 @@ def running(
     }
     log_path = tmp_path_factory.mktemp(f"gateway-{ingress}") / "gateway.log"
     process = spawn([sys.executable, "-m", "service"], log_path, cwd=ROOT, env=env)
-    gateway = Gateway(process=process, log_path=log_path, port=ports["CVSERVE_PORT"])
-    running = RunningGateway(gateway, ingress, ports)
+    return RunningGateway(Gateway(process=process, log_path=log_path, port=ports["CVSERVE_PORT"]), ingress, ports)
+
+
+def _wait_listening(running: RunningGateway) -> None:
+    running.gateway.wait_ready(240)
+    pid, port = running.gateway.process.pid, running.ports["CVSERVE_PORT"]
+
+    def client_port_seen() -> bool:  # HAProxy restarts itself on each route change at start-up
+        running.listeners = listeners(pid)
+        return any(listener.port == port for listener in running.listeners)
+
+    wait_for(client_port_seen, 60, f"nothing in the {running.ingress} gateway's process tree listens on {port}")
+
+
+def _stop(running: RunningGateway, private_dir: Path | None) -> list[str]:
+    """Stop one gateway; what went wrong in its shutdown."""
+    process = running.gateway.process
+    running.gateway.stop(STOP_TIMEOUT_S)  # SIGTERM to the gateway (it shuts Serve and Ray down), then SIGKILL its group
+    for straggler in session_members(process.pid):  # Ray's workers lead process groups of their own
+        straggler.kill()
+    problems = []
+    if process.returncode != 0:
+        problems.append(f"the {running.ingress} gateway did not stop cleanly:\n{running.gateway.log_tail()}")
+    if private_dir is not None and private_dir.exists():
+        problems.append(f"the {running.ingress} gateway's private directory (Ray's token, HAProxy's socket) outlived it")
+    return problems
+
+
+@pytest.fixture(scope="module")
+def gateways(
+    model_repository: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[dict[str, RunningGateway]]:
+    """One gateway per ingress mode, started side by side and stopped side by side: one starting alone
+    leaves about half of this machine's two cores idle (Ray's processes mostly wait on each other)."""
+    started: dict[str, RunningGateway] = {}
+    private_dirs: dict[str, Path] = {}
     try:
-        gateway.wait_ready(240)
-        private_dir = running.private_dir
-
-        def client_port_seen() -> bool:  # HAProxy restarts itself on each route change at start-up
-            running.listeners = listeners(process.pid)
-            return any(listener.port == ports["CVSERVE_PORT"] for listener in running.listeners)
-
-        wait_for(
-            client_port_seen, 60, f"nothing in the gateway's process tree listens on {ports['CVSERVE_PORT']}"
-        )
-        yield running
+        for ingress in INGRESSES:
+            started[ingress] = _spawn(ingress, model_repository, tmp_path_factory)
+        for ingress, running in started.items():
+            _wait_listening(running)
+            private_dirs[ingress] = running.private_dir
+        yield started
     finally:
-        gateway.stop(STOP_TIMEOUT_S)  # SIGTERM to the gateway (it shuts Serve and Ray down), then SIGKILL its group
-        for straggler in session_members(process.pid):  # Ray's workers lead process groups of their own
-            straggler.kill()
-    assert process.returncode == 0, f"the gateway did not stop cleanly:\n{gateway.log_tail()}"
-    assert not private_dir.exists(), (
-        "the private directory (Ray's token, HAProxy's socket) outlived the gateway"
-    )
+        with ThreadPoolExecutor(len(started) or 1) as pool:
+            stopped = list(pool.map(lambda r: _stop(r, private_dirs.get(r.ingress)), started.values()))
+    problems = [problem for found in stopped for problem in found]
+    assert not problems, "\n".join(problems)
+
+
+@pytest.fixture(params=INGRESSES)
+def running(request: pytest.FixtureRequest, gateways: dict[str, RunningGateway]) -> RunningGateway:
+    return gateways[request.param]
 
 
 def _report(found: list[Listener]) -> str:
