@@ -12,7 +12,8 @@ model:<name>[@<px>] (export fp32 and fp16 at batch buckets, reloaded model.pt ag
 model, fp16 against fp32, images/s of the model alone per bucket and precision, the in-process
 pipeline); decode (nvJPEG batch decode against Pillow); http (uvicorn processes feeding one model
 owner, a multi-process load generator); onnx (a hook, loadtests/gpu/steps.py `step_onnx`).
-Writes DIR/gpu_check.json after every step; exits 1 if a parity check or a step failed. --budget
+On the GPU the steps run one after another, each timed alone; --dry-run runs the steps that need
+nothing of each other side by side (`waves`). Writes DIR/gpu_check.json after every step; exits 1 if a parity check or a step failed. --budget
 (450 s) caps the whole run: one command on a GPU machine stays under 8 minutes.
 
     bash loadtests/gpu_check.sh --wheels .whl --out $OUT/gpu_check    # on the GPU machine
@@ -32,6 +33,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -74,6 +76,10 @@ class Profile:
     timeouts: dict[str, float]  # per step kind: environment, model, decode, http, onnx
     cpu_threads: int | None = None  # torch intra-op threads; None: torch's default
     step_env: dict[str, str] = field(default_factory=dict)  # environment variables each step's process gets
+    # Steps that need nothing of each other run side by side (`waves`): a CPU rehearsal leaves cores idle
+    # while one step's process imports, scripts and exports. A GPU run keeps one step at a time, each
+    # timed alone on the device.
+    side_by_side: bool = False
     steps: tuple[str, ...] = field(default=())  # filled by parse_args: the steps to run, in order
 
 
@@ -128,6 +134,7 @@ DRY_RUN = Profile(
     # spinning while they wait: spinning threads on two shared, busy cores ran several times slower.
     cpu_threads=2,
     step_env={"OMP_WAIT_POLICY": "PASSIVE"},
+    side_by_side=True,
 )
 
 
@@ -138,6 +145,19 @@ def plan(profile: Profile) -> tuple[str, ...]:
     # HTTP right after the exports it serves: /classify end to end is the run's headline figure, and an
     # extra input size is the first thing a tight budget may drop.
     return ("environment", *models, "http", "decode", "onnx", *extra)
+
+
+def waves(steps: Sequence[str], side_by_side: bool) -> list[list[str]]:
+    """`steps` in groups run one group after another; a group's steps run at once. One step per group
+    unless `side_by_side`: then the environment first, every model step with decode (which needs no
+    export), then the steps that use the exports (http serves the fp16 ones, onnx runs the fp32 ones)."""
+    if not side_by_side:
+        return [[name] for name in steps]
+    stage = {"environment": 0, "model": 1, "decode": 1}
+    groups: dict[int, list[str]] = {}
+    for name in steps:
+        groups.setdefault(stage.get(name.partition(":")[0], 2), []).append(name)
+    return [groups[key] for key in sorted(groups)]
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -356,26 +376,31 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     env = step_environment_variables(out, profile.step_env)
     results["stubbed_modules"] = ["av"] if str(STUBS) in env["PYTHONPATH"] else []
     log.info("gpu check (%s): %s", "dry run" if args.dry_run else device, ", ".join(profile.steps))
-    for name in profile.steps:
-        kind = name.partition(":")[0]
+
+    def step(name: str) -> dict[str, Any]:
         left = profile.budget_s - (time.monotonic() - started)
         skip = _skip_reason(name, results, left)
         if skip:
-            entry: dict[str, Any] = {"name": name, "status": "skipped", "reason": skip}
-        else:
-            timeout_s = min(profile.timeouts[kind], left - STOP_GRACE_S)
-            log.info("step %s (at most %.0fs)", name, timeout_s)
-            entry = run_step(name, context, work, logs, timeout_s, env)
+            return {"name": name, "status": "skipped", "reason": skip}
+        timeout_s = min(profile.timeouts[name.partition(":")[0]], left - STOP_GRACE_S)
+        log.info("step %s (at most %.0fs)", name, timeout_s)
+        return run_step(name, context, work, logs, timeout_s, env)
+
+    for wave in waves(profile.steps, profile.side_by_side):
+        with ThreadPoolExecutor(len(wave)) as pool:
+            entries = list(pool.map(step, wave))
+        for name, entry in zip(wave, entries, strict=True):
             _append_logs(combined, logs, name)
-        if "result" in entry:
-            merge(results, name, entry.pop("result"))
-        log.info("step %s: %s in %ss", name, entry["status"], entry.get("seconds", 0))
-        results["steps"].append(entry)
+            if "result" in entry:
+                merge(results, name, entry.pop("result"))
+            log.info("step %s: %s in %ss", name, entry["status"], entry.get("seconds", 0))
+            results["steps"].append(entry)
+        results["steps"].sort(key=lambda entry: profile.steps.index(entry["name"]))
         results["passed"] = passed(results)
         results["wall_s"] = round(time.monotonic() - started, 1)
         path.write_text(
             json.dumps(results, indent=2) + "\n"
-        )  # after every step: a killed run keeps its figures
+        )  # after every step (every wave of steps side by side): a killed run keeps its figures
     return results
 
 

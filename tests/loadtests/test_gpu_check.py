@@ -27,7 +27,7 @@ from loadtests.gpu.parity import (
     unmatched_fraction,
 )
 from loadtests.gpu.steps import pipeline_settings
-from loadtests.gpu_check import GPU, passed, plan, run_step
+from loadtests.gpu_check import DRY_RUN, GPU, passed, plan, run_step, waves
 from tasks import MODELS
 from tests.conftest import ROOT
 
@@ -72,6 +72,17 @@ def test_the_check_s_modules_import_without_tritonclient_ray_or_av() -> None:
         check=False,
     )
     assert "blocked: not on the GPU image" in blocked.stderr  # the blocker works
+
+
+def test_a_gpu_run_takes_one_step_at_a_time_and_a_rehearsal_runs_independent_steps_together() -> None:
+    assert not GPU.side_by_side and DRY_RUN.side_by_side
+    gpu_steps = plan(GPU)
+    assert waves(gpu_steps, GPU.side_by_side) == [[name] for name in gpu_steps]
+    assert waves(plan(DRY_RUN), DRY_RUN.side_by_side) == [
+        ["environment"],
+        [*(f"model:{m}" for m in MODELS), "decode"],
+        ["http", "onnx"],  # they use the model steps' exports
+    ]
 
 
 def test_dry_run_runs_every_step_as_on_the_gpu_image(tmp_path: Path) -> None:
