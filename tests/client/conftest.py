@@ -90,7 +90,7 @@ class Refusals:
         await self.app(scope, receive, record)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def keyed_server(model_repository: Path) -> Iterator[tuple[str, Refusals]]:
     """The real API over the classifier, with API key `KEY` and an admission limit of 1, behind `Refusals`."""
     settings = Settings(

@@ -43,10 +43,12 @@ def client(embedded_gateway: str) -> Iterator[httpx.Client]:
         yield session
 
 
-@pytest.fixture(scope="session")
-def strict_gateway(deploy: Deploy, model_repository: Path) -> str:
+@pytest.fixture(scope="package")
+def strict_gateway(deploy: Deploy, model_repository: Path) -> Iterator[str]:
     """A gateway with small limits (body, pixels per image and per request, images, answer bytes),
     PNG/JPEG only and an API key."""
+    from ray import serve
+
     from service.deploy.serve import build_app
 
     settings = small_settings(
@@ -59,10 +61,11 @@ def strict_gateway(deploy: Deploy, model_repository: Path) -> str:
         allowed_formats=("PNG", "JPEG"),
         api_key=API_KEY,
     )
-    return deploy(build_app(settings), "hardening-strict", "/hardening-strict")
+    yield deploy(build_app(settings), "hardening-strict", "/hardening-strict")
+    serve.delete("hardening-strict", _blocking=False)  # not waiting ~3 s for its replicas to stop
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def inprocess_gateway(model_repository: Path) -> Iterator[str]:
     """`host:port` of the API over the real detector under uvicorn in a thread (no Ray), for the surfaces'
     fuzz tests: OIP, video files and streams. Streams are not rate-capped (the fuzzers send in lock step)

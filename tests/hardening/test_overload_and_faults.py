@@ -39,8 +39,10 @@ IMAGE = payloads.encode(payloads.noise(96, 64))
 
 
 @pytest.fixture(scope="module")
-def overload_gateway(deploy: Deploy, model_repository: Path) -> str:
+def overload_gateway(deploy: Deploy, model_repository: Path) -> Iterator[str]:
     """One ingress admitting 3 requests at once in front of one detector deployment replica batching 2."""
+    from ray import serve
+
     from service.deploy.serve import build_app
 
     settings = small_settings(
@@ -54,7 +56,8 @@ def overload_gateway(deploy: Deploy, model_repository: Path) -> str:
         request_timeout_s=90,
         retry_after_s=1,
     )
-    return deploy(build_app(settings), APP, f"/{APP}")
+    yield deploy(build_app(settings), APP, f"/{APP}")
+    serve.delete(APP, _blocking=False)
 
 
 @pytest.fixture(scope="module")

@@ -50,7 +50,7 @@ def triton_infer(server: TritonServer, model: str, count: int) -> None:
             client.infer(model, [image])
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def ops_triton(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TritonServer]:
     """A tritonserver with the tiny `echo` model, so Triton's nv_inference_* metrics are real."""
     repository = write_tiny_repository(tmp_path_factory.mktemp("ops_repository"))
@@ -59,7 +59,7 @@ def ops_triton(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TritonServe
     server.stop()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def prometheus(
     ops_triton: TritonServer, ray_metrics_port: int, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[PrometheusServer]:
@@ -87,9 +87,11 @@ def png_image(seed: int = 0, size: tuple[int, int] = (96, 120)) -> bytes:
     return buffer.getvalue()
 
 
-@pytest.fixture(scope="session")
-def replicated_gateway(deploy: Deploy, model_repository: Path) -> str:
+@pytest.fixture(scope="package")
+def replicated_gateway(deploy: Deploy, model_repository: Path) -> Iterator[str]:
     """Base URL of an embedded-backend gateway serving the classifier with 2 ingress and 2 model replicas."""
+    from ray import serve
+
     from service.deploy.serve import build_app
     from service.settings import Settings
 
@@ -103,4 +105,5 @@ def replicated_gateway(deploy: Deploy, model_repository: Path) -> str:
         batch_wait_timeout_s=0.05,
         torch_threads=1,
     )
-    return deploy(build_app(settings), "ops", "/ops")
+    yield deploy(build_app(settings), "ops", "/ops")
+    serve.delete("ops", _blocking=False)  # idle replicas report metrics every 2 s through every later folder

@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import json
 import re
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -229,9 +230,11 @@ def _candidate_round(url: str, images: int) -> None:
 @pytest.fixture(scope="module")
 def candidate_traffic(
     prometheus: PrometheusServer, deploy: Deploy, model_repository: Path, tmp_path_factory: pytest.TempPathFactory
-) -> str:
+) -> Iterator[str]:
     """A gateway under Serve serving the classifier's version 2 (classes 0 and 1 swapped, support/versions.py)
     with version 1 as its shadow candidate, after traffic that Prometheus has seen as rates."""
+    from ray import serve
+
     from service.deploy.serve import build_app
     from service.settings import Settings
 
@@ -258,7 +261,8 @@ def candidate_traffic(
     _candidate_round(url, 20)
     for measure, query in totals.items():
         wait_for(lambda q=query, m=measure: (scalar(prometheus, q) or 0) > first[m], 60, f"{query} did not grow")
-    return url
+    yield url
+    serve.delete("lifecycle", _blocking=False)
 
 
 @panels_from("candidate")

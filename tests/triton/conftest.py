@@ -24,9 +24,9 @@ def tiny_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_tiny_repository(tmp_path_factory.mktemp("tiny_repository"))
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def tiny_triton(tiny_repository: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TritonServer]:
-    """One tritonserver serving the tiny models for the whole session."""
+    """One tritonserver serving the tiny models for tests/triton."""
     server = start_on_free_ports(tiny_repository, tmp_path_factory.mktemp("tiny_triton"))
     yield server
     server.stop()
@@ -48,9 +48,9 @@ def cpu_repository(model_repository: Path) -> Path:
     return path
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def cpu_triton(cpu_repository: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TritonServer]:
-    """The session's tritonserver serving the exported models on CPU (python backend)."""
+    """tests/triton's tritonserver serving the exported models on CPU (python backend)."""
     server = start_on_free_ports(cpu_repository, tmp_path_factory.mktemp("cpu_triton"), MODEL_LOAD_TIMEOUT_S)
     yield server
     server.stop()
