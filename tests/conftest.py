@@ -100,7 +100,9 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_text(json.dumps({
         "started": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(time.time() - (time.monotonic() - _session_started))),
-        "machine": f"{os.cpu_count()} cores, {platform.python_implementation()} {platform.python_version()}",
+        # The vector instructions too: an AVX-512 machine ran this suite in 793 s, an AVX2-only one in 1,376 s.
+        "machine": f"{os.cpu_count()} cores ({torch.backends.cpu.get_cpu_capability()}), "
+        f"{platform.python_implementation()} {platform.python_version()}",
         "wall_s": round(time.monotonic() - _session_started, 1),
         "outcomes": ", ".join(f"{n} {k}" for k, n in sorted(_outcomes.items())),
         "tests": _durations,
