@@ -150,7 +150,7 @@ def test_request_past_its_deadline_is_504(
     with httpx.Client(base_url=url, timeout=60) as session:
         assert_error(session.post(ENDPOINT, content=IMAGE, headers=PNG), 504, "timeout")
         assert session.get("/health").status_code == 200
-    serve.delete("hardening-deadline")
+    serve.delete("hardening-deadline", _blocking=False)
 
 
 # ---- a model replica killed under load ----

@@ -75,7 +75,7 @@ def triton_gateway(deploy: Deploy, model_repository: Path, cpu_triton: TritonSer
     url = deploy(build_app(settings), "triton", "/triton")
     wait_for(lambda: is_ready(url), 60, "the triton-mode gateway never became ready")
     yield url
-    serve.delete("triton")
+    serve.delete("triton", _blocking=False)
 
 
 def post(base_url: str, endpoint: str, images: list[bytes], **params: object) -> dict:
@@ -170,7 +170,7 @@ def test_request_past_its_deadline_is_504(
         assert error["code"] == "timeout" and "within 0.001 s" in error["message"]
         assert is_ready(url), "a deadline is not an outage: /ready must stay 200"
     finally:
-        serve.delete("triton-deadline")
+        serve.delete("triton-deadline", _blocking=False)
 
 
 def assert_clean_503(response: httpx.Response) -> None:
@@ -241,4 +241,4 @@ def test_outage_absent_at_start_then_killed_then_back(
     finally:
         if server is not None:
             server.stop()
-        serve.delete("triton-outage")
+        serve.delete("triton-outage", _blocking=False)
