@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import httpx
 import pytest
@@ -22,10 +23,13 @@ import torch
 
 from service.__main__ import haproxy_log_sink, make_private_dir, ray_environment
 from service.settings import Settings
-from support.ports import free_port, reserved_free_port, reserved_free_ports
+from support.ports import free_port, free_ports, reserved_free_port, reserved_free_ports
 from support.threads import torch_threads_kept
 from support.waiting import wait_for
 from tasks import MODELS
+
+if TYPE_CHECKING:
+    from stack.triton import TritonServer
 
 # tests/client and tests/oip import these from here.
 wait_until = wait_for
@@ -38,7 +42,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # tier needs real servers: Ray Serve (any test whose fixtures reach `ray_session`), tritonserver,
 # Prometheus, HAProxy, a browser, several nodes, or the service started as a process.
 # `pytest -m "not live"` (`make test-inprocess`) runs the first alone.
-LIVE_FIXTURES = {"ray_session", "tiny_triton", "cpu_triton", "ops_triton", "prometheus", "browser", "keyed_server"}
+LIVE_FIXTURES = {"ray_session", "tiny_triton", "cpu_triton", "prometheus", "browser", "keyed_server"}
 LIVE_PATHS = (
     "tests/browser/", "tests/ops/", "tests/scale/", "tests/security/", "tests/triton/", "tests/client/",
     "tests/loadtests/test_bench.py", "tests/loadtests/test_locust.py", "tests/loadtests/test_streams_bench.py",
@@ -186,6 +190,24 @@ def model_repository() -> Path:
     if missing:
         pytest.fail(f"{path} lacks the exported models {missing}: run `make models` first")
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Triton's tiny `echo` models (tests/triton/tiny_models.py): Triton's own behaviour and metrics, cheaply."""
+    from tests.triton.tiny_models import write_tiny_repository
+
+    return write_tiny_repository(tmp_path_factory.mktemp("tiny_repository"))
+
+
+@pytest.fixture(scope="session")
+def tiny_triton(tiny_repository: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TritonServer]:
+    """The session's one tritonserver with the tiny models, for tests/triton and tests/ops (idle, 0.002 cores)."""
+    from stack.triton import start_tritonserver
+
+    server = start_tritonserver(tiny_repository, *free_ports(3), work_dir=tmp_path_factory.mktemp("tiny_triton"))
+    yield server
+    server.stop()
 
 
 @pytest.fixture(scope="session")

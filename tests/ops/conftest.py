@@ -21,10 +21,10 @@ from stack.prometheus import (
     render_config,
     start_prometheus,
 )
-from stack.triton import TritonServer, start_tritonserver
-from support.ports import free_port, free_ports
+from stack.triton import TritonServer
+from support.ports import free_port
 from tests.conftest import Deploy
-from tests.triton.tiny_models import IMAGE_DIMS, write_tiny_repository
+from tests.triton.tiny_models import IMAGE_DIMS
 
 SCRAPE_INTERVAL_S = 1
 
@@ -51,17 +51,8 @@ def triton_infer(server: TritonServer, model: str, count: int) -> None:
 
 
 @pytest.fixture(scope="package")
-def ops_triton(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TritonServer]:
-    """A tritonserver with the tiny `echo` model, so Triton's nv_inference_* metrics are real."""
-    repository = write_tiny_repository(tmp_path_factory.mktemp("ops_repository"))
-    server = start_tritonserver(repository, *free_ports(3), work_dir=tmp_path_factory.mktemp("ops_triton"))
-    yield server
-    server.stop()
-
-
-@pytest.fixture(scope="package")
 def prometheus(
-    ops_triton: TritonServer, ray_metrics_port: int, tmp_path_factory: pytest.TempPathFactory
+    tiny_triton: TritonServer, ray_metrics_port: int, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[PrometheusServer]:
     """Prometheus with the compose scrape jobs, targets pointed at this session's servers."""
     prometheus_binary()  # a clear "install it with make system-deps" if missing
@@ -69,7 +60,7 @@ def prometheus(
     config = render_config(
         {
             "gateway": [f"127.0.0.1:{ray_metrics_port}"],
-            "triton": [f"127.0.0.1:{ops_triton.metrics_port}"],
+            "triton": [f"127.0.0.1:{tiny_triton.metrics_port}"],
             "prometheus": [f"127.0.0.1:{port}"],
         },
         scrape_interval=f"{SCRAPE_INTERVAL_S}s",

@@ -105,16 +105,16 @@ def test_no_unsubstituted_variables() -> None:
 
 
 @pytest.fixture(scope="module")
-def triton_traffic(prometheus: PrometheusServer, ops_triton: TritonServer) -> None:
+def triton_traffic(prometheus: PrometheusServer, tiny_triton: TritonServer) -> None:
     """Inferences on Triton's echo model, visible in Prometheus as a rate.
 
     Triton creates a model's series at its first inference, and rate() cannot see the jump from
     nothing to the first value: so warm up, wait for the series, then send the traffic proper.
     """
     query = 'sum(nv_inference_count{model="echo"})'
-    triton_infer(ops_triton, "echo", 1)
+    triton_infer(tiny_triton, "echo", 1)
     first = wait_for(lambda: scalar(prometheus, query), 30, "Triton's echo counts never reached Prometheus")
-    triton_infer(ops_triton, "echo", 20)
+    triton_infer(tiny_triton, "echo", 20)
     wait_for(
         lambda: (scalar(prometheus, query) or 0) >= first + 20,
         30,

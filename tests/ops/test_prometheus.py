@@ -24,11 +24,11 @@ def test_every_scrape_target_is_up(prometheus: PrometheusServer, ray_session: No
     )
 
 
-def test_triton_inference_count_adds_up(prometheus: PrometheusServer, ops_triton: TritonServer) -> None:
+def test_triton_inference_count_adds_up(prometheus: PrometheusServer, tiny_triton: TritonServer) -> None:
     query = 'sum(nv_inference_request_success{model="echo"})'
     before = wait_for(lambda: prometheus.query(query), 30, "Triton's echo counters never reached Prometheus")
     baseline = float(before[0]["value"][1])
-    triton_infer(ops_triton, "echo", 7)
+    triton_infer(tiny_triton, "echo", 7)
     wait_for(
         lambda: scalar(prometheus, query) == baseline + 7,
         30,

@@ -11,25 +11,11 @@ import pytest
 from stack.triton import TritonServer, start_tritonserver
 from support.ports import free_ports
 from tasks import MODELS
-from tests.triton.tiny_models import write_tiny_repository
 
 
 def start_on_free_ports(repository: Path, work_dir: Path, ready_timeout_s: float = 120.0) -> TritonServer:
     """Start tritonserver on `repository` with three fresh ports and wait until it is ready."""
     return start_tritonserver(repository, *free_ports(3), work_dir=work_dir, ready_timeout_s=ready_timeout_s)
-
-
-@pytest.fixture(scope="session")
-def tiny_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_tiny_repository(tmp_path_factory.mktemp("tiny_repository"))
-
-
-@pytest.fixture(scope="package")
-def tiny_triton(tiny_repository: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TritonServer]:
-    """One tritonserver serving the tiny models for tests/triton."""
-    server = start_on_free_ports(tiny_repository, tmp_path_factory.mktemp("tiny_triton"))
-    yield server
-    server.stop()
 
 
 ROOT = Path(__file__).resolve().parents[2]
