@@ -13,8 +13,9 @@ model, fp16 against fp32, images/s of the model alone per bucket and precision, 
 pipeline); decode (nvJPEG batch decode against Pillow); http (uvicorn processes feeding one model
 owner, a multi-process load generator); onnx (a hook, loadtests/gpu/steps.py `step_onnx`).
 On the GPU the steps run one after another, each timed alone; --dry-run runs the steps that need
-nothing of each other side by side (`waves`). Writes DIR/gpu_check.json after every step; exits 1 if a parity check or a step failed. --budget
-(450 s) caps the whole run: one command on a GPU machine stays under 8 minutes.
+nothing of each other side by side (`waves`). Writes DIR/gpu_check.json after every step; exits 1
+if a parity check or a step failed. --budget (450 s) caps the whole run: one command on a GPU
+machine stays under 8 minutes.
 
     bash loadtests/gpu_check.sh --wheels .whl --out $OUT/gpu_check    # on the GPU machine
     bash loadtests/gpu_check.sh --dry-run --out /tmp/gpu_check          # every step on the CPU, tiny sizes

@@ -101,7 +101,8 @@ def _spawn(ingress: str, model_repository: Path, tmp_path_factory: pytest.TempPa
     }
     log_path = tmp_path_factory.mktemp(f"gateway-{ingress}") / "gateway.log"
     process = spawn([sys.executable, "-m", "service"], log_path, cwd=ROOT, env=env)
-    return RunningGateway(Gateway(process=process, log_path=log_path, port=ports["CVSERVE_PORT"]), ingress, ports)
+    gateway = Gateway(process=process, log_path=log_path, port=ports["CVSERVE_PORT"])
+    return RunningGateway(gateway, ingress, ports)
 
 
 def _wait_listening(running: RunningGateway) -> None:
@@ -112,20 +113,23 @@ def _wait_listening(running: RunningGateway) -> None:
         running.listeners = listeners(pid)
         return any(listener.port == port for listener in running.listeners)
 
-    wait_for(client_port_seen, 60, f"nothing in the {running.ingress} gateway's process tree listens on {port}")
+    wait_for(client_port_seen, 60, f"nothing in the {running.ingress} gateway's tree listens on {port}")
 
 
 def _stop(running: RunningGateway, private_dir: Path | None) -> list[str]:
     """Stop one gateway; what went wrong in its shutdown."""
     process = running.gateway.process
-    running.gateway.stop(STOP_TIMEOUT_S)  # SIGTERM to the gateway (it shuts Serve and Ray down), then SIGKILL its group
+    # SIGTERM to the gateway (it shuts Serve and Ray down), then SIGKILL its group
+    running.gateway.stop(STOP_TIMEOUT_S)
     for straggler in session_members(process.pid):  # Ray's workers lead process groups of their own
         straggler.kill()
     problems = []
     if process.returncode != 0:
         problems.append(f"the {running.ingress} gateway did not stop cleanly:\n{running.gateway.log_tail()}")
     if private_dir is not None and private_dir.exists():
-        problems.append(f"the {running.ingress} gateway's private directory (Ray's token, HAProxy's socket) outlived it")
+        problems.append(
+            f"the {running.ingress} gateway's private directory (Ray's token, HAProxy's socket) outlived it"
+        )
     return problems
 
 

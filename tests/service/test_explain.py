@@ -130,7 +130,8 @@ def test_a_blank_image_gives_a_flat_occlusion_map(client: TestClient) -> None:
     ranges = []
     for seed in seeds:
         scene = make_scene(seed, 96, 1, 1)
-        shaped = np.array(explained(client, "/classify", scene.image, "explain=occlusion")["explanation"]["grid"])
+        explanation = explained(client, "/classify", scene.image, "explain=occlusion")["explanation"]
+        shaped = np.array(explanation["grid"])
         ranges.append(float(shaped.max() - shaped.min()))
     assert sum(r > 0.01 for r in ranges) >= 7, ranges
 

@@ -128,10 +128,10 @@ def test_polygons_cover_the_same_pixels_as_the_rle(client: TestClient, size: tup
             # nearest-neighbour staircase where the polygon follows the model's pixels)
             differ, perimeter = (inside ^ mask).sum(), shape.length
             assert differ <= 0.5 * perimeter, (seed, item["label"], differ, perimeter)
-            # Tracing cuts each corner (1/8 of a model pixel) and nearest resizing moves each edge by up to half
-            # a pixel. Along a segment's outline these mostly cancel, so its area is tighter than the band; on a
-            # blob of a few model pixels they add up (bf16-trained weights gave a 2-pixel blob stretched
-            # 2.3 x 1.6: polygon 5.5 px, mask 10 px), and the band above is the bound.
+            # Tracing cuts each corner (1/8 of a model pixel) and nearest resizing moves each edge by up to
+            # half a pixel. Along a segment's outline these mostly cancel, so its area is tighter than the
+            # band; on a blob of a few model pixels they add up (bf16-trained weights gave a 2-pixel blob
+            # stretched 2.3 x 1.6: polygon 5.5 px, mask 10 px), and the band above is the bound.
             if mask.sum() >= 100:
                 assert abs(shape.area - mask.sum()) <= 0.25 * perimeter, (
                     seed,
