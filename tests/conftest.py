@@ -192,6 +192,21 @@ def model_repository() -> Path:
     return path
 
 
+def start_on_free_ports(repository: Path, work_dir: Path, ready_timeout_s: float = 120.0) -> TritonServer:
+    """Start tritonserver on `repository` with three fresh ports and wait until it is ready."""
+    from stack.triton import start_tritonserver
+
+    return start_tritonserver(repository, *free_ports(3), work_dir=work_dir, ready_timeout_s=ready_timeout_s)
+
+
+def delete_app(name: str) -> None:
+    """Delete a test's Serve app without waiting for its replicas to drain (about 3 s each): nothing after it
+    needs them gone, and left running, idle replicas would report metrics through every later folder."""
+    from ray import serve
+
+    serve.delete(name, _blocking=False)
+
+
 @pytest.fixture(scope="session")
 def tiny_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Triton's tiny `echo` models (tests/triton/tiny_models.py): Triton's behaviour and metrics, cheaply."""
@@ -204,10 +219,7 @@ def tiny_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def tiny_triton(tiny_repository: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TritonServer]:
     """The session's one tritonserver with the tiny models, for tests/triton and tests/ops (idles at 0.002
     cores)."""
-    from stack.triton import start_tritonserver
-
-    work_dir = tmp_path_factory.mktemp("tiny_triton")
-    server = start_tritonserver(tiny_repository, *free_ports(3), work_dir=work_dir)
+    server = start_on_free_ports(tiny_repository, tmp_path_factory.mktemp("tiny_triton"))
     yield server
     server.stop()
 

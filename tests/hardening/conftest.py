@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import Deploy
+from tests.conftest import Deploy, delete_app
 
 API_KEY = "hardening-key-0123456789"
 STRICT_MAX_BODY = 64 * 1024
@@ -47,8 +47,6 @@ def client(embedded_gateway: str) -> Iterator[httpx.Client]:
 def strict_gateway(deploy: Deploy, model_repository: Path) -> Iterator[str]:
     """A gateway with small limits (body, pixels per image and per request, images, answer bytes),
     PNG/JPEG only and an API key."""
-    from ray import serve
-
     from service.deploy.serve import build_app
 
     settings = small_settings(
@@ -62,7 +60,7 @@ def strict_gateway(deploy: Deploy, model_repository: Path) -> Iterator[str]:
         api_key=API_KEY,
     )
     yield deploy(build_app(settings), "hardening-strict", "/hardening-strict")
-    serve.delete("hardening-strict", _blocking=False)  # not waiting ~3 s for its replicas to stop
+    delete_app("hardening-strict")
 
 
 @pytest.fixture(scope="package")

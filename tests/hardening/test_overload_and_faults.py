@@ -18,7 +18,7 @@ import httpx
 import pytest
 
 from support.assertions import assert_error
-from tests.conftest import Deploy
+from tests.conftest import Deploy, delete_app
 from tests.hardening import payloads
 from tests.hardening.conftest import small_settings
 
@@ -41,8 +41,6 @@ IMAGE = payloads.encode(payloads.noise(96, 64))
 @pytest.fixture(scope="module")
 def overload_gateway(deploy: Deploy, model_repository: Path) -> Iterator[str]:
     """One ingress admitting 3 requests at once in front of one detector deployment replica batching 2."""
-    from ray import serve
-
     from service.deploy.serve import build_app
 
     settings = small_settings(
@@ -57,7 +55,7 @@ def overload_gateway(deploy: Deploy, model_repository: Path) -> Iterator[str]:
         retry_after_s=1,
     )
     yield deploy(build_app(settings), APP, f"/{APP}")
-    serve.delete(APP, _blocking=False)
+    delete_app(APP)
 
 
 @pytest.fixture(scope="module")
@@ -150,7 +148,7 @@ def test_request_past_its_deadline_is_504(
     with httpx.Client(base_url=url, timeout=60) as session:
         assert_error(session.post(ENDPOINT, content=IMAGE, headers=PNG), 504, "timeout")
         assert session.get("/health").status_code == 200
-    serve.delete("hardening-deadline", _blocking=False)
+    delete_app("hardening-deadline")
 
 
 # ---- a model replica killed under load ----

@@ -23,7 +23,7 @@ from stack.prometheus import (
 )
 from stack.triton import TritonServer
 from support.ports import free_port
-from tests.conftest import Deploy
+from tests.conftest import Deploy, delete_app
 from tests.triton.tiny_models import IMAGE_DIMS
 
 SCRAPE_INTERVAL_S = 1
@@ -81,8 +81,6 @@ def png_image(seed: int = 0, size: tuple[int, int] = (96, 120)) -> bytes:
 @pytest.fixture(scope="package")
 def replicated_gateway(deploy: Deploy, model_repository: Path) -> Iterator[str]:
     """Base URL of an embedded-backend gateway serving the classifier with 2 ingress and 2 model replicas."""
-    from ray import serve
-
     from service.deploy.serve import build_app
     from service.settings import Settings
 
@@ -97,4 +95,4 @@ def replicated_gateway(deploy: Deploy, model_repository: Path) -> Iterator[str]:
         torch_threads=1,
     )
     yield deploy(build_app(settings), "ops", "/ops")
-    serve.delete("ops", _blocking=False)  # idle replicas report metrics every 2 s through every later folder
+    delete_app("ops")

@@ -23,7 +23,7 @@ from stack.triton import TritonServer
 from support.waiting import wait_for
 from support.seeds import fresh_seeds
 from support.versions import CLASSIFIER, one_version_repository, swap_classes, write_version
-from tests.conftest import Deploy
+from tests.conftest import Deploy, delete_app
 from tests.ops.conftest import has_finite_value, png_image, scalar, triton_infer
 from training.shapes import make_scene
 from tests.video.clips import encode_video, jpeg, moving_shapes
@@ -233,8 +233,6 @@ def candidate_traffic(
 ) -> Iterator[str]:
     """A gateway under Serve serving the classifier's version 2 (classes 0 and 1 swapped, support/versions.py)
     with version 1 as its shadow candidate, after traffic that Prometheus has seen as rates."""
-    from ray import serve
-
     from service.deploy.serve import build_app
     from service.settings import Settings
 
@@ -262,7 +260,7 @@ def candidate_traffic(
     for measure, query in totals.items():
         wait_for(lambda q=query, m=measure: (scalar(prometheus, q) or 0) > first[m], 60, f"{query} did not grow")
     yield url
-    serve.delete("lifecycle", _blocking=False)
+    delete_app("lifecycle")
 
 
 @panels_from("candidate")

@@ -8,15 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from stack.triton import TritonServer, start_tritonserver
-from support.ports import free_ports
+from stack.triton import TritonServer
 from tasks import MODELS
+from tests.conftest import start_on_free_ports
 
-
-def start_on_free_ports(repository: Path, work_dir: Path, ready_timeout_s: float = 120.0) -> TritonServer:
-    """Start tritonserver on `repository` with three fresh ports and wait until it is ready."""
-    return start_tritonserver(repository, *free_ports(3), work_dir=work_dir, ready_timeout_s=ready_timeout_s)
-
+__all__ = ["MODEL_LOAD_TIMEOUT_S", "start_on_free_ports"]  # tests/triton's modules import both from here
 
 ROOT = Path(__file__).resolve().parents[2]
 # Three python-backend stubs importing torch at once take a while on a busy 2-core machine.

@@ -24,7 +24,7 @@ from support.ports import free_ports
 from support.seeds import fresh_seeds
 from support.triton_metrics import triton_metric
 from support.waiting import wait_for
-from tests.conftest import Deploy
+from tests.conftest import Deploy, delete_app
 from tests.triton.conftest import MODEL_LOAD_TIMEOUT_S
 from training.shapes import make_scene
 
@@ -69,13 +69,11 @@ def is_ready(base_url: str) -> bool:
 @pytest.fixture(scope="module")
 def triton_gateway(deploy: Deploy, model_repository: Path, cpu_triton: TritonServer) -> Iterator[str]:
     """Base URL of a gateway in Triton mode (gRPC) talking to the session's tritonserver."""
-    from ray import serve
-
     settings = triton_settings(model_repository, cpu_triton.grpc_url, request_timeout_s=TIMEOUT_S)
     url = deploy(build_app(settings), "triton", "/triton")
     wait_for(lambda: is_ready(url), 60, "the triton-mode gateway never became ready")
     yield url
-    serve.delete("triton", _blocking=False)
+    delete_app("triton")
 
 
 def post(base_url: str, endpoint: str, images: list[bytes], **params: object) -> dict:
@@ -158,8 +156,6 @@ def test_request_past_its_deadline_is_504(
     deploy: Deploy, model_repository: Path, cpu_triton: TritonServer, scenes: list[bytes]
 ) -> None:
     """A real segmentation on CPU takes far longer than a 1 ms deadline."""
-    from ray import serve
-
     settings = triton_settings(model_repository, cpu_triton.grpc_url, models=("segmenter",), request_timeout_s=0.001)
     url = deploy(build_app(settings), "triton-deadline", "/triton-deadline")
     try:
@@ -170,7 +166,7 @@ def test_request_past_its_deadline_is_504(
         assert error["code"] == "timeout" and "within 0.001 s" in error["message"]
         assert is_ready(url), "a deadline is not an outage: /ready must stay 200"
     finally:
-        serve.delete("triton-deadline", _blocking=False)
+        delete_app("triton-deadline")
 
 
 def assert_clean_503(response: httpx.Response) -> None:
@@ -187,8 +183,6 @@ def test_outage_absent_at_start_then_killed_then_back(
 ) -> None:
     """One gateway, never restarted: Triton absent → 503; started → ready; killed mid-traffic →
     503 (never 500); restarted on the same ports → answers again."""
-    from ray import serve
-
     repository = tmp_path / "repository"
     shutil.copytree(cpu_repository / "classifier", repository / "classifier")
     ports = free_ports(3)
@@ -241,4 +235,4 @@ def test_outage_absent_at_start_then_killed_then_back(
     finally:
         if server is not None:
             server.stop()
-        serve.delete("triton-outage", _blocking=False)
+        delete_app("triton-outage")
