@@ -45,6 +45,7 @@ from training.models import (
     build_demo_segmenter,
     encoder_trunk,
 )
+from training.roi_align import TrainingRoIAlign
 from training.shapes import CLASSES
 
 log = logging.getLogger(__name__)
@@ -209,7 +210,7 @@ def _fit(
             raise FloatingPointError(f"{desc}: loss became {loss.item()} at step {i}")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        nn.utils.clip_grad_norm_(model.parameters(), 10.0)
+        nn.utils.clip_grad_norm_(model.parameters(), 10.0, foreach=True)
         optimizer.step()
         schedule.step()
         if i % 10 == 0:
@@ -221,7 +222,8 @@ def train_classifier(
 ) -> nn.Module:
     """Train the ResNet-18 classifier from scratch on single-shape images."""
     model = build_demo_classifier(len(CLASSES)).to(device=device, memory_format=torch.channels_last)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=steps.lr, weight_decay=0.05)
+    # fused: one kernel per step instead of a dozen small ops per tensor (-9 % of a segmenter step on CPU)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=steps.lr, weight_decay=0.05, fused=True)
 
     def loss_of_batch(index: torch.Tensor, k: int, flip: bool) -> torch.Tensor:
         images, _, _ = dihedral(data.images[index].to(device), k, flip)
@@ -247,7 +249,7 @@ def train_detector(
     backbone = copy.deepcopy(trunk) if trunk is not None else None
     model = build_demo_detector(len(CLASSES), image_size, backbone=backbone).to(device)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.SGD(params, lr=steps.lr, momentum=0.9, weight_decay=1e-4)
+    optimizer = torch.optim.SGD(params, lr=steps.lr, momentum=0.9, weight_decay=1e-4, foreach=True)
 
     def loss_of_batch(index: torch.Tensor, k: int, flip: bool) -> torch.Tensor:
         boxes = [data.boxes[i] for i in index.tolist()]
@@ -258,7 +260,11 @@ def train_detector(
 
     generator = torch.Generator().manual_seed(seed + 1)
     batches = batch_indices(len(data), steps.batch_size, steps.steps, generator)
+    pool = model.roi_heads.box_roi_pool
+    if device.type == "cpu":  # same outputs, a backward pass about 5x cheaper on CPU
+        model.roi_heads.box_roi_pool = TrainingRoIAlign(pool)
     _fit(model, optimizer, steps, loss_of_batch, batches, "detector", generator, bf16)
+    model.roi_heads.box_roi_pool = pool
     return model
 
 
@@ -286,7 +292,7 @@ def train_segmenter(
     encoder = copy.deepcopy(trunk) if trunk is not None else None
     model = build_demo_segmenter(len(CLASSES) + 1, encoder=encoder)
     model = model.to(device=device, memory_format=torch.channels_last)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=steps.lr, weight_decay=1e-4)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=steps.lr, weight_decay=1e-4, fused=True)
 
     def loss_of_batch(index: torch.Tensor, k: int, flip: bool) -> torch.Tensor:
         images, masks, _ = dihedral(
