@@ -24,7 +24,9 @@ $(INSTALLED): pyproject.toml
 setup: $(INSTALLED)
 
 ## models: train the demo models if needed (cached), export both Triton repositories
-$(MODELS): $(INSTALLED)
+# Edited training or export code (a pull, a checkout) reruns both: training reuses the cache when its
+# key (code, config, libraries, CPU) is unchanged, export takes seconds.
+$(MODELS): $(INSTALLED) $(wildcard training/*.py export/*.py)
 	$(PY) -m training
 	$(PY) -m export all --weights demo
 	touch $@

@@ -17,6 +17,9 @@ from training.shapes import CLASSES
 from training.train import (
     DemoConfig,
     StepConfig,
+    key_inputs,
+    native_bf16,
+    training_key,
     run,
     train_classifier,
     train_detector,
@@ -167,16 +170,22 @@ def test_cli_help_names_its_options() -> None:
     from training.__main__ import get_args_parser
 
     text = get_args_parser().format_help()  # what --help prints (the process is tested below)
-    for option in ("--out", "--seed", "--force", "--device", "--threads", "--bf16"):
+    for option in ("--out", "--seed", "--force", "--device", "--threads", "--fp32"):
         assert option in text
-    assert get_args_parser().parse_args(["--bf16"]).bf16 is True
+    assert get_args_parser().parse_args(["--fp32"]).fp32 is True
 
 
-def test_the_demo_trains_in_float32_unless_asked() -> None:
-    # The step counts are tuned on float32 training (the correctness tests' margins); bf16 is opt-in.
+def test_the_demo_trains_in_bfloat16_where_native_unless_asked_for_float32(tmp_path: Path) -> None:
     from training.__main__ import get_args_parser
 
-    assert DemoConfig().bf16 is False and get_args_parser().parse_args([]).bf16 is False
+    assert DemoConfig().bf16 is True and get_args_parser().parse_args([]).fp32 is False
+    # Autocast only where the hardware runs bfloat16 natively: the key and the report say which.
+    native = native_bf16(CPU)
+    assert key_inputs(DemoConfig(), CPU, 2)["bf16_autocast"] is native
+    assert key_inputs(DemoConfig(bf16=False), CPU, 2)["bf16_autocast"] is False
+    assert training_key(DemoConfig(), CPU, 2) != training_key(DemoConfig(bf16=False), CPU, 2)
+    report = run(TINY, tmp_path / "out", CPU, threads=2)
+    assert report["bf16_autocast"] is native
 
 
 def test_cli_refuses_an_unusable_device(tmp_path: Path) -> None:
