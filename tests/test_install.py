@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import importlib.metadata
 import importlib.util
+import json
 import re
 import subprocess
-import sysconfig
 import sys
 from pathlib import Path
 
@@ -55,10 +54,11 @@ def test_uv_gets_every_index_constraint_and_the_ca_bundle() -> None:
     assert env["SSL_CERT_FILE"] == "/etc/ssl/certs/ca-certificates.crt" and env["UV_HTTP_TIMEOUT"] == "180"
 
 
-def test_uv_resolves_exactly_what_this_environment_has() -> None:
-    """uv with this machine's pip settings resolves, afresh, every package of the environment at the
-    version it has (where pip built the environment: the versions pip chose). Only the environment's
-    site-packages count: the suite puts other folders on the path."""
+def test_uv_resolves_exactly_what_pip_resolves() -> None:
+    """uv with this machine's pip settings resolves, afresh, every package pip resolves for the project
+    at the same version. Both resolve now, from the same indexes: comparing with the versions installed
+    would fail whenever an index gains a release after the environment was built (idna 3.21 did, on
+    2026-12-05, under an environment installed that morning)."""
     uv = Path(sys.executable).with_name("uv")
     if not uv.is_file():
         pytest.skip("this environment was installed by pip (uv could not be installed)")
@@ -70,13 +70,21 @@ def test_uv_resolves_exactly_what_this_environment_has() -> None:
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     resolved = dict(line.split("==") for line in done.stdout.split() if "==" in line)
-    installed = {
-        canonical(d.metadata["Name"]): d.version
-        for d in importlib.metadata.distributions(path=[sysconfig.get_paths()["purelib"]])
-        if canonical(d.metadata["Name"]) not in NOT_RESOLVED
+    report = Path(ROOT / "test-artifacts" / "pip-resolution.json")
+    report.parent.mkdir(exist_ok=True)
+    pip = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--dry-run", "--ignore-installed", "--quiet",
+         "--report", str(report), ".[dev]"],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert pip.returncode == 0, pip.stderr[-3000:]
+    by_pip = {
+        canonical(item["metadata"]["name"]): item["metadata"]["version"]
+        for item in json.loads(report.read_text())["install"]
+        if canonical(item["metadata"]["name"]) not in NOT_RESOLVED
     }
-    assert len(resolved) > 150
-    assert {canonical(n): v for n, v in resolved.items() if canonical(n) not in NOT_RESOLVED} == installed
+    assert len(by_pip) > 150
+    assert {canonical(n): v for n, v in resolved.items() if canonical(n) not in NOT_RESOLVED} == by_pip
 
 
 # The project itself, the installers, and setuptools, which `python -m venv` seeds (3.11) at its own version.
