@@ -1,4 +1,4 @@
-"""scripts/install.py (`make setup`): uv is told pip's settings, and resolves what pip installed."""
+"""scripts/install.py (`make setup`): uv is told pip's settings, and resolves what pip resolves."""
 
 from __future__ import annotations
 

@@ -83,7 +83,7 @@ class DemoConfig:
     # batch's scenes: 0.56x the pixels of a whole scene per step. It is evaluated on whole scenes.
     segmenter_crop: int = 96
     # Forward passes in bfloat16 autocast (weights, optimiser and evaluation stay float32) where the
-    # hardware runs it natively (`native_bf16`): training took 228 s instead of 283-295 s on a 2-core
+    # hardware runs it natively (`native_bf16`): training took 233-265 s instead of 282-295 s on a 2-core
     # AVX512-BF16 CPU, and met the bars and the service's correctness tests with wider margins than
     # float32 there. Elsewhere (AVX2 CPUs) training stays float32; `python -m training --fp32` forces it.
     bf16: bool = True
