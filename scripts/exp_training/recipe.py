@@ -14,14 +14,13 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-import numpy as np, torch
+import torch
 from training.train import train_classifier, train_segmenter, train_detector, StepConfig, seed_everything
 from training import evaluate
-from training.data import render_classification, render_scenes, train_seeds, eval_seeds, normalise, to_unit_float
+from training.data import render_classification, render_scenes, train_seeds, eval_seeds
 from training.models import build_demo_classifier, encoder_trunk, build_demo_segmenter
-from training.shapes import CLASSES, make_scene
-from support.seeds import fresh_seeds
-from torchvision.ops import box_iou
+from training.shapes import CLASSES
+from margins import det_test, seg_test  # the service tests' criteria (this script's folder)
 E = os.environ.get
 torch.set_num_threads(2); seed_everything(0); dev = torch.device("cpu")
 KNOBS = ("CS", "CLR", "NCLS", "SS", "SLR", "CROP", "DS", "DLR", "NSC", "LOAD_CLS", "LOAD_SEG")
@@ -33,30 +32,6 @@ if not E("LOAD_CLS"):
 str_ = render_scenes(train_seeds(0, 5_000_000, nsc), 128, 1, 4, "s")
 sev = render_scenes(eval_seeds(500), 128, 1, 4, "se")
 out["data_s"] = round(time.perf_counter() - T, 1)
-def seg_test(s):
-    s.eval(); ious = []
-    for seed in fresh_seeds(32, offset=200):
-        sc = make_scene(seed, 128, 1, 4)
-        with torch.no_grad():
-            p = s(normalise(torch.from_numpy(sc.image).permute(2, 0, 1)[None])).argmax(1)[0].numpy()
-        t = sc.mask; cl = (set(np.unique(t)) | set(np.unique(p))) - {0}
-        ious.append(np.mean([((p == c) & (t == c)).sum() / ((p == c) | (t == c)).sum() for c in cl]) if cl else 1.0)
-    return round(float(np.mean(ious)), 3), round(float(np.mean(np.array(ious) >= 0.6)), 3)
-def det_test(d):
-    d.eval()
-    drawn = found = 0
-    seeds = list(fresh_seeds(320, offset=1000))
-    for i in range(0, 320, 32):
-        scs = [make_scene(s, 128, 1, 4) for s in seeds[i:i+32]]
-        with torch.no_grad():
-            outs = d(list(to_unit_float(torch.stack([torch.from_numpy(s.image).permute(2, 0, 1) for s in scs]))))
-        for sc, o in zip(scs, outs):
-            keep = o["scores"] >= 0.5
-            for box, lab in zip(torch.as_tensor(sc.boxes, dtype=torch.float32), sc.labels):
-                drawn += 1
-                m = keep & (o["labels"] == int(lab))
-                if m.any() and box_iou(box[None], o["boxes"][m]).max() >= 0.7: found += 1
-    return round(found / drawn, 3)
 c = s = None
 t = time.perf_counter()
 if E("LOAD_CLS"):
