@@ -24,9 +24,9 @@ $(INSTALLED): pyproject.toml
 setup: $(INSTALLED)
 
 ## models: train the demo models if needed (cached), export both Triton repositories
-# Edited training or export code (a pull, a checkout) reruns both: training reuses the cache when its
-# key (code, config, libraries, CPU) is unchanged, export takes seconds.
-$(MODELS): $(INSTALLED) $(wildcard training/*.py export/*.py)
+# Edited code that decides the models or their repository (a pull, a checkout) reruns both: training
+# reuses the cache when its key (code, config, libraries, CPU) is unchanged, export takes seconds.
+$(MODELS): $(INSTALLED) $(wildcard training/*.py export/*.py tasks/*.py) service/buckets.py service/model_config.py
 	$(PY) -m training
 	$(PY) -m export all --weights demo
 	touch $@

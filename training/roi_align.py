@@ -11,6 +11,8 @@ image. The step went from 0.153 to 0.103 s; the detector's training from 146 to 
 The forward pass stays torchvision's own kernel, so outputs are unchanged; the gradient equals
 torchvision's up to float rounding (tests/training/test_roi_align.py). Training swaps this pooler in
 (`TrainingRoIAlign`) and back out, so saved and exported detectors are plain torchvision models.
+`TrainingRoIAlign` repeats torchvision's multi-level loop with its private helpers (`_filter_input`,
+`_setup_scales`, `_convert_to_roi_format`; torchvision is pinned): if they change, the pooler test fails.
 """
 
 from __future__ import annotations

@@ -19,11 +19,11 @@ from training.train import (
     StepConfig,
     key_inputs,
     native_bf16,
-    training_key,
     run,
     train_classifier,
     train_detector,
     train_segmenter,
+    training_key,
 )
 
 TINY = DemoConfig(
