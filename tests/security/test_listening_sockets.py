@@ -81,10 +81,12 @@ INGRESSES = ("proxy", "haproxy")
 
 
 def _spawn(ingress: str, model_repository: Path, tmp_path_factory: pytest.TempPathFactory) -> RunningGateway:
-    stats_port, metrics_port = reserved_free_ports(2)
+    # All from the reserved range: the two gateways start side by side, and a port the OS picked now
+    # (ephemeral) can be taken by the other gateway's Ray processes before this one binds it.
+    port, ray_metrics_port, stats_port, metrics_port, fallback_port = reserved_free_ports(5)
     ports = {
-        "CVSERVE_PORT": free_port(),
-        "CVSERVE_RAY_METRICS_PORT": free_port(),
+        "CVSERVE_PORT": port,
+        "CVSERVE_RAY_METRICS_PORT": ray_metrics_port,
         "CVSERVE_HAPROXY_STATS_PORT": stats_port,
         "CVSERVE_HAPROXY_METRICS_PORT": metrics_port,
     }
@@ -93,7 +95,7 @@ def _spawn(ingress: str, model_repository: Path, tmp_path_factory: pytest.TempPa
         **{name: str(port) for name, port in ports.items()},
         "PYTHONPATH": str(ROOT),
         "RAY_ADDRESS": "local",  # its own Ray, not the test session's
-        "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT": str(free_port()),  # haproxy mode's fallback proxy, else 8500
+        "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT": str(fallback_port),  # haproxy mode's fallback proxy, else 8500
         "CVSERVE_INGRESS": ingress,
         "CVSERVE_MODELS": MODELS,
         "CVSERVE_MODEL_REPOSITORY": str(model_repository),
