@@ -54,7 +54,7 @@ def test_uv_gets_every_index_constraint_and_the_ca_bundle() -> None:
     assert env["SSL_CERT_FILE"] == "/etc/ssl/certs/ca-certificates.crt" and env["UV_HTTP_TIMEOUT"] == "180"
 
 
-def test_uv_resolves_exactly_what_pip_resolves() -> None:
+def test_uv_resolves_exactly_what_pip_resolves(tmp_path: Path) -> None:
     """uv with this machine's pip settings resolves, afresh, every package pip resolves for the project
     at the same version. Both resolve now, from the same indexes: comparing with the versions installed
     would fail whenever an index gains a release after the environment was built (idna 3.21 did, on
@@ -70,8 +70,7 @@ def test_uv_resolves_exactly_what_pip_resolves() -> None:
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     resolved = dict(line.split("==") for line in done.stdout.split() if "==" in line)
-    report = Path(ROOT / "test-artifacts" / "pip-resolution.json")
-    report.parent.mkdir(exist_ok=True)
+    report = tmp_path / "pip-resolution.json"
     pip = subprocess.run(
         [sys.executable, "-m", "pip", "install", "--dry-run", "--ignore-installed", "--quiet",
          "--report", str(report), ".[dev]"],
