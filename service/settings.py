@@ -75,6 +75,13 @@ class Settings(BaseSettings):
         default_factory=lambda: _builtin_models(), description="models to serve, from tasks.TASKS"
     )
     device: Literal["cpu", "cuda", "auto"] = "auto"
+    # JPEG decode and resize where the models are: the process that received the upload reads only the
+    # header (format, size, EXIF orientation) and hands the file to the process that owns the models, which
+    # decodes a batch's JPEGs together on the device (nvJPEG on a GPU; service/core/device_decode.py).
+    # Other formats, and requests that are explained or compared with a candidate, decode on the CPU as
+    # before. "auto": on when the embedded models run on CUDA; "on" also on a CPU (tests, the GPU check's
+    # rehearsal); "off": never. A gateway with `off` sends decoded images even to an owner that decodes.
+    device_decode: Literal["auto", "on", "off"] = "auto"
     # Embedded backend: "ingress" runs the models inside the gateway replica (one process from socket
     # to model: the fast path on one machine); "deployment" makes each model a Serve deployment of its
     # own that the gateway calls through handles (models scale and sit on GPUs apart from the HTTP front).

@@ -4,13 +4,37 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 import numpy as np
 
 from service.contract import ModelContract
 from service.timing import BatchTiming
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """A JPEG for the process that owns the model to decode on its device (service/core/device_decode.py),
+    in place of a prepared `[3,H,W]` array: the file as uploaded and its EXIF orientation, which Pillow
+    read from the header in the process that received it."""
+
+    data: bytes
+    orientation: int
+
+
+class Preparer(Protocol):
+    """Turns a batch of prepared arrays and `Encoded` JPEGs into one model input on the device
+    (`service.core.device_decode.DevicePreparer`)."""
+
+    def inputs(self, images: Sequence[np.ndarray | Encoded]) -> tuple[list[int], Any, dict[int, Exception]]:
+        """The indices kept, their `[N,3,H,W]` uint8 tensor on the device (None if none), the refusals by index."""
+        ...
+
+
+# What makes a model's `Preparer`: (model name, its contract, its device) → preparer.
+MakePreparer = Callable[[str, ModelContract, str], Preparer]
 
 
 class BackendUnavailable(RuntimeError):
@@ -38,6 +62,13 @@ class Backend:
     (`service.core.versions`) decides which version a request gets."""
 
     supports_versions = False
+    # Whether `infer_many` also takes `Encoded` JPEGs, decoded where the models are (an image it refuses
+    # raises its `ImageError`, with `index` set to its place in the call).
+    decodes_on_device = False
+
+    def use_device_decode(self, make_preparer: MakePreparer) -> None:
+        """Decode `Encoded` JPEGs with the preparers `make_preparer` makes, where settings ask for it (the
+        app gives every backend this; one whose models are not in this process ignores it)."""
 
     async def infer(self, model: str, image: np.ndarray) -> dict[str, np.ndarray]:
         """Run one `[3,H,W]` uint8 image through `model`; return its outputs without batch dim."""

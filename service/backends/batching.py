@@ -14,8 +14,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
-from service.backends.base import BackendUnavailable
+from service.backends.base import BackendUnavailable, Encoded, Preparer
 from service.backends.runtimes import ModelRunner
 from service.telemetry.metrics import Instruments, ModelMetrics
 from service.settings import Settings
@@ -41,11 +42,27 @@ def warm_up(model: ModelRunner, settings: Settings) -> None:
 class _Waiting:
     """One queued image: its caller's future, when it was queued, and where to report its timing."""
 
-    image: np.ndarray
+    image: np.ndarray | Encoded
     future: asyncio.Future[dict[str, np.ndarray]]
     queued_at: float
     timing: BatchTiming | None
     live: bool = True  # queued and its caller still waits
+
+
+@dataclass
+class _Ran:
+    """A batch's outputs (for the images not refused, in order) and the refused images' errors by index."""
+
+    outputs: list[dict[str, np.ndarray]]
+    refused: dict[int, Exception]
+
+
+def refuse(batch: list[_Waiting], refused: dict[int, Exception]) -> list[_Waiting]:
+    """Give each refused image's caller its error; the rest of `batch`, in order."""
+    for index, error in refused.items():
+        if not batch[index].future.done():
+            batch[index].future.set_exception(error)
+    return [entry for i, entry in enumerate(batch) if i not in refused]
 
 
 class BatchedModel:
@@ -71,6 +88,9 @@ class BatchedModel:
         self._metrics = ModelMetrics(model.name, backend, instruments or Instruments.prometheus())
         self.batch_sizes: Counter[int] = Counter()
         self.dropped = 0  # images whose callers gave up before they were batched
+        # Decodes the `Encoded` JPEGs callers queue, on the model's device, as each batch is run (None: only
+        # prepared arrays are queued). LocalBackend gives every batcher one when the app asks for device decode.
+        self.preparer: Preparer | None = None
         self.configure(max_batch_size, batch_wait_timeout_s)
         self._waiting: deque[_Waiting] = deque()
         self._live = 0  # queued images whose callers still wait
@@ -91,8 +111,11 @@ class BatchedModel:
         self._coming = max(0, self._coming - images)
         self._notify()
 
-    def submit(self, image: np.ndarray, timing: BatchTiming | None = None) -> asyncio.Future[dict[str, np.ndarray]]:
-        """Queue one `[3,H,W]` image; the future resolves to its outputs (cancel it to drop the image).
+    def submit(
+        self, image: np.ndarray | Encoded, timing: BatchTiming | None = None
+    ) -> asyncio.Future[dict[str, np.ndarray]]:
+        """Queue one `[3,H,W]` image, or a JPEG to decode on the device (`Encoded`, with a `preparer`); the
+        future resolves to its outputs, or to the image's `ImageError` (cancel it to drop the image).
         `timing`, if given, receives the image's queue wait, its batch's run time and size."""
         loop = asyncio.get_running_loop()
         if self._worker is None or self._worker.done():
@@ -148,11 +171,30 @@ class BatchedModel:
     async def _run_batch(self, loop: asyncio.AbstractEventLoop, batch: list[_Waiting]) -> None:
         started = time.perf_counter()
         try:
-            outputs = await loop.run_in_executor(self._executor, self.model.infer, [entry.image for entry in batch])
+            ran = await loop.run_in_executor(self._executor, self._infer, [entry.image for entry in batch])
         except Exception:  # the model failed: every caller of this batch gets the error
             self._fail(batch)
             return
-        self._deliver(batch, outputs, started)
+        self._deliver(refuse(batch, ran.refused), ran.outputs, started)
+
+    def _infer(self, images: list[np.ndarray | Encoded]) -> _Ran:
+        """The batch's outputs (on the model's thread), and its refused JPEGs' errors."""
+        inputs, refused = self._inputs(images)
+        if isinstance(inputs, torch.Tensor):
+            inputs = list(inputs.cpu().numpy())
+        return _Ran(self.model.infer(inputs) if len(inputs) else [], refused)
+
+    def _inputs(
+        self, images: list[np.ndarray | Encoded]
+    ) -> tuple[list[np.ndarray] | torch.Tensor, dict[int, Exception]]:
+        """The model's inputs for `images`: the arrays as they are or, when JPEGs are among them, one uint8
+        batch on the device from `preparer`, which leaves out the JPEGs it refuses (their errors by index)."""
+        if not any(isinstance(image, Encoded) for image in images):
+            return images, {}  # type: ignore[return-value]
+        if self.preparer is None:
+            raise RuntimeError(f"model {self.model.name} was given a JPEG to decode and has no preparer")
+        _, batch, refused = self.preparer.inputs(images)
+        return (batch if batch is not None else []), dict(refused)
 
     def _fail(self, batch: list[_Waiting]) -> None:
         """Every caller of `batch` gets `BackendUnavailable` (the model's own error goes to the log only)."""
@@ -163,6 +205,8 @@ class BatchedModel:
 
     def _deliver(self, batch: list[_Waiting], outputs: list[dict[str, np.ndarray]], started: float) -> None:
         """Each caller of `batch` gets its outputs; the batch's size and time go to metrics and timings."""
+        if not batch:  # every image of it was refused
+            return
         seconds = time.perf_counter() - started
         self._metrics.observe_batch(len(batch), seconds)
         self.batch_sizes[len(batch)] += 1

@@ -25,11 +25,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from service.backends.base import Backend, BackendUnavailable, MalformedAnswer, VersionRefused, check_outputs
+from service.backends.base import (
+    Backend, BackendUnavailable, Encoded, MakePreparer, MalformedAnswer, VersionRefused, check_outputs,
+)  # fmt: skip
 from service.backends.gradients import GradientModel
 from service.backends.batching import BatchedModel, model_device, warm_up
 from service.backends.pipelined import PipelinedBatchedModel, batched_model
 from service.backends.runtimes import ModelRunner, load_model, runtime_of
+from service.imaging.images import ImageError
 from service.telemetry.metrics import Instruments
 from service.settings import Settings
 from service.timing import BatchTiming
@@ -49,6 +52,7 @@ class LocalBackend(Backend):
         self._settings = settings
         self._instruments = instruments
         self._device = device = model_device(settings)
+        self._make_preparer: MakePreparer | None = None  # set by `use_device_decode`
         if device == "cpu":
             torch.set_num_threads(settings.torch_threads)
         self._repository = settings.model_repository
@@ -66,6 +70,17 @@ class LocalBackend(Backend):
             self._versions[name] = {batched.model.version: batched}
             self._default[name] = batched.model.version
 
+    def use_device_decode(self, make_preparer: MakePreparer) -> None:
+        """Every loaded and later loaded version of each model decodes `Encoded` JPEGs in its batches, with
+        `make_preparer`'s preparer, when `device_decode` is on (or `auto` with the models on CUDA)."""
+        mode = self._settings.device_decode
+        if mode == "on" or (mode == "auto" and self._device == "cuda"):
+            self._make_preparer = make_preparer
+            for name, versions in self._versions.items():
+                for batched in versions.values():
+                    batched.preparer = make_preparer(name, batched.model.contract, self._device)
+            self.decodes_on_device = True
+
     @property
     def _models(self) -> dict[str, BatchedModel]:
         """Each model's version loaded at start (or the newest loaded, once that one is unloaded)."""
@@ -79,6 +94,8 @@ class LocalBackend(Backend):
         batched = batched_model(
             model, self._settings.max_batch_size, self._settings.batch_wait_timeout_s, "embedded", self._instruments
         )
+        if self._make_preparer is not None:
+            batched.preparer = self._make_preparer(name, model.contract, device)
         try:
             if isinstance(batched, PipelinedBatchedModel):
                 batched.runner.warm_up()  # every batch bucket, the only shapes it will run
@@ -150,14 +167,23 @@ class LocalBackend(Backend):
         version: str | None = None,
     ) -> list[dict[str, np.ndarray]]:
         """Queue all of one request's images at once (so they share a batch) on `version` (default: the one
-        loaded at start); outputs in order."""
+        loaded at start); outputs in order. `Encoded` JPEGs among them are decoded on the models' device; the
+        first one refused raises its `ImageError` (with its `index`) once every image is answered."""
         batched = self._batcher(model, version)
         key = (model, batched.model.version)
         reports = timings if timings is not None else [None] * len(images)
         self._busy[key] += 1
         futures = [batched.submit(image, timing) for image, timing in zip(images, reports, strict=True)]
         try:
-            return list(await asyncio.gather(*futures))
+            if not any(isinstance(image, Encoded) for image in images):
+                return list(await asyncio.gather(*futures))
+            answers = await asyncio.gather(*futures, return_exceptions=True)
+            for index, answer in enumerate(answers):
+                if isinstance(answer, ImageError):
+                    answer.index = index
+                if isinstance(answer, BaseException):
+                    raise answer
+            return answers  # type: ignore[return-value]
         finally:
             self._busy[key] -= 1
             for future in futures:  # a caller that gave up drops its images before they are batched
@@ -209,6 +235,18 @@ class LocalBackend(Backend):
     def arrived(self, model: str, images: int) -> None:
         for batched in self._versions[model].values():
             batched.arrived(images)
+
+    def decode_counts(self) -> dict[str, dict[str, int]]:
+        """Per model, how many `Encoded` JPEGs its device decoded and how many its preparer sent to the CPU
+        path instead (the device rejected them), all versions together."""
+        counts: dict[str, dict[str, int]] = {}
+        for name, versions in self._versions.items():
+            preparers = [b.preparer for b in versions.values() if b.preparer is not None]
+            counts[name] = {
+                "device": sum(getattr(p, "decoded_on_device", 0) for p in preparers),
+                "cpu": sum(getattr(p, "decoded_on_cpu", 0) for p in preparers),
+            }
+        return counts
 
     async def ready(self) -> bool:
         """The models were loaded and warmed up when this backend was built."""

@@ -3,31 +3,32 @@
 A GPU is best used by one process: one CUDA context, one copy of each model, one batcher that sees
 every request (so batches fill), one pipelined runner (service/backends/pipelined.py). HTTP parsing,
 image decoding and answer encoding are CPU work that wants many processes. So the owner
-(`python -m service.backends.owner --socket PATH`) loads the models into a `LocalBackend` on the
-device and answers on a Unix socket; each uvicorn process talks to it through `OwnerBackend`, a
-`Backend` like any other. One connection per HTTP process carries all its requests at once
-(multiplexed by id), so their images meet in the owner's batches.
+(`python -m service.owner_app --socket PATH`, service/owner_app.py) loads the models into a
+`LocalBackend` on the device and answers on a Unix socket; each uvicorn process talks to it through
+`OwnerBackend`, a `Backend` like any other. One connection per HTTP process carries all its requests
+at once (multiplexed by id), so their images meet in the owner's batches.
 
 Frames: a 4-byte big-endian length, then a msgpack map. Client → owner: `{"op": "infer", "id", "model",
-"images": [array...]}`, `{"op": "cancel", "id"}`, `{"op": "ready", "id"}`, `{"op": "announce"|"arrived",
-"model", "images": n}`; owner → client: `{"id", "outputs": [{name: array}...], "timings": [[queue_s,
-model_s, batch_size]...]}`, `{"id", "ready": bool}` or `{"id", "error": code, "message"}`. An array is
-`{"dtype", "shape", "data"}`. Images travel preprocessed (uint8 `[3,H,W]`); sending the encoded file
-instead, for the owner to decode on the device (service/core/device_decode.py), needs the
-request core to hand encoded images to its backend.
+"images": [image...]}`, `{"op": "cancel", "id"}`, `{"op": "ready"|"decoded", "id"}`, `{"op":
+"announce"|"arrived", "model", "images": n}`; owner → client: `{"id", "outputs": [{name: array}...],
+"timings": [[queue_s, model_s, batch_size]...]}`, `{"id", "ready": bool}`, `{"id", "decoded": {model:
+{"device": n, "cpu": n}}}`, `{"id", "error": "image", "index", "status", "code",
+"message"}` (an image the owner's decode refused: the client's 4xx) or `{"id", "error": code, "message"}`,
+each with `"decodes": bool`. An array is `{"dtype", "shape", "data"}`. An image is either an array
+(preprocessed uint8 `[3,H,W]`) or, once the owner has said it `decodes`, `{"jpeg": bytes, "orientation":
+1-8}`: the file itself, which the owner decodes with the rest of its batch on the device
+(service/core/device_decode.py), so the HTTP processes only read headers and a JPEG travels at its
+own size. A process's first request, before any answer, sends arrays.
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import itertools
 import logging
 import os
-import signal
 import struct
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -35,7 +36,8 @@ from typing import Any
 import msgpack
 import numpy as np
 
-from service.backends.base import Backend, BackendUnavailable
+from service.backends.base import Backend, BackendUnavailable, Encoded
+from service.imaging.images import ImageError
 from service.timing import BatchTiming
 
 log = logging.getLogger(__name__)
@@ -51,6 +53,18 @@ def pack_array(array: np.ndarray) -> dict[str, Any]:
 
 def unpack_array(packed: dict[str, Any]) -> np.ndarray:
     return np.frombuffer(packed["data"], dtype=np.dtype(packed["dtype"])).reshape(packed["shape"])
+
+
+def pack_image(image: np.ndarray | Encoded) -> dict[str, Any]:
+    if isinstance(image, Encoded):
+        return {"jpeg": image.data, "orientation": image.orientation}
+    return pack_array(image)
+
+
+def unpack_image(packed: dict[str, Any]) -> np.ndarray | Encoded:
+    if "jpeg" in packed:
+        return Encoded(packed["jpeg"], int(packed["orientation"]))
+    return unpack_array(packed)
 
 
 async def read_frame(reader: asyncio.StreamReader) -> dict[str, Any] | None:
@@ -115,12 +129,15 @@ class ModelOwner:
     async def _answer(
         self, message: dict[str, Any], writer: asyncio.StreamWriter, lock: asyncio.Lock
     ) -> None:
-        reply: dict[str, Any] = {"id": message["id"]}
+        reply: dict[str, Any] = {"id": message["id"], "decodes": self.backend.decodes_on_device}
         try:
             if message["op"] == "ready":
                 reply["ready"] = await self.backend.ready()
+            elif message["op"] == "decoded":  # how many JPEGs each model's batches decoded where (the GPU check)
+                counts = getattr(self.backend, "decode_counts", None)
+                reply["decoded"] = counts() if counts is not None else {}
             elif message["op"] == "infer":
-                images = [unpack_array(image) for image in message["images"]]
+                images = [unpack_image(image) for image in message["images"]]
                 timings = [BatchTiming() for _ in images]
                 outputs = await self.backend.infer_many(message["model"], images, timings)
                 reply["outputs"] = [
@@ -131,6 +148,11 @@ class ModelOwner:
                 reply |= {"error": "bad_request", "message": f"unknown op {message['op']!r}"}
         except asyncio.CancelledError:
             return
+        except ImageError as error:  # the client's image: our own words, for the client
+            reply |= {
+                "error": "image", "index": error.index, "status": error.status_code, "code": error.code,
+                "message": str(error),
+            }  # fmt: skip
         except BackendUnavailable as error:
             reply |= {"error": "unavailable", "message": str(error)}
         except KeyError as error:
@@ -159,6 +181,7 @@ class OwnerBackend(Backend):
         self._writer: asyncio.StreamWriter | None = None
         self._reader_task: asyncio.Task[None] | None = None
         self._connecting: asyncio.Lock | None = None
+        self.decodes_on_device = False  # what the owner said in its last answer (every answer says)
 
     async def _connected(self) -> asyncio.StreamWriter:
         if self._connecting is None:
@@ -175,6 +198,7 @@ class OwnerBackend(Backend):
     async def _read(self, reader: asyncio.StreamReader) -> None:
         try:
             while (message := await read_frame(reader)) is not None:
+                self.decodes_on_device = bool(message.get("decodes"))
                 future = self._pending.pop(message.get("id"), None)
                 if future is not None and not future.done():
                     future.set_result(message)
@@ -215,7 +239,9 @@ class OwnerBackend(Backend):
         self, model: str, images: Sequence[np.ndarray], timings: Sequence[BatchTiming] | None = None
     ) -> list[dict[str, np.ndarray]]:
         """Send all of one request's images at once (so they share a batch in the owner); outputs in order."""
-        reply = await self._call({"op": "infer", "model": model, "images": [pack_array(i) for i in images]})
+        reply = await self._call({"op": "infer", "model": model, "images": [pack_image(i) for i in images]})
+        if reply.get("error") == "image":
+            raise owner_image_error(reply)
         if "error" in reply:
             raise BackendUnavailable(f"model {model}: {reply['message']}")
         for timing, (queue_s, model_s, batch_size) in zip(timings or (), reply["timings"], strict=False):
@@ -240,6 +266,10 @@ class OwnerBackend(Backend):
             return False
         return bool(reply.get("ready"))
 
+    async def decoded(self) -> dict[str, dict[str, int]]:
+        """Per model, the JPEGs the owner decoded on its device and those its CPU path took instead."""
+        return dict((await self._call({"op": "decoded"})).get("decoded", {}))
+
     async def close(self) -> None:
         if self._reader_task is not None:
             self._reader_task.cancel()
@@ -248,41 +278,10 @@ class OwnerBackend(Backend):
             self._writer = None
 
 
-# --- python -m service.backends.owner -------------------------------------------------------------
-
-
-async def serve_forever(path: Path) -> None:
-    """Load the models (Settings from CVSERVE_*) into a LocalBackend and answer on `path` until SIGTERM."""
-    from service.backends.local import LocalBackend
-    from service.settings import Settings
-
-    backend = LocalBackend(Settings())
-    server = await ModelOwner(backend).serve(path)
-    log.info("model owner ready on %s", path)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
-    server.close()
-    await backend.close()
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(path)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """python -m service.backends.owner --socket PATH (models and device from CVSERVE_*)."""
-    parser = argparse.ArgumentParser(
-        prog="python -m service.backends.owner", description=__doc__.splitlines()[0]
-    )
-    parser.add_argument("--socket", type=Path, required=True, help="the Unix socket to answer on")
-    args = parser.parse_args(argv)
-    logging.basicConfig(
-        stream=sys.stdout, level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    asyncio.run(serve_forever(args.socket))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+def owner_image_error(reply: dict[str, Any]) -> ImageError:
+    """The `ImageError` the owner's decode raised for one image, as the client should hear it."""
+    error = ImageError(str(reply.get("message", "the image could not be decoded")))
+    error.status_code = int(reply.get("status", 400))
+    error.code = str(reply.get("code", ImageError.code))
+    error.index = reply.get("index")
+    return error

@@ -22,7 +22,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from service.backends.batching import BatchedModel, _Waiting
+from service.backends.base import Encoded
+from service.backends.batching import BatchedModel, _Waiting, refuse
 from service.backends.torchscript import TorchScriptModel
 from service.backends.runtimes import ModelRunner
 from service.buckets import bucket_for, buckets_up_to
@@ -58,6 +59,8 @@ class PipelinedRunner:
         self.buckets = tuple(buckets)
         self.device = model.device
         self.cuda = self.device.type == "cuda"
+        if self.cuda and self.device.index is None:  # "cuda" is the current device: name it, as tensors do
+            self.device = torch.device("cuda", torch.cuda.current_device())
         self._slots = [_Slot() for _ in range(in_flight)]
         self._next_slot = 0
         self._names = [spec.name for spec in model.contract.outputs]
@@ -191,18 +194,25 @@ class PipelinedBatchedModel(BatchedModel):
         await self._slots.acquire()  # at most `in_flight` batches launched and unfinished
         started = time.perf_counter()
         try:
-            launched = await loop.run_in_executor(
-                self._executor, self.runner.launch, [e.image for e in batch]
-            )
+            launched, refused = await loop.run_in_executor(self._executor, self._launch, [e.image for e in batch])
         except Exception:
             self._slots.release()
             self._fail(batch)
+            return
+        batch = refuse(batch, refused)
+        if launched is None:  # every image of it was refused
+            self._slots.release()
             return
         self._launched += 1
         self.most_in_flight = max(self.most_in_flight, self._launched)
         task = loop.create_task(self._finish(loop, batch, launched, started))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+    def _launch(self, images: list[np.ndarray | Encoded]) -> tuple[Launched | None, dict[int, Exception]]:
+        """Launch the batch (JPEGs among it decoded on the device first); the refused JPEGs' errors by index."""
+        inputs, refused = self._inputs(images)
+        return (self.runner.launch(inputs) if len(inputs) else None), refused
 
     async def _finish(
         self, loop: asyncio.AbstractEventLoop, batch: list[_Waiting], launched: Launched, started: float

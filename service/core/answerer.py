@@ -26,9 +26,10 @@ from fastapi import Request, Response
 from pydantic import BaseModel
 from starlette.requests import ClientDisconnect
 
-from service.backends.base import Backend, BackendTimeout, MalformedAnswer, check_outputs
+from service.backends.base import Backend, BackendTimeout, Encoded, MalformedAnswer, check_outputs
 from service.core.admission import Admission, Limits, Ticket
 from service.core.auth import ApiKeyCheck
+from service.core.device_decode import device_preparers, plan_on_device
 from service.core.explain import ExplainedImage, ExplainPlan, explain, plan
 from service.core.errors import ApiError
 from service.core.inputs import ImageInputs
@@ -66,6 +67,7 @@ class Answerer:
         self.tracing = tracing  # None: tracing off
         self.handlers = dict(handlers)  # every task the registry knows, enabled or not
         self.pipelines = {m: TaskPipeline.load(settings, m, handlers[m]) for m in settings.models}
+        backend.use_device_decode(device_preparers(settings, handlers))  # where settings ask for it and it can
         # Decode/preprocess/postprocess threads: as many as cores (Pillow and torch release the GIL).
         self._pool = ThreadPoolExecutor(max_workers=os.cpu_count() or 2, thread_name_prefix="images")
         limits = Limits(
@@ -220,15 +222,26 @@ class Answerer:
                 ticket.hold(work)
             return asyncio.wrap_future(work, loop=loop)
 
+        # JPEGs go to the backend undecoded when it decodes them on the models' device, except for work
+        # that needs the model inputs here: explanations, and a candidate's comparison.
+        on_device = (
+            self.backend.decodes_on_device and self.settings.device_decode != "off"
+            and explaining is None and route.other is None
+        )  # fmt: skip
+        prepare = _prepare_on_device if on_device else _prepare
         with self.lifecycle.serving(handler.model, route):  # the version is not unloaded under it
             count = len(blobs)
             self.backend.announce(handler.model, count)  # an in-process batcher waits briefly for these
             try:
-                prepared = await asyncio.gather(*(in_pool(_prepare, pipeline, blob, i) for i, blob in enumerate(blobs)))
+                prepared = await asyncio.gather(*(in_pool(prepare, pipeline, blob, i) for i, blob in enumerate(blobs)))
             finally:
                 self.backend.arrived(handler.model, count)
             batches = [BatchTiming() for _ in prepared] if timings is not None else None
-            outputs = await self.infer(pipeline, [image.tensor for image in prepared], batches, route)
+            try:
+                outputs = await self.infer(pipeline, [image.tensor for image in prepared], batches, route)
+            except ImageError as error:  # an image only the device's decode found unreadable
+                where = f"image {error.index}: " if error.index is not None else ""
+                raise ApiError(error.status_code, error.code, f"{where}{error}") from error
             geometries = [image.geometry for image in prepared]
             results, postprocess_s = await in_pool(_answer_all, pipeline, outputs, geometries, options)
             if timings is not None:
@@ -258,7 +271,7 @@ class Answerer:
     async def infer(
         self,
         pipeline: TaskPipeline,
-        tensors: Sequence[np.ndarray],
+        tensors: Sequence[np.ndarray | Encoded],
         batches: Sequence[BatchTiming] | None = None,
         route: Route | None = None,
     ) -> list[dict[str, np.ndarray]]:
@@ -351,7 +364,7 @@ async def _disconnected(request: Request) -> None:
 
 @dataclass(frozen=True)
 class _Decoded:
-    tensor: np.ndarray
+    tensor: np.ndarray | Encoded  # the model input, or a JPEG for the backend to decode on the device
     geometry: Geometry
     decode_s: float
     preprocess_s: float
@@ -367,6 +380,16 @@ def _prepare(pipeline: TaskPipeline, blob: bytes, index: int) -> _Decoded:
     except ImageError as error:
         raise ApiError(error.status_code, error.code, f"image {index}: {error}") from error
     return _Decoded(tensor, geometry, decoded_at - began, time.perf_counter() - decoded_at)
+
+
+def _prepare_on_device(pipeline: TaskPipeline, blob: bytes, index: int) -> _Decoded:
+    """One image for a backend that decodes on the device: a JPEG it can decode only has its header read
+    here (its geometry comes from its size); any other image is decoded here (`_prepare`)."""
+    began = time.perf_counter()
+    planned = plan_on_device(pipeline, blob)
+    if planned is None:
+        return _prepare(pipeline, blob, index)
+    return _Decoded(planned[0], planned[1], time.perf_counter() - began, 0.0)
 
 
 def _answer_all(

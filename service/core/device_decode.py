@@ -16,7 +16,7 @@ tests/service/core/test_device_decode.py checks it on the CPU; the GPU check mea
 from __future__ import annotations
 
 import io
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -26,9 +26,13 @@ from PIL import Image
 from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms import InterpolationMode
 
+from service.backends.base import Encoded
+from service.contract import ModelContract
 from service.core.pipeline import TaskPipeline
-from service.handlers.common import Geometry, center_crop_plan
-from service.imaging.images import EXIF_ORIENTATION
+from service.handlers import HANDLERS
+from service.settings import Settings
+from service.handlers.common import Geometry, Handler, center_crop_plan, input_geometry, letterbox_plan
+from service.imaging.images import EXIF_ORIENTATION, ImageError
 
 
 @dataclass(frozen=True)
@@ -40,13 +44,15 @@ class Tolerance:
 
 
 TOLERANCE = Tolerance()
+_END_OF_IMAGE = b"\xff\xd9"
 
 
-def device_jpeg_orientation(data: bytes, max_pixels: int, allowed_formats: Sequence[str]) -> int | None:
-    """The EXIF orientation (1-8) of a JPEG the device can decode, read by Pillow from the header only;
-    None when the CPU path must take it (another format, CMYK, MPO, too large, unreadable: the CPU path
-    then refuses it with the right error, or decodes it)."""
-    if "JPEG" not in allowed_formats or not data:
+def jpeg_header(data: bytes, max_pixels: int, allowed_formats: Sequence[str]) -> tuple[int, int, int] | None:
+    """(width, height, EXIF orientation 1-8) of a JPEG the device can decode, as stored, read by Pillow
+    from the header only; None when the CPU path must take it (another format, CMYK, MPO, too large,
+    unreadable, or a file that does not end where a JPEG ends: truncated, or with data after it. The CPU
+    path then refuses it with the right error, or decodes it)."""
+    if "JPEG" not in allowed_formats or not data.endswith(_END_OF_IMAGE):
         return None
     try:
         with Image.open(io.BytesIO(data), formats=("JPEG",)) as image:
@@ -55,9 +61,30 @@ def device_jpeg_orientation(data: bytes, max_pixels: int, allowed_formats: Seque
             if image.width * image.height > max_pixels:
                 return None
             orientation = int(image.getexif().get(EXIF_ORIENTATION, 1))
+            width, height = image.size
     except Exception:  # noqa: BLE001 - the CPU path decodes it again and says what is wrong
         return None
-    return orientation if 1 <= orientation <= 8 else 1
+    return width, height, orientation if 1 <= orientation <= 8 else 1
+
+
+def device_jpeg_orientation(data: bytes, max_pixels: int, allowed_formats: Sequence[str]) -> int | None:
+    """The EXIF orientation (1-8) of a JPEG the device can decode (`jpeg_header`); None for the CPU path."""
+    header = jpeg_header(data, max_pixels, allowed_formats)
+    return None if header is None else header[2]
+
+
+def plan_on_device(pipeline: TaskPipeline, data: bytes) -> tuple[Encoded, Geometry] | None:
+    """What the receiving process does for an image the model's owner decodes on its device: read the
+    header (cheap, no pixels), and work out the geometry the model input will have from the upright size
+    alone. None: the CPU path takes the image (`TaskPipeline.prepare`)."""
+    settings = pipeline.settings
+    header = jpeg_header(data, settings.max_pixels, settings.allowed_formats)
+    if header is None:
+        return None
+    width, height, orientation = header
+    if orientation >= 5:  # a quarter turn: the upright image is the stored one transposed
+        width, height = height, width
+    return Encoded(data, orientation), input_geometry(pipeline.contract, width, height)
 
 
 def upright(image: torch.Tensor, orientation: int) -> torch.Tensor:
@@ -92,13 +119,9 @@ def _resize(image: torch.Tensor, height: int, width: int) -> torch.Tensor:
 def letterbox(image: torch.Tensor, size: tuple[int, int]) -> tuple[torch.Tensor, Geometry]:
     """`service.handlers.common.letterbox` for a `[3,H,W]` uint8 tensor, on its device."""
     _, height, width = image.shape
-    target_h, target_w = size
-    scale = min(target_h / height, target_w / width)
-    content_h = min(target_h, max(1, round(height * scale)))
-    content_w = min(target_w, max(1, round(width * scale)))
-    canvas = torch.zeros((3, target_h, target_w), dtype=torch.uint8, device=image.device)
+    content_h, content_w, geometry = letterbox_plan(width, height, size)
+    canvas = torch.zeros((3, *size), dtype=torch.uint8, device=image.device)
     canvas[:, :content_h, :content_w] = _resize(image, content_h, content_w)
-    geometry = Geometry(width, height, content_w / width, content_h / height, 0.0, 0.0, content_w, content_h)
     return canvas, geometry
 
 
@@ -122,42 +145,81 @@ class DevicePreparer:
         self.decoded_on_cpu = 0
 
     def prepare(self, blobs: Sequence[bytes]) -> tuple[torch.Tensor, list[Geometry]]:
-        """Decode and preprocess `blobs` into the model's `[N,3,H,W]` uint8 batch on the device; raises
-        the CPU path's `ImageError` for the first image it refuses."""
-        settings = self.pipeline.settings
-        orientations = [
-            device_jpeg_orientation(b, settings.max_pixels, settings.allowed_formats) for b in blobs
-        ]
-        on_device = [i for i, o in enumerate(orientations) if o is not None]
-        decoded = self._decode(blobs, on_device)
+        """Decode and preprocess `blobs` into the model's `[N,3,H,W]` uint8 batch on the device, with each
+        image's geometry; raises the CPU path's `ImageError` for the first image it refuses."""
+        planned = [plan_on_device(self.pipeline, blob) for blob in blobs]
+        on_device = [p[0] for p in planned if p is not None]
+        decoded = iter(self.prepare_each(on_device))
         inputs: list[torch.Tensor] = []
         geometries: list[Geometry] = []
-        for i, blob in enumerate(blobs):
-            image = decoded.get(i)
-            if image is None:
+        for blob, plan in zip(blobs, planned, strict=True):
+            if plan is None:
                 array, geometry = self.pipeline.prepare(blob)  # the CPU path, and its errors
-                tensor = torch.from_numpy(np.ascontiguousarray(array)).to(self.device, non_blocking=True)
+                inputs.append(self._to_device(array))
+                geometries.append(geometry)
                 self.decoded_on_cpu += 1
-            else:
-                tensor, geometry = self._preprocess(upright(image, orientations[i] or 1))
-                self.decoded_on_device += 1
+                continue
+            tensor = next(decoded)
+            if isinstance(tensor, ImageError):
+                raise tensor
             inputs.append(tensor)
-            geometries.append(geometry)
+            geometries.append(plan[1])
         return torch.stack(inputs), geometries
 
-    def _decode(self, blobs: Sequence[bytes], indices: list[int]) -> dict[int, torch.Tensor]:
-        """Decode the JPEGs at `indices` together on the device; one at a time when the batch fails (an
+    def prepare_each(self, images: Sequence[Encoded]) -> list[torch.Tensor | ImageError]:
+        """Each JPEG of `images` as the model's `[3,H,W]` uint8 input on the device, decoded together; an
+        image the device decoder rejects goes through the CPU path, and an image that path refuses is its
+        `ImageError` in the list (the other images are not held up by it)."""
+        decoded = self._decode([image.data for image in images])
+        prepared: list[torch.Tensor | ImageError] = []
+        for i, image in enumerate(images):
+            tensor = decoded.get(i)
+            if tensor is None:
+                try:
+                    array, _ = self.pipeline.prepare(image.data)
+                except ImageError as error:
+                    prepared.append(error)
+                    continue
+                prepared.append(self._to_device(array))
+                self.decoded_on_cpu += 1
+            else:
+                prepared.append(self._preprocess(upright(tensor, image.orientation))[0])
+                self.decoded_on_device += 1
+        return prepared
+
+    def inputs(
+        self, images: Sequence[np.ndarray | Encoded]
+    ) -> tuple[list[int], torch.Tensor | None, dict[int, ImageError]]:
+        """A batcher's batch of prepared arrays and `Encoded` JPEGs as one `[N,3,H,W]` uint8 tensor on the
+        device: the indices in it, the tensor (None if every image was refused), and the refusals by index."""
+        encoded = [i for i, image in enumerate(images) if isinstance(image, Encoded)]
+        prepared = dict(zip(encoded, self.prepare_each([images[i] for i in encoded]), strict=True))  # type: ignore[misc]
+        kept: list[int] = []
+        tensors: list[torch.Tensor] = []
+        refused: dict[int, ImageError] = {}
+        for i, image in enumerate(images):
+            tensor = prepared[i] if i in prepared else self._to_device(image)  # type: ignore[arg-type]
+            if isinstance(tensor, ImageError):
+                refused[i] = tensor
+            else:
+                kept.append(i)
+                tensors.append(tensor)
+        return kept, (torch.stack(tensors) if tensors else None), refused
+
+    def _to_device(self, array: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(array)).to(self.device, non_blocking=True)
+
+    def _decode(self, blobs: Sequence[bytes]) -> dict[int, torch.Tensor]:
+        """Decode the JPEGs `blobs` together on the device, by index; one at a time when the batch fails (an
         image the device rejects is left out, for the CPU path to decode or refuse)."""
-        if not indices:
+        if not blobs:
             return {}
-        data = [torch.frombuffer(bytearray(blobs[i]), dtype=torch.uint8) for i in indices]
+        data = [torch.frombuffer(bytearray(blob), dtype=torch.uint8) for blob in blobs]
         try:
-            return dict(
-                zip(indices, decode_jpeg(data, mode=ImageReadMode.RGB, device=self.device), strict=True)
-            )
+            return dict(enumerate(decode_jpeg(data, mode=ImageReadMode.RGB, device=self.device)))
         except RuntimeError:
             decoded = {}
-            for i, tensor in zip(indices, data, strict=True):
+            for i, tensor in enumerate(data):
                 try:
                     decoded[i] = decode_jpeg(tensor, mode=ImageReadMode.RGB, device=self.device)
                 except RuntimeError:
@@ -173,3 +235,16 @@ class DevicePreparer:
         if contract.preprocess == "letterbox":
             return letterbox(image, contract.input_size)
         raise ValueError(f"model {contract.name}: unknown preprocess {contract.preprocess!r} in config.pbtxt")
+
+
+def device_preparers(
+    settings: Settings, handlers: Mapping[str, Handler] | None = None
+) -> Callable[[str, ModelContract, str], DevicePreparer]:
+    """What the request core hands its backend (`Backend.use_device_decode`): each model's `DevicePreparer`,
+    with its task's handler (`handlers`, default the registry) for the CPU path and `settings`' image limits."""
+    known = dict(HANDLERS if handlers is None else handlers)
+
+    def make(model: str, contract: ModelContract, device: str) -> DevicePreparer:
+        return DevicePreparer(TaskPipeline(model, contract, known[model], settings), device)
+
+    return make

@@ -65,16 +65,33 @@ def letterbox(image: np.ndarray, size: tuple[int, int]) -> tuple[np.ndarray, Geo
     """Scale `image` to fit inside `size` (H, W) keeping aspect ratio; pad right/bottom with 0."""
     height, width = image.shape[:2]
     target_h, target_w = size
-    scale = min(target_h / height, target_w / width)
-    content_h = min(target_h, max(1, round(height * scale)))
-    content_w = min(target_w, max(1, round(width * scale)))
+    content_h, content_w, geometry = letterbox_plan(width, height, size)
     resized = F.resize(
         to_chw_tensor(image), [content_h, content_w], interpolation=InterpolationMode.BILINEAR, antialias=True
     )
     canvas = torch.zeros((3, target_h, target_w), dtype=torch.uint8)
     canvas[:, :content_h, :content_w] = resized
-    geometry = Geometry(width, height, content_w / width, content_h / height, 0.0, 0.0, content_w, content_h)
     return canvas.numpy(), geometry
+
+
+def letterbox_plan(width: int, height: int, size: tuple[int, int]) -> tuple[int, int, Geometry]:
+    """Letterboxing of a `width`×`height` image into `size` (H, W): the content's (height, width) and the
+    geometry (shared by the CPU path above and the device path, `service.core.device_decode`)."""
+    target_h, target_w = size
+    scale = min(target_h / height, target_w / width)
+    content_h = min(target_h, max(1, round(height * scale)))
+    content_w = min(target_w, max(1, round(width * scale)))
+    geometry = Geometry(width, height, content_w / width, content_h / height, 0.0, 0.0, content_w, content_h)
+    return content_h, content_w, geometry
+
+
+def input_geometry(contract: ModelContract, width: int, height: int) -> Geometry:
+    """The geometry `preprocess_image` gives a `width`×`height` image, from its size alone."""
+    if contract.preprocess == "resize_center_crop":
+        return center_crop_plan(width, height, contract.resize_size or min(contract.input_size), contract.input_size)[2]
+    if contract.preprocess == "letterbox":
+        return letterbox_plan(width, height, contract.input_size)[2]
+    raise ValueError(f"model {contract.name}: unknown preprocess {contract.preprocess!r} in config.pbtxt")
 
 
 def center_crop_plan(width: int, height: int, resize_size: int, size: tuple[int, int]) -> tuple[int, int, Geometry]:

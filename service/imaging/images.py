@@ -42,6 +42,7 @@ class ImageError(ValueError):
 
     status_code = 400
     code = "bad_image"
+    index: int | None = None  # which of a request's images, when it was found out of order (device decode)
 
 
 class UndecodableImage(ImageError):

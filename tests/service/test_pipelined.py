@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -22,8 +23,8 @@ from service.model_config import dump
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory: pytest.TempPathFactory) -> TorchScriptModel:
-    """A tiny classifier exported like the real ones (uint8 [B,3,16,16] in, PROBS out)."""
+def tiny_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A repository with a tiny classifier exported like the real ones (uint8 [B,3,16,16] in, PROBS out)."""
     root = tmp_path_factory.mktemp("repository")
     torch.manual_seed(0)
     net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 5))
@@ -35,7 +36,13 @@ def model(tmp_path_factory: pytest.TempPathFactory) -> TorchScriptModel:
     )
     (root / "classifier" / "labels.txt").write_text("\n".join(spec.labels) + "\n")
     save(script(wrapper), str(root / "classifier" / "1" / "model.pt"))
-    return TorchScriptModel(root, "classifier", "cpu")
+    return root
+
+
+@pytest.fixture(scope="module")
+def model(tiny_repository: Path) -> TorchScriptModel:
+    """The tiny classifier, loaded on the CPU."""
+    return TorchScriptModel(tiny_repository, "classifier", "cpu")
 
 
 def _images(count: int, seed: int = 0) -> list[np.ndarray]:

@@ -17,7 +17,8 @@ from torch import nn
 from export.repository import Batching, model_config
 from export.spec import ModelSpec
 from service.core.pipeline import TaskPipeline
-from service.core.device_decode import TOLERANCE, DevicePreparer, device_jpeg_orientation
+from service.backends.base import Encoded
+from service.core.device_decode import TOLERANCE, DevicePreparer, device_jpeg_orientation, plan_on_device
 from service.imaging.images import ImageError, ImageTooLarge, UndecodableImage, UnsupportedImageFormat
 from service.model_config import dump
 from service.settings import Settings
@@ -117,3 +118,54 @@ def test_refusals_are_the_cpu_path_s(repository: Path) -> None:
     for blob, error in cases:
         with pytest.raises(error):
             preparer.prepare([_jpeg(_scene(50, 50)), blob])
+
+
+def test_a_file_that_does_not_end_as_a_jpeg_takes_the_cpu_path(repository: Path) -> None:
+    """Pillow refuses a truncated JPEG where a JPEG decoder may fill in the rest: no end-of-image marker,
+    no device decode, so the client hears the CPU path's 400 whichever process decodes."""
+    pipeline = TaskPipeline.load(Settings(model_repository=repository), "classifier")
+    whole = _jpeg(_scene(90, 70))
+    assert plan_on_device(pipeline, whole) is not None
+    for blob in (whole[:-200], whole + b"trailer"):
+        assert plan_on_device(pipeline, blob) is None
+    with pytest.raises(UndecodableImage):
+        pipeline.prepare(whole[:-200])
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_the_header_alone_gives_the_cpu_path_s_geometry(repository: Path, model: str) -> None:
+    pipeline = TaskPipeline.load(Settings(model_repository=repository), model)
+    for orientation, (width, height) in [(1, (640, 480)), (6, (640, 480)), (8, (97, 61)), (1, (1600, 1200))]:
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        blob = _jpeg(_scene(width, height), exif=exif.tobytes())
+        encoded, geometry = plan_on_device(pipeline, blob)  # type: ignore[misc]
+        assert encoded == Encoded(blob, orientation)
+        expected = pipeline.prepare(blob)[1]
+        for field in dataclasses.fields(geometry):
+            assert getattr(geometry, field.name) == pytest.approx(getattr(expected, field.name), rel=1e-6), field
+
+
+def test_each_image_of_a_batch_is_answered_or_refused_on_its_own(repository: Path) -> None:
+    """The owner's side: a batch of JPEGs handed over undecoded; one the device rejects goes through the
+    CPU path (a PNG here decodes there, garbage is refused with the CPU path's error), and the rest of the
+    batch is not held up."""
+    pipeline = TaskPipeline.load(Settings(model_repository=repository), "segmenter")
+    preparer = DevicePreparer(pipeline, "cpu")
+    png = io.BytesIO()
+    _scene(90, 70).save(png, format="PNG")
+    jpeg = _jpeg(_scene(120, 90))
+    prepared = preparer.prepare_each([Encoded(jpeg, 1), Encoded(b"not an image", 1), Encoded(png.getvalue(), 1)])
+    assert isinstance(prepared[1], ImageError)
+    assert prepared[0].shape == prepared[2].shape == (3, 64, 64)
+    np.testing.assert_array_equal(prepared[2].numpy(), pipeline.prepare(png.getvalue())[0])
+    assert (preparer.decoded_on_device, preparer.decoded_on_cpu) == (1, 1)
+
+    arrays = [pipeline.prepare(_jpeg(_scene(60, 80)))[0], pipeline.prepare(jpeg)[0]]
+    kept, batch, refused = preparer.inputs([arrays[0], Encoded(b"\xff\xd8 broken", 1), Encoded(jpeg, 1), arrays[1]])
+    assert kept == [0, 2, 3] and list(refused) == [1] and isinstance(refused[1], ImageError)
+    assert batch is not None and batch.shape == (3, 3, 64, 64)
+    np.testing.assert_array_equal(batch[0].numpy(), arrays[0])
+    np.testing.assert_array_equal(batch[1].numpy(), prepared[0].numpy())
+    kept, batch, refused = preparer.inputs([Encoded(b"junk", 1)])
+    assert kept == [] and batch is None and isinstance(refused[0], ImageError)
