@@ -1,6 +1,6 @@
 """The GPU check's HTTP step: the Ray-free app end to end on one box.
 
-One model owner on the device (`python -m service.backends.owner`, the models the model steps
+One model owner on the device (`python -m service.owner_app --socket`, the models the model steps
 exported, fp16 where they were), `servers` uvicorn worker processes of `service.owner_app` in front
 of it, and a load generator of `client_processes` processes, `concurrency` clients in all, each
 sending its next request (one JPEG, multipart) as soon as the last is answered, for `duration_s` per
@@ -21,6 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import numpy as np
 
@@ -45,48 +46,86 @@ def _jpeg(width: int, height: int, seed: int) -> bytes:
     return buffer.getvalue()
 
 
+def multipart_request(url: str, image: bytes, boundary: str = "cvserve-load-boundary") -> bytes:
+    """The whole HTTP/1.1 request (keep-alive) that posts `image` to `url` as the multipart field `file`,
+    as a client's `files={"file": ("image.jpg", image, "image/jpeg")}` sends it."""
+    parts = urlsplit(url)
+    body = (
+        f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"image.jpg\"\r\n"
+        f"Content-Type: image/jpeg\r\n\r\n"
+    ).encode() + image + f"\r\n--{boundary}--\r\n".encode()
+    head = (
+        f"POST {parts.path or '/'} HTTP/1.1\r\nHost: {parts.netloc}\r\nConnection: keep-alive\r\n"
+        f"Content-Type: multipart/form-data; boundary={boundary}\r\nContent-Length: {len(body)}\r\n\r\n"
+    )
+    return head.encode() + body
+
+
+async def exchange(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, request: bytes) -> tuple[int, bytes]:
+    """Send one prepared request on a kept-alive connection; (status, body) of the answer (Content-Length
+    bodies only, as uvicorn sends them)."""
+    writer.write(request)
+    head = await reader.readuntil(b"\r\n\r\n")
+    status = int(head[9:12])
+    length = 0
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        name = name.strip().lower()
+        if name == b"content-length":
+            length = int(value)
+        elif name == b"transfer-encoding":
+            raise ConnectionError("a chunked answer: this client reads Content-Length bodies only")
+    return status, await reader.readexactly(length)
+
+
 def _client_process(
     url: str, clients: int, duration_s: float, warmup_s: float, image_size: list[int], seed: int, queue: Any
 ) -> None:
-    """One load-generator process: `clients` closed-loop clients; puts (latencies, errors, samples)."""
-    import httpx
+    """One load-generator process: `clients` closed-loop clients; puts (latencies, errors, samples).
 
-    images = [_jpeg(*image_size, seed * 100 + i) for i in range(4)]
+    Each client keeps one connection and writes prepared request bytes (`multipart_request`): an
+    HTTP library's per-request work (httpx: about 1 ms of CPU here) would take the cores the servers
+    under test need when both run on one box."""
+    requests = [multipart_request(url, _jpeg(*image_size, seed * 100 + i)) for i in range(4)]
+    parts = urlsplit(url)
 
     async def run() -> tuple[list[float], int, list[str]]:
         latencies: list[float] = []
         errors, samples = 0, []
         start = time.perf_counter()
         window = (start + warmup_s, start + warmup_s + duration_s)
-        limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
-        async with httpx.AsyncClient(timeout=30.0, limits=limits) as client:
 
-            async def worker(index: int) -> None:
-                nonlocal errors
-                count = 0
-                while time.perf_counter() < window[1]:
-                    began = time.perf_counter()
-                    files = {"file": ("image.jpg", images[(index + count) % len(images)], "image/jpeg")}
-                    count += 1
-                    try:
-                        response = await client.post(url, files=files)
-                        error = (
-                            None
-                            if response.status_code == 200
-                            else f"HTTP {response.status_code}: {response.text[:120]}"
-                        )
-                    except httpx.HTTPError as exc:
-                        error = f"{type(exc).__name__}: {exc}"[:160]
-                    finished = time.perf_counter()
-                    if window[0] <= finished <= window[1]:
-                        if error is None:
-                            latencies.append(finished - began)
-                        else:
-                            errors += 1
-                            if len(samples) < 3:
-                                samples.append(error)
+        async def worker(index: int) -> None:
+            nonlocal errors
+            count = 0
+            connection: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
+            while time.perf_counter() < window[1]:
+                began = time.perf_counter()
+                count += 1
+                try:
+                    if connection is None:
+                        connection = await asyncio.open_connection(parts.hostname, parts.port)
+                    status, body = await asyncio.wait_for(
+                        exchange(*connection, requests[(index + count) % len(requests)]), 30.0
+                    )
+                    error = None if status == 200 else f"HTTP {status}: {body[:120].decode(errors='replace')}"
+                except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError, ValueError) as exc:
+                    error = f"{type(exc).__name__}: {exc}"[:160]
+                    if connection is not None:
+                        connection[1].close()
+                    connection = None
+                finished = time.perf_counter()
+                if window[0] <= finished <= window[1]:
+                    if error is None:
+                        latencies.append(finished - began)
+                    else:
+                        errors += 1
+                        if len(samples) < 3:
+                            samples.append(error)
+            if connection is not None:
+                connection[1].close()
 
-            await asyncio.gather(*(worker(i) for i in range(clients)))
+        await asyncio.gather(*(worker(i) for i in range(clients)))
         return latencies, errors, samples
 
     queue.put(asyncio.run(run()))
@@ -183,6 +222,20 @@ def _owner_ready(path: Path) -> bool:
     return asyncio.run(ask())
 
 
+def _owner_decoded(path: Path) -> dict[str, dict[str, int]]:
+    """Per model, the JPEGs the owner decoded on its device and those its CPU path took instead."""
+    from service.backends.owner import OwnerBackend
+
+    async def ask() -> dict[str, dict[str, int]]:
+        backend = OwnerBackend(path)
+        try:
+            return await asyncio.wait_for(backend.decoded(), 10.0)
+        finally:
+            await backend.close()
+
+    return asyncio.run(ask())
+
+
 def _http_ready(url: str) -> bool:
     import httpx
 
@@ -223,14 +276,17 @@ def run_http_bench(ctx: Any) -> dict[str, Any]:
         "CVSERVE_MAX_BATCH_SIZE": str(config["max_batch"]),
         "CVSERVE_OWNER_SOCKET": str(socket_path),
         "CVSERVE_HOST": "127.0.0.1",
+        # The workers read JPEG headers only; the owner decodes each batch's JPEGs on its device.
+        "CVSERVE_DEVICE_DECODE": config.get("device_decode", "on"),
     }
     result: dict[str, Any] = {
         "repository": precision, "models": models, "servers": config["servers"], "device": ctx.device,
+        "device_decode": env["CVSERVE_DEVICE_DECODE"],
         "stubbed_av": "stubs" in env.get("PYTHONPATH", ""),
     }  # fmt: skip
     started = time.monotonic()
     owner = subprocess.Popen(
-        [sys.executable, "-m", "service.backends.owner", "--socket", str(socket_path)],
+        [sys.executable, "-m", "service.owner_app", "--socket", str(socket_path)],
         env=env, stdout=open(out / "http-owner.log", "w"), stderr=subprocess.STDOUT,
     )  # fmt: skip
     servers = None
@@ -256,14 +312,17 @@ def run_http_bench(ctx: Any) -> dict[str, Any]:
                 warmup_s=min(3.0, config["duration_s"] / 2), image_size=config["image_size"],
             )  # fmt: skip
             result["loads"][model] = measured
-    except RuntimeError as error:
-        return result | {"status": "failed", "reason": str(error)}
+        result["decoded"] = _owner_decoded(socket_path)
+    except (RuntimeError, TimeoutError) as error:
+        return result | {"status": "failed", "reason": f"{type(error).__name__}: {error}"}
     finally:
         if servers is not None:
             _stop(servers)
         _stop(owner)
     failed = [m for m, r in result["loads"].items() if r["errors"] or not r["ok"]]
-    return result | {
-        "status": "failed" if failed else "ok",
-        **({"reason": f"errors or no answers: {failed}"} if failed else {}),
-    }
+    reasons = [f"errors or no answers: {failed}"] if failed else []
+    if env["CVSERVE_DEVICE_DECODE"] == "on":  # the figures are the device path's only if it decoded the JPEGs
+        undecoded = [m for m in models if not result["decoded"].get(m, {}).get("device")]
+        if undecoded:
+            reasons.append(f"no JPEG decoded on the device for {undecoded} (counts: {result['decoded']})")
+    return result | {"status": "failed" if reasons else "ok", **({"reason": "; ".join(reasons)} if reasons else {})}

@@ -157,6 +157,8 @@ def test_dry_run_runs_every_step_as_on_the_gpu_image(tmp_path: Path) -> None:
     http = results["http"]
     assert http["status"] == "ok" and http["stubbed_av"] is True and http["repository"] == "fp16"
     assert http["loads"]["classifier"]["ok"] > 0 and http["loads"]["classifier"]["errors"] == 0
+    # The workers sent JPEGs as files and the owner decoded them in its batches (torchvision's CPU decoder here).
+    assert http["device_decode"] == "on" and http["decoded"]["classifier"]["device"] > 0, http["decoded"]
     onnx = results["onnx"]  # the fp32 exports' model.onnx through ONNX Runtime (its CPU provider here)
     assert onnx["status"] == "ok" and onnx["passed"] is True and set(onnx["models"]) == set(MODELS), onnx
     for model in MODELS:
