@@ -228,14 +228,25 @@ class Answerer:
             self.backend.decodes_on_device and self.settings.device_decode != "off"
             and explaining is None and route.other is None
         )  # fmt: skip
-        prepare = _prepare_on_device if on_device else _prepare
+
+        async def prepare(index: int, blob: bytes) -> _Decoded:
+            if on_device:  # a header read, here: a thread's hand-off would cost more than the read
+                planned = _plan_on_device(pipeline, blob)
+                if planned is not None:
+                    return planned
+            return await in_pool(_prepare, pipeline, blob, index)
+
         with self.lifecycle.serving(handler.model, route):  # the version is not unloaded under it
-            count = len(blobs)
-            self.backend.announce(handler.model, count)  # an in-process batcher waits briefly for these
+            # An in-process batcher waits briefly for images being decoded here; JPEGs the backend decodes
+            # arrive with the call itself.
+            count = 0 if on_device else len(blobs)
+            if count:
+                self.backend.announce(handler.model, count)
             try:
-                prepared = await asyncio.gather(*(in_pool(prepare, pipeline, blob, i) for i, blob in enumerate(blobs)))
+                prepared = await asyncio.gather(*(prepare(i, blob) for i, blob in enumerate(blobs)))
             finally:
-                self.backend.arrived(handler.model, count)
+                if count:
+                    self.backend.arrived(handler.model, count)
             batches = [BatchTiming() for _ in prepared] if timings is not None else None
             try:
                 outputs = await self.infer(pipeline, [image.tensor for image in prepared], batches, route)
@@ -382,13 +393,13 @@ def _prepare(pipeline: TaskPipeline, blob: bytes, index: int) -> _Decoded:
     return _Decoded(tensor, geometry, decoded_at - began, time.perf_counter() - decoded_at)
 
 
-def _prepare_on_device(pipeline: TaskPipeline, blob: bytes, index: int) -> _Decoded:
-    """One image for a backend that decodes on the device: a JPEG it can decode only has its header read
-    here (its geometry comes from its size); any other image is decoded here (`_prepare`)."""
+def _plan_on_device(pipeline: TaskPipeline, blob: bytes) -> _Decoded | None:
+    """A JPEG for a backend that decodes on the device: only its header is read here (its geometry comes
+    from its size). None: `_prepare` decodes the image here."""
     began = time.perf_counter()
     planned = plan_on_device(pipeline, blob)
     if planned is None:
-        return _prepare(pipeline, blob, index)
+        return None
     return _Decoded(planned[0], planned[1], time.perf_counter() - began, 0.0)
 
 

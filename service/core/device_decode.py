@@ -117,19 +117,21 @@ def _resize(image: torch.Tensor, height: int, width: int) -> torch.Tensor:
 
 
 def letterbox(image: torch.Tensor, size: tuple[int, int]) -> tuple[torch.Tensor, Geometry]:
-    """`service.handlers.common.letterbox` for a `[3,H,W]` uint8 tensor, on its device."""
-    _, height, width = image.shape
+    """`service.handlers.common.letterbox` for a `[...,3,H,W]` uint8 tensor (one image, or a batch of one
+    size), on its device."""
+    height, width = image.shape[-2:]
     content_h, content_w, geometry = letterbox_plan(width, height, size)
-    canvas = torch.zeros((3, *size), dtype=torch.uint8, device=image.device)
-    canvas[:, :content_h, :content_w] = _resize(image, content_h, content_w)
+    canvas = torch.zeros((*image.shape[:-2], *size), dtype=torch.uint8, device=image.device)
+    canvas[..., :content_h, :content_w] = _resize(image, content_h, content_w)
     return canvas, geometry
 
 
 def resize_center_crop(
     image: torch.Tensor, resize_size: int, size: tuple[int, int]
 ) -> tuple[torch.Tensor, Geometry]:
-    """`service.handlers.common.resize_center_crop` for a `[3,H,W]` uint8 tensor, on its device."""
-    _, height, width = image.shape
+    """`service.handlers.common.resize_center_crop` for a `[...,3,H,W]` uint8 tensor (one image, or a batch
+    of one size), on its device."""
+    height, width = image.shape[-2:]
     new_h, new_w, geometry = center_crop_plan(width, height, resize_size, size)
     cropped = F.center_crop(_resize(image, new_h, new_w), list(size))
     return cropped, geometry
@@ -172,6 +174,7 @@ class DevicePreparer:
         `ImageError` in the list (the other images are not held up by it)."""
         decoded = self._decode([image.data for image in images])
         prepared: list[torch.Tensor | ImageError] = []
+        alike: dict[tuple[tuple[int, ...], int], list[int]] = {}  # (decoded shape, EXIF turn) → indices
         for i, image in enumerate(images):
             tensor = decoded.get(i)
             if tensor is None:
@@ -183,8 +186,16 @@ class DevicePreparer:
                 prepared.append(self._to_device(array))
                 self.decoded_on_cpu += 1
             else:
-                prepared.append(self._preprocess(upright(tensor, image.orientation))[0])
+                alike.setdefault((tuple(tensor.shape), image.orientation), []).append(i)
+                prepared.append(tensor)  # replaced below
                 self.decoded_on_device += 1
+        # Images of one size and turn are turned and resized together: one set of kernels per group, not
+        # per image (on a GPU each costs a launch), with the same arithmetic per pixel.
+        for (_, orientation), indices in alike.items():
+            group = torch.stack([prepared[i] for i in indices])  # type: ignore[misc]
+            inputs = self._preprocess(upright(group, orientation))[0]
+            for row, i in enumerate(indices):
+                prepared[i] = inputs[row]
         return prepared
 
     def inputs(

@@ -169,3 +169,17 @@ def test_each_image_of_a_batch_is_answered_or_refused_on_its_own(repository: Pat
     np.testing.assert_array_equal(batch[1].numpy(), prepared[0].numpy())
     kept, batch, refused = preparer.inputs([Encoded(b"junk", 1)])
     assert kept == [] and batch is None and isinstance(refused[0], ImageError)
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_images_of_one_size_are_prepared_together_as_each_alone(repository: Path, model: str) -> None:
+    """The owner turns and resizes a batch's same-sized JPEGs as one tensor: the inputs are exactly those
+    of one image at a time."""
+    pipeline = TaskPipeline.load(Settings(model_repository=repository), model)
+    preparer = DevicePreparer(pipeline, "cpu")
+    images = [Encoded(_jpeg(_scene(160, 120, seed)), turn) for seed, turn in enumerate((1, 6, 1, 6, 3))]
+    images.append(Encoded(_jpeg(_scene(97, 61)), 1))
+    together = preparer.prepare_each(images)
+    for image, prepared in zip(images, together, strict=True):
+        (alone,) = preparer.prepare_each([image])
+        assert torch.equal(prepared, alone)  # type: ignore[arg-type]
