@@ -12,7 +12,7 @@ KSERVE_SDK := kserve==0.21.0 aiohttp_retry==2.9.1 cloudevents==1.13.0 deprecatio
 	grpc_interceptor==0.15.4 grpcio_tools==1.81.1 kubernetes==37.0.1 oauthlib==4.0.1 orjson==3.13.0 \
 	pandas==2.3.3 pyjwt==2.15.1 pytz==2026.6 requests_oauthlib==2.0.0 tabulate==0.10.0 timing_asgi==0.3.2
 
-.PHONY: setup models serve serve-uvicorn test test-inprocess stack bench bench-quick loadtest system-deps clean
+.PHONY: setup models models-gpu serve serve-uvicorn test test-inprocess stack bench bench-quick loadtest system-deps clean
 HOST ?= http://127.0.0.1:8000
 
 $(INSTALLED): pyproject.toml
@@ -31,6 +31,12 @@ $(MODELS): $(INSTALLED) $(wildcard training/*.py export/*.py tasks/*.py) service
 	$(PY) -m export all --weights demo
 	touch $@
 models: $(MODELS)
+
+## models-gpu: the same models exported for a GPU host (docker-compose.yml): fp16, batch buckets up to each
+## model's GPU batch, two instances per GPU (python -m export --gpu); make models restores the CPU export
+models-gpu: $(MODELS)
+	$(PY) -m export all --weights demo --gpu
+	rm -f $(MODELS)
 
 ## system-deps: Debian packages the tests and the stack run (prometheus, chromium)
 system-deps:

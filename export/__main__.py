@@ -36,7 +36,7 @@ from export.precision import PRECISIONS, with_precision
 from export.repository import VERSION, Batching, OnnxOptions, existing_versions, staged, write_model
 from export.sources import ARCHITECTURES, WEIGHT_SOURCES, SourceOptions, load_specs
 from export.spec import MODELS
-from service.buckets import BUCKETS, buckets_up_to
+from service.buckets import BUCKETS, GPU_MAX_BATCH, buckets_up_to
 
 log = logging.getLogger("export")
 
@@ -126,11 +126,24 @@ def get_args_parser() -> argparse.ArgumentParser:
     )
     defaults = Batching()
     parser.add_argument(
+        "--gpu",
+        action="store_true",
+        help="the GPU serving profile: fp16 (--precision), batch buckets up to each model's GPU batch "
+        f"({', '.join(f'{m} {n}' for m, n in GPU_MAX_BATCH.items())}; service/buckets.py) unless "
+        "--max-batch-size says, 2 instances per GPU in model_repository (--gpu-instances), and no model.onnx "
+        "(the fp16 network is TorchScript's; export fp32 for ONNX Runtime)",
+    )
+    parser.add_argument(
         "--max-batch-size",
         type=int,
         metavar="N",
-        default=defaults.max_batch_size,
-        help="(default: %(default)s)",
+        help=f"(default: {defaults.max_batch_size}; with --gpu each model's GPU batch)",
+    )
+    parser.add_argument(
+        "--gpu-instances",
+        type=int,
+        metavar="N",
+        help="model instances per GPU in model_repository's configs (default: 1; with --gpu 2)",
     )
     parser.add_argument(
         "--preferred-batch-sizes",
@@ -174,11 +187,9 @@ def run(args: argparse.Namespace) -> None:
     """Load the chosen weights, script and ONNX-export each model, write the three repositories (all or
     nothing)."""
     models = list(MODELS) if args.model == "all" else [args.model]
-    batching = Batching(args.max_batch_size, tuple(args.preferred_batch_sizes), args.max_queue_delay_us)
-    if args.batch_buckets:
-        buckets = buckets_up_to(args.max_batch_size)
-        batching = replace(batching, preferred_batch_sizes=buckets, warmup_sizes=buckets)
-    batching.check()
+    if args.gpu:  # implies these three
+        args.precision, args.batch_buckets, args.no_onnx = "fp16", True, True
+    batchings = {model: model_batching(args, model) for model in models}
     onnx_out = onnx_repository(args)
     if args.out.resolve() == args.cpu_out.resolve():
         raise ExportError(
@@ -205,9 +216,26 @@ def run(args: argparse.Namespace) -> None:
                 gpu,
                 cpu,
                 onnx[0] if onnx else None,
-                batching,
+                batchings[spec.name],
                 OnnxOptions(tensorrt=args.onnx_tensorrt),
             )
+
+
+def model_batching(args: argparse.Namespace, model: str) -> Batching:
+    """`model`'s dynamic-batching settings from the arguments (`--gpu`: its GPU batch, buckets, 2 instances)."""
+    default = Batching()
+    largest = args.max_batch_size
+    if largest is None:
+        largest = GPU_MAX_BATCH[model] if args.gpu else default.max_batch_size
+    instances = args.gpu_instances
+    if instances is None:
+        instances = 2 if args.gpu else default.gpu_instances
+    batching = Batching(largest, tuple(args.preferred_batch_sizes), args.max_queue_delay_us, gpu_instances=instances)
+    if args.batch_buckets:
+        buckets = buckets_up_to(largest)
+        batching = replace(batching, preferred_batch_sizes=buckets, warmup_sizes=buckets)
+    batching.check()
+    return batching
 
 
 def new_version(asked: str | None, targets: list[Path], models: list[str]) -> str | None:

@@ -59,6 +59,9 @@ class Batching:
     # The batch sizes warmed up; None: every size 1..max_batch_size. With batch buckets
     # (`service.buckets`), the buckets: the only sizes the embedded backend and Triton will run.
     warmup_sizes: tuple[int, ...] | None = None
+    # Instances of each model per GPU in the libtorch repository (instance_group): with two, one instance's
+    # batch is copied in and out while the other computes. The CPU repositories keep one.
+    gpu_instances: int = 1
 
     def check(self) -> None:
         """Refuse settings Triton would reject at load time."""
@@ -76,6 +79,8 @@ class Batching:
             raise ExportError(f"warm-up batch sizes {bad_warmups} must lie in 1..{self.max_batch_size}")
         if self.max_queue_delay_us < 0:
             raise ExportError(f"--max-queue-delay-us must not be negative, got {self.max_queue_delay_us}")
+        if self.gpu_instances < 1:
+            raise ExportError(f"--gpu-instances must be at least 1, got {self.gpu_instances}")
 
 
 @dataclass(frozen=True)
@@ -129,7 +134,7 @@ def model_config(spec: ModelSpec, batching: Batching, cpu: bool, onnx: OnnxOptio
         "max_batch_size": batching.max_batch_size,
         "input": [{"name": t.name, "data_type": _data_type(t), "dims": list(t.dims)} for t in spec.inputs],
         "output": outputs,
-        "instance_group": [{"count": 1, "kind": Enum("KIND_CPU" if cpu else "KIND_GPU")}],
+        "instance_group": [{"count": 1 if cpu else batching.gpu_instances, "kind": Enum("KIND_CPU" if cpu else "KIND_GPU")}],
         "dynamic_batching": {
             "preferred_batch_size": list(batching.preferred_batch_sizes),
             "max_queue_delay_microseconds": batching.max_queue_delay_us,
