@@ -381,6 +381,10 @@ class Settings(BaseSettings):
         """Concurrent calls one model replica accepts: enough to fill a batch while another runs."""
         return max(self.max_ongoing_requests, 2 * self.max_batch_size)
 
+    def decodes_on(self, device: str) -> bool:
+        """Whether models on `device` ("cpu" or "cuda") decode the JPEGs of their batches (`device_decode`)."""
+        return self.device_decode == "on" or (self.device_decode == "auto" and device == "cuda")
+
 
 def is_loopback(host: str) -> bool:
     """Whether `host` (an address, or "localhost") is reachable from this machine only."""

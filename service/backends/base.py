@@ -11,6 +11,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from service.contract import ModelContract
+from service.imaging.images import ImageError
 from service.timing import BatchTiming
 
 
@@ -35,6 +36,20 @@ class Preparer(Protocol):
 
 # What makes a model's `Preparer`: (model name, its contract, its device) → preparer.
 MakePreparer = Callable[[str, ModelContract, str], Preparer]
+
+
+def refusal(error: ImageError) -> dict[str, Any]:
+    """An image's `ImageError` as plain data, for a process that decoded it to send back (our own words)."""
+    return {"index": error.index, "status": error.status_code, "code": error.code, "message": str(error)}
+
+
+def refused(data: dict[str, Any]) -> ImageError:
+    """The `ImageError` a `refusal` describes, as the client should hear it."""
+    error = ImageError(str(data.get("message", "the image could not be decoded")))
+    error.status_code = int(data.get("status", 400))
+    error.code = str(data.get("code", ImageError.code))
+    error.index = data.get("index")
+    return error
 
 
 class BackendUnavailable(RuntimeError):

@@ -73,8 +73,7 @@ class LocalBackend(Backend):
     def use_device_decode(self, make_preparer: MakePreparer) -> None:
         """Every loaded and later loaded version of each model decodes `Encoded` JPEGs in its batches, with
         `make_preparer`'s preparer, when `device_decode` is on (or `auto` with the models on CUDA)."""
-        mode = self._settings.device_decode
-        if mode == "on" or (mode == "auto" and self._device == "cuda"):
+        if self._settings.decodes_on(self._device):
             self._make_preparer = make_preparer
             for name, versions in self._versions.items():
                 for batched in versions.values():

@@ -36,7 +36,7 @@ from typing import Any
 import msgpack
 import numpy as np
 
-from service.backends.base import Backend, BackendUnavailable, Encoded
+from service.backends.base import Backend, BackendUnavailable, Encoded, refusal, refused
 from service.imaging.images import ImageError
 from service.timing import BatchTiming
 
@@ -149,10 +149,7 @@ class ModelOwner:
         except asyncio.CancelledError:
             return
         except ImageError as error:  # the client's image: our own words, for the client
-            reply |= {
-                "error": "image", "index": error.index, "status": error.status_code, "code": error.code,
-                "message": str(error),
-            }  # fmt: skip
+            reply |= {"error": "image", **refusal(error)}
         except BackendUnavailable as error:
             reply |= {"error": "unavailable", "message": str(error)}
         except KeyError as error:
@@ -241,7 +238,7 @@ class OwnerBackend(Backend):
         """Send all of one request's images at once (so they share a batch in the owner); outputs in order."""
         reply = await self._call({"op": "infer", "model": model, "images": [pack_image(i) for i in images]})
         if reply.get("error") == "image":
-            raise owner_image_error(reply)
+            raise refused(reply)
         if "error" in reply:
             raise BackendUnavailable(f"model {model}: {reply['message']}")
         for timing, (queue_s, model_s, batch_size) in zip(timings or (), reply["timings"], strict=False):
@@ -276,12 +273,3 @@ class OwnerBackend(Backend):
         if self._writer is not None:
             self._writer.close()
             self._writer = None
-
-
-def owner_image_error(reply: dict[str, Any]) -> ImageError:
-    """The `ImageError` the owner's decode raised for one image, as the client should hear it."""
-    error = ImageError(str(reply.get("message", "the image could not be decoded")))
-    error.status_code = int(reply.get("status", 400))
-    error.code = str(reply.get("code", ImageError.code))
-    error.index = reply.get("index")
-    return error

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Mapping
+import time
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -17,11 +18,15 @@ from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, 
 from ray.serve.handle import DeploymentHandle, DeploymentResponse
 from ray.util import metrics as ray_metrics
 
-from service.backends.base import Backend, BackendTimeout, BackendUnavailable
-from service.backends.batching import BatchedModel, model_device, warm_up
+from service.backends.base import Backend, BackendTimeout, BackendUnavailable, Encoded, refusal, refused
+from service.backends.batching import model_device, warm_up
+from service.backends.pipelined import PipelinedBatchedModel, batched_model
 from service.backends.runtimes import load_model, runtime_of
+from service.core.device_decode import device_preparers
+from service.imaging.images import ImageError
 from service.settings import Settings
 from service.telemetry.metrics import Instruments
+from service.timing import BatchTiming
 
 log = logging.getLogger(__name__)
 
@@ -47,10 +52,16 @@ class ModelDeployment:
         if device == "cpu":
             torch.set_num_threads(settings.torch_threads)
         loaded = load_model(settings, model, device)
-        warm_up(loaded, settings)
-        self._model = BatchedModel(
+        # On CUDA the pipelined runner (copies overlap compute, two batches in flight), as in LocalBackend.
+        self._model = batched_model(
             loaded, settings.max_batch_size, settings.batch_wait_timeout_s, "embedded", RAY_INSTRUMENTS
         )
+        if isinstance(self._model, PipelinedBatchedModel):
+            self._model.runner.warm_up()  # every batch bucket, the only shapes it will run
+        else:
+            warm_up(loaded, settings)
+        if settings.decodes_on(device):  # JPEGs arrive as files and are decoded in the batch, on the device
+            self._model.preparer = device_preparers(settings)(model, loaded.contract, device)
         log.info("model %s v%s loaded on %s in %s", model, loaded.version, device, runtime_of(loaded))
 
     def reconfigure(self, config: dict[str, Any]) -> None:
@@ -60,6 +71,31 @@ class ModelDeployment:
     async def infer(self, image: np.ndarray) -> dict[str, np.ndarray]:
         """Run one `[3,H,W]` uint8 image in the next batch; return its outputs."""
         return await self._model.infer(image)
+
+    async def infer_many(self, images: list[np.ndarray | Encoded]) -> list[dict[str, np.ndarray]] | dict[str, Any]:
+        """All of one request's images in one call, queued at once (so they share a batch); their outputs in
+        order, or `{"refused": refusal}` for the first image the device's decode refused (the caller's 4xx)."""
+        futures = [self._model.submit(image) for image in images]
+        try:
+            answers = await asyncio.gather(*futures, return_exceptions=True)
+        finally:
+            for future in futures:  # a call cancelled by its caller drops its images before they are batched
+                future.cancel()
+        for index, answer in enumerate(answers):
+            if isinstance(answer, ImageError):
+                answer.index = index
+                return {"refused": refusal(answer)}
+            if isinstance(answer, BaseException):
+                raise answer
+        return answers  # type: ignore[return-value]
+
+    def decoded(self) -> dict[str, int]:
+        """How many JPEGs this replica decoded on its device, and how many its CPU path took instead."""
+        preparer = self._model.preparer
+        return {
+            "device": getattr(preparer, "decoded_on_device", 0),
+            "cpu": getattr(preparer, "decoded_on_cpu", 0),
+        }
 
     def batch_sizes(self) -> dict[int, int]:
         """How many batches of each size this replica has run (lets tests observe batching)."""
@@ -92,21 +128,43 @@ def model_deployments(settings: Settings) -> dict[str, Deployment]:
 class EmbeddedBackend(Backend):
     """`Backend` over the model deployments' handles (see `service.backends.base.Backend`)."""
 
-    def __init__(self, handles: Mapping[str, DeploymentHandle], request_timeout_s: float) -> None:
+    def __init__(
+        self, handles: Mapping[str, DeploymentHandle], request_timeout_s: float, decodes_on_device: bool = False
+    ) -> None:
         self._handles = dict(handles)
         self._timeout_s = request_timeout_s
+        # The model deployments decode JPEGs (their settings' `device_decode` for their device): the gateway
+        # then sends the files, which travel at their own size.
+        self.decodes_on_device = decodes_on_device
 
     async def infer(self, model: str, image: np.ndarray) -> dict[str, np.ndarray]:
         """Send one `[3,H,W]` image to `model`'s deployment, which batches it with concurrent ones."""
-        response: DeploymentResponse = self._handles[model].infer.remote(image)
+        return (await self.infer_many(model, [image]))[0]
+
+    async def infer_many(
+        self,
+        model: str,
+        images: Sequence[np.ndarray | Encoded],
+        timings: Sequence[BatchTiming] | None = None,
+        version: str | None = None,
+    ) -> list[dict[str, np.ndarray]]:
+        """Send all of one request's images to `model`'s deployment in one call (they share its batch); the
+        first image its decode refused raises that `ImageError`. `timings` get the whole call as model time."""
+        began = time.perf_counter()
+        response: DeploymentResponse = self._handles[model].infer_many.remote(list(images))
         try:
-            return await asyncio.wait_for(_await(response), self._timeout_s)
+            answers = await asyncio.wait_for(_await(response), self._timeout_s)
         except TimeoutError as error:
             response.cancel()
             raise BackendTimeout(f"model {model} did not answer within {self._timeout_s:g} s") from error
         except _UNAVAILABLE as error:
             log.warning("model %s unavailable: %r", model, error)
             raise BackendUnavailable(f"model {model} cannot answer now; retry shortly") from error
+        if isinstance(answers, dict):
+            raise refused(answers["refused"])
+        for timing in timings or ():
+            timing.model_s = time.perf_counter() - began
+        return list(answers)
 
     async def ready(self) -> bool:
         """Whether every model deployment answers its readiness call quickly (never raises)."""

@@ -16,6 +16,7 @@ from ray.serve.handle import DeploymentHandle
 
 from service.app import create_api
 from service.backends.base import Backend
+from service.backends.batching import model_device
 from service.backends.local import LocalBackend
 from service.contract import load_contract
 from service.deploy.models import RAY_INSTRUMENTS, EmbeddedBackend, model_deployments
@@ -31,7 +32,7 @@ def make_backend(settings: Settings, models: dict[str, DeploymentHandle]) -> Bac
         return TritonBackend(settings, models=settings.models, instruments=RAY_INSTRUMENTS)
     if settings.model_placement == "ingress":
         return LocalBackend(settings, RAY_INSTRUMENTS)
-    return EmbeddedBackend(models, settings.request_timeout_s)
+    return EmbeddedBackend(models, settings.request_timeout_s, settings.decodes_on(model_device(settings)))
 
 
 @serve.deployment

@@ -49,12 +49,12 @@ class FakeMethod:
 
 class FakeHandle:
     def __init__(self, infer: FakeResponse, ready: FakeResponse | None = None) -> None:
-        self.infer = FakeMethod(infer)
+        self.infer_many = FakeMethod(infer)
         self.ready = FakeMethod(ready or FakeResponse(True))
 
 
 def test_outputs_are_passed_through() -> None:
-    backend = EmbeddedBackend({"m": FakeHandle(FakeResponse({"PROBS": np.ones(3)}))}, request_timeout_s=1)
+    backend = EmbeddedBackend({"m": FakeHandle(FakeResponse([{"PROBS": np.ones(3)}]))}, request_timeout_s=1)
     outputs = asyncio.run(backend.infer("m", IMAGE))
     np.testing.assert_array_equal(outputs["PROBS"], np.ones(3))
     assert asyncio.run(backend.ready()) is True
