@@ -135,7 +135,7 @@ def _replica_nodes(cluster: LocalCluster, deployment: str) -> list[str]:
 def _answered(node: RayNode) -> int:
     """Requests the classifier replica(s) on `node` answered, from Serve's access log on that node."""
     logs = (node.temp_dir / "session_latest" / "logs" / "serve").glob(f"replica_{APP}_{MODEL}_*.log")
-    return sum(path.read_text().count("-- CALL infer OK ") for path in logs)
+    return sum(path.read_text().count("-- CALL infer_many OK ") for path in logs)  # one call per request
 
 
 def test_replicas_on_both_nodes_answer_requests(cluster: LocalCluster, gateway_url: str) -> None:
