@@ -45,6 +45,9 @@ from service.timing import BatchTiming, Timings, stage
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
+# A file up to this size has its JPEG header read on the event loop (tens of microseconds); a larger one,
+# whose header chunks (EXIF, ICC profile) could be large, in the image threads.
+INLINE_HEADER_BYTES = 1 << 20
 READY_CACHE_S = 1.0  # readiness probes within this long of a check reuse its answer
 REQUEST_TIMEOUT_HEADER = "x-request-timeout"
 
@@ -230,8 +233,9 @@ class Answerer:
         )  # fmt: skip
 
         async def prepare(index: int, blob: bytes) -> _Decoded:
-            if on_device:  # a header read, here: a thread's hand-off would cost more than the read
-                planned = _plan_on_device(pipeline, blob)
+            if on_device:  # a small file's header is read here: a thread's hand-off would cost more
+                inline = len(blob) <= INLINE_HEADER_BYTES
+                planned = _plan_on_device(pipeline, blob) if inline else await in_pool(_plan_on_device, pipeline, blob)
                 if planned is not None:
                     return planned
             return await in_pool(_prepare, pipeline, blob, index)

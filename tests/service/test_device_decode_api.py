@@ -123,3 +123,22 @@ def test_a_jpeg_only_the_decode_finds_broken_is_the_same_4xx(clients: dict[str, 
     assert answers["on"].json() == answers["off"].json()
     assert answers["on"].json()["error"]["message"].startswith("image 0: ")
     assert _answers(clients["on"][0], "/detect", data)["detections"]
+
+
+def test_a_large_jpeg_has_its_header_read_in_a_thread_and_is_decoded_by_the_owner(
+    clients: dict[str, tuple[TestClient, LocalBackend]],
+) -> None:
+    """Past INLINE_HEADER_BYTES the header is read in the image threads, not on the event loop; the file
+    still goes to the backend undecoded."""
+    from service.core.answerer import INLINE_HEADER_BYTES
+
+    (on, backend), (off, _) = clients["on"], clients["off"]
+    scene = make_scene(fresh_seeds(1, offset=31_200)[0], 1600, 1, 4).image
+    noisy = np.clip(scene.astype(np.int16) + np.random.default_rng(0).integers(-40, 40, scene.shape), 0, 255)
+    data = _jpeg(noisy.astype(np.uint8))
+    assert len(data) > INLINE_HEADER_BYTES
+    before = _on_device(backend)["classifier"]
+    got, want = _answers(on, "/classify", data), _answers(off, "/classify", data)
+    assert got["image"] == want["image"] == {"width": 1600, "height": 1600}
+    assert got["predictions"][0]["label"] == want["predictions"][0]["label"]
+    assert _on_device(backend)["classifier"] == before + 1
