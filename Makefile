@@ -12,8 +12,9 @@ KSERVE_SDK := kserve==0.21.0 aiohttp_retry==2.9.1 cloudevents==1.13.0 deprecatio
 	grpc_interceptor==0.15.4 grpcio_tools==1.81.1 kubernetes==37.0.1 oauthlib==4.0.1 orjson==3.13.0 \
 	pandas==2.3.3 pyjwt==2.15.1 pytz==2026.6 requests_oauthlib==2.0.0 tabulate==0.10.0 timing_asgi==0.3.2
 
-.PHONY: setup models models-gpu serve serve-uvicorn test test-inprocess stack bench bench-quick loadtest system-deps clean
+.PHONY: setup models models-gpu serve serve-uvicorn serve-owner test test-inprocess stack bench bench-quick loadtest system-deps clean
 HOST ?= http://127.0.0.1:8000
+WORKERS ?= 4
 
 $(INSTALLED): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -49,6 +50,11 @@ serve: $(MODELS)
 ## serve-uvicorn: the same app under plain uvicorn, no Ray (one process; metrics at /metrics)
 serve-uvicorn: $(MODELS)
 	$(PY) -m uvicorn --factory service.app:from_environment --host 127.0.0.1 --port 8000
+
+## serve-owner: one process owns the models (a GPU's: CVSERVE_DEVICE=cuda), WORKERS uvicorn processes serve
+## HTTP in front of it on http://127.0.0.1:8000, no Ray (JPEGs decoded on the GPU: CVSERVE_DEVICE_DECODE)
+serve-owner: $(MODELS)
+	$(PY) -m service.owner_app --workers $(WORKERS)
 
 ## test: the whole suite against real servers (durations: docs/TEST_DURATIONS.md)
 test: $(MODELS) system-deps

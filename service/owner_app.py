@@ -1,14 +1,19 @@
 """The Ray-free app over a model owner: many uvicorn processes, one process owning the GPU's models.
 
+    python -m service.owner_app --workers 8                  # the owner, and 8 HTTP workers on CVSERVE_HOST:PORT
+    make serve-owner WORKERS=8                               # the same
+
+or the two halves apart (the workers find the owner at $CVSERVE_OWNER_SOCKET):
+
     python -m service.owner_app --socket /tmp/cvserve-owner.sock &                # the models (CVSERVE_DEVICE=cuda)
-    CVSERVE_OWNER_SOCKET=/tmp/cvserve-owner.sock \\
+    CVSERVE_OWNER_SOCKET=/tmp/cvserve-owner.sock \
         uvicorn --factory service.owner_app:from_environment --workers 8          # HTTP, headers, answers
 
 Each worker builds the same app as `service.app.from_environment`, with an `OwnerBackend` in place of
 in-process models (service/backends/owner.py). The owner runs the models in a `LocalBackend` with the
 request core's device decode (`CVSERVE_DEVICE_DECODE`, on with CUDA): workers then send JPEGs as files
-and the owner decodes each batch's JPEGs on the device. Kept apart from service/app.py until its
-`from_environment` takes `CVSERVE_BACKEND=owner`.
+and the owner decodes each batch's JPEGs on the device. Each worker serves its own `/metrics`. Kept
+apart from service/app.py until its `from_environment` takes `CVSERVE_BACKEND=owner`.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import logging
 import os
 import signal
 import sys
+import tempfile
 from pathlib import Path
 
 from fastapi import FastAPI
@@ -44,8 +50,10 @@ def from_environment() -> FastAPI:
     return closing(create_api(settings, backend, instruments), backend)
 
 
-async def serve_forever(path: Path) -> None:
-    """Load the models (Settings from CVSERVE_*) into a LocalBackend and answer on `path` until SIGTERM."""
+async def serve_forever(path: Path, workers: int = 0) -> int:
+    """Load the models (Settings from CVSERVE_*) into a LocalBackend and answer on `path` until SIGTERM or
+    SIGINT; with `workers`, also run that many uvicorn workers of this app on CVSERVE_HOST:CVSERVE_PORT,
+    stopped first on the way out (and their exit stops the owner). Returns the exit status."""
     from service.backends.local import LocalBackend
 
     settings = Settings()
@@ -58,25 +66,67 @@ async def serve_forever(path: Path) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
-    server.close()
-    await backend.close()
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(path)
+    http = await _start_workers(settings, path, workers) if workers else None
+    status = 0
+    try:
+        if http is None:
+            await stop.wait()
+        else:
+            waiting = asyncio.ensure_future(http.wait())
+            stopping = asyncio.ensure_future(stop.wait())
+            await asyncio.wait((waiting, stopping), return_when=asyncio.FIRST_COMPLETED)
+            stopping.cancel()
+            if waiting.done():
+                status = waiting.result() or 1
+                log.error("the HTTP workers exited with %s; stopping the owner", waiting.result())
+            else:
+                waiting.cancel()
+    finally:
+        if http is not None and http.returncode is None:
+            http.terminate()  # uvicorn's parent stops its workers on SIGTERM
+            try:
+                await asyncio.wait_for(http.wait(), 30)
+            except TimeoutError:
+                http.kill()
+                await http.wait()
+        server.close()
+        await backend.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+    return status
+
+
+async def _start_workers(settings: Settings, path: Path, workers: int) -> asyncio.subprocess.Process:
+    """`workers` uvicorn processes of `from_environment` on the settings' host and port, fed by `path`."""
+    command = [
+        sys.executable, "-m", "uvicorn", "--factory", "service.owner_app:from_environment",
+        "--host", settings.host, "--port", str(settings.port), "--workers", str(workers), "--no-access-log",
+    ]  # fmt: skip
+    log.info("starting %d HTTP workers on %s:%d", workers, settings.host, settings.port)
+    return await asyncio.create_subprocess_exec(*command, env={**os.environ, "CVSERVE_OWNER_SOCKET": str(path)})
 
 
 def main(argv: list[str] | None = None) -> int:
-    """python -m service.owner_app --socket PATH (models and device from CVSERVE_*)."""
+    """python -m service.owner_app [--socket PATH] [--workers N] (models, device, host, port from CVSERVE_*)."""
     parser = argparse.ArgumentParser(
         prog="python -m service.owner_app", description="The model owner: one process with the models."
     )
-    parser.add_argument("--socket", type=Path, required=True, help="the Unix socket to answer on")
+    parser.add_argument("--socket", type=Path, help="the Unix socket to answer on (default: a private one "
+                        "with --workers; without --workers it is needed)")  # fmt: skip
+    parser.add_argument("--workers", type=int, default=0, metavar="N",
+                        help="also run N uvicorn HTTP workers in front (CVSERVE_HOST, CVSERVE_PORT)")  # fmt: skip
     args = parser.parse_args(argv)
+    if args.workers < 0:
+        parser.error("--workers must not be negative")
+    if args.socket is None and not args.workers:
+        parser.error("--socket is needed without --workers (the workers started elsewhere must find it)")
     logging.basicConfig(
         stream=sys.stdout, level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    asyncio.run(serve_forever(args.socket))
-    return 0
+    if args.socket is not None:
+        return asyncio.run(serve_forever(args.socket, args.workers))
+    with tempfile.TemporaryDirectory(prefix="cvserve-owner-") as private:  # 0700: only this user connects
+        return asyncio.run(serve_forever(Path(private) / "owner.sock", args.workers))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,94 @@
+"""`python -m service.owner_app --workers N`: one command runs the model owner and N uvicorn workers in
+front of it (the GPU deployment without Ray), here on the CPU with device decode on; SIGTERM stops
+every process and frees the port."""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import psutil
+from PIL import Image
+
+from support.ports import reserved_free_ports
+from support.waiting import wait_for
+from tests.conftest import ROOT
+from training.shapes import make_scene
+
+
+def _jpeg() -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(make_scene(41, 128, 1, 1).image).save(buffer, format="JPEG", quality=90)
+    return buffer.getvalue()
+
+
+def test_one_command_serves_and_one_signal_stops_it(model_repository: Path, tmp_path: Path) -> None:
+    (port,) = reserved_free_ports(1)
+    env = {
+        **os.environ, "CVSERVE_MODEL_REPOSITORY": str(model_repository), "CVSERVE_MODELS": "classifier",
+        "CVSERVE_DEVICE": "cpu", "CVSERVE_DEVICE_DECODE": "on", "CVSERVE_PORT": str(port),
+        "CVSERVE_WARM_UP_BATCH_SIZES": "false", "PYTHONPATH": str(ROOT),
+    }  # fmt: skip
+    log = (tmp_path / "owner.log").open("w")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "service.owner_app", "--workers", "2"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+
+        def ready() -> bool:
+            assert process.poll() is None, (tmp_path / "owner.log").read_text()[-2000:]
+            try:
+                return httpx.get(f"{url}/ready", timeout=2).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        wait_for(ready, 120, "the owner app's /ready")
+        tree = [process.pid, *(child.pid for child in psutil.Process(process.pid).children(recursive=True))]
+        assert len(tree) >= 4  # the owner, uvicorn's supervisor and its two workers (and their helpers)
+        with httpx.Client(timeout=30) as client:
+            answers = [client.post(f"{url}/classify", content=_jpeg(), headers={"Content-Type": "image/jpeg"}) for _ in range(6)]
+        assert all(a.status_code == 200 for a in answers), answers[0].text
+        labels = {a.json()["results"][0]["predictions"][0]["label"] for a in answers}
+        assert len(labels) == 1
+    finally:
+        process.send_signal(signal.SIGTERM)
+        status = process.wait(timeout=60)
+        log.close()
+    assert status == 0, (tmp_path / "owner.log").read_text()[-2000:]
+    assert not [pid for pid in tree if psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE]
+    assert "device decode: on" in (tmp_path / "owner.log").read_text()
+    with httpx.Client() as client:  # nobody listens any more
+        try:
+            client.get(f"{url}/health", timeout=2)
+            raise AssertionError("the port still answers")
+        except httpx.ConnectError:
+            pass
+
+
+def test_workers_that_cannot_start_stop_the_owner(model_repository: Path, tmp_path: Path) -> None:
+    """The port is taken: uvicorn exits, and the owner follows with a non-zero status instead of serving
+    nobody."""
+    import socket
+
+    (port,) = reserved_free_ports(1)
+    env = {
+        **os.environ, "CVSERVE_MODEL_REPOSITORY": str(model_repository), "CVSERVE_MODELS": "classifier",
+        "CVSERVE_DEVICE": "cpu", "CVSERVE_PORT": str(port), "CVSERVE_WARM_UP_BATCH_SIZES": "false",
+        "PYTHONPATH": str(ROOT),
+    }  # fmt: skip
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", port))
+        taken.listen()
+        done = subprocess.run(
+            [sys.executable, "-m", "service.owner_app", "--workers", "1"], cwd=ROOT, env=env,
+            capture_output=True, text=True, timeout=120, check=False,
+        )  # fmt: skip
+    output = done.stdout + done.stderr
+    assert done.returncode != 0, output[-2000:]
+    assert "the HTTP workers exited" in output, output[-2000:]
