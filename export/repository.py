@@ -134,7 +134,9 @@ def model_config(spec: ModelSpec, batching: Batching, cpu: bool, onnx: OnnxOptio
         "max_batch_size": batching.max_batch_size,
         "input": [{"name": t.name, "data_type": _data_type(t), "dims": list(t.dims)} for t in spec.inputs],
         "output": outputs,
-        "instance_group": [{"count": 1 if cpu else batching.gpu_instances, "kind": Enum("KIND_CPU" if cpu else "KIND_GPU")}],
+        "instance_group": [
+            {"count": 1 if cpu else batching.gpu_instances, "kind": Enum("KIND_CPU" if cpu else "KIND_GPU")}
+        ],
         "dynamic_batching": {
             "preferred_batch_size": list(batching.preferred_batch_sizes),
             "max_queue_delay_microseconds": batching.max_queue_delay_us,

@@ -26,7 +26,9 @@ from typing import Any
 
 import psutil
 
-from loadtests.gpu.http import ENDPOINTS, _free_port, _http_ready, _owner_decoded, _owner_ready, _stop, _wait_for, load, warm
+from loadtests.gpu.http import (
+    ENDPOINTS, _free_port, _http_ready, _owner_decoded, _owner_ready, _stop, _wait_for, load, warm,
+)  # fmt: skip
 
 log = logging.getLogger("loadtests.owner_split")
 

@@ -109,7 +109,8 @@ def _client_process(
                         exchange(*connection, requests[(index + count) % len(requests)]), 30.0
                     )
                     error = None if status == 200 else f"HTTP {status}: {body[:120].decode(errors='replace')}"
-                except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError, ValueError) as exc:
+                except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError,
+                        ValueError) as exc:  # fmt: skip
                     error = f"{type(exc).__name__}: {exc}"[:160]
                     if connection is not None:
                         connection[1].close()

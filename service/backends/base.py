@@ -27,7 +27,11 @@ class Encoded:
 
 class Preparer(Protocol):
     """Turns a batch of prepared arrays and `Encoded` JPEGs into one model input on the device
-    (`service.core.device_decode.DevicePreparer`)."""
+    (`service.core.device_decode.DevicePreparer`), counting the JPEGs its device decoded and those the CPU
+    path took instead (the device rejected them)."""
+
+    decoded_on_device: int
+    decoded_on_cpu: int
 
     def inputs(self, images: Sequence[np.ndarray | Encoded]) -> tuple[list[int], Any, dict[int, Exception]]:
         """The indices kept, their `[N,3,H,W]` uint8 tensor on the device (None if none), the refusals by index."""
@@ -36,6 +40,26 @@ class Preparer(Protocol):
 
 # What makes a model's `Preparer`: (model name, its contract, its device) → preparer.
 MakePreparer = Callable[[str, ModelContract, str], Preparer]
+
+
+def in_order(answers: Sequence[Any]) -> list[dict[str, np.ndarray]]:
+    """The answers to one call's images (outputs, or errors as `gather(..., return_exceptions=True)` gives
+    them): the first error raised, an `ImageError` with `index` set to its image's place in the call;
+    else the outputs, in order."""
+    for index, answer in enumerate(answers):
+        if isinstance(answer, ImageError):
+            answer.index = index
+        if isinstance(answer, BaseException):
+            raise answer
+    return list(answers)
+
+
+def decode_counts(preparers: Sequence[Preparer]) -> dict[str, int]:
+    """JPEGs decoded on the device and by the CPU path instead, over `preparers`."""
+    return {
+        "device": sum(p.decoded_on_device for p in preparers),
+        "cpu": sum(p.decoded_on_cpu for p in preparers),
+    }
 
 
 def refusal(error: ImageError) -> dict[str, Any]:

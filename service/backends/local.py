@@ -27,12 +27,12 @@ import torch
 
 from service.backends.base import (
     Backend, BackendUnavailable, Encoded, MakePreparer, MalformedAnswer, VersionRefused, check_outputs,
+    decode_counts, in_order,
 )  # fmt: skip
 from service.backends.gradients import GradientModel
 from service.backends.batching import BatchedModel, model_device, warm_up
 from service.backends.pipelined import PipelinedBatchedModel, batched_model
 from service.backends.runtimes import ModelRunner, load_model, runtime_of
-from service.imaging.images import ImageError
 from service.telemetry.metrics import Instruments
 from service.settings import Settings
 from service.timing import BatchTiming
@@ -176,13 +176,7 @@ class LocalBackend(Backend):
         try:
             if not any(isinstance(image, Encoded) for image in images):
                 return list(await asyncio.gather(*futures))
-            answers = await asyncio.gather(*futures, return_exceptions=True)
-            for index, answer in enumerate(answers):
-                if isinstance(answer, ImageError):
-                    answer.index = index
-                if isinstance(answer, BaseException):
-                    raise answer
-            return answers  # type: ignore[return-value]
+            return in_order(await asyncio.gather(*futures, return_exceptions=True))
         finally:
             self._busy[key] -= 1
             for future in futures:  # a caller that gave up drops its images before they are batched
@@ -238,14 +232,10 @@ class LocalBackend(Backend):
     def decode_counts(self) -> dict[str, dict[str, int]]:
         """Per model, how many `Encoded` JPEGs its device decoded and how many its preparer sent to the CPU
         path instead (the device rejected them), all versions together."""
-        counts: dict[str, dict[str, int]] = {}
-        for name, versions in self._versions.items():
-            preparers = [b.preparer for b in versions.values() if b.preparer is not None]
-            counts[name] = {
-                "device": sum(getattr(p, "decoded_on_device", 0) for p in preparers),
-                "cpu": sum(getattr(p, "decoded_on_cpu", 0) for p in preparers),
-            }
-        return counts
+        return {
+            name: decode_counts([b.preparer for b in versions.values() if b.preparer is not None])
+            for name, versions in self._versions.items()
+        }
 
     async def ready(self) -> bool:
         """The models were loaded and warmed up when this backend was built."""

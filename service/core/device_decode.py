@@ -204,7 +204,8 @@ class DevicePreparer:
         """A batcher's batch of prepared arrays and `Encoded` JPEGs as one `[N,3,H,W]` uint8 tensor on the
         device: the indices in it, the tensor (None if every image was refused), and the refusals by index."""
         encoded = [i for i, image in enumerate(images) if isinstance(image, Encoded)]
-        prepared = dict(zip(encoded, self.prepare_each([images[i] for i in encoded]), strict=True))  # type: ignore[misc]
+        decoded = self.prepare_each([images[i] for i in encoded])  # type: ignore[misc]
+        prepared = dict(zip(encoded, decoded, strict=True))
         kept: list[int] = []
         tensors: list[torch.Tensor] = []
         refused: dict[int, ImageError] = {}

@@ -18,7 +18,9 @@ from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, 
 from ray.serve.handle import DeploymentHandle, DeploymentResponse
 from ray.util import metrics as ray_metrics
 
-from service.backends.base import Backend, BackendTimeout, BackendUnavailable, Encoded, refusal, refused
+from service.backends.base import (
+    Backend, BackendTimeout, BackendUnavailable, Encoded, decode_counts, in_order, refusal, refused,
+)  # fmt: skip
 from service.backends.batching import model_device, warm_up
 from service.backends.pipelined import PipelinedBatchedModel, batched_model
 from service.backends.runtimes import load_model, runtime_of
@@ -81,21 +83,14 @@ class ModelDeployment:
         finally:
             for future in futures:  # a call cancelled by its caller drops its images before they are batched
                 future.cancel()
-        for index, answer in enumerate(answers):
-            if isinstance(answer, ImageError):
-                answer.index = index
-                return {"refused": refusal(answer)}
-            if isinstance(answer, BaseException):
-                raise answer
-        return answers  # type: ignore[return-value]
+        try:
+            return in_order(answers)
+        except ImageError as error:  # the caller's 4xx, as data: Ray would wrap an exception in its own text
+            return {"refused": refusal(error)}
 
     def decoded(self) -> dict[str, int]:
         """How many JPEGs this replica decoded on its device, and how many its CPU path took instead."""
-        preparer = self._model.preparer
-        return {
-            "device": getattr(preparer, "decoded_on_device", 0),
-            "cpu": getattr(preparer, "decoded_on_cpu", 0),
-        }
+        return decode_counts([self._model.preparer] if self._model.preparer is not None else [])
 
     def batch_sizes(self) -> dict[int, int]:
         """How many batches of each size this replica has run (lets tests observe batching)."""

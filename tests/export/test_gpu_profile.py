@@ -16,7 +16,9 @@ from tests.export.test_demo_source import fake_demo_dir
 def test_the_gpu_profile_in_the_configs(checkpoints: dict[str, Checkpoint], tmp_path: Path) -> None:
     demo = fake_demo_dir(tmp_path, checkpoints, passed=True)
     out, cpu_out = tmp_path / "repo", tmp_path / "cpu"
-    done = export_in_process("all", "--weights", "demo", "--demo-dir", str(demo), "--out", str(out), "--cpu-out", str(cpu_out), "--gpu")
+    done = export_in_process(
+        "all", "--weights", "demo", "--demo-dir", str(demo), "--out", str(out), "--cpu-out", str(cpu_out), "--gpu"
+    )
     assert done.returncode == 0, done.stderr
     for model, largest in GPU_MAX_BATCH.items():
         contract = load_contract(out, model)

@@ -21,6 +21,7 @@ from support.seeds import fresh_seeds
 from training.shapes import make_scene
 
 JPEG = {"Content-Type": "image/jpeg"}
+Clients = dict[str, tuple[TestClient, LocalBackend]]  # one app per device_decode setting
 
 
 def _jpeg(image: np.ndarray, orientation: int = 1) -> bytes:
@@ -32,7 +33,7 @@ def _jpeg(image: np.ndarray, orientation: int = 1) -> bytes:
 
 
 @pytest.fixture(scope="module")
-def clients(model_repository: Path) -> Iterator[dict[str, tuple[TestClient, LocalBackend]]]:
+def clients(model_repository: Path) -> Iterator[Clients]:
     """One app per `device_decode` setting, over the same trained models on the CPU."""
     made: dict[str, tuple[TestClient, LocalBackend]] = {}
     for mode in ("on", "off"):
@@ -48,7 +49,8 @@ def clients(model_repository: Path) -> Iterator[dict[str, tuple[TestClient, Loca
 
 
 def _on_device(backend: LocalBackend) -> dict[str, int]:
-    return {model: batched.preparer.decoded_on_device for model, batched in backend._models.items()}  # type: ignore[union-attr]
+    models = backend._models.items()
+    return {model: batched.preparer.decoded_on_device for model, batched in models}  # type: ignore[union-attr]
 
 
 def _scenes() -> list[tuple[bytes, str]]:
@@ -72,7 +74,7 @@ def _iou(a: list[float], b: list[float]) -> float:
     return inter / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter)
 
 
-def test_jpegs_decoded_by_the_model_owner_get_the_same_answers(clients: dict[str, tuple[TestClient, LocalBackend]]) -> None:
+def test_jpegs_decoded_by_the_model_owner_get_the_same_answers(clients: Clients) -> None:
     (on, backend), (off, _) = clients["on"], clients["off"]
     before = _on_device(backend)
     scenes = _scenes()
@@ -85,7 +87,8 @@ def test_jpegs_decoded_by_the_model_owner_get_the_same_answers(clients: dict[str
         got, want = _answers(on, "/detect", data), _answers(off, "/detect", data)
         for these, those in ((want, got), (got, want)):  # every confident box has its twin in the other answer
             for detection in (d for d in these["detections"] if d["score"] > 0.7):
-                twins = [_iou(detection["box"], d["box"]) for d in those["detections"] if d["label"] == detection["label"]]
+                same = [d for d in those["detections"] if d["label"] == detection["label"]]
+                twins = [_iou(detection["box"], d["box"]) for d in same]
                 assert max(twins, default=0.0) > 0.85, (what, detection)
 
         got, want = _answers(on, "/segment", data), _answers(off, "/segment", data)
@@ -98,7 +101,7 @@ def test_jpegs_decoded_by_the_model_owner_get_the_same_answers(clients: dict[str
 
 
 def test_other_formats_and_explanations_decode_in_the_request_s_process(
-    clients: dict[str, tuple[TestClient, LocalBackend]],
+    clients: Clients,
 ) -> None:
     (on, backend), (off, _) = clients["on"], clients["off"]
     image = make_scene(fresh_seeds(1, offset=31_100)[0], 128, 1, 1).image
@@ -113,7 +116,7 @@ def test_other_formats_and_explanations_decode_in_the_request_s_process(
     assert _on_device(backend) == before
 
 
-def test_a_jpeg_only_the_decode_finds_broken_is_the_same_4xx(clients: dict[str, tuple[TestClient, LocalBackend]]) -> None:
+def test_a_jpeg_only_the_decode_finds_broken_is_the_same_4xx(clients: Clients) -> None:
     """A JPEG whose header is sound but that has no image data: the device path finds out only in the
     model's batch, and answers what the CPU path answers (and the next request is served)."""
     data = _jpeg(make_scene(7, 96, 1, 1).image)
@@ -126,7 +129,7 @@ def test_a_jpeg_only_the_decode_finds_broken_is_the_same_4xx(clients: dict[str, 
 
 
 def test_a_large_jpeg_has_its_header_read_in_a_thread_and_is_decoded_by_the_owner(
-    clients: dict[str, tuple[TestClient, LocalBackend]],
+    clients: Clients,
 ) -> None:
     """Past INLINE_HEADER_BYTES the header is read in the image threads, not on the event loop; the file
     still goes to the backend undecoded."""

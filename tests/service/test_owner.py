@@ -192,7 +192,9 @@ def test_jpegs_travel_undecoded_and_the_owner_decodes_them(tiny_repository: Path
     asyncio.run(run())
 
 
-def test_the_cuda_batcher_decodes_and_refuses_per_image(model: TorchScriptModel, tiny_repository: Path) -> None:  # noqa: F811
+def test_the_cuda_batcher_decodes_and_refuses_per_image(
+    model: TorchScriptModel, tiny_repository: Path  # noqa: F811
+) -> None:
     """The pipelined batcher (the CUDA runner's, here on the CPU) takes JPEGs too: one batch, each refused
     image its own error, the others answered."""
     pipeline = TaskPipeline.load(Settings(model_repository=tiny_repository), "classifier")

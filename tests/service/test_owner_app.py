@@ -36,8 +36,9 @@ def test_one_command_serves_and_one_signal_stops_it(model_repository: Path, tmp_
     }  # fmt: skip
     log = (tmp_path / "owner.log").open("w")
     process = subprocess.Popen(
-        [sys.executable, "-m", "service.owner_app", "--workers", "2"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT
-    )
+        [sys.executable, "-m", "service.owner_app", "--workers", "2"],
+        cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+    )  # fmt: skip
     url = f"http://127.0.0.1:{port}"
     try:
 
@@ -52,7 +53,8 @@ def test_one_command_serves_and_one_signal_stops_it(model_repository: Path, tmp_
         tree = [process.pid, *(child.pid for child in psutil.Process(process.pid).children(recursive=True))]
         assert len(tree) >= 4  # the owner, uvicorn's supervisor and its two workers (and their helpers)
         with httpx.Client(timeout=30) as client:
-            answers = [client.post(f"{url}/classify", content=_jpeg(), headers={"Content-Type": "image/jpeg"}) for _ in range(6)]
+            jpeg = {"content": _jpeg(), "headers": {"Content-Type": "image/jpeg"}}
+            answers = [client.post(f"{url}/classify", **jpeg) for _ in range(6)]  # type: ignore[arg-type]
         assert all(a.status_code == 200 for a in answers), answers[0].text
         labels = {a.json()["results"][0]["predictions"][0]["label"] for a in answers}
         assert len(labels) == 1
