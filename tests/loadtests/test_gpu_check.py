@@ -27,7 +27,7 @@ from loadtests.gpu.parity import (
     unmatched_fraction,
 )
 from loadtests.gpu.steps import pipeline_settings
-from loadtests.gpu_check import DRY_RUN, GPU, passed, plan, run_step, waves
+from loadtests.gpu_check import DRY_RUN, GPU, passed, plan, run_step, targets, waves
 from tasks import MODELS
 from tests.conftest import ROOT
 
@@ -159,6 +159,8 @@ def test_dry_run_runs_every_step_as_on_the_gpu_image(tmp_path: Path) -> None:
     assert http["loads"]["classifier"]["ok"] > 0 and http["loads"]["classifier"]["errors"] == 0
     # The workers sent JPEGs as files and the owner decoded them in its batches (torchvision's CPU decoder here).
     assert http["device_decode"] == "on" and http["decoded"]["classifier"]["device"] > 0, http["decoded"]
+    goal = results["targets"]["classify_rps"]  # measured (far from the GPU's target, here)
+    assert goal["value"] == http["loads"]["classifier"]["throughput_rps"] > 0 and goal["met"] is False
     onnx = results["onnx"]  # the fp32 exports' model.onnx through ONNX Runtime (its CPU provider here)
     assert onnx["status"] == "ok" and onnx["passed"] is True and set(onnx["models"]) == set(MODELS), onnx
     for model in MODELS:
@@ -296,3 +298,19 @@ def test_mask_iou() -> None:
     b[0, :2, :2] = 1
     assert mask_iou(a, a) == 1.0
     assert mask_iou(a, b) == pytest.approx((12 / 16 + 0.0) / 2)
+
+
+def test_targets_compare_detect_with_the_detector_alone_at_the_owner_s_batch() -> None:
+    sweep = [{"batch_size": b, "images_per_s": 100.0 * b} for b in (1, 4, 8, 16)]
+    results = {
+        "profile": {"http": {"max_batch": 32}, "max_batch": {"detector": 8}},
+        "sweep": {"detector": {"fp16": sweep, "fp32": [{"batch_size": 8, "images_per_s": 1.0}]}},
+        "http": {"repository": "fp16", "loads": {"classifier": {"throughput_rps": 5200.0},
+                                                   "detector": {"throughput_rps": 600.0}}},
+    }  # fmt: skip
+    summary = targets(results)
+    assert summary["classify_rps"] == {"value": 5200.0, "target": 5000.0, "met": True}
+    detect = summary["detect_vs_model"]
+    assert (detect["batch_size"], detect["model_images_per_s"], detect["ratio"]) == (8, 800.0, 0.75)
+    assert detect["met"] is False and detect["precision"] == "fp16"
+    assert targets({"profile": {}}) == {"classify_rps": None, "detect_vs_model": None}
