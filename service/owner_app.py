@@ -12,7 +12,8 @@ or the two halves apart (the workers find the owner at $CVSERVE_OWNER_SOCKET):
 Each worker builds the same app as `service.app.from_environment`, with an `OwnerBackend` in place of
 in-process models (service/backends/owner.py). The owner runs the models in a `LocalBackend` with the
 request core's device decode (`CVSERVE_DEVICE_DECODE`, on with CUDA): workers then send JPEGs as files
-and the owner decodes each batch's JPEGs on the device. Each worker serves its own `/metrics`. Kept
+and the owner decodes each batch's JPEGs on the device. Each worker serves its own `/metrics` (the
+owner's batch metrics are not exported yet). Kept
 apart from service/app.py until its `from_environment` takes `CVSERVE_BACKEND=owner`.
 """
 
