@@ -13,7 +13,7 @@ Each worker builds the same app as `service.app.from_environment`, with an `Owne
 in-process models (service/backends/owner.py). The owner runs the models in a `LocalBackend` with the
 request core's device decode (`CVSERVE_DEVICE_DECODE`, on with CUDA): workers then send JPEGs as files
 and the owner decodes each batch's JPEGs on the device. Each worker serves its own `/metrics` (the
-owner's batch metrics are not exported yet). Kept
+requests it answered); the owner's (batch sizes, model latency) are on `--metrics-port`. Kept
 apart from service/app.py until its `from_environment` takes `CVSERVE_BACKEND=owner`.
 """
 
@@ -29,6 +29,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+import prometheus_client
 from fastapi import FastAPI
 
 from service.app import closing, create_api
@@ -51,15 +52,20 @@ def from_environment() -> FastAPI:
     return closing(create_api(settings, backend, instruments), backend)
 
 
-async def serve_forever(path: Path, workers: int = 0) -> int:
+async def serve_forever(path: Path, workers: int = 0, metrics_port: int = 0) -> int:
     """Load the models (Settings from CVSERVE_*) into a LocalBackend and answer on `path` until SIGTERM or
     SIGINT; with `workers`, also run that many uvicorn workers of this app on CVSERVE_HOST:CVSERVE_PORT,
-    stopped first on the way out (and their exit stops the owner). Returns the exit status."""
+    stopped first on the way out (and their exit stops the owner); with `metrics_port`, serve the owner's
+    own Prometheus metrics (batch sizes, model latency) on CVSERVE_HOST:metrics_port. Returns the exit status."""
     from service.backends.local import LocalBackend
 
     settings = Settings()
     configure_pillow(settings.max_pixels)  # the owner's CPU path decodes what its device rejects
-    backend = LocalBackend(settings)
+    instruments = Instruments.prometheus()
+    backend = LocalBackend(settings, instruments)
+    if metrics_port:
+        prometheus_client.start_http_server(metrics_port, addr=settings.host, registry=instruments.registry)
+        log.info("the owner's metrics: http://%s:%d/metrics", settings.host, metrics_port)
     backend.use_device_decode(device_preparers(settings))
     server = await ModelOwner(backend).serve(path)
     log.info("model owner ready on %s (device decode: %s)", path, "on" if backend.decodes_on_device else "off")
@@ -116,18 +122,23 @@ def main(argv: list[str] | None = None) -> int:
                         "with --workers; without --workers it is needed)")  # fmt: skip
     parser.add_argument("--workers", type=int, default=0, metavar="N",
                         help="also run N uvicorn HTTP workers in front (CVSERVE_HOST, CVSERVE_PORT)")  # fmt: skip
+    parser.add_argument("--metrics-port", type=int, default=0, metavar="PORT",
+                        help="serve the owner's Prometheus metrics (batch sizes, model latency) on "
+                        "CVSERVE_HOST:PORT (default: not served)")  # fmt: skip
     args = parser.parse_args(argv)
     if args.workers < 0:
         parser.error("--workers must not be negative")
+    if not 0 <= args.metrics_port <= 65535:
+        parser.error("--metrics-port must be a port number (0: not served)")
     if args.socket is None and not args.workers:
         parser.error("--socket is needed without --workers (the workers started elsewhere must find it)")
     logging.basicConfig(
         stream=sys.stdout, level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     if args.socket is not None:
-        return asyncio.run(serve_forever(args.socket, args.workers))
+        return asyncio.run(serve_forever(args.socket, args.workers, args.metrics_port))
     with tempfile.TemporaryDirectory(prefix="cvserve-owner-") as private:  # 0700: only this user connects
-        return asyncio.run(serve_forever(Path(private) / "owner.sock", args.workers))
+        return asyncio.run(serve_forever(Path(private) / "owner.sock", args.workers, args.metrics_port))
 
 
 if __name__ == "__main__":

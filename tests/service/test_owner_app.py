@@ -1,6 +1,6 @@
 """`python -m service.owner_app --workers N`: one command runs the model owner and N uvicorn workers in
-front of it (the GPU deployment without Ray), here on the CPU with device decode on; SIGTERM stops
-every process and frees the port."""
+front of it (the GPU deployment without Ray), here on the CPU with device decode on; the owner's metrics
+are on their own port; SIGTERM stops every process and frees the port."""
 
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ def _jpeg() -> bytes:
 
 
 def test_one_command_serves_and_one_signal_stops_it(model_repository: Path, tmp_path: Path) -> None:
-    (port,) = reserved_free_ports(1)
+    port, metrics_port = reserved_free_ports(2)
     env = {
         **os.environ, "CVSERVE_MODEL_REPOSITORY": str(model_repository), "CVSERVE_MODELS": "classifier",
         "CVSERVE_DEVICE": "cpu", "CVSERVE_DEVICE_DECODE": "on", "CVSERVE_PORT": str(port),
@@ -36,7 +36,7 @@ def test_one_command_serves_and_one_signal_stops_it(model_repository: Path, tmp_
     }  # fmt: skip
     log = (tmp_path / "owner.log").open("w")
     process = subprocess.Popen(
-        [sys.executable, "-m", "service.owner_app", "--workers", "2"],
+        [sys.executable, "-m", "service.owner_app", "--workers", "2", "--metrics-port", str(metrics_port)],
         cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
     )  # fmt: skip
     url = f"http://127.0.0.1:{port}"
@@ -58,6 +58,11 @@ def test_one_command_serves_and_one_signal_stops_it(model_repository: Path, tmp_
         assert all(a.status_code == 200 for a in answers), answers[0].text
         labels = {a.json()["results"][0]["predictions"][0]["label"] for a in answers}
         assert len(labels) == 1
+        # The owner's own metrics: the six images went through its batches.
+        metrics = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).text
+        sums = [line for line in metrics.splitlines() if line.startswith("cvserve_batch_size_sum{")]
+        (images,) = [line for line in sums if 'model="classifier"' in line]
+        assert float(images.rpartition(" ")[2]) >= 6, images
     finally:
         process.send_signal(signal.SIGTERM)
         status = process.wait(timeout=60)
