@@ -12,8 +12,9 @@ or the two halves apart (the workers find the owner at $CVSERVE_OWNER_SOCKET):
 Each worker builds the same app as `service.app.from_environment`, with an `OwnerBackend` in place of
 in-process models (service/backends/owner.py). The owner runs the models in a `LocalBackend` with the
 request core's device decode (`CVSERVE_DEVICE_DECODE`, on with CUDA): workers then send JPEGs as files
-and the owner decodes each batch's JPEGs on the device. Each worker serves its own `/metrics` (the
-requests it answered); the owner's (batch sizes, model latency) are on `--metrics-port`. Kept
+and the owner decodes each batch's JPEGs on the device. With `--workers`, every worker's `/metrics`
+answers for all of them (prometheus_client's multiprocess mode, PROMETHEUS_MULTIPROC_DIR); the owner's
+own (batch sizes, model latency) are on `--metrics-port`. Kept
 apart from service/app.py until its `from_environment` takes `CVSERVE_BACKEND=owner`.
 """
 
@@ -24,6 +25,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import shutil
 import signal
 import sys
 import tempfile
@@ -47,7 +49,8 @@ def from_environment() -> FastAPI:
     """The app for one uvicorn worker: `Settings()` from CVSERVE_*, the owner at $CVSERVE_OWNER_SOCKET."""
     settings = Settings()
     configure_pillow(settings.max_pixels)
-    instruments = Instruments.prometheus()
+    shared = os.environ.get("PROMETHEUS_MULTIPROC_DIR")  # the workers' metrics together (`--workers` sets it)
+    instruments = Instruments.prometheus_multiprocess(shared) if shared else Instruments.prometheus()
     backend = OwnerBackend(os.environ.get("CVSERVE_OWNER_SOCKET", DEFAULT_SOCKET))
     return closing(create_api(settings, backend, instruments), backend)
 
@@ -73,7 +76,8 @@ async def serve_forever(path: Path, workers: int = 0, metrics_port: int = 0) -> 
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    http = await _start_workers(settings, path, workers) if workers else None
+    metrics = Path(tempfile.mkdtemp(prefix="cvserve-worker-metrics-")) if workers else None  # fresh: no stale files
+    http = await _start_workers(settings, path, workers, metrics) if metrics is not None else None
     status = 0
     try:
         if http is None:
@@ -100,17 +104,23 @@ async def serve_forever(path: Path, workers: int = 0, metrics_port: int = 0) -> 
         await backend.close()
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
+        if metrics is not None:
+            shutil.rmtree(metrics, ignore_errors=True)
     return status
 
 
-async def _start_workers(settings: Settings, path: Path, workers: int) -> asyncio.subprocess.Process:
-    """`workers` uvicorn processes of `from_environment` on the settings' host and port, fed by `path`."""
+async def _start_workers(
+    settings: Settings, path: Path, workers: int, metrics: Path
+) -> asyncio.subprocess.Process:
+    """`workers` uvicorn processes of `from_environment` on the settings' host and port, fed by `path`, their
+    metrics written together into the empty directory `metrics`."""
     command = [
         sys.executable, "-m", "uvicorn", "--factory", "service.owner_app:from_environment",
         "--host", settings.host, "--port", str(settings.port), "--workers", str(workers), "--no-access-log",
     ]  # fmt: skip
     log.info("starting %d HTTP workers on %s:%d", workers, settings.host, settings.port)
-    return await asyncio.create_subprocess_exec(*command, env={**os.environ, "CVSERVE_OWNER_SOCKET": str(path)})
+    env = {**os.environ, "CVSERVE_OWNER_SOCKET": str(path), "PROMETHEUS_MULTIPROC_DIR": str(metrics)}
+    return await asyncio.create_subprocess_exec(*command, env=env)
 
 
 def main(argv: list[str] | None = None) -> int:

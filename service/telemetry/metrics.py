@@ -87,6 +87,47 @@ class Instruments:
 
         return cls(counter, gauge, histogram, registry)
 
+    @classmethod
+    def prometheus_multiprocess(cls, directory: str) -> Instruments:
+        """prometheus_client metrics shared by the processes that write into `directory` (several uvicorn
+        workers of one app): each process's values go to files there, and `registry` collects all of them,
+        so any worker's `/metrics` answers for every worker. The process must have started with
+        PROMETHEUS_MULTIPROC_DIR=`directory` (prometheus_client reads it when imported). Gauges add up
+        over the live processes, except the model version, which they share."""
+        from prometheus_client import multiprocess
+
+        registry = prometheus_client.CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry, path=directory)
+        made: dict[str, _Prometheus] = {}
+
+        def once(name: str, make: Callable[[], Any]) -> Instrument:
+            if name not in made:
+                made[name] = _Prometheus(make())
+            return made[name]
+
+        def counter(name: str, description: str = "", tag_keys: Sequence[str] = ()) -> Instrument:
+            return once(name, lambda: prometheus_client.Counter(name, description, tag_keys, registry=None))
+
+        def gauge(name: str, description: str = "", tag_keys: Sequence[str] = ()) -> Instrument:
+            mode = SHARED_GAUGES.get(name, "livesum")
+            return once(
+                name, lambda: prometheus_client.Gauge(name, description, tag_keys, registry=None, multiprocess_mode=mode)
+            )
+
+        def histogram(
+            name: str, description: str = "", boundaries: Sequence[float] = (), tag_keys: Sequence[str] = ()
+        ) -> Instrument:
+            buckets = (*boundaries, float("inf"))
+            return once(
+                name, lambda: prometheus_client.Histogram(name, description, tag_keys, registry=None, buckets=buckets)
+            )
+
+        return cls(counter, gauge, histogram, registry)
+
+
+# Gauges every process sets to the same value: one figure, not their sum, across processes.
+SHARED_GAUGES = {"cvserve_model_version": "livemax"}
+
 # HTTP status → `kind` tag of cvserve_errors (docs/ARCHITECTURE.md)
 ERROR_KINDS = {
     400: "bad_request",

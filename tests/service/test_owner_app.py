@@ -52,12 +52,18 @@ def test_one_command_serves_and_one_signal_stops_it(model_repository: Path, tmp_
         wait_for(ready, 120, "the owner app's /ready")
         tree = [process.pid, *(child.pid for child in psutil.Process(process.pid).children(recursive=True))]
         assert len(tree) >= 4  # the owner, uvicorn's supervisor and its two workers (and their helpers)
-        with httpx.Client(timeout=30) as client:
-            jpeg = {"content": _jpeg(), "headers": {"Content-Type": "image/jpeg"}}
-            answers = [client.post(f"{url}/classify", **jpeg) for _ in range(6)]  # type: ignore[arg-type]
+        jpeg = {"content": _jpeg(), "headers": {"Content-Type": "image/jpeg"}}
+        # A connection each: the kernel hands them to either worker.
+        answers = [httpx.post(f"{url}/classify", timeout=30, **jpeg) for _ in range(6)]  # type: ignore[arg-type]
         assert all(a.status_code == 200 for a in answers), answers[0].text
         labels = {a.json()["results"][0]["predictions"][0]["label"] for a in answers}
         assert len(labels) == 1
+        # Every worker's /metrics answers for both: the six answered requests, whichever worker is asked.
+        for _ in range(6):
+            scraped = httpx.get(f"{url}/metrics/", timeout=5).text
+            answered = [line for line in scraped.splitlines() if line.startswith("cvserve_requests_total{")]
+            classified = [line for line in answered if 'endpoint="/classify"' in line and 'status="200"' in line]
+            assert sum(float(line.rpartition(" ")[2]) for line in classified) == 6, answered
         # The owner's own metrics: the six images went through its batches.
         metrics = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).text
         sums = [line for line in metrics.splitlines() if line.startswith("cvserve_batch_size_sum{")]
