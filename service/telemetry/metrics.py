@@ -63,29 +63,7 @@ class Instruments:
         metric; prometheus_client alone would refuse the second as a duplicate time series.
         """
         registry = prometheus_client.CollectorRegistry()
-        made: dict[str, _Prometheus] = {}
-
-        def once(name: str, make: Callable[[], Any]) -> Instrument:
-            if name not in made:
-                made[name] = _Prometheus(make())
-            return made[name]
-
-        def counter(name: str, description: str = "", tag_keys: Sequence[str] = ()) -> Instrument:
-            return once(name, lambda: prometheus_client.Counter(name, description, tag_keys, registry=registry))
-
-        def gauge(name: str, description: str = "", tag_keys: Sequence[str] = ()) -> Instrument:
-            return once(name, lambda: prometheus_client.Gauge(name, description, tag_keys, registry=registry))
-
-        def histogram(
-            name: str, description: str = "", boundaries: Sequence[float] = (), tag_keys: Sequence[str] = ()
-        ) -> Instrument:
-            buckets = (*boundaries, float("inf"))
-            return once(
-                name,
-                lambda: prometheus_client.Histogram(name, description, tag_keys, registry=registry, buckets=buckets),
-            )
-
-        return cls(counter, gauge, histogram, registry)
+        return cls._prometheus(registry, registry, None)
 
     @classmethod
     def prometheus_multiprocess(cls, directory: str) -> Instruments:
@@ -98,6 +76,17 @@ class Instruments:
 
         registry = prometheus_client.CollectorRegistry()
         multiprocess.MultiProcessCollector(registry, path=directory)
+        return cls._prometheus(None, registry, lambda name: SHARED_GAUGES.get(name, "livesum"))
+
+    @classmethod
+    def _prometheus(
+        cls,
+        register_in: prometheus_client.CollectorRegistry | None,
+        registry: prometheus_client.CollectorRegistry,
+        gauge_mode: Callable[[str], str] | None,
+    ) -> Instruments:
+        """Metrics registered in `register_in` (None: in no registry, as multiprocess mode wants), served
+        from `registry`; `gauge_mode`: each gauge's multiprocess mode by name (None: not multiprocess)."""
         made: dict[str, _Prometheus] = {}
 
         def once(name: str, make: Callable[[], Any]) -> Instrument:
@@ -106,12 +95,15 @@ class Instruments:
             return made[name]
 
         def counter(name: str, description: str = "", tag_keys: Sequence[str] = ()) -> Instrument:
-            return once(name, lambda: prometheus_client.Counter(name, description, tag_keys, registry=None))
+            return once(
+                name, lambda: prometheus_client.Counter(name, description, tag_keys, registry=register_in)
+            )
 
         def gauge(name: str, description: str = "", tag_keys: Sequence[str] = ()) -> Instrument:
-            mode = SHARED_GAUGES.get(name, "livesum")
+            mode = {} if gauge_mode is None else {"multiprocess_mode": gauge_mode(name)}
             return once(
-                name, lambda: prometheus_client.Gauge(name, description, tag_keys, registry=None, multiprocess_mode=mode)
+                name,
+                lambda: prometheus_client.Gauge(name, description, tag_keys, registry=register_in, **mode),
             )
 
         def histogram(
@@ -119,7 +111,10 @@ class Instruments:
         ) -> Instrument:
             buckets = (*boundaries, float("inf"))
             return once(
-                name, lambda: prometheus_client.Histogram(name, description, tag_keys, registry=None, buckets=buckets)
+                name,
+                lambda: prometheus_client.Histogram(
+                    name, description, tag_keys, registry=register_in, buckets=buckets
+                ),
             )
 
         return cls(counter, gauge, histogram, registry)
