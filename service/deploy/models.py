@@ -70,10 +70,6 @@ class ModelDeployment:
         """Apply batch settings from `user_config` without redeploying."""
         self._model.configure(int(config["max_batch_size"]), float(config["batch_wait_timeout_s"]))
 
-    async def infer(self, image: np.ndarray) -> dict[str, np.ndarray]:
-        """Run one `[3,H,W]` uint8 image in the next batch; return its outputs."""
-        return await self._model.infer(image)
-
     async def infer_many(self, images: list[np.ndarray | Encoded]) -> list[dict[str, np.ndarray]] | dict[str, Any]:
         """All of one request's images in one call, queued at once (so they share a batch); their outputs in
         order, or `{"refused": refusal}` for the first image the device's decode refused (the caller's 4xx)."""
