@@ -32,9 +32,8 @@ from typing import Any
 
 import msgpack
 import numpy as np
-import psutil
 
-from loadtests.gpu.http import _owner_ready, _stop, _wait_for
+from loadtests.gpu.http import _owner_ready, _stop, _wait_for, tree_cpu_s
 from service.backends.owner import _LENGTH, pack_array, read_frame
 
 log = logging.getLogger("loadtests.owner_capacity")
@@ -158,10 +157,10 @@ def measure(args: argparse.Namespace, repository: Path, logs: Path) -> dict[str,
             for _ in workers:  # the clients' start (spawn imports, connecting) outside the window
                 if queue.get(timeout=120) != "connected":
                     raise RuntimeError("a client did not connect")
-            cpu_before, started = _cpu_s(owner.pid), time.monotonic()
+            cpu_before, started = tree_cpu_s([owner.pid]), time.monotonic()
             go.set()
             rounds = [queue.get(timeout=seconds + 120) for _ in workers]
-            elapsed, cpu = time.monotonic() - started, _cpu_s(owner.pid) - cpu_before
+            elapsed, cpu = time.monotonic() - started, tree_cpu_s([owner.pid]) - cpu_before
             for worker in workers:
                 worker.join()
             if record:
@@ -182,11 +181,6 @@ def measure(args: argparse.Namespace, repository: Path, logs: Path) -> dict[str,
         }
     finally:
         _stop(owner)
-
-
-def _cpu_s(pid: int) -> float:
-    times = psutil.Process(pid).cpu_times()
-    return times.user + times.system
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -27,27 +27,10 @@ from typing import Any
 import psutil
 
 from loadtests.gpu.http import (
-    ENDPOINTS, _free_port, _http_ready, _owner_decoded, _owner_ready, _stop, _wait_for, load, warm,
+    ENDPOINTS, _free_port, _http_ready, _owner_decoded, _owner_ready, _stop, _wait_for, load, tree_cpu_s, warm,
 )  # fmt: skip
 
 log = logging.getLogger("loadtests.owner_split")
-
-
-def tree_cpu_s(pid: int) -> float:
-    """CPU seconds (user + system) used so far by process `pid` and everything under it."""
-    try:
-        root = psutil.Process(pid)
-        processes = [root, *root.children(recursive=True)]
-    except psutil.NoSuchProcess:
-        return 0.0
-    total = 0.0
-    for process in processes:
-        try:
-            times = process.cpu_times()
-            total += times.user + times.system
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            continue
-    return total
 
 
 def children_cpu_s() -> float:
@@ -85,9 +68,9 @@ def measure(args: argparse.Namespace, mode: str, logs: Path) -> dict[str, Any]:
         url = f"http://127.0.0.1:{port}"
         _wait_for(lambda: _http_ready(f"{url}/ready"), servers, "the uvicorn workers", 120)
         warm(url + ENDPOINTS[args.model], 4 * args.servers, args.image)
-        before = (tree_cpu_s(owner.pid), tree_cpu_s(servers.pid), children_cpu_s(), time.monotonic())
+        before = (tree_cpu_s([owner.pid]), tree_cpu_s([servers.pid]), children_cpu_s(), time.monotonic())
         measured = load(url + ENDPOINTS[args.model], args.client_processes, args.clients, args.seconds, 0.0, args.image)
-        after = (tree_cpu_s(owner.pid), tree_cpu_s(servers.pid), children_cpu_s(), time.monotonic())
+        after = (tree_cpu_s([owner.pid]), tree_cpu_s([servers.pid]), children_cpu_s(), time.monotonic())
         decoded = _owner_decoded(socket_path)
     finally:
         if servers is not None:

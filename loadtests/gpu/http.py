@@ -18,7 +18,9 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -132,11 +134,79 @@ def _client_process(
     queue.put(asyncio.run(run()))
 
 
+def tree_cpu_s(pids: Iterable[int]) -> float:
+    """CPU seconds (user + system) used so far by processes `pids` and everything under them."""
+    import psutil
+
+    total = 0.0
+    for pid in pids:
+        try:
+            root = psutil.Process(pid)
+            processes = [root, *root.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            continue
+        for process in processes:
+            try:
+                times = process.cpu_times()
+                total += times.user + times.system
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                continue
+    return total
+
+
+class Usage(threading.Thread):
+    """What each role's processes (process trees, by pid) used between `begin` and `end` (monotonic
+    seconds): CPU cores busy, and the GPU's utilization (NVML's percent of time a kernel ran, sampled;
+    None without NVML or a GPU). Read `result` after `join`."""
+
+    def __init__(self, roles: dict[str, list[int]], begin: float, end: float, gpu_index: int | None) -> None:
+        super().__init__(daemon=True, name="usage")
+        self.roles, self.begin, self.end, self.gpu_index = roles, begin, end, gpu_index
+        self.result: dict[str, Any] = {}
+
+    def run(self) -> None:
+        time.sleep(max(0.0, self.begin - time.monotonic()))
+        first, started = {role: tree_cpu_s(pids) for role, pids in self.roles.items()}, time.monotonic()
+        utilization = _gpu_sampler(self.gpu_index)
+        samples: list[float] = []
+        while time.monotonic() < self.end:
+            if utilization is not None:
+                samples.append(utilization())
+            time.sleep(0.2)
+        last, ended = {role: tree_cpu_s(pids) for role, pids in self.roles.items()}, time.monotonic()
+        window = max(ended - started, 1e-6)
+        self.result = {
+            "window_s": round(window, 2),
+            "cpu_cores": {role: round((last[role] - first[role]) / window, 3) for role in self.roles},
+            "gpu_utilization_pct": round(sum(samples) / len(samples), 1) if samples else None,
+        }
+
+
+def _gpu_sampler(index: int | None) -> Any:
+    """A function returning GPU `index`'s utilization percent now (NVML, nvidia-ml-py), or None."""
+    if index is None:
+        return None
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+        pynvml.nvmlDeviceGetUtilizationRates(handle)
+    except Exception:  # noqa: BLE001 - no NVML here: the figure is left out, the load is measured anyway
+        return None
+    return lambda: float(pynvml.nvmlDeviceGetUtilizationRates(handle).gpu)
+
+
 def load(
-    url: str, processes: int, concurrency: int, duration_s: float, warmup_s: float, image_size: list[int]
+    url: str, processes: int, concurrency: int, duration_s: float, warmup_s: float, image_size: list[int],
+    observe: dict[str, list[int]] | None = None, gpu_index: int | None = None,
 ) -> dict[str, Any]:
-    """Closed-loop load from `processes` processes; throughput and latency percentiles over all of them."""
+    """Closed-loop load from `processes` processes; throughput and latency percentiles over all of them.
+    With `observe` (role → pids), also each role's CPU cores busy and CPU ms per answered request, the
+    load generator's among them, over the middle of the measured window (`Usage`), and with `gpu_index`
+    the GPU's utilization there."""
     context = multiprocessing.get_context("spawn")
+    started = time.monotonic()
     queue = context.Queue()
     per_process = [concurrency // processes + (i < concurrency % processes) for i in range(processes)]
     workers = [
@@ -145,6 +215,15 @@ def load(
     ]  # fmt: skip
     for worker in workers:
         worker.start()
+    usage = None
+    if observe is not None:
+        # Each client's window opens `warmup_s` after its process starts (spawn takes about a second).
+        begin, end = started + warmup_s + 1.5, started + warmup_s + duration_s - 0.5
+        if end - begin < 1.0:
+            begin, end = started + warmup_s, started + warmup_s + duration_s
+        roles = {**observe, "load_generator": [w.pid for w in workers if w.pid is not None]}
+        usage = Usage(roles, begin, end, gpu_index)
+        usage.start()
     latencies: list[float] = []
     errors, samples = 0, []
     for _ in workers:
@@ -156,15 +235,25 @@ def load(
         worker.join(timeout=10)
     ms = np.asarray(latencies) * 1000
     p50, p99 = (round(float(p), 1) for p in np.percentile(ms, [50, 99])) if len(ms) else (None, None)
+    throughput = len(latencies) / duration_s
+    observed: dict[str, Any] = {}
+    if usage is not None:
+        usage.join(timeout=30)
+        observed = dict(usage.result)
+        if observed and throughput:
+            observed["cpu_ms_per_request"] = {
+                role: round(1000 * cores / throughput, 3) for role, cores in observed["cpu_cores"].items()
+            }
     return {
         "clients": concurrency,
         "client_processes": len(workers),
         "ok": len(latencies),
         "errors": errors,
         "error_samples": samples[:5],
-        "throughput_rps": round(len(latencies) / duration_s, 1),
+        "throughput_rps": round(throughput, 1),
         "p50_ms": p50,
         "p99_ms": p99,
+        **({"usage": observed} if observe is not None else {}),
     }
 
 
@@ -256,6 +345,19 @@ def _stop(process: subprocess.Popen[bytes]) -> None:
             process.wait()
 
 
+def _gpu_index(device: str) -> int | None:
+    """NVML's index of a CUDA `device` (the first visible GPU for plain "cuda"), None for the CPU."""
+    if not device.startswith("cuda"):
+        return None
+    _, _, index = device.partition(":")
+    visible = [v for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()]
+    ordinal = int(index or 0)
+    if visible:
+        chosen = visible[ordinal].strip() if ordinal < len(visible) else ""
+        return int(chosen) if chosen.isdigit() else None
+    return ordinal
+
+
 def run_http_bench(ctx: Any) -> dict[str, Any]:
     """Start the owner and the HTTP workers on the models the model steps exported, load each model."""
     config = ctx.profile["http"]
@@ -311,6 +413,7 @@ def run_http_bench(ctx: Any) -> dict[str, Any]:
             measured = load(
                 base + ENDPOINTS[model], config["client_processes"], config["concurrency"], config["duration_s"],
                 warmup_s=min(3.0, config["duration_s"] / 2), image_size=config["image_size"],
+                observe={"owner": [owner.pid], "workers": [servers.pid]}, gpu_index=_gpu_index(ctx.device),
             )  # fmt: skip
             result["loads"][model] = measured
         result["decoded"] = _owner_decoded(socket_path)

@@ -161,6 +161,11 @@ def test_dry_run_runs_every_step_as_on_the_gpu_image(tmp_path: Path) -> None:
     assert http["device_decode"] == "on" and http["decoded"]["classifier"]["device"] > 0, http["decoded"]
     goal = results["targets"]["classify_rps"]  # measured (far from the GPU's target, here)
     assert goal["value"] == http["loads"]["classifier"]["throughput_rps"] > 0 and goal["met"] is False
+    # Which processes were busy in the measured window: every role used CPU; no GPU, so no utilization.
+    usage = http["loads"]["classifier"]["usage"]
+    assert goal["usage"] == usage and usage["window_s"] > 0.5 and usage["gpu_utilization_pct"] is None, usage
+    assert set(usage["cpu_cores"]) == set(usage["cpu_ms_per_request"]) == {"owner", "workers", "load_generator"}
+    assert all(cores > 0 for cores in usage["cpu_cores"].values()), usage
     onnx = results["onnx"]  # the fp32 exports' model.onnx through ONNX Runtime (its CPU provider here)
     assert onnx["status"] == "ok" and onnx["passed"] is True and set(onnx["models"]) == set(MODELS), onnx
     for model in MODELS:
@@ -309,7 +314,7 @@ def test_targets_compare_detect_with_the_detector_alone_at_the_owner_s_batch() -
                                                    "detector": {"throughput_rps": 600.0}}},
     }  # fmt: skip
     summary = targets(results)
-    assert summary["classify_rps"] == {"value": 5200.0, "target": 5000.0, "met": True}
+    assert summary["classify_rps"] == {"value": 5200.0, "target": 5000.0, "met": True, "usage": None}
     detect = summary["detect_vs_model"]
     assert (detect["batch_size"], detect["model_images_per_s"], detect["ratio"]) == (8, 800.0, 0.75)
     assert detect["met"] is False and detect["precision"] == "fp16"

@@ -4,6 +4,7 @@ and answers other than 200 are counted as errors with samples."""
 
 from __future__ import annotations
 
+import os
 import queue
 import socket
 import threading
@@ -15,7 +16,7 @@ import uvicorn
 from fastapi import FastAPI, UploadFile
 from fastapi.responses import JSONResponse
 
-from loadtests.gpu.http import _client_process
+from loadtests.gpu.http import _client_process, _gpu_index, load
 
 received: list[tuple[str | None, str | None, bytes, int]] = []
 app = FastAPI()
@@ -66,3 +67,26 @@ def test_answers_other_than_200_are_errors_with_samples(url: str) -> None:
     latencies, errors, samples = results.get(timeout=5)
     assert latencies == [] and errors > 0
     assert samples and samples[0].startswith("HTTP 503: ") and "overloaded" in samples[0]
+
+
+def test_load_reports_what_each_role_used_in_its_window(url: str) -> None:
+    """`load(observe=...)`: the server (this process, its thread) and the load generator's processes were
+    busy in the measured window; their CPU per answered request follows from cores and throughput."""
+    result = load(f"{url}/classify", 1, 4, 3.0, 1.0, [64, 48], observe={"server": [os.getpid()]}, gpu_index=None)
+    assert result["errors"] == 0 and result["ok"] > 0
+    usage = result["usage"]
+    assert usage["gpu_utilization_pct"] is None and 0.5 < usage["window_s"] <= 3.0, usage
+    assert set(usage["cpu_cores"]) == {"server", "load_generator"}
+    assert all(0 < cores < 2 * (os.cpu_count() or 1) for cores in usage["cpu_cores"].values()), usage
+    for role, cores in usage["cpu_cores"].items():
+        assert usage["cpu_ms_per_request"][role] == pytest.approx(1000 * cores / result["throughput_rps"], rel=0.01)
+    assert "usage" not in load(f"{url}/classify", 1, 1, 0.5, 0.0, [64, 48])  # only when asked
+
+
+def test_the_gpu_s_nvml_index_follows_cuda_visible_devices(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    assert (_gpu_index("cpu"), _gpu_index("cuda"), _gpu_index("cuda:1")) == (None, 0, 1)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")
+    assert (_gpu_index("cuda"), _gpu_index("cuda:1")) == (3, 5)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-8d1f")  # a UUID: NVML's index is not known from it
+    assert _gpu_index("cuda") is None
