@@ -138,7 +138,8 @@ def measure(args: argparse.Namespace, repository: Path, logs: Path) -> dict[str,
         "CVSERVE_MAX_ONGOING_REQUESTS": str(max(64, args.max_batch)),
     }
     with open(logs / "owner.log", "w") as owner_log:
-        owner = subprocess.Popen([sys.executable, "-m", "service.owner_app", "--socket", str(socket_path)],
+        command = [sys.executable, "-m", "service.owner_app", "--socket", str(socket_path), "--loop", args.loop]
+        owner = subprocess.Popen(command,
                                  env=env, stdout=owner_log, stderr=subprocess.STDOUT)  # fmt: skip
     try:
         _wait_for(lambda: _owner_ready(socket_path), owner, "the model owner", 300)
@@ -196,6 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--warm", type=float, default=2.0, help="seconds of load before the measured round")
     parser.add_argument("--real", action="store_true", help="serve the model itself, not a null module")
+    parser.add_argument("--loop", default="auto", choices=("auto", "asyncio", "uvloop"), help="the owner's loop")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
@@ -207,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
         null_repository(args.repository, args.model, repository, args.max_batch, args.input)
     result = {
         "model": args.model, "null_model": not args.real, "input": args.input, "max_batch": args.max_batch,
-        "clients": args.clients, "depth": args.depth, "cpu": os.cpu_count(),
+        "clients": args.clients, "depth": args.depth, "loop": args.loop, "cpu": os.cpu_count(),
         **measure(args, repository, work),
     }  # fmt: skip
     print(json.dumps(result, indent=2))

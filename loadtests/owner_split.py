@@ -62,7 +62,8 @@ def measure(args: argparse.Namespace, mode: str, logs: Path) -> dict[str, Any]:
         _wait_for(lambda: _owner_ready(socket_path), owner, "the model owner", 300)
         servers = subprocess.Popen(
             [sys.executable, "-m", "uvicorn", "--factory", "service.owner_app:from_environment", "--host", "127.0.0.1",
-             "--port", str(port), "--workers", str(args.servers), "--no-access-log", "--log-level", "warning"],
+             "--port", str(port), "--workers", str(args.servers), "--no-access-log", "--log-level", "warning",
+             "--http", args.http, "--loop", args.loop],
             env=env, stdout=open(logs / f"servers-{mode}.log", "w"), stderr=subprocess.STDOUT,
         )  # fmt: skip
         url = f"http://127.0.0.1:{port}"
@@ -101,6 +102,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-batch", type=int, default=8)
     parser.add_argument("--image", type=lambda s: [int(v) for v in s.split("x")], default=[640, 480], help="WxH")
     parser.add_argument("--modes", default="off,on", help="CVSERVE_DEVICE_DECODE values, in order")
+    parser.add_argument("--http", default="auto", choices=("auto", "h11", "httptools"), help="uvicorn's parser")
+    parser.add_argument("--loop", default="auto", choices=("auto", "asyncio", "uvloop"), help="uvicorn's loop")
     parser.add_argument("--out", type=Path, help="write the rows here as JSON")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -14,7 +14,8 @@ in-process models (service/backends/owner.py). The owner runs the models in a `L
 request core's device decode (`CVSERVE_DEVICE_DECODE`, on with CUDA): workers then send JPEGs as files
 and the owner decodes each batch's JPEGs on the device. With `--workers`, every worker's `/metrics`
 answers for all of them (prometheus_client's multiprocess mode, PROMETHEUS_MULTIPROC_DIR); the owner's
-own (batch sizes, model latency) are on `--metrics-port`. Kept
+own (batch sizes, model latency) are on `--metrics-port`. Every request passes through the owner's one
+event loop: uvloop's where it is installed (`--loop`, as uvicorn's). Kept
 apart from service/app.py until its `from_environment` takes `CVSERVE_BACKEND=owner`.
 """
 
@@ -29,6 +30,7 @@ import shutil
 import signal
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import prometheus_client
@@ -71,7 +73,8 @@ async def serve_forever(path: Path, workers: int = 0, metrics_port: int = 0) -> 
         log.info("the owner's metrics: http://%s:%d/metrics", settings.host, metrics_port)
     backend.use_device_decode(device_preparers(settings))
     server = await ModelOwner(backend).serve(path)
-    log.info("model owner ready on %s (device decode: %s)", path, "on" if backend.decodes_on_device else "off")
+    log.info("model owner ready on %s (device decode: %s, event loop: %s)", path,
+             "on" if backend.decodes_on_device else "off", type(asyncio.get_running_loop()).__module__)  # fmt: skip
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -132,6 +135,9 @@ def main(argv: list[str] | None = None) -> int:
                         "with --workers; without --workers it is needed)")  # fmt: skip
     parser.add_argument("--workers", type=int, default=0, metavar="N",
                         help="also run N uvicorn HTTP workers in front (CVSERVE_HOST, CVSERVE_PORT)")  # fmt: skip
+    parser.add_argument("--loop", choices=("auto", "asyncio", "uvloop"), default="auto",
+                        help="the owner's event loop, as uvicorn's --loop: auto is uvloop where it is "
+                        "installed (every request passes through this one loop), asyncio otherwise")  # fmt: skip
     parser.add_argument("--metrics-port", type=int, default=0, metavar="PORT",
                         help="serve the owner's Prometheus metrics (batch sizes, model latency) on "
                         "CVSERVE_HOST:PORT (default: not served)")  # fmt: skip
@@ -145,10 +151,32 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         stream=sys.stdout, level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    if args.socket is not None:
-        return asyncio.run(serve_forever(args.socket, args.workers, args.metrics_port))
-    with tempfile.TemporaryDirectory(prefix="cvserve-owner-") as private:  # 0700: only this user connects
-        return asyncio.run(serve_forever(Path(private) / "owner.sock", args.workers, args.metrics_port))
+    try:
+        loop_factory = event_loop_factory(args.loop)
+    except ImportError:
+        parser.error("--loop uvloop: uvloop is not installed")
+    with contextlib.ExitStack() as stack:
+        path = args.socket
+        if path is None:  # a private directory (0700): only this user connects
+            private = stack.enter_context(tempfile.TemporaryDirectory(prefix="cvserve-owner-"))
+            path = Path(private) / "owner.sock"
+        with asyncio.Runner(loop_factory=loop_factory) as runner:
+            return runner.run(serve_forever(path, args.workers, args.metrics_port))
+
+
+def event_loop_factory(choice: str = "auto") -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """The owner's event loop: uvloop's for "uvloop", and for "auto" where uvloop is installed (one
+    core answered 10-25 % more requests/s with it: loadtests/RESULTS.md, "The model owner's own CPU");
+    None (asyncio's own) for "asyncio" or without uvloop. ImportError: "uvloop" without uvloop."""
+    if choice == "asyncio":
+        return None
+    try:
+        import uvloop
+    except ImportError:
+        if choice == "uvloop":
+            raise
+        return None
+    return uvloop.new_event_loop
 
 
 if __name__ == "__main__":

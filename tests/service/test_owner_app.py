@@ -13,8 +13,10 @@ from pathlib import Path
 
 import httpx
 import psutil
+import pytest
 from PIL import Image
 
+from service.owner_app import event_loop_factory, main
 from support.ports import reserved_free_ports
 from support.waiting import wait_for
 from tests.conftest import ROOT
@@ -75,7 +77,7 @@ def test_one_command_serves_and_one_signal_stops_it(model_repository: Path, tmp_
         log.close()
     assert status == 0, (tmp_path / "owner.log").read_text()[-2000:]
     assert not [pid for pid in tree if psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE]
-    assert "device decode: on" in (tmp_path / "owner.log").read_text()
+    assert "device decode: on, event loop: uvloop" in (tmp_path / "owner.log").read_text()  # uvloop is installed
     with httpx.Client() as client:  # nobody listens any more
         try:
             client.get(f"{url}/health", timeout=2)
@@ -105,3 +107,15 @@ def test_workers_that_cannot_start_stop_the_owner(model_repository: Path, tmp_pa
     output = done.stdout + done.stderr
     assert done.returncode != 0, output[-2000:]
     assert "the HTTP workers exited" in output, output[-2000:]
+
+
+def test_the_owner_s_event_loop_is_uvloop_where_installed(monkeypatch: pytest.MonkeyPatch) -> None:
+    import uvloop
+
+    assert event_loop_factory("auto") is event_loop_factory("uvloop") is uvloop.new_event_loop
+    assert event_loop_factory("asyncio") is None
+    monkeypatch.setitem(sys.modules, "uvloop", None)  # as if it were not installed: asyncio's loop
+    assert event_loop_factory("auto") is None
+    with pytest.raises(SystemExit) as stopped:  # asked for by name: the usage error, before any model loads
+        main(["--socket", "/tmp/unused.sock", "--loop", "uvloop"])
+    assert stopped.value.code == 2
