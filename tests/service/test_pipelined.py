@@ -17,7 +17,9 @@ from export.repository import Batching, model_config
 from export.spec import ModelSpec
 from export.wrappers import ClassifierWrapper, save, script
 from service.backends.batching import BatchedModel
-from service.backends.pipelined import PipelinedBatchedModel, PipelinedRunner, batched_model
+from service.backends.pipelined import (
+    PipelinedBatchedModel, PipelinedRunner, batched_model, time_kernels_per_shape,
+)  # fmt: skip
 from service.backends.torchscript import TorchScriptModel
 from service.model_config import dump
 
@@ -97,3 +99,13 @@ def test_the_batcher_keeps_two_batches_in_flight(model: TorchScriptModel) -> Non
 
 def test_cpu_models_keep_the_plain_batcher(model: TorchScriptModel) -> None:
     assert type(batched_model(model, 4, 0.0, "embedded")) is BatchedModel
+
+
+def test_cudnn_times_kernels_per_shape_on_cuda_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The runner pads every batch to a bucket: on CUDA it has cuDNN keep the fastest kernels per shape, as
+    the GPU check's model sweep does; a CPU runner leaves the setting as it was."""
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    time_kernels_per_shape(torch.device("cpu"))
+    assert torch.backends.cudnn.benchmark is False
+    time_kernels_per_shape(torch.device("cuda", 0))  # no CUDA needed: it is a flag for later convolutions
+    assert torch.backends.cudnn.benchmark is True
