@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 from torchvision.io import ImageReadMode, decode_jpeg
 
+from service.backends.base import Encoded
 from service.contract import ModelContract, TensorSpec
 from service.core.device_decode import TOLERANCE, DevicePreparer
 from service.core.pipeline import TaskPipeline
@@ -64,6 +65,49 @@ def _rate(
     }
 
 
+def _victims_survive(
+    decode: Callable[[], object], shape: tuple[int, ...], device: torch.device, victims: int
+) -> bool:
+    """Whether `victims` tensors read by kernels still queued on the current stream when they were freed
+    came through `decode()` unharmed (pytorch/vision#9606: nvJPEG writes its outputs, allocated on the
+    current stream, before that stream's queued work has run). Each victim has the decoded images' size,
+    so the allocator's freed block fits a decode output. On the CPU there is no queue: they always do."""
+    blocks = [torch.full(shape, i + 1, dtype=torch.uint8, device=device) for i in range(victims)]
+    expected = [(i + 1) * blocks[i].numel() for i in range(victims)]
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda._sleep(200_000_000)  # about 0.1 s of GPU time ahead of the reads, on the current stream
+    sums = [block.sum(dtype=torch.int64) for block in blocks]  # queued: they read the victims later
+    del blocks  # freed now, their reads still queued
+    decode()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return [int(total) for total in sums] == expected
+
+
+def stream_safety(
+    device: torch.device, blobs: list[bytes], pipeline: TaskPipeline, iterations: int
+) -> dict[str, Any]:
+    """The hazard of pytorch/vision#9606, provoked `iterations` times: victims freed on the current stream
+    with their reads queued, then a decode. `preparer`: the serving path (DevicePreparer, which decodes on
+    a stream of its own; it must leave every victim whole); `torchvision`: decode_jpeg on the current
+    stream, as torchvision's own example does (how this image's torchvision and GPU behave; reported)."""
+    preparer = DevicePreparer(pipeline, device)
+    tensors = [torch.frombuffer(bytearray(b), dtype=torch.uint8) for b in blobs]
+    shape = tuple(decode_jpeg(tensors[0], mode=ImageReadMode.RGB, device=device).shape)
+    encoded = [Encoded(b, 1) for b in blobs]
+    runs = {
+        "preparer": lambda: preparer.prepare_each(encoded),
+        "torchvision": lambda: decode_jpeg(tensors, mode=ImageReadMode.RGB, device=device),
+    }
+    result: dict[str, Any] = {"iterations": iterations, "stalled": device.type == "cuda"}
+    for name, run in runs.items():
+        run()  # warm-up: nvJPEG's handles, and the allocator's blocks of the decode's sizes
+        result[name] = sum(not _victims_survive(run, shape, device, len(blobs)) for _ in range(iterations))
+    result["passed"] = result["preparer"] == 0
+    return result
+
+
 def measure_decode(device: torch.device, config: dict[str, Any]) -> dict[str, Any]:
     """For each size: Pillow one at a time, the device's batch decode, and decode + letterbox both ways."""
     batch, duration = int(config["batch"]), float(config["duration_s"])
@@ -97,11 +141,15 @@ def measure_decode(device: torch.device, config: dict[str, Any]) -> dict[str, An
         worst = {k: max(worst[k], row["diff"][k]) for k in worst}
         rows.append(row)
     within = worst["mean_abs"] <= TOLERANCE.mean_abs and worst["p99_abs"] <= TOLERANCE.p99_abs
+    width, height = config["sizes"][0]
+    iterations = int(config.get("safety_iterations", 20))
+    safety = stream_safety(device, jpegs(width, height, 4), pipeline, iterations)
     return {
         "rows": rows,
         "tolerance": {"mean_abs": TOLERANCE.mean_abs, "p99_abs": TOLERANCE.p99_abs},
         "worst": worst,
-        "passed": within,
+        "stream_safety": safety,
+        "passed": within and safety["passed"],
         "decoded_on_device": preparer.decoded_on_device,
         "decoded_on_cpu": preparer.decoded_on_cpu,
     }

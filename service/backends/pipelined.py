@@ -96,12 +96,17 @@ class PipelinedRunner:
         keep: list[torch.Tensor] = []
         with torch.inference_mode():
             if isinstance(images, torch.Tensor) and images.device == self.device:
-                batch = (
-                    images
-                    if count == bucket
-                    else torch.cat([images, images.new_zeros((bucket - count, *images.shape[1:]))])
-                )
+                # Made on another stream (the preparer's, which the current stream waits for): the compute
+                # stream waits too and pads there, and the allocator keeps the tensor's memory until the
+                # compute stream is done with it.
                 self._compute_stream.wait_stream(torch.cuda.current_stream(self.device))
+                images.record_stream(self._compute_stream)
+                with torch.cuda.stream(self._compute_stream):
+                    batch = (
+                        images
+                        if count == bucket
+                        else torch.cat([images, images.new_zeros((bucket - count, *images.shape[1:]))])
+                    )
             else:
                 if slot.copied is not None:
                     slot.copied.synchronize()  # this slot's pinned buffer is free again

@@ -15,8 +15,9 @@ tests/service/core/test_device_decode.py checks it on the CPU; the GPU check mea
 
 from __future__ import annotations
 
+import contextlib
 import io
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -145,13 +146,36 @@ class DevicePreparer:
         self.device = torch.device(device)
         self.decoded_on_device = 0  # counters: how many images took which path
         self.decoded_on_cpu = 0
+        self._stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+
+    @contextlib.contextmanager
+    def _own_stream(self) -> Iterator[None]:
+        """Run the block on this preparer's own CUDA stream; the caller's stream then waits for it.
+
+        torchvision's nvJPEG decode allocates its outputs on the current stream and writes them from its
+        own stream without waiting for the current one (pytorch/vision#9606): a block freed on the current
+        stream while queued kernels still read it can be handed to the decoder and overwritten. Only this
+        preparer (one model's batch thread) queues work on its stream, and `_decode` waits for that work
+        before each decode, so no such block exists there; other threads' work on the default stream stays
+        apart. On the CPU, nothing changes."""
+        if self._stream is None:
+            yield
+            return
+        caller = torch.cuda.current_stream(self.device)
+        with torch.cuda.stream(self._stream):
+            yield
+        caller.wait_stream(self._stream)
 
     def prepare(self, blobs: Sequence[bytes]) -> tuple[torch.Tensor, list[Geometry]]:
         """Decode and preprocess `blobs` into the model's `[N,3,H,W]` uint8 batch on the device, with each
         image's geometry; raises the CPU path's `ImageError` for the first image it refuses."""
+        with self._own_stream():
+            return self._prepare(blobs)
+
+    def _prepare(self, blobs: Sequence[bytes]) -> tuple[torch.Tensor, list[Geometry]]:
         planned = [plan_on_device(self.pipeline, blob) for blob in blobs]
         on_device = [p[0] for p in planned if p is not None]
-        decoded = iter(self.prepare_each(on_device))
+        decoded = iter(self._prepare_each(on_device))
         inputs: list[torch.Tensor] = []
         geometries: list[Geometry] = []
         for blob, plan in zip(blobs, planned, strict=True):
@@ -172,6 +196,10 @@ class DevicePreparer:
         """Each JPEG of `images` as the model's `[3,H,W]` uint8 input on the device, decoded together; an
         image the device decoder rejects goes through the CPU path, and an image that path refuses is its
         `ImageError` in the list (the other images are not held up by it)."""
+        with self._own_stream():
+            return self._prepare_each(images)
+
+    def _prepare_each(self, images: Sequence[Encoded]) -> list[torch.Tensor | ImageError]:
         decoded = self._decode([image.data for image in images])
         prepared: list[torch.Tensor | ImageError] = []
         alike: dict[tuple[tuple[int, ...], int], list[int]] = {}  # (decoded shape, EXIF turn) → indices
@@ -203,8 +231,14 @@ class DevicePreparer:
     ) -> tuple[list[int], torch.Tensor | None, dict[int, ImageError]]:
         """A batcher's batch of prepared arrays and `Encoded` JPEGs as one `[N,3,H,W]` uint8 tensor on the
         device: the indices in it, the tensor (None if every image was refused), and the refusals by index."""
+        with self._own_stream():
+            return self._inputs(images)
+
+    def _inputs(
+        self, images: Sequence[np.ndarray | Encoded]
+    ) -> tuple[list[int], torch.Tensor | None, dict[int, ImageError]]:
         encoded = [i for i, image in enumerate(images) if isinstance(image, Encoded)]
-        decoded = self.prepare_each([images[i] for i in encoded])  # type: ignore[misc]
+        decoded = self._prepare_each([images[i] for i in encoded])  # type: ignore[misc]
         prepared = dict(zip(encoded, decoded, strict=True))
         kept: list[int] = []
         tensors: list[torch.Tensor] = []
@@ -227,6 +261,8 @@ class DevicePreparer:
         if not blobs:
             return {}
         data = [torch.frombuffer(bytearray(blob), dtype=torch.uint8) for blob in blobs]
+        if self._stream is not None:  # the stream's earlier work done: none of its free blocks is still read
+            self._stream.synchronize()
         try:
             return dict(enumerate(decode_jpeg(data, mode=ImageReadMode.RGB, device=self.device)))
         except RuntimeError:

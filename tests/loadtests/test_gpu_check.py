@@ -153,6 +153,9 @@ def test_dry_run_runs_every_step_as_on_the_gpu_image(tmp_path: Path) -> None:
 
     decode = results["decode"]
     assert decode["passed"] and decode["decoded_on_cpu"] == 0 and decode["decoded_on_device"] > 0
+    assert decode["stream_safety"] == {
+        "iterations": 2, "stalled": False, "preparer": 0, "torchvision": 0, "passed": True,
+    }  # fmt: skip
     assert all(r["device_prepare"]["images_per_s"] > 0 for r in decode["rows"])
     http = results["http"]
     assert http["status"] == "ok" and http["stubbed_av"] is True and http["repository"] == "fp16"
