@@ -163,6 +163,7 @@ class Usage(threading.Thread):
         super().__init__(daemon=True, name="usage")
         self.roles, self.begin, self.end, self.gpu_index = roles, begin, end, gpu_index
         self.result: dict[str, Any] = {}
+        self.cores: dict[str, float] = {}  # unrounded, for the per-request figures
 
     def run(self) -> None:
         time.sleep(max(0.0, self.begin - time.monotonic()))
@@ -174,10 +175,11 @@ class Usage(threading.Thread):
                 samples.append(utilization())
             time.sleep(0.2)
         last, ended = {role: tree_cpu_s(pids) for role, pids in self.roles.items()}, time.monotonic()
-        window = max(ended - started, 1e-6)
+        self.window_s = max(ended - started, 1e-6)
+        self.cores = {role: (last[role] - first[role]) / self.window_s for role in self.roles}
         self.result = {
-            "window_s": round(window, 2),
-            "cpu_cores": {role: round((last[role] - first[role]) / window, 3) for role in self.roles},
+            "window_s": round(self.window_s, 2),
+            "cpu_cores": {role: round(cores, 3) for role, cores in self.cores.items()},
             "gpu_utilization_pct": round(sum(samples) / len(samples), 1) if samples else None,
         }
 
@@ -242,7 +244,7 @@ def load(
         observed = dict(usage.result)
         if observed and throughput:
             observed["cpu_ms_per_request"] = {
-                role: round(1000 * cores / throughput, 3) for role, cores in observed["cpu_cores"].items()
+                role: round(1000 * cores / throughput, 3) for role, cores in usage.cores.items()
             }
     return {
         "clients": concurrency,
