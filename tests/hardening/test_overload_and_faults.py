@@ -31,9 +31,11 @@ MAX_ONGOING = 4  # Serve's per-replica concurrency for the ingress
 ADMITTED = 3  # the gateway's own admission limit (< MAX_ONGOING so the excess reaches it)
 FLOOD = 48  # concurrent clients, FLOOD_ROUNDS requests each (waiting Retry-After after a 503)
 FLOOD_ROUNDS = 3
-# Measured on 2 shared cores: admitted p95 6-9x the single latency (a few batches, plus the CPU that
-# answering the refused requests takes); the same flood without the bound: ~23x, growing with FLOOD.
-P95_FACTOR = 12
+# Measured on 2 cores (2026-12-05, three floods each): the admitted requests' median 2.8-3.3x the single
+# latency with the bound, 27-28.5x without it (no admission limit, Serve's queues open); their p95 10.9-20.8x
+# with it (the first flood on fresh connections the highest) against 30-42x: the median tells the two apart,
+# the tail of a few dozen requests on a shared machine does not.
+MEDIAN_FACTOR = 10
 PNG = {"Content-Type": "image/png"}
 IMAGE = payloads.encode(payloads.noise(96, 64))
 
@@ -127,7 +129,10 @@ def test_overload_is_refused_with_retry_after_and_admitted_latency_stays_bounded
     assert ours, "every 503 came from Serve's queue, none from the gateway's admission limit"
     for response in ours:
         assert_error(response, 503, "overloaded")
-    assert p95(accepted) <= P95_FACTOR * single + 0.1, f"p95 {p95(accepted):.3f}s, single {single:.3f}s"
+    median = statistics.median(accepted)
+    assert median <= MEDIAN_FACTOR * single + 0.05, (
+        f"median {median:.3f}s, p95 {p95(accepted):.3f}s, single {single:.3f}s"
+    )
     classify_after = classify(client)
     assert classify_after.status_code == 200 and len(classify_after.json()["results"]) == 1
 
