@@ -72,7 +72,8 @@ async def serve_forever(path: Path, workers: int = 0, metrics_port: int = 0) -> 
         prometheus_client.start_http_server(metrics_port, addr=settings.host, registry=instruments.registry)
         log.info("the owner's metrics: http://%s:%d/metrics", settings.host, metrics_port)
     backend.use_device_decode(device_preparers(settings))
-    server = await ModelOwner(backend).serve(path)
+    owner = ModelOwner(backend)
+    server = await owner.serve(path)
     log.info("model owner ready on %s (device decode: %s, event loop: %s)", path,
              "on" if backend.decodes_on_device else "off", type(asyncio.get_running_loop()).__module__)  # fmt: skip
     stop = asyncio.Event()
@@ -104,6 +105,7 @@ async def serve_forever(path: Path, workers: int = 0, metrics_port: int = 0) -> 
                 http.kill()
                 await http.wait()
         server.close()
+        await owner.close_connections()
         await backend.close()
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)

@@ -92,6 +92,17 @@ class ModelOwner:
     def __init__(self, backend: Backend) -> None:
         self.backend = backend
         self.connections = 0
+        self._open: dict[asyncio.StreamWriter, asyncio.Task[Any]] = {}  # each connection's handler
+
+    async def close_connections(self, timeout_s: float = 5.0) -> None:
+        """End every connection and wait (at most `timeout_s`) for its handler, before the backend closes.
+        The handlers read the end of their streams and return: left to the loop's shutdown, they would be
+        cancelled, and Python 3.11's `start_unix_server` logs each cancelled handler as an error."""
+        for writer in self._open:
+            writer.close()
+        handlers = set(self._open.values())
+        if handlers:
+            await asyncio.wait(handlers, timeout=timeout_s)
 
     async def serve(self, path: str | Path) -> asyncio.AbstractServer:
         """Listen on `path` (replacing a stale socket file); the caller keeps the server."""
@@ -101,6 +112,7 @@ class ModelOwner:
 
     async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
+        self._open[writer] = asyncio.current_task()  # type: ignore[assignment]
         lock = asyncio.Lock()
         running: dict[int, asyncio.Task[None]] = {}
         try:
@@ -122,6 +134,7 @@ class ModelOwner:
             log.warning("model owner: a connection broke: %s", error)
         finally:
             self.connections -= 1
+            self._open.pop(writer, None)
             for task in running.values():  # the HTTP process is gone: its images need not be batched
                 task.cancel()
             writer.close()

@@ -119,3 +119,48 @@ def test_the_owner_s_event_loop_is_uvloop_where_installed(monkeypatch: pytest.Mo
     with pytest.raises(SystemExit) as stopped:  # asked for by name: the usage error, before any model loads
         main(["--socket", "/tmp/unused.sock", "--loop", "uvloop"])
     assert stopped.value.code == 2
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_the_owner_stops_cleanly_while_http_processes_are_connected(
+    model_repository: Path, tmp_path: Path, loop: str
+) -> None:
+    """SIGTERM to the owner alone, or to a whole process group at once (a container's stop, the GPU check's
+    time limit): its connections' handlers end without a traceback in its log, and it exits with 0."""
+    import asyncio
+
+    from service.backends.owner import OwnerBackend
+
+    path = tmp_path / "owner.sock"
+    env = {
+        **os.environ, "CVSERVE_MODEL_REPOSITORY": str(model_repository), "CVSERVE_MODELS": "classifier",
+        "CVSERVE_DEVICE": "cpu", "CVSERVE_WARM_UP_BATCH_SIZES": "false", "PYTHONPATH": str(ROOT),
+    }  # fmt: skip
+    log_path = tmp_path / "owner.log"
+    with log_path.open("w") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "service.owner_app", "--socket", str(path), "--loop", loop],
+            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+
+    async def connected_while_it_stops() -> int:
+        clients = [OwnerBackend(path) for _ in range(3)]
+        try:
+            assert all([await client.ready() for client in clients])  # each holds a connection open
+            process.send_signal(signal.SIGTERM)
+            return await asyncio.to_thread(process.wait, 60)
+        finally:
+            for client in clients:
+                await client.close()
+
+    try:
+        wait_for(lambda: process.poll() is None and path.exists() or process.poll() is not None, 120, "the socket")
+        assert process.poll() is None, log_path.read_text()[-2000:]
+        status = asyncio.run(connected_while_it_stops())
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    output = log_path.read_text()
+    assert status == 0, output[-2000:]
+    assert f"event loop: {loop}" in output and "Traceback" not in output and " ERROR " not in output, output[-3000:]
