@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from loadtests.gpu.http import STEP_TIMEOUT_VARIABLE
 from loadtests.gpu.parity import FP16_TOLERANCES, TOLERANCES
 from service.buckets import GPU_MAX_BATCH
 from tasks import MODELS
@@ -290,8 +291,9 @@ def run_step(
     entry: dict[str, Any] = {"name": name, "timeout_s": round(timeout_s), "log": str(log_file)}
     with open(log_file, "w") as output:
         process = subprocess.Popen(
-            command, cwd=ROOT, env=env, stdout=output, stderr=subprocess.STDOUT, start_new_session=True
-        )
+            command, cwd=ROOT, env=env | {STEP_TIMEOUT_VARIABLE: f"{timeout_s:.0f}"}, stdout=output,
+            stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
         try:
             returncode = process.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:

@@ -20,7 +20,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -29,6 +29,8 @@ import numpy as np
 
 ENDPOINTS = {"classifier": "/classify", "detector": "/detect", "segmenter": "/segment"}
 START_TIMEOUT_S = 90.0
+STEP_TIMEOUT_VARIABLE = "CVSERVE_CHECK_STEP_TIMEOUT_S"  # the orchestrator's time limit for the running step
+WORKERS_START_S = 20.0  # the uvicorn workers' start, allowed for when the owner's time is set
 
 
 def _free_port() -> int:
@@ -299,6 +301,16 @@ def _wait_for(
     raise RuntimeError(f"{what} was not ready within {timeout_s:.0f}s (see its log)")
 
 
+def owner_start_timeout(config: dict[str, Any]) -> float:
+    """Seconds the owner may take to load and warm its models: what the step's time limit leaves after the
+    workers' start and the first model's warm-up and load (its /classify figure is the run's headline), and
+    never under START_TIMEOUT_S. Three fp16 models on a GPU time every bucket's kernels (cuDNN) before
+    they are ready."""
+    step_s = float(os.environ.get(STEP_TIMEOUT_VARIABLE) or 0)
+    first_load_s = config["duration_s"] + min(3.0, config["duration_s"] / 2) + 10.0  # spawn, warm-up, join
+    return max(START_TIMEOUT_S, step_s - WORKERS_START_S - first_load_s)
+
+
 def _owner_ready(path: Path) -> bool:
     if not path.exists():
         return False
@@ -360,8 +372,12 @@ def _gpu_index(device: str) -> int | None:
     return ordinal
 
 
-def run_http_bench(ctx: Any) -> dict[str, Any]:
-    """Start the owner and the HTTP workers on the models the model steps exported, load each model."""
+def run_http_bench(
+    ctx: Any, save_partial: Callable[[dict[str, Any]], None] = lambda result: None
+) -> dict[str, Any]:
+    """Start the owner and the HTTP workers on the models the model steps exported, load each model.
+    `save_partial(result)` is called after each stage: a step stopped at its time limit keeps the loads it
+    finished."""
     config = ctx.profile["http"]
     models = list(config["models"])
     precision = "fp16" if ctx.profile.get("fp16") else "fp32"
@@ -396,8 +412,9 @@ def run_http_bench(ctx: Any) -> dict[str, Any]:
     )  # fmt: skip
     servers = None
     try:
-        _wait_for(lambda: _owner_ready(socket_path), owner, "the model owner")
+        _wait_for(lambda: _owner_ready(socket_path), owner, "the model owner", owner_start_timeout(config))
         result["owner_start_s"] = round(time.monotonic() - started, 1)
+        save_partial(result)
         servers = subprocess.Popen(
             [sys.executable, "-m", "uvicorn", "--factory", "service.owner_app:from_environment", "--host", "127.0.0.1",
              "--port", str(port), "--workers", str(config["servers"]), "--no-access-log", "--log-level", "warning"],
@@ -408,6 +425,7 @@ def run_http_bench(ctx: Any) -> dict[str, Any]:
         result["servers_start_s"] = round(time.monotonic() - started, 1)
         result["loads"] = {}
         result["warm_up_s"] = {}
+        save_partial(result)
         for model in models:
             result["warm_up_s"][model] = warm(
                 base + ENDPOINTS[model], 2 * config["servers"], config["image_size"]
@@ -418,6 +436,7 @@ def run_http_bench(ctx: Any) -> dict[str, Any]:
                 observe={"owner": [owner.pid], "workers": [servers.pid]}, gpu_index=_gpu_index(ctx.device),
             )  # fmt: skip
             result["loads"][model] = measured
+            save_partial(result)
         result["decoded"] = _owner_decoded(socket_path)
     except (RuntimeError, TimeoutError) as error:
         return result | {"status": "failed", "reason": f"{type(error).__name__}: {error}"}

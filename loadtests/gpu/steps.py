@@ -476,7 +476,8 @@ def step_http(ctx: Context) -> dict[str, Any]:
     """The Ray-free app: uvicorn processes feeding one model owner on the device, under load."""
     from loadtests.gpu.http import run_http_bench
 
-    return run_http_bench(ctx)
+    # This module's own save_partial: the step runs it as __main__, where `_partial_file` is set.
+    return run_http_bench(ctx, save_partial)
 
 
 # --- ONNX Runtime (hook) ------------------------------------------------------------------------

@@ -16,7 +16,14 @@ import uvicorn
 from fastapi import FastAPI, UploadFile
 from fastapi.responses import JSONResponse
 
-from loadtests.gpu.http import _client_process, _gpu_index, load
+from loadtests.gpu.http import (
+    START_TIMEOUT_S,
+    STEP_TIMEOUT_VARIABLE,
+    _client_process,
+    _gpu_index,
+    load,
+    owner_start_timeout,
+)
 
 received: list[tuple[str | None, str | None, bytes, int]] = []
 app = FastAPI()
@@ -93,3 +100,17 @@ def test_the_gpu_s_nvml_index_follows_cuda_visible_devices(monkeypatch: pytest.M
     assert (_gpu_index("cuda"), _gpu_index("cuda:1")) == (3, 5)
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-8d1f")  # a UUID: NVML's index is not known from it
     assert _gpu_index("cuda") is None
+
+
+def test_the_owner_gets_what_the_step_s_limit_leaves_after_the_first_model_s_load(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from loadtests.gpu_check import GPU
+
+    config = GPU.http  # 10 s measured after 3 s of warm-up: 23 s for the first load; 20 s for the workers
+    monkeypatch.delenv(STEP_TIMEOUT_VARIABLE, raising=False)
+    assert owner_start_timeout(config) == START_TIMEOUT_S
+    monkeypatch.setenv(STEP_TIMEOUT_VARIABLE, str(GPU.timeouts["http"]))
+    assert owner_start_timeout(config) == GPU.timeouts["http"] - 20 - 23 > START_TIMEOUT_S
+    monkeypatch.setenv(STEP_TIMEOUT_VARIABLE, "60")  # a step cut short by the budget: the owner keeps 90 s
+    assert owner_start_timeout(config) == START_TIMEOUT_S
