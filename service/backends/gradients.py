@@ -14,6 +14,8 @@ writes both files of one version side by side). The Triton backend has none: the
   not fit has no `gradcam` (422), and `saliency` then goes through the whole module (log-probability).
   The stage is the deepest whose map is at least `MIN_CAM_SIDE` cells a side: the demo classifier's
   64-pixel input leaves 2x2 after its last stage, too coarse to place anything, so it uses `layer3` (4x4).
+  An fp16 export (`export --precision fp16`, the GPU profile) has its network inside `HalfPrecision`: the
+  chain steps into it, runs the stages in float16 as the export does, and hands maps and logits on in float32.
 """
 
 from __future__ import annotations
@@ -107,22 +109,29 @@ def _classifier_parts(
     if normalize is None or inner is None:
         return None
     names = [name for name, _ in inner.named_children()]
+    half = names == ["model"]  # `export --precision fp16`: the network in float16, channels_last, inside
+    if half:
+        inner = inner.model
+        names = [name for name, _ in inner.named_children()]
     if len(names) < 3 or tuple(names[-2:]) != _HEAD:
         return None
     stages = names[:-2]
 
+    def into(y: torch.Tensor) -> torch.Tensor:  # as export/precision.py's HalfPrecision hands it over
+        return y.half().contiguous(memory_format=torch.channels_last) if half else y
+
     def run(x: torch.Tensor, upto: int) -> list[torch.Tensor]:
-        maps, y = [], normalize(x)
+        maps, y = [], into(normalize(x))
         for name in stages[:upto]:
             y = getattr(inner, name)(y)
-            maps.append(y)
+            maps.append(y.float())  # explanations in float32, whatever the network runs in
         return maps
 
     try:
         probe = torch.randint(0, 256, (2, *input_dims), generator=torch.Generator().manual_seed(0)).to(device)
         with torch.no_grad():
             maps = run(probe.float(), len(stages))
-            logits = inner.fc(torch.flatten(inner.avgpool(maps[-1]), 1))
+            logits = inner.fc(torch.flatten(inner.avgpool(into(maps[-1])), 1)).float()
             if not torch.allclose(torch.softmax(logits, 1), module(probe.float()), atol=1e-4):
                 return None
     except Exception:  # noqa: BLE001 (any mismatch of shapes or types: not this architecture)
@@ -136,8 +145,9 @@ def _classifier_parts(
         return run(x, cam)[-1]
 
     def logits(y: torch.Tensor) -> torch.Tensor:
+        y = into(y)
         for name in stages[cam:]:
             y = getattr(inner, name)(y)
-        return inner.fc(torch.flatten(inner.avgpool(y), 1))
+        return inner.fc(torch.flatten(inner.avgpool(y), 1)).float()
 
     return _Parts(features, logits, stages[cam - 1])
