@@ -128,10 +128,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--gpu",
         action="store_true",
-        help="the GPU serving profile: fp16 (--precision), batch buckets up to each model's GPU batch "
+        help="the GPU serving profile: fp16 (unless --precision fp32), batch buckets up to each model's GPU batch "
         f"({', '.join(f'{m} {n}' for m, n in GPU_MAX_BATCH.items())}; service/buckets.py) unless "
-        "--max-batch-size says, 2 instances per GPU in model_repository (--gpu-instances), and no model.onnx "
-        "(the fp16 network is TorchScript's; export fp32 for ONNX Runtime)",
+        "--max-batch-size says, 2 instances per GPU in model_repository (--gpu-instances), and for fp16 no "
+        "model.onnx (the fp16 network is TorchScript's; export fp32 for ONNX Runtime)",
     )
     parser.add_argument(
         "--max-batch-size",
@@ -150,8 +150,8 @@ def get_args_parser() -> argparse.ArgumentParser:
         type=int,
         metavar="N",
         nargs="+",
-        default=list(defaults.preferred_batch_sizes),
-        help="dynamic batcher's preferred sizes (default: %(default)s)",
+        help="dynamic batcher's preferred sizes (default: "
+        f"{' '.join(map(str, defaults.preferred_batch_sizes))}; with --batch-buckets the buckets above 1)",
     )
     parser.add_argument(
         "--max-queue-delay-us",
@@ -163,8 +163,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--batch-buckets",
         action="store_true",
-        help="preferred batch sizes and warm-up only at the buckets up to --max-batch-size "
-        f"({', '.join(map(str, BUCKETS))}; service/buckets.py), not at every size",
+        help="warm-up only at the buckets up to --max-batch-size "
+        f"({', '.join(map(str, BUCKETS))}; service/buckets.py), not at every size, and the buckets above 1 as "
+        "Triton's preferred sizes (1 among them would send every lone request at once, and 3 queued as 1+1+1)",
     )
     parser.add_argument(
         "--version",
@@ -176,9 +177,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--precision",
         choices=PRECISIONS,
-        default="fp32",
         help="fp16: the network runs in float16 with channels_last activations (for GPUs); uint8 in and "
-        "the same outputs as fp32 (default: %(default)s)",
+        "the same outputs as fp32 (default: fp32; fp16 with --gpu)",
     )
     return parser
 
@@ -187,8 +187,11 @@ def run(args: argparse.Namespace) -> None:
     """Load the chosen weights, script and ONNX-export each model, write the three repositories (all or
     nothing)."""
     models = list(MODELS) if args.model == "all" else [args.model]
-    if args.gpu:  # implies these three
-        args.precision, args.batch_buckets, args.no_onnx = "fp16", True, True
+    if args.precision is None:
+        args.precision = "fp16" if args.gpu else "fp32"
+    if args.gpu:  # batch buckets; fp16 unless --precision says otherwise, and no model.onnx for an fp16 network
+        args.batch_buckets = True
+        args.no_onnx = args.no_onnx or args.precision == "fp16"
     batchings = {model: model_batching(args, model) for model in models}
     onnx_out = onnx_repository(args)
     if args.out.resolve() == args.cpu_out.resolve():
@@ -230,10 +233,16 @@ def model_batching(args: argparse.Namespace, model: str) -> Batching:
     instances = args.gpu_instances
     if instances is None:
         instances = 2 if args.gpu else default.gpu_instances
-    batching = Batching(largest, tuple(args.preferred_batch_sizes), args.max_queue_delay_us, gpu_instances=instances)
+    asked = None if args.preferred_batch_sizes is None else tuple(args.preferred_batch_sizes)
+    preferred = default.preferred_batch_sizes if asked is None else asked
+    batching = Batching(largest, preferred, args.max_queue_delay_us, gpu_instances=instances)
     if args.batch_buckets:
+        # Triton cannot pad a batch: it sends a preferred size when it can form one, else what is queued once
+        # the oldest request has waited the queue delay. Without 1 among the preferred sizes, a lone request
+        # waits that delay for company, and three queued requests go as one batch of 3, not 1 + 1 + 1.
         buckets = buckets_up_to(largest)
-        batching = replace(batching, preferred_batch_sizes=buckets, warmup_sizes=buckets)
+        preferred = asked if asked is not None else tuple(b for b in buckets if b > 1) or buckets
+        batching = replace(batching, preferred_batch_sizes=preferred, warmup_sizes=buckets)
     batching.check()
     return batching
 
@@ -278,13 +287,13 @@ def main(argv: list[str] | None = None) -> int:
         where = f": {exc.filename}" if exc.filename else ""
         sys.stderr.write(f"export: error: {exc.strerror or exc}{where}\n")
         return 1
+    written = [args.out, args.cpu_out] + ([] if args.no_onnx else [onnx_repository(args)])
     log.info(
-        "exported %s (%s weights) to %s, %s and %s in %.1fs",
+        "exported %s (%s weights, %s) to %s in %.1fs",
         args.model,
         args.weights,
-        args.out,
-        args.cpu_out,
-        onnx_repository(args),
+        args.precision,
+        ", ".join(map(str, written)),
         time.monotonic() - started,
     )
     return 0

@@ -57,7 +57,7 @@ class Batching:
     # optimises a graph per input shape on its second run, so the first real request is not the slow one.
     warmup_runs: int = 2
     # The batch sizes warmed up; None: every size 1..max_batch_size. With batch buckets
-    # (`service.buckets`), the buckets: the only sizes the embedded backend and Triton will run.
+    # (`service.buckets`), the buckets: the only sizes the embedded backend runs, and Triton's preferred ones.
     warmup_sizes: tuple[int, ...] | None = None
     # Instances of each model per GPU in the libtorch repository (instance_group): with two, one instance's
     # batch is copied in and out while the other computes. The CPU repositories keep one.

@@ -1,9 +1,11 @@
 """Batch buckets: the few batch sizes a model is exported, warmed up and run at.
 
 A GPU runs a padded batch of 16 about as fast as one of 13, while every new batch shape costs a
-TorchScript re-optimisation and cuDNN's algorithm search on first use. So batches are padded up to
-the next bucket (1, 4, 8, 16, 32, 64, 128, capped per model), and export, Triton's config (preferred
-sizes and model_warmup), the embedded backend's warm-up and its batcher all use the same list.
+TorchScript re-optimisation and cuDNN's algorithm search on first use. So the embedded backend pads
+each batch up to the next bucket (1, 4, 8, 16, 32, 64, 128, capped per model) and warms up each bucket:
+it runs no other size. Triton cannot pad: export's `--batch-buckets` warms its models up at the same
+buckets and makes those above 1 its preferred sizes; it runs another size when the oldest queued
+request has waited the queue delay, and that size's first run pays the optimisation once.
 """
 
 from __future__ import annotations

@@ -25,7 +25,9 @@ def test_the_gpu_profile_in_the_configs(checkpoints: dict[str, Checkpoint], tmp_
         config = contract.config
         assert config is not None and config.platform == "pytorch_libtorch"
         assert config.max_batch_size == largest
-        assert list(config.dynamic_batching.preferred_batch_size) == list(buckets_up_to(largest))
+        # Triton cannot pad: it prefers the buckets above 1 (with 1 preferred, three queued requests would
+        # go as 1 + 1 + 1 and a lone one would never wait the queue delay), and warms up every bucket.
+        assert list(config.dynamic_batching.preferred_batch_size) == list(buckets_up_to(largest))[1:]
         assert [w.batch_size for w in config.model_warmup] == list(buckets_up_to(largest))
         (group,) = config.instance_group
         assert group.count == 2 and group.kind == group.KIND_GPU
@@ -41,6 +43,19 @@ def test_the_gpu_profile_in_the_configs(checkpoints: dict[str, Checkpoint], tmp_
     assert one.returncode == 0, one.stderr
     config = load_contract(tmp_path / "one", "classifier").config
     assert config is not None and config.max_batch_size == 16 and config.instance_group[0].count == 3
+
+    # What is said explicitly wins over the profile: precision, preferred sizes (the buckets stay the warm-up).
+    explicit = export_in_process(
+        "classifier", "--weights", "demo", "--demo-dir", str(demo), "--out", str(tmp_path / "fp32"),
+        "--cpu-out", str(tmp_path / "fp32-cpu"), "--onnx-out", str(tmp_path / "fp32-onnx"), "--gpu",
+        "--precision", "fp32", "--max-batch-size", "16", "--preferred-batch-sizes", "8", "16",
+    )  # fmt: skip
+    assert explicit.returncode == 0, explicit.stderr
+    config = load_contract(tmp_path / "fp32", "classifier").config
+    assert config is not None and "precision" not in config.parameters  # fp32 is the unwritten default
+    assert list(config.dynamic_batching.preferred_batch_size) == [8, 16]
+    assert [w.batch_size for w in config.model_warmup] == [1, 4, 8, 16]
+    assert (tmp_path / "fp32" / "classifier" / "1" / "model.onnx").is_file()  # fp32: ONNX Runtime's too
 
     refused = export_in_process(
         "classifier", "--weights", "demo", "--demo-dir", str(demo), "--out", str(tmp_path / "no"),
