@@ -415,9 +415,16 @@ def step_model(ctx: Context, model: str, size: int | None) -> dict[str, Any]:
         clock[0] = now
         save_partial(result)  # a step stopped at its time limit still reports the phases it finished
 
-    fp32_repo = ctx.repository("fp32", model, size)
+    # The exports first (the HTTP step serves them, even if this step's measurements run out of time),
+    # then the checks, then the figures in the order the targets need them: the model alone (/detect's
+    # reference), the CUDA runner, the gateway's runner and the in-process pipeline.
+    fp16 = bool(profile.get("fp16"))
+    fp32_repo, fp16_repo = ctx.repository("fp32", model, size), ctx.repository("fp16", model, size)
     result["export"] = export_model(model, source, fp32_repo, max_batch, "fp32")
     phase("export")
+    if fp16:
+        result["export_fp16"] = export_model(model, source, fp16_repo, max_batch, "fp16")
+        phase("export_fp16")
     spec = load_specs([model], source)[0]  # the same weights, as the eager model the export scripted
     input_size = spec.input_size
     images = parity_images(model, input_size, profile["parity_batch"]).to(device)
@@ -425,30 +432,29 @@ def step_model(ctx: Context, model: str, size: int | None) -> dict[str, Any]:
     result["parity"] = check_parity(model, spec.module.to(device), scripted, images, profile["warmup_calls"])
     del spec
     phase("parity")
-    result["throughput"] = measure_pipeline_rows(model, fp32_repo, device, sizes, profile)
-    phase("throughput")
-    result["runner"] = measure_runner(
-        model, fp32_repo, device, sizes[-1], profile["duration_s"], profile["warmup_calls"]
-    )
-    phase("runner")
-    result["sweep"] = {
-        "fp32": sweep(scripted, input_size, sizes, profile["sweep_s"], profile["warmup_calls"], device)
-    }
-    phase("sweep")
-    if profile.get("fp16"):
-        fp16_repo = ctx.repository("fp16", model, size)
-        result["export_fp16"] = export_model(model, source, fp16_repo, max_batch, "fp16")
-        phase("export_fp16")
+    half = None
+    if fp16:
         half = load_torchscript(fp16_repo / model / "1" / "model.pt", device)
         for _ in range(profile["warmup_calls"]):
             with torch.inference_mode():
                 half(images)
         result["parity_fp16"] = fp16_parity(model, scripted, half, images)
         phase("parity_fp16")
+    result["sweep"] = {
+        "fp32": sweep(scripted, input_size, sizes, profile["sweep_s"], profile["warmup_calls"], device)
+    }
+    phase("sweep")
+    if half is not None:
         result["sweep"]["fp16"] = sweep(
             half, input_size, sizes, profile["sweep_s"], profile["warmup_calls"], device
         )
         phase("sweep_fp16")
+    result["runner"] = measure_runner(
+        model, fp32_repo, device, sizes[-1], profile["duration_s"], profile["warmup_calls"]
+    )
+    phase("runner")
+    result["throughput"] = measure_pipeline_rows(model, fp32_repo, device, sizes, profile)
+    phase("throughput")
     if device.type == "cuda":
         result["max_memory_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
     return result

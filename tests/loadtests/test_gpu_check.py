@@ -322,3 +322,32 @@ def test_targets_compare_detect_with_the_detector_alone_at_the_owner_s_batch() -
     assert (detect["batch_size"], detect["model_images_per_s"], detect["ratio"]) == (8, 800.0, 0.75)
     assert detect["met"] is False and detect["precision"] == "fp16"
     assert targets({"profile": {}}) == {"classify_rps": None, "detect_vs_model": None}
+
+
+def test_a_model_step_that_stops_while_measuring_leaves_both_exports(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The HTTP step serves the model steps' fp16 exports: they come before any measurement, so a model step
+    stopped at its limit (or failing) while measuring still leaves them, with the phases it finished."""
+    import dataclasses
+
+    from loadtests.gpu import steps
+
+    def stopped(*args: object, **kwargs: object) -> None:
+        raise TimeoutError("the step's time limit, as the orchestrator's SIGTERM would end it")
+
+    monkeypatch.setattr(steps, "sweep", stopped)
+    monkeypatch.setattr(steps, "_partial_file", tmp_path / "partial.json")
+    ctx = steps.Context(
+        dry_run=True, device="cpu", weights="random", work=str(tmp_path), out=str(tmp_path), logs=str(tmp_path),
+        profile=dataclasses.asdict(DRY_RUN),
+    )  # fmt: skip
+    with pytest.raises(TimeoutError):
+        steps.step_model(ctx, "classifier", DRY_RUN.sizes["classifier"])
+    for precision in ("fp32", "fp16"):
+        exported = ctx.repository(precision, "classifier", 64) / "classifier" / "1" / "model.pt"
+        assert exported.is_file(), precision
+    partial = json.loads((tmp_path / "partial.json").read_text())
+    assert partial["partial"] is True
+    assert list(partial["phase_s"]) == ["export", "export_fp16", "parity", "parity_fp16"]
+    assert partial["parity"]["passed"] and partial["parity_fp16"]["passed"]
