@@ -426,7 +426,7 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         skip = _skip_reason(name, results, left)
         if skip:
             return {"name": name, "status": "skipped", "reason": skip}
-        timeout_s = min(profile.timeouts[name.partition(":")[0]], left - STOP_GRACE_S)
+        timeout_s = step_timeout(name, profile, left)
         log.info("step %s (at most %.0fs)", name, timeout_s)
         return run_step(name, context, work, logs, timeout_s, env)
 
@@ -447,6 +447,19 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             json.dumps(results, indent=2) + "\n"
         )  # after every step (every wave of steps side by side): a killed run keeps its figures
     return results
+
+
+def step_timeout(name: str, profile: Profile, left: float) -> float:
+    """Seconds step `name` may run with `left` seconds of the budget: its kind's limit, and for a step planned
+    before the HTTP step no more than leaves that step its whole limit. The model steps write their exports
+    first, so one stopped early still leaves the HTTP step what it serves: /classify end to end comes before
+    the rest of a model step's figures when the budget is short."""
+    timeout_s = min(profile.timeouts[name.partition(":")[0]], left - STOP_GRACE_S)
+    steps = profile.steps
+    if "http" in steps and name in steps and steps.index(name) < steps.index("http"):
+        reserve = profile.timeouts["http"] + 2 * STOP_GRACE_S
+        timeout_s = max(STEP_MIN_S, min(timeout_s, left - reserve))
+    return timeout_s
 
 
 def _append_logs(combined: Path, logs: Path, name: str) -> None:

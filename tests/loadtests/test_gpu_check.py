@@ -27,7 +27,7 @@ from loadtests.gpu.parity import (
     unmatched_fraction,
 )
 from loadtests.gpu.steps import pipeline_settings
-from loadtests.gpu_check import DRY_RUN, GPU, passed, plan, run_step, targets, waves
+from loadtests.gpu_check import DRY_RUN, GPU, passed, plan, run_step, step_timeout, targets, waves
 from tasks import MODELS
 from tests.conftest import ROOT
 
@@ -351,3 +351,16 @@ def test_a_model_step_that_stops_while_measuring_leaves_both_exports(
     assert partial["partial"] is True
     assert list(partial["phase_s"]) == ["export", "export_fp16", "parity", "parity_fp16"]
     assert partial["parity"]["passed"] and partial["parity_fp16"]["passed"]
+
+
+def test_the_steps_before_http_leave_it_its_whole_limit() -> None:
+    import dataclasses
+
+    profile = dataclasses.replace(GPU, steps=plan(GPU))
+    http = GPU.timeouts["http"]  # 150 s, and 5 s for each of two stops
+    assert step_timeout("model:classifier", profile, 450) == GPU.timeouts["model"]  # plenty: the kind's limit
+    assert step_timeout("model:segmenter", profile, 240) == 240 - http - 10  # short: HTTP keeps its 150 s
+    assert step_timeout("model:segmenter", profile, 170) == 10  # the least a step gets (it exports first)
+    assert step_timeout("http", profile, 140) == 135  # HTTP itself, and the steps after it: what is left
+    assert step_timeout("decode", profile, 240) == GPU.timeouts["decode"]
+    assert step_timeout("model:detector@640", profile, 60) == 55
