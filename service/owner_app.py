@@ -7,9 +7,11 @@ or the two halves apart (the workers find the owner at $CVSERVE_OWNER_SOCKET):
 
     python -m service.owner_app --socket /tmp/cvserve-owner.sock &                # the models (CVSERVE_DEVICE=cuda)
     CVSERVE_OWNER_SOCKET=/tmp/cvserve-owner.sock \
-        uvicorn --factory service.owner_app:from_environment --workers 8          # HTTP, headers, answers
+        python -m service.http_workers --workers 8 --port 8000                    # HTTP, headers, answers
 
-Each worker builds the same app as `service.app.from_environment`, with an `OwnerBackend` in place of
+The workers are uvicorn processes with a listening socket each (SO_REUSEPORT: the kernel spreads new
+connections over them, where uvicorn's `--workers` lets a burst land on a few). Each worker builds the same
+app as `service.app.from_environment`, with an `OwnerBackend` in place of
 in-process models (service/backends/owner.py). The owner runs the models in a `LocalBackend` with the
 request core's device decode (`CVSERVE_DEVICE_DECODE`, on with CUDA): workers then send JPEGs as files
 and the owner decodes each batch's JPEGs on the device. With `--workers`, every worker's `/metrics`
@@ -117,11 +119,12 @@ async def serve_forever(path: Path, workers: int = 0, metrics_port: int = 0) -> 
 async def _start_workers(
     settings: Settings, path: Path, workers: int, metrics: Path
 ) -> asyncio.subprocess.Process:
-    """`workers` uvicorn processes of `from_environment` on the settings' host and port, fed by `path`, their
-    metrics written together into the empty directory `metrics`."""
+    """`workers` uvicorn processes of `from_environment` on the settings' host and port, a listening socket
+    each (service/http_workers.py), fed by `path`, their metrics written together into the empty directory
+    `metrics`."""
     command = [
-        sys.executable, "-m", "uvicorn", "--factory", "service.owner_app:from_environment",
-        "--host", settings.host, "--port", str(settings.port), "--workers", str(workers), "--no-access-log",
+        sys.executable, "-m", "service.http_workers", "--workers", str(workers),
+        "--host", settings.host, "--port", str(settings.port),
     ]  # fmt: skip
     log.info("starting %d HTTP workers on %s:%d", workers, settings.host, settings.port)
     env = {**os.environ, "CVSERVE_OWNER_SOCKET": str(path), "PROMETHEUS_MULTIPROC_DIR": str(metrics)}
@@ -136,7 +139,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--socket", type=Path, help="the Unix socket to answer on (default: a private one "
                         "with --workers; without --workers it is needed)")  # fmt: skip
     parser.add_argument("--workers", type=int, default=0, metavar="N",
-                        help="also run N uvicorn HTTP workers in front (CVSERVE_HOST, CVSERVE_PORT)")  # fmt: skip
+                        help="also run N HTTP workers in front (CVSERVE_HOST, CVSERVE_PORT; "
+                        "service/http_workers.py)")  # fmt: skip
     parser.add_argument("--loop", choices=("auto", "asyncio", "uvloop"), default="auto",
                         help="the owner's event loop, as uvicorn's --loop: auto is uvloop where it is "
                         "installed (every request passes through this one loop), asyncio otherwise")  # fmt: skip

@@ -2,8 +2,9 @@
 
 One model owner on the device (`python -m service.owner_app --socket`, the models the model steps
 exported, fp16 where they were), `servers` uvicorn worker processes of `service.owner_app` in front
-of it, and a load generator of `client_processes` processes, `concurrency` clients in all, each
-sending its next request (one JPEG, multipart) as soon as the last is answered, for `duration_s` per
+of it (`python -m service.http_workers`: a listening socket each, so the clients' connections spread),
+and a load generator of `client_processes` processes, `concurrency` clients in all, each sending its next
+request (one JPEG, multipart) as soon as the last is answered, for `duration_s` per
 model. Everything runs in this step's process group, so the orchestrator's time limit stops it all.
 """
 
@@ -416,8 +417,8 @@ def run_http_bench(
         result["owner_start_s"] = round(time.monotonic() - started, 1)
         save_partial(result)
         servers = subprocess.Popen(
-            [sys.executable, "-m", "uvicorn", "--factory", "service.owner_app:from_environment", "--host", "127.0.0.1",
-             "--port", str(port), "--workers", str(config["servers"]), "--no-access-log", "--log-level", "warning"],
+            [sys.executable, "-m", "service.http_workers", "--workers", str(config["servers"]), "--host", "127.0.0.1",
+             "--port", str(port), "--log-level", "warning"],
             env=env, stdout=open(out / "http-servers.log", "w"), stderr=subprocess.STDOUT,
         )  # fmt: skip
         base = f"http://127.0.0.1:{port}"

@@ -34,7 +34,7 @@ from tests.conftest import ROOT
 GPU_IMAGE = Path(__file__).resolve().parent / "gpu_image"  # its sitecustomize blocks tritonclient, ray, av
 CHECK_MODULES = (
     "loadtests.gpu_check", "loadtests.gpu.steps", "loadtests.gpu.http", "loadtests.gpu.decode_bench",
-    "service.owner_app", "service.backends.owner", "service.backends.pipelined", "service.core.device_decode",
+    "service.owner_app", "service.http_workers", "service.backends.owner", "service.backends.pipelined", "service.core.device_decode",
     "export.__main__", "export.precision",
 )  # fmt: skip
 
