@@ -168,7 +168,10 @@ def test_dry_run_runs_every_step_as_on_the_gpu_image(tmp_path: Path) -> None:
     usage = http["loads"]["classifier"]["usage"]
     assert goal["usage"] == usage and usage["window_s"] > 0.5 and usage["gpu_utilization_pct"] is None, usage
     assert set(usage["cpu_cores"]) == set(usage["cpu_ms_per_request"]) == {"owner", "workers", "load_generator"}
-    assert all(cores > 0 for cores in usage["cpu_cores"].values()), usage
+    # The owner and the workers used CPU. The load generator's share at the dry run's ~30 requests/s (an fp16
+    # model on the CPU) is a few ms over the 2 s window, under psutil's 10 ms tick: 0.0 in 2 of 4 runs here.
+    cores = usage["cpu_cores"]
+    assert cores["owner"] > 0 and cores["workers"] > 0 and cores["load_generator"] >= 0, usage
     onnx = results["onnx"]  # the fp32 exports' model.onnx through ONNX Runtime (its CPU provider here)
     assert onnx["status"] == "ok" and onnx["passed"] is True and set(onnx["models"]) == set(MODELS), onnx
     for model in MODELS:
