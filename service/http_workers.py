@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import socket
 import subprocess
@@ -116,16 +117,10 @@ def supervise(workers: int, host: str, port: int, log_level: str, stop: threadin
 
 
 def uvicorn_workers(workers: int, host: str, port: int, log_level: str) -> int:
-    """Without SO_REUSEPORT: uvicorn's own `--workers` (one shared socket)."""
+    """Without SO_REUSEPORT: this process becomes uvicorn's own `--workers` (one shared socket)."""
     command = [sys.executable, "-m", "uvicorn", "--factory", APP, "--host", host, "--port", str(port),
                "--workers", str(workers), "--no-access-log", "--log-level", log_level]  # fmt: skip
-    process = subprocess.Popen(command)
-    signal.signal(signal.SIGTERM, lambda *_: process.terminate())
-    while True:
-        try:
-            return process.wait()
-        except KeyboardInterrupt:  # SIGINT reaches uvicorn too, through the terminal's process group
-            continue
+    os.execv(sys.executable, command)
 
 
 def main(argv: list[str] | None = None) -> int:
