@@ -70,7 +70,7 @@ def listeners(leader_pid: int) -> list[Listener]:
     for process in process_tree(leader_pid):
         try:
             connections = process.net_connections(kind="inet")
-            command = " ".join(process.cmdline())[:160]
+            command = " ".join(process.cmdline())[:160] or _executable(process)
         except (psutil.NoSuchProcess, psutil.ZombieProcess):
             continue
         for connection in connections:
@@ -84,6 +84,15 @@ def listeners(leader_pid: int) -> list[Listener]:
                 kind = "tcp" if tcp else "udp"
                 found.add(Listener(kind, connection.laddr.ip, connection.laddr.port, process.pid, command))
     return sorted(found, key=lambda listener: (listener.address, listener.port, listener.pid))
+
+
+def _executable(process: psutil.Process) -> str:
+    """The program of a process whose command line reads empty (one exiting, or between fork and exec: a
+    suite run met one holding the gateway's port): its executable's path, else its name."""
+    try:
+        return process.exe() or process.name()
+    except psutil.AccessDenied:
+        return process.name()
 
 
 def rejects_unauthenticated_grpc(listener: Listener, method: str = SERVE_REPLICA_METHOD) -> bool:
