@@ -28,22 +28,13 @@ from pydantic import ValidationError
 
 from service.deploy import haproxy as haproxy_launcher
 from service.settings import Settings, is_loopback
+from service.sockets import bind_error
 
 log = logging.getLogger("service")
 
 APP_NAME = "cvserve"
 # Seconds HAProxy (ingress=haproxy) gives a client to send its request headers.
 HAPROXY_HEADER_TIMEOUT_S = 10
-
-
-def port_is_free(host: str, port: int) -> bool:
-    """Whether `host:port` can be bound now (Serve's proxy would otherwise retry forever)."""
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
-        try:
-            sock.bind((host, port))
-        except OSError:
-            return False
-    return True
 
 
 def logical_cpus(settings: Settings) -> int:
@@ -185,7 +176,7 @@ def serve_until_signal(settings: Settings, private_dir: Path) -> None:
             ("CVSERVE_HAPROXY_METRICS_PORT", settings.haproxy_monitor_host, settings.haproxy_metrics_port),
         ]
     for name, host, port in ports:
-        if not port_is_free(host, port):
+        if bind_error(host, port) is not None:  # Serve's proxy would otherwise retry forever
             sys.exit(f"port {port} is in use (another gateway running?); free it or set {name}")
     ray.init(
         address="local",

@@ -28,30 +28,13 @@ import sys
 import threading
 import time
 
+from service.sockets import bind_error, listening_socket
+
 log = logging.getLogger("service.http_workers")
 
 APP = "service.owner_app:from_environment"
 START_GRACE_S = 30.0
 STOP_TIMEOUT_S = 30.0
-BACKLOG = 2048  # uvicorn's default
-
-
-def listening_socket(host: str, port: int, reuse_port: bool) -> socket.socket:
-    """A TCP socket bound to host:port (IPv6 where `host` has a colon, as uvicorn binds), listening if
-    `reuse_port` (a worker's); without it, only bound (the parent's check that the port is free)."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if reuse_port:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        sock.bind((host, port))
-        if reuse_port:
-            sock.listen(BACKLOG)
-    except OSError:
-        sock.close()
-        raise
-    return sock
 
 
 def serve_one(host: str, port: int, log_level: str) -> int:
@@ -71,9 +54,8 @@ def serve_one(host: str, port: int, log_level: str) -> int:
 def supervise(workers: int, host: str, port: int, log_level: str, stop: threading.Event | None = None) -> int:
     """Start `workers` workers and keep them running until `stop` is set (by default: SIGTERM or SIGINT);
     the exit status."""
-    try:
-        listening_socket(host, port, reuse_port=False).close()
-    except OSError as error:
+    error = bind_error(host, port)
+    if error is not None:
         log.error("cannot listen on %s:%d: %s", host, port, error.strerror or error)
         return 1
     if stop is None:
